@@ -1,0 +1,741 @@
+//! The scheduling state machine: `apply(event, now) -> actions`.
+//!
+//! It owns the inventory and every job that is not yet final. It never performs IO: the
+//! runtime persists the actions it returns (in one transaction) and only then acts on them.
+//! Time and ids come in from the caller, so a test can step it deterministically.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::pipeline::{Pipeline, StageIndex};
+use crate::resources::{Capacity, Grant, Inventory, ResourceRequest};
+
+/// A job's id. The runtime makes them (UUIDv7); the core only compares them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobId(pub u128);
+
+/// How many engine restarts may interrupt one stage before it is failed. Interruptions are not
+/// the stage's fault, so they do not spend its retry budget, but a stage that takes the engine
+/// down with it (say, by exhausting host memory) must not loop forever.
+pub const MAX_INTERRUPTIONS: u32 = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// Why the engine is stopping an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillReason {
+    Timeout,
+    Cancel,
+    /// Another stage of the job failed for good; this one's work is no longer wanted.
+    JobFailed,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunningAttempt {
+    pub attempt: u32,
+    pub grant: Grant,
+    pub started_at: u64,
+    pub deadline: Option<u64>,
+    pub kill: Option<KillReason>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum StageStatus {
+    /// Waiting for predecessors.
+    Pending,
+    /// Ready, waiting for resources. Holds nothing.
+    Queued {
+        since: u64,
+    },
+    /// Waiting out a retry delay. Holds nothing.
+    Backoff {
+        until: u64,
+    },
+    Running(RunningAttempt),
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl StageStatus {
+    pub fn is_final(&self) -> bool {
+        matches!(self, StageStatus::Succeeded | StageStatus::Failed | StageStatus::Cancelled)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageRun {
+    pub status: StageStatus,
+    /// Attempts started so far; the next one gets `attempts + 1`.
+    pub attempts: u32,
+    /// Failed attempts that count against the retry budget.
+    pub failures: u32,
+    pub interruptions: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobRun {
+    pub id: JobId,
+    pub seq: u64,
+    pub priority: i32,
+    pub pipeline: Arc<Pipeline>,
+    pub stages: Vec<StageRun>,
+    pub state: JobState,
+    /// Set once the job is bound to fail or be cancelled; it ends when nothing runs any more.
+    ending: Option<(JobState, String)>,
+}
+
+impl JobRun {
+    fn running_count(&self) -> usize {
+        self.stages.iter().filter(|s| matches!(s.status, StageStatus::Running(_))).count()
+    }
+}
+
+/// What a finished attempt reports, as seen by the supervisor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Succeeded,
+    Failed { error: String, retryable: bool },
+}
+
+/// Where a stage stood when the engine last stopped, as recorded in the store.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RestoredStatus {
+    NotStarted,
+    Backoff {
+        until: u64,
+    },
+    /// It was running when the engine died: that attempt is interrupted.
+    WasRunning {
+        attempt: u32,
+    },
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestoredStage {
+    pub status: RestoredStatus,
+    pub attempts: u32,
+    pub failures: u32,
+    pub interruptions: u32,
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    Submitted {
+        job: JobId,
+        seq: u64,
+        priority: i32,
+        pipeline: Arc<Pipeline>,
+    },
+    Restored {
+        job: JobId,
+        seq: u64,
+        priority: i32,
+        pipeline: Arc<Pipeline>,
+        stages: Vec<RestoredStage>,
+    },
+    AttemptExited {
+        job: JobId,
+        stage: StageIndex,
+        attempt: u32,
+        outcome: Outcome,
+    },
+    CancelRequested {
+        job: JobId,
+    },
+    /// Time passed: fire due timeouts and retry delays.
+    Tick,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptResult {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Interrupted,
+}
+
+impl AttemptResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Succeeded => "succeeded",
+            AttemptResult::Failed => "failed",
+            AttemptResult::TimedOut => "timed_out",
+            AttemptResult::Cancelled => "cancelled",
+            AttemptResult::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What happens to a stage after an attempt ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageNext {
+    Succeeded,
+    /// Queued again, not before `at`.
+    Retry {
+        at: u64,
+    },
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Record the attempt and its lease, then spawn it.
+    Start {
+        job: JobId,
+        stage: StageIndex,
+        attempt: u32,
+        grant: Grant,
+        deadline: Option<u64>,
+    },
+    /// Stop the attempt's process group. Its lease returns when it has exited.
+    Kill {
+        job: JobId,
+        stage: StageIndex,
+        attempt: u32,
+        reason: KillReason,
+    },
+    /// Record how an attempt ended and what comes next for its stage. Its lease is released.
+    AttemptEnded {
+        job: JobId,
+        stage: StageIndex,
+        attempt: u32,
+        result: AttemptResult,
+        next: StageNext,
+        error: Option<String>,
+        counters: StageCounters,
+    },
+    /// A stage that never ran (or waits to retry) will not run.
+    StageCancelled {
+        job: JobId,
+        stage: StageIndex,
+    },
+    JobFinished {
+        job: JobId,
+        state: JobState,
+        error: Option<String>,
+    },
+}
+
+/// The stage's counters after an attempt ended, for the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StageCounters {
+    pub failures: u32,
+    pub interruptions: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("job {0:?} is already known")]
+    DuplicateJob(JobId),
+    #[error("job {0:?} is not active")]
+    UnknownJob(JobId),
+    #[error("job {job:?} stage {stage} attempt {attempt} is not running")]
+    NotRunning { job: JobId, stage: StageIndex, attempt: u32 },
+}
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// A queued stage that has waited this long and still does not fit reserves capacity, so
+    /// smaller requests behind it can no longer take what it needs.
+    pub reserve_after_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { reserve_after_ms: 30_000 }
+    }
+}
+
+/// Order of the waiting queue: priority (high first), then arrival, then stage position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct QueueKey {
+    priority: Reverse<i32>,
+    seq: u64,
+    stage: StageIndex,
+    job: JobId,
+}
+
+/// An entry of the waiting queue, for the API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting<'a> {
+    pub job: JobId,
+    pub stage: StageIndex,
+    pub pipeline: &'a Pipeline,
+    pub priority: i32,
+    pub since: u64,
+}
+
+/// A lease currently held, for the API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lease<'a> {
+    pub job: JobId,
+    pub stage: StageIndex,
+    pub pipeline: &'a Pipeline,
+    pub attempt: &'a RunningAttempt,
+}
+
+pub struct State {
+    config: SchedulerConfig,
+    inventory: Inventory,
+    jobs: BTreeMap<JobId, JobRun>,
+    queue: BTreeSet<QueueKey>,
+    /// Retry delays and deadlines, `(when, job, stage)`. Entries may be stale; they are
+    /// checked against the stage's status when they fire.
+    timers: BTreeSet<(u64, JobId, StageIndex)>,
+}
+
+impl State {
+    pub fn new(capacity: Capacity, config: SchedulerConfig) -> State {
+        State {
+            config,
+            inventory: Inventory::new(capacity),
+            jobs: BTreeMap::new(),
+            queue: BTreeSet::new(),
+            timers: BTreeSet::new(),
+        }
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    pub fn job(&self, id: JobId) -> Option<&JobRun> {
+        self.jobs.get(&id)
+    }
+
+    /// Active (not final) jobs.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobRun> {
+        self.jobs.values()
+    }
+
+    /// The waiting queue, in the order it is served.
+    pub fn waiting(&self) -> impl Iterator<Item = Waiting<'_>> {
+        self.queue.iter().filter_map(|key| {
+            let job = self.jobs.get(&key.job)?;
+            let StageStatus::Queued { since } = job.stages[key.stage].status else { return None };
+            Some(Waiting { job: key.job, stage: key.stage, pipeline: &job.pipeline, priority: job.priority, since })
+        })
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = Lease<'_>> {
+        self.jobs.values().flat_map(|job| {
+            job.stages.iter().enumerate().filter_map(move |(i, s)| match &s.status {
+                StageStatus::Running(attempt) => {
+                    Some(Lease { job: job.id, stage: i, pipeline: &job.pipeline, attempt })
+                }
+                _ => None,
+            })
+        })
+    }
+
+    /// When the next timeout or retry delay falls due, if any.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        self.timers.first().map(|(at, _, _)| *at)
+    }
+
+    pub fn apply(&mut self, event: Event, now: u64) -> Result<Vec<Action>, ApplyError> {
+        let mut actions = Vec::new();
+        match event {
+            Event::Submitted { job, seq, priority, pipeline } => {
+                let stages = vec![
+                    RestoredStage {
+                        status: RestoredStatus::NotStarted,
+                        attempts: 0,
+                        failures: 0,
+                        interruptions: 0
+                    };
+                    pipeline.stages.len()
+                ];
+                self.admit(job, seq, priority, pipeline, stages, now, &mut actions)?;
+            }
+            Event::Restored { job, seq, priority, pipeline, stages } => {
+                self.admit(job, seq, priority, pipeline, stages, now, &mut actions)?;
+            }
+            Event::AttemptExited { job, stage, attempt, outcome } => {
+                self.attempt_exited(job, stage, attempt, outcome, now, &mut actions)?;
+            }
+            Event::CancelRequested { job } => {
+                if !self.jobs.contains_key(&job) {
+                    return Err(ApplyError::UnknownJob(job));
+                }
+                self.end_job(job, JobState::Cancelled, "cancelled by request".into(), KillReason::Cancel, &mut actions);
+                self.finish_if_done(job, &mut actions);
+            }
+            Event::Tick => self.fire_timers(now, &mut actions),
+        }
+        self.schedule(now, &mut actions);
+        Ok(actions)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &mut self,
+        id: JobId,
+        seq: u64,
+        priority: i32,
+        pipeline: Arc<Pipeline>,
+        restored: Vec<RestoredStage>,
+        now: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), ApplyError> {
+        if self.jobs.contains_key(&id) {
+            return Err(ApplyError::DuplicateJob(id));
+        }
+        let stages = restored
+            .iter()
+            .map(|r| StageRun {
+                status: match r.status {
+                    RestoredStatus::Succeeded => StageStatus::Succeeded,
+                    RestoredStatus::Failed => StageStatus::Failed,
+                    RestoredStatus::Cancelled => StageStatus::Cancelled,
+                    _ => StageStatus::Pending,
+                },
+                attempts: r.attempts,
+                failures: r.failures,
+                interruptions: r.interruptions,
+            })
+            .collect();
+        let any_started = restored.iter().any(|r| r.attempts > 0);
+        let state = if any_started { JobState::Running } else { JobState::Queued };
+        self.jobs.insert(id, JobRun { id, seq, priority, pipeline: pipeline.clone(), stages, state, ending: None });
+
+        // A request that can never fit (the inventory shrank since the job was accepted) would
+        // wait forever: fail the job now and say why.
+        if let Some((i, err)) = pipeline
+            .stages
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.needs.check_fits(self.inventory.capacity()).err().map(|e| (i, e)))
+        {
+            let error = format!("stage `{}` {err}", pipeline.stages[i].name);
+            self.end_job(id, JobState::Failed, error, KillReason::JobFailed, actions);
+        }
+
+        for (i, r) in restored.iter().enumerate() {
+            match r.status {
+                RestoredStatus::WasRunning { attempt } => {
+                    let run = &mut self.jobs.get_mut(&id).expect("inserted").stages[i];
+                    run.interruptions += 1;
+                    let counters = StageCounters { failures: run.failures, interruptions: run.interruptions };
+                    let ending = self.jobs[&id].ending.is_some();
+                    let next = if ending {
+                        StageNext::Cancelled
+                    } else if counters.interruptions > MAX_INTERRUPTIONS {
+                        StageNext::Failed
+                    } else {
+                        StageNext::Retry { at: now }
+                    };
+                    let error = match next {
+                        StageNext::Failed => Some(format!("interrupted by {} engine restarts", counters.interruptions)),
+                        _ => Some("interrupted: the engine stopped while this attempt ran".to_string()),
+                    };
+                    actions.push(Action::AttemptEnded {
+                        job: id,
+                        stage: i,
+                        attempt,
+                        result: AttemptResult::Interrupted,
+                        next,
+                        error: error.clone(),
+                        counters,
+                    });
+                    match next {
+                        StageNext::Failed => {
+                            self.set_status(id, i, StageStatus::Failed);
+                            let error =
+                                format!("stage `{}` failed: {}", pipeline.stages[i].name, error.unwrap_or_default());
+                            self.end_job(id, JobState::Failed, error, KillReason::JobFailed, actions);
+                        }
+                        StageNext::Cancelled => self.set_status(id, i, StageStatus::Cancelled),
+                        _ => {}
+                    }
+                }
+                RestoredStatus::Backoff { until } if self.jobs[&id].ending.is_none() => {
+                    self.set_status(id, i, StageStatus::Backoff { until });
+                }
+                _ => {}
+            }
+        }
+        if self.jobs[&id].ending.is_none() {
+            for i in 0..pipeline.stages.len() {
+                self.queue_if_ready(id, i, now);
+            }
+        } else {
+            // Anything not final left over from a job that is ending is cancelled.
+            for i in 0..pipeline.stages.len() {
+                if !self.jobs[&id].stages[i].status.is_final() {
+                    self.set_status(id, i, StageStatus::Cancelled);
+                    actions.push(Action::StageCancelled { job: id, stage: i });
+                }
+            }
+        }
+        self.finish_if_done(id, actions);
+        Ok(())
+    }
+
+    fn attempt_exited(
+        &mut self,
+        id: JobId,
+        stage: StageIndex,
+        attempt: u32,
+        outcome: Outcome,
+        now: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), ApplyError> {
+        let not_running = ApplyError::NotRunning { job: id, stage, attempt };
+        let job = self.jobs.get(&id).ok_or(not_running.clone())?;
+        let StageStatus::Running(running) = &job.stages[stage].status else { return Err(not_running) };
+        if running.attempt != attempt {
+            return Err(not_running);
+        }
+        let running = running.clone();
+        let ending = job.ending.is_some();
+        let spec = job.pipeline.stages[stage].clone();
+        self.inventory.release(&running.grant);
+
+        let (result, error, retryable) = match (outcome, running.kill) {
+            (Outcome::Succeeded, _) => (AttemptResult::Succeeded, None, false),
+            (Outcome::Failed { .. }, Some(KillReason::Timeout)) => {
+                let limit = spec.timeout_ms.unwrap_or(0);
+                (AttemptResult::TimedOut, Some(format!("timed out after {limit} ms")), true)
+            }
+            (Outcome::Failed { error, .. }, Some(KillReason::Cancel)) => {
+                (AttemptResult::Cancelled, Some(format!("cancelled ({error})")), false)
+            }
+            (Outcome::Failed { error, .. }, Some(KillReason::JobFailed)) => {
+                (AttemptResult::Cancelled, Some(format!("stopped because the job failed ({error})")), false)
+            }
+            (Outcome::Failed { error, retryable }, None) => (AttemptResult::Failed, Some(error), retryable),
+        };
+
+        let run = &mut self.jobs.get_mut(&id).expect("checked").stages[stage];
+        if !matches!(result, AttemptResult::Succeeded | AttemptResult::Cancelled) {
+            run.failures += 1;
+        }
+        let counters = StageCounters { failures: run.failures, interruptions: run.interruptions };
+        let next = match result {
+            AttemptResult::Succeeded => StageNext::Succeeded,
+            AttemptResult::Cancelled => StageNext::Cancelled,
+            _ if ending => StageNext::Cancelled,
+            _ if !retryable => StageNext::Failed,
+            _ => match spec.retry.backoff_after(counters.failures) {
+                Some(delay) => StageNext::Retry { at: now + delay },
+                None => StageNext::Failed,
+            },
+        };
+        actions.push(Action::AttemptEnded { job: id, stage, attempt, result, next, error: error.clone(), counters });
+
+        match next {
+            StageNext::Succeeded => {
+                self.set_status(id, stage, StageStatus::Succeeded);
+                if !ending {
+                    let successors: Vec<_> = (0..spec_count(&self.jobs[&id]))
+                        .filter(|j| self.jobs[&id].pipeline.stages[*j].after.contains(&stage))
+                        .collect();
+                    for j in successors {
+                        self.queue_if_ready(id, j, now);
+                    }
+                }
+            }
+            StageNext::Retry { at } if at <= now => self.set_status(id, stage, StageStatus::Queued { since: now }),
+            StageNext::Retry { at } => self.set_status(id, stage, StageStatus::Backoff { until: at }),
+            StageNext::Cancelled => self.set_status(id, stage, StageStatus::Cancelled),
+            StageNext::Failed => {
+                self.set_status(id, stage, StageStatus::Failed);
+                let tries = if counters.failures > 1 {
+                    format!(" after {} attempts", counters.failures)
+                } else {
+                    String::new()
+                };
+                let error = format!("stage `{}` failed{tries}: {}", spec.name, error.unwrap_or_default());
+                self.end_job(id, JobState::Failed, error, KillReason::JobFailed, actions);
+            }
+        }
+        self.finish_if_done(id, actions);
+        Ok(())
+    }
+
+    /// Marks the job as ending: cancels what has not started and stops what runs.
+    fn end_job(&mut self, id: JobId, state: JobState, error: String, reason: KillReason, actions: &mut Vec<Action>) {
+        let job = self.jobs.get_mut(&id).expect("caller checked");
+        if job.ending.is_some() {
+            return;
+        }
+        job.ending = Some((state, error));
+        for i in 0..job.stages.len() {
+            let job = self.jobs.get_mut(&id).expect("caller checked");
+            match &mut job.stages[i].status {
+                StageStatus::Pending | StageStatus::Queued { .. } | StageStatus::Backoff { .. } => {
+                    self.set_status(id, i, StageStatus::Cancelled);
+                    actions.push(Action::StageCancelled { job: id, stage: i });
+                }
+                StageStatus::Running(running) if running.kill.is_none() => {
+                    running.kill = Some(reason);
+                    actions.push(Action::Kill { job: id, stage: i, attempt: running.attempt, reason });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Emits `JobFinished` and forgets the job once nothing of it runs any more.
+    fn finish_if_done(&mut self, id: JobId, actions: &mut Vec<Action>) {
+        let Some(job) = self.jobs.get(&id) else { return };
+        if job.running_count() > 0 {
+            return;
+        }
+        let (state, error) = match &job.ending {
+            Some((state, error)) => (*state, Some(error.clone())),
+            None if job.stages.iter().all(|s| s.status == StageStatus::Succeeded) => (JobState::Succeeded, None),
+            None => return,
+        };
+        actions.push(Action::JobFinished { job: id, state, error });
+        self.jobs.remove(&id);
+    }
+
+    fn queue_if_ready(&mut self, id: JobId, stage: StageIndex, now: u64) {
+        let job = &self.jobs[&id];
+        if job.stages[stage].status != StageStatus::Pending {
+            return;
+        }
+        let deps_done =
+            job.pipeline.stages[stage].after.iter().all(|p| job.stages[*p].status == StageStatus::Succeeded);
+        if deps_done {
+            self.set_status(id, stage, StageStatus::Queued { since: now });
+        }
+    }
+
+    fn fire_timers(&mut self, now: u64, actions: &mut Vec<Action>) {
+        while let Some(&(at, id, stage)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            match &mut job.stages[stage].status {
+                StageStatus::Backoff { until } if *until <= now => {
+                    let since = *until;
+                    self.set_status(id, stage, StageStatus::Queued { since });
+                }
+                StageStatus::Running(running)
+                    if running.kill.is_none() && running.deadline.is_some_and(|d| d <= now) =>
+                {
+                    running.kill = Some(KillReason::Timeout);
+                    actions.push(Action::Kill {
+                        job: id,
+                        stage,
+                        attempt: running.attempt,
+                        reason: KillReason::Timeout,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One pass over the waiting queue in order. Whatever fits starts; a small request may
+    /// overtake a big one that does not fit (backfill) unless the big one has waited past the
+    /// bound, in which case it reserves capacity.
+    fn schedule(&mut self, now: u64, actions: &mut Vec<Action>) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let mut reserved = self.inventory.new_reservation();
+        let keys: Vec<QueueKey> = self.queue.iter().copied().collect();
+        for key in keys {
+            let job = &self.jobs[&key.job];
+            let StageStatus::Queued { since } = job.stages[key.stage].status else { continue };
+            let spec = &job.pipeline.stages[key.stage];
+            let needs: &ResourceRequest = &spec.needs;
+            match self.inventory.try_grant(needs, &reserved) {
+                Some(grant) => {
+                    let deadline = spec.timeout_ms.map(|t| now + t);
+                    let job = self.jobs.get_mut(&key.job).expect("queued job exists");
+                    job.state = JobState::Running;
+                    let run = &mut job.stages[key.stage];
+                    run.attempts += 1;
+                    let attempt = run.attempts;
+                    actions.push(Action::Start {
+                        job: key.job,
+                        stage: key.stage,
+                        attempt,
+                        grant: grant.clone(),
+                        deadline,
+                    });
+                    let running = RunningAttempt { attempt, grant, started_at: now, deadline, kill: None };
+                    self.set_status(key.job, key.stage, StageStatus::Running(running));
+                }
+                None if now.saturating_sub(since) >= self.config.reserve_after_ms => {
+                    self.inventory.reserve(needs, &mut reserved);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The one place a stage's status changes, so the queue and timers stay in step.
+    fn set_status(&mut self, id: JobId, stage: StageIndex, status: StageStatus) {
+        let job = self.jobs.get_mut(&id).expect("caller checked");
+        let key = QueueKey { priority: Reverse(job.priority), seq: job.seq, stage, job: id };
+        if let StageStatus::Queued { .. } = job.stages[stage].status {
+            self.queue.remove(&key);
+        }
+        match &status {
+            StageStatus::Queued { .. } => {
+                self.queue.insert(key);
+            }
+            StageStatus::Backoff { until } => {
+                self.timers.insert((*until, id, stage));
+            }
+            StageStatus::Running(RunningAttempt { deadline: Some(d), .. }) => {
+                self.timers.insert((*d, id, stage));
+            }
+            _ => {}
+        }
+        job.stages[stage].status = status;
+    }
+}
+
+fn spec_count(job: &JobRun) -> usize {
+    job.pipeline.stages.len()
+}

@@ -1,0 +1,423 @@
+//! Property tests of the scheduler's invariants: all-or-nothing, no over-commit, every lease
+//! returns, dependency order, and no starvation of a large request.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use gpuflow_core::*;
+use proptest::prelude::*;
+
+const GIB: u64 = 1 << 30;
+
+fn capacity_strategy() -> impl Strategy<Value = Capacity> {
+    (prop::collection::vec(prop::sample::select(vec![8u64, 24, 40, 80]), 0..=3), 1u32..=4, 1u64..=3).prop_map(
+        |(gpus, cpu, counter)| Capacity {
+            gpus: gpus.iter().enumerate().map(|(i, m)| GpuDevice { index: i as u32, memory: m * GIB }).collect(),
+            cpu,
+            counters: BTreeMap::from([("nvenc".to_string(), counter)]),
+        },
+    )
+}
+
+/// A request that fits the given capacity (impossible ones are refused at config time).
+fn request_strategy(cap: Capacity) -> impl Strategy<Value = ResourceRequest> {
+    let gpus = cap.gpus.len() as u32;
+    let max_mem = cap.gpus.iter().map(|g| g.memory / GIB).max().unwrap_or(0);
+    let cpu = cap.cpu;
+    (0u8..5, 0..=gpus.min(2), 1..=max_mem.max(1), 0..=cpu, 0u64..=1).prop_map(move |(kind, g, mem, c, n)| {
+        let mut r = ResourceRequest { cpu: c, ..Default::default() };
+        match kind {
+            0 if gpus > 0 => r.gpus = g.max(1),
+            1 if max_mem > 0 => r.gpu_memory = mem * GIB,
+            2 => r.counters.insert("nvenc".into(), n).map_or((), |_| ()),
+            _ => {}
+        }
+        r
+    })
+}
+
+fn pipeline_strategy(cap: Capacity) -> impl Strategy<Value = Pipeline> {
+    prop::collection::vec(
+        (
+            request_strategy(cap),
+            prop::collection::vec(any::<prop::sample::Index>(), 0..=2),
+            1u32..=3,
+            prop::option::of(200u64..3_000),
+        ),
+        1..=4,
+    )
+    .prop_map(|stages| {
+        let specs = stages
+            .into_iter()
+            .enumerate()
+            .map(|(i, (needs, after, max_attempts, timeout_ms))| {
+                let mut after: Vec<usize> = if i == 0 { vec![] } else { after.iter().map(|ix| ix.index(i)).collect() };
+                after.sort();
+                after.dedup();
+                StageSpec {
+                    name: format!("s{i}"),
+                    needs,
+                    after,
+                    timeout_ms,
+                    retry: RetryPolicy {
+                        max_attempts,
+                        initial_backoff_ms: 100,
+                        multiplier: 2.0,
+                        max_backoff_ms: 1_000,
+                    },
+                }
+            })
+            .collect();
+        Pipeline::new("p", specs).expect("edges only point backwards")
+    })
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Submit { pipeline: usize, priority: i32 },
+    Exit { lease: prop::sample::Index, outcome: u8 },
+    Cancel { job: prop::sample::Index },
+    Advance { ms: u64 },
+}
+
+fn op_strategy(pipelines: usize) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..pipelines, -1i32..=1).prop_map(|(pipeline, priority)| Op::Submit { pipeline, priority }),
+        4 => (any::<prop::sample::Index>(), 0u8..4).prop_map(|(lease, outcome)| Op::Exit { lease, outcome }),
+        1 => any::<prop::sample::Index>().prop_map(|job| Op::Cancel { job }),
+        2 => (1u64..2_000).prop_map(|ms| Op::Advance { ms }),
+    ]
+}
+
+fn scenario() -> impl Strategy<Value = (Capacity, Vec<Pipeline>, Vec<Op>)> {
+    capacity_strategy().prop_flat_map(|cap| {
+        (Just(cap.clone()), prop::collection::vec(pipeline_strategy(cap), 1..=3)).prop_flat_map(|(cap, pipelines)| {
+            let n = pipelines.len();
+            (Just(cap), Just(pipelines), prop::collection::vec(op_strategy(n), 1..120))
+        })
+    })
+}
+
+/// Tracks what the state machine said, and checks every invariant after each step.
+struct Harness {
+    state: State,
+    now: u64,
+    next_id: u128,
+    submitted: BTreeSet<JobId>,
+    finished: BTreeMap<JobId, JobState>,
+    succeeded: BTreeSet<(JobId, usize)>,
+}
+
+impl Harness {
+    fn apply(&mut self, event: Event) {
+        let actions = self.state.apply(event, self.now).expect("valid event");
+        for action in &actions {
+            match action {
+                Action::Start { job, stage, grant, .. } => {
+                    let run = self.state.job(*job).expect("started job is active");
+                    let spec = &run.pipeline.stages[*stage];
+                    assert!(grant.satisfies(&spec.needs), "grant {grant:?} is not exactly {:?}", spec.needs);
+                    for p in &spec.after {
+                        assert!(self.succeeded.contains(&(*job, *p)), "stage {stage} started before predecessor {p}");
+                    }
+                    assert!(!self.succeeded.contains(&(*job, *stage)), "a succeeded stage started again");
+                }
+                Action::AttemptEnded { job, stage, next: StageNext::Succeeded, .. } => {
+                    self.succeeded.insert((*job, *stage));
+                }
+                Action::JobFinished { job, state, .. } => {
+                    assert!(state.is_final());
+                    assert!(self.finished.insert(*job, *state).is_none(), "job finished twice");
+                    assert!(self.state.job(*job).is_none(), "finished job still active");
+                }
+                _ => {}
+            }
+        }
+        self.check_capacity();
+    }
+
+    /// No over-commit, and the inventory's books equal the sum of the leases actually held.
+    fn check_capacity(&self) {
+        let cap = self.state.inventory().capacity().clone();
+        let mut exclusive = vec![false; cap.gpus.len()];
+        let mut memory = vec![0u64; cap.gpus.len()];
+        let mut cpu = 0u32;
+        let mut counters: BTreeMap<String, u64> = cap.counters.keys().map(|k| (k.clone(), 0)).collect();
+        for lease in self.state.leases() {
+            let g = &lease.attempt.grant;
+            for d in &g.gpus {
+                assert!(!exclusive[*d as usize], "device {d} granted whole twice");
+                exclusive[*d as usize] = true;
+            }
+            if let Some((d, bytes)) = g.gpu_memory {
+                memory[d as usize] += bytes;
+            }
+            cpu += g.cpu;
+            for (k, v) in &g.counters {
+                *counters.get_mut(k).unwrap() += v;
+            }
+        }
+        for (d, gpu) in cap.gpus.iter().enumerate() {
+            assert!(!(exclusive[d] && memory[d] > 0), "device {d} both whole and shared");
+            assert!(memory[d] <= gpu.memory, "device {d} memory over-committed");
+        }
+        assert!(cpu <= cap.cpu, "cpu over-committed");
+        for (k, v) in &counters {
+            assert!(*v <= cap.counters[k], "counter {k} over-committed");
+        }
+        let usage = self.state.inventory().usage();
+        assert_eq!(usage.gpu_exclusive, exclusive);
+        assert_eq!(usage.gpu_memory_used, memory);
+        assert_eq!(usage.cpu, cpu);
+        assert_eq!(usage.counters, counters);
+    }
+
+    fn running(&self) -> Vec<(JobId, usize, u32)> {
+        self.state.leases().map(|l| (l.job, l.stage, l.attempt.attempt)).collect()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_for_any_sequence((cap, pipelines, ops) in scenario()) {
+        let pipelines: Vec<Arc<Pipeline>> = pipelines.into_iter().map(Arc::new).collect();
+        let mut h = Harness {
+            state: State::new(cap, SchedulerConfig { reserve_after_ms: 1_500 }),
+            now: 1_000,
+            next_id: 1,
+            submitted: BTreeSet::new(),
+            finished: BTreeMap::new(),
+            succeeded: BTreeSet::new(),
+        };
+        for op in ops {
+            match op {
+                Op::Submit { pipeline, priority } => {
+                    let job = JobId(h.next_id);
+                    h.next_id += 1;
+                    h.submitted.insert(job);
+                    let seq = job.0 as u64;
+                    h.apply(Event::Submitted { job, seq, priority, pipeline: pipelines[pipeline].clone() });
+                }
+                Op::Exit { lease, outcome } => {
+                    let running = h.running();
+                    if running.is_empty() { continue; }
+                    let (job, stage, attempt) = running[lease.index(running.len())];
+                    let outcome = match outcome {
+                        0 | 1 => Outcome::Succeeded,
+                        2 => Outcome::Failed { error: "exit status 1".into(), retryable: true },
+                        _ => Outcome::Failed { error: "bad input".into(), retryable: false },
+                    };
+                    h.apply(Event::AttemptExited { job, stage, attempt, outcome });
+                }
+                Op::Cancel { job } => {
+                    let active: Vec<JobId> = h.state.jobs().map(|j| j.id).collect();
+                    if active.is_empty() { continue; }
+                    h.apply(Event::CancelRequested { job: active[job.index(active.len())] });
+                }
+                Op::Advance { ms } => {
+                    h.now += ms;
+                    h.apply(Event::Tick);
+                }
+            }
+        }
+        // Drain: everything that runs exits (killed ones exit as failed), time moves on.
+        for _ in 0..2_000 {
+            if h.state.jobs().next().is_none() { break; }
+            for (job, stage, attempt) in h.running() {
+                h.apply(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Succeeded });
+            }
+            h.now += 1_000;
+            h.apply(Event::Tick);
+        }
+        prop_assert!(h.state.jobs().next().is_none(), "some job never finished");
+        prop_assert!(h.state.inventory().is_idle(), "a lease was not returned: {:?}", h.state.inventory().usage());
+        prop_assert_eq!(h.state.next_wakeup().is_some_and(|t| t > h.now + 10_000), false);
+        let finished: BTreeSet<JobId> = h.finished.keys().copied().collect();
+        prop_assert_eq!(finished, h.submitted);
+    }
+
+    /// A whole-GPU request behind a steady stream of small memory shares starts within the
+    /// reservation bound plus the longest small stage.
+    #[test]
+    fn large_request_is_not_starved(durations in prop::collection::vec(100u64..2_000, 30..60)) {
+        let reserve_after = 5_000;
+        let cap = Capacity { gpus: vec![GpuDevice { index: 0, memory: 80 * GIB }], cpu: 64, counters: BTreeMap::new() };
+        let mut state = State::new(cap, SchedulerConfig { reserve_after_ms: reserve_after });
+        let small = Arc::new(Pipeline::new("small", vec![StageSpec {
+            name: "s".into(), needs: ResourceRequest { gpu_memory: 20 * GIB, ..Default::default() },
+            after: vec![], timeout_ms: None, retry: RetryPolicy::no_retry() }]).unwrap());
+        let big = Arc::new(Pipeline::new("big", vec![StageSpec {
+            name: "b".into(), needs: ResourceRequest { gpus: 1, ..Default::default() },
+            after: vec![], timeout_ms: None, retry: RetryPolicy::no_retry() }]).unwrap());
+        let mut now = 0;
+        let mut next = 1u128;
+        let mut running: Vec<(JobId, u64)> = Vec::new(); // (job, ends at)
+        let submit = |state: &mut State, p: &Arc<Pipeline>, now: u64, next: &mut u128| {
+            let job = JobId(*next);
+            *next += 1;
+            (job, state.apply(Event::Submitted { job, seq: job.0 as u64, priority: 0, pipeline: p.clone() }, now).unwrap())
+        };
+        // Two small ones hold the device, then the big one arrives.
+        let mut started = Vec::new();
+        for _ in 0..2 { started.extend(submit(&mut state, &small, now, &mut next).1); }
+        let (big_id, a) = submit(&mut state, &big, now, &mut next);
+        started.extend(a);
+        let mut big_started_at = None;
+        let longest = *durations.iter().max().unwrap();
+        let mut durations = durations.into_iter();
+        while big_started_at.is_none() && now < 100_000 {
+            for action in std::mem::take(&mut started) {
+                if let Action::Start { job, .. } = action {
+                    if job == big_id { big_started_at = Some(now); }
+                    else { running.push((job, now + durations.next().unwrap_or(1_000))); }
+                }
+            }
+            // Keep the small stream flowing: one new small job every 100 ms.
+            now += 100;
+            started.extend(submit(&mut state, &small, now, &mut next).1);
+            let (done, still): (Vec<_>, Vec<_>) = running.iter().partition(|(_, end)| *end <= now);
+            running = still;
+            for (job, _) in done {
+                started.extend(state.apply(Event::AttemptExited { job, stage: 0, attempt: 1, outcome: Outcome::Succeeded }, now).unwrap());
+            }
+        }
+        let at = big_started_at.expect("big request never started");
+        prop_assert!(at <= reserve_after + longest + 200, "started at {at} ms, bound {}", reserve_after + longest);
+    }
+}
+
+fn stage(name: &str, needs: ResourceRequest, after: Vec<usize>) -> StageSpec {
+    StageSpec { name: name.into(), needs, after, timeout_ms: None, retry: RetryPolicy::no_retry() }
+}
+
+#[test]
+fn failure_cancels_pending_and_stops_running_siblings() {
+    let cap = Capacity { gpus: vec![], cpu: 4, counters: BTreeMap::new() };
+    let mut state = State::new(cap, SchedulerConfig::default());
+    let cpu = ResourceRequest { cpu: 1, ..Default::default() };
+    // a and b run in parallel; c needs both.
+    let p = Arc::new(
+        Pipeline::new(
+            "p",
+            vec![stage("a", cpu.clone(), vec![]), stage("b", cpu.clone(), vec![]), stage("c", cpu, vec![0, 1])],
+        )
+        .unwrap(),
+    );
+    let job = JobId(1);
+    let started = state.apply(Event::Submitted { job, seq: 1, priority: 0, pipeline: p }, 0).unwrap();
+    assert_eq!(started.iter().filter(|a| matches!(a, Action::Start { .. })).count(), 2);
+    let actions = state
+        .apply(
+            Event::AttemptExited {
+                job,
+                stage: 0,
+                attempt: 1,
+                outcome: Outcome::Failed { error: "boom".into(), retryable: false },
+            },
+            10,
+        )
+        .unwrap();
+    assert!(actions.contains(&Action::StageCancelled { job, stage: 2 }));
+    assert!(actions.contains(&Action::Kill { job, stage: 1, attempt: 1, reason: KillReason::JobFailed }));
+    assert!(!actions.iter().any(|a| matches!(a, Action::JobFinished { .. })), "job ends only when b has exited");
+    let actions = state
+        .apply(
+            Event::AttemptExited {
+                job,
+                stage: 1,
+                attempt: 1,
+                outcome: Outcome::Failed { error: "SIGTERM".into(), retryable: true },
+            },
+            20,
+        )
+        .unwrap();
+    let finished = actions.iter().find_map(|a| match a {
+        Action::JobFinished { state, error, .. } => Some((*state, error.clone().unwrap())),
+        _ => None,
+    });
+    let (final_state, error) = finished.expect("job finished");
+    assert_eq!(final_state, JobState::Failed);
+    assert!(error.contains("stage `a` failed: boom"), "{error}");
+    assert!(state.inventory().is_idle());
+}
+
+#[test]
+fn timeout_kills_then_retries_with_backoff() {
+    let cap = Capacity { gpus: vec![GpuDevice { index: 0, memory: 16 * GIB }], cpu: 1, counters: BTreeMap::new() };
+    let mut state = State::new(cap, SchedulerConfig::default());
+    let mut spec = stage("slow", ResourceRequest { gpus: 1, ..Default::default() }, vec![]);
+    spec.timeout_ms = Some(1_000);
+    spec.retry = RetryPolicy { max_attempts: 2, initial_backoff_ms: 500, multiplier: 2.0, max_backoff_ms: 10_000 };
+    let job = JobId(7);
+    state
+        .apply(
+            Event::Submitted { job, seq: 1, priority: 0, pipeline: Arc::new(Pipeline::new("p", vec![spec]).unwrap()) },
+            0,
+        )
+        .unwrap();
+    assert_eq!(state.next_wakeup(), Some(1_000));
+    let kill = state.apply(Event::Tick, 1_000).unwrap();
+    assert_eq!(kill, vec![Action::Kill { job, stage: 0, attempt: 1, reason: KillReason::Timeout }]);
+    // The GPU stays leased until the process has really exited.
+    assert!(!state.inventory().is_idle());
+    let ended = state
+        .apply(
+            Event::AttemptExited {
+                job,
+                stage: 0,
+                attempt: 1,
+                outcome: Outcome::Failed { error: "signal 15".into(), retryable: true },
+            },
+            1_200,
+        )
+        .unwrap();
+    assert!(matches!(
+        ended[0],
+        Action::AttemptEnded { result: AttemptResult::TimedOut, next: StageNext::Retry { at: 1_700 }, .. }
+    ));
+    assert!(state.inventory().is_idle());
+    let restarted = state.apply(Event::Tick, 1_700).unwrap();
+    assert!(matches!(restarted[0], Action::Start { attempt: 2, .. }));
+}
+
+#[test]
+fn restore_requeues_interrupted_attempts_without_spending_retries() {
+    let cap = Capacity { gpus: vec![], cpu: 1, counters: BTreeMap::new() };
+    let mut state = State::new(cap, SchedulerConfig::default());
+    let cpu = ResourceRequest { cpu: 1, ..Default::default() };
+    let p = Arc::new(Pipeline::new("p", vec![stage("a", cpu.clone(), vec![]), stage("b", cpu, vec![0])]).unwrap());
+    let job = JobId(3);
+    let stages = vec![
+        RestoredStage { status: RestoredStatus::Succeeded, attempts: 1, failures: 0, interruptions: 0 },
+        RestoredStage { status: RestoredStatus::WasRunning { attempt: 1 }, attempts: 1, failures: 0, interruptions: 0 },
+    ];
+    let actions = state.apply(Event::Restored { job, seq: 1, priority: 0, pipeline: p, stages }, 50).unwrap();
+    assert!(matches!(
+        actions[0],
+        Action::AttemptEnded {
+            stage: 1,
+            result: AttemptResult::Interrupted,
+            counters: StageCounters { failures: 0, interruptions: 1 },
+            ..
+        }
+    ));
+    // Stage a succeeded before the crash and is not started again; b gets attempt 2.
+    assert_eq!(actions.iter().filter(|a| matches!(a, Action::Start { .. })).count(), 1);
+    assert!(actions.iter().any(|a| matches!(a, Action::Start { stage: 1, attempt: 2, .. })));
+}
+
+#[test]
+fn higher_priority_goes_first_then_arrival() {
+    let cap = Capacity { gpus: vec![GpuDevice { index: 0, memory: GIB }], cpu: 8, counters: BTreeMap::new() };
+    let mut state = State::new(cap, SchedulerConfig::default());
+    let gpu = Arc::new(
+        Pipeline::new("g", vec![stage("g", ResourceRequest { gpus: 1, ..Default::default() }, vec![])]).unwrap(),
+    );
+    for (id, priority) in [(1u128, 0), (2, 0), (3, 5), (4, 0)] {
+        state.apply(Event::Submitted { job: JobId(id), seq: id as u64, priority, pipeline: gpu.clone() }, 0).unwrap();
+    }
+    let order: Vec<JobId> = state.waiting().map(|w| w.job).collect();
+    assert_eq!(order, vec![JobId(3), JobId(2), JobId(4)], "job 1 runs; 3 has priority; then arrival order");
+}
