@@ -1,0 +1,197 @@
+//! Wire types. Kept apart from the domain and store types so the API can stay stable while
+//! those change.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::gpu::GpuSource;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJobRequest {
+    /// Name of a pipeline in the pipeline file.
+    pub pipeline: String,
+    /// The job input: a JSON object, checked against the pipeline's declared `inputs`.
+    #[serde(default = "empty_object")]
+    pub input: Value,
+    /// Higher runs first. Default 0.
+    #[serde(default)]
+    pub priority: i32,
+    /// Submitting again with the same key returns the same job.
+    pub idempotency_key: Option<String>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SubmitJobResponse {
+    pub id: String,
+    pub state: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CancelResponse {
+    pub id: String,
+    /// `cancelling` while stages are being stopped, `cancelled` once none runs.
+    pub state: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AttemptView {
+    pub attempt: u32,
+    /// running, succeeded, failed, timed_out, cancelled, interrupted
+    pub state: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub error: Option<String>,
+    /// What the attempt held: devices, GPU memory, CPU slots, counters.
+    pub lease: Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StageView {
+    pub name: String,
+    /// pending (waiting for predecessors), queued (waiting for resources), backoff, running,
+    /// succeeded, failed, cancelled
+    pub state: String,
+    pub after: Vec<String>,
+    pub attempts: u32,
+    pub failures: u32,
+    pub retry_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub output: Option<Value>,
+    pub attempt_history: Vec<AttemptView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub pipeline: String,
+    /// queued, running, succeeded, failed, cancelled
+    pub state: String,
+    pub priority: i32,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub stages: Vec<StageView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobSummary {
+    pub id: String,
+    pub pipeline: String,
+    pub state: String,
+    pub priority: i32,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobSummary>,
+    /// Pass as `cursor` to get the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct JobListQuery {
+    /// queued, running, succeeded, failed or cancelled
+    pub state: Option<String>,
+    pub pipeline: Option<String>,
+    /// 1 to 500, default 50.
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GpuView {
+    pub index: u32,
+    pub name: String,
+    pub uuid: Option<String>,
+    pub source: GpuSource,
+    pub memory_bytes: u64,
+    pub memory_leased_bytes: u64,
+    /// True while a stage holds the whole device.
+    pub exclusive: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CountView {
+    pub capacity: u64,
+    pub leased: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LeaseView {
+    pub job: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub attempt: u32,
+    pub since: String,
+    pub held_ms: u64,
+    pub pid: Option<u32>,
+    pub gpus: Vec<u32>,
+    pub gpu_memory: Option<GpuShareView>,
+    pub cpu: u32,
+    pub counters: BTreeMap<String, u64>,
+    /// Set while the engine is stopping it: timeout, cancel or job failed.
+    pub stopping: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GpuShareView {
+    pub device: u32,
+    pub bytes: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NeedsView {
+    pub gpu: u32,
+    pub gpu_memory_bytes: u64,
+    pub cpu: u32,
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WaitingView {
+    pub job: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub priority: i32,
+    pub since: String,
+    pub waited_ms: u64,
+    pub needs: NeedsView,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ResourcesView {
+    pub gpus: Vec<GpuView>,
+    pub cpu: CountView,
+    pub counters: BTreeMap<String, CountView>,
+    /// Leases held now.
+    pub leases: Vec<LeaseView>,
+    /// Stages waiting for resources, in the order they will be served.
+    pub waiting: Vec<WaitingView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}

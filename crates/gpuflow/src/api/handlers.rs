@@ -1,0 +1,277 @@
+//! Request handlers.
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+
+use super::dto::*;
+use super::error::{ApiError, ErrorBody};
+use super::{ApiJson, AppState};
+use crate::runtime::{SubmitRequest, job_id_of};
+use crate::store::{JobDetail, JobFilter, JobRecord};
+
+fn time(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// Submit a job.
+#[utoipa::path(post, path = "/v1/jobs", request_body = SubmitJobRequest,
+    responses(
+        (status = 201, description = "Accepted and durable", body = SubmitJobResponse),
+        (status = 200, description = "An earlier job with the same idempotency key", body = SubmitJobResponse),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+    ))]
+pub async fn submit_job(
+    State(app): State<AppState>,
+    body: Result<ApiJson<SubmitJobRequest>, ApiError>,
+) -> Result<impl IntoResponse, ApiError> {
+    let ApiJson(body) = body?;
+    let Some(def) = app.config.pipelines.get(&body.pipeline) else {
+        let known: Vec<&str> = app.config.pipelines.keys().map(String::as_str).collect();
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_pipeline",
+            format!("pipeline: unknown pipeline `{}`; known pipelines: {}", body.pipeline, known.join(", ")),
+        ));
+    };
+    if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
+        return Err(ApiError::bad_request("idempotency_key: must be 1 to 200 characters"));
+    }
+    let input = def
+        .validate_input(&body.input, &app.config.allowed_roots)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()))?;
+    let submitted = app
+        .engine
+        .submit(SubmitRequest {
+            pipeline: body.pipeline,
+            input,
+            priority: body.priority,
+            idempotency_key: body.idempotency_key,
+        })
+        .await?;
+    let status = if submitted.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(SubmitJobResponse { id: submitted.id, state: submitted.state })))
+}
+
+/// List jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", params(JobListQuery),
+    responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
+pub async fn list_jobs(
+    State(app): State<AppState>,
+    query: Result<Query<JobListQuery>, QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    let Query(q) = query?;
+    if let Some(s) = &q.state
+        && gpuflow_core::JobState::parse(s).is_none()
+    {
+        return Err(ApiError::bad_request(format!(
+            "state: `{s}` is not a job state; use queued, running, succeeded, failed or cancelled"
+        )));
+    }
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit: `{limit}` is out of range; use 1 to 500")));
+    }
+    let before_seq = match &q.cursor {
+        None => None,
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("cursor: `{c}` is not a cursor from a previous page")))?,
+        ),
+    };
+    let filter = JobFilter { state: q.state, pipeline: q.pipeline, before_seq, limit: limit + 1 };
+    let mut rows = app.reads.list_jobs(&filter).await?;
+    let next_cursor = (rows.len() > limit as usize).then(|| {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.seq.to_string()).unwrap_or_default()
+    });
+    Ok(Json(JobList { jobs: rows.into_iter().map(summary).collect(), next_cursor }))
+}
+
+fn summary(r: JobRecord) -> JobSummary {
+    JobSummary {
+        id: r.id,
+        pipeline: r.pipeline,
+        state: r.state,
+        priority: r.priority,
+        created_at: time(r.created_at),
+        finished_at: r.finished_at.map(time),
+        error: r.error,
+    }
+}
+
+/// A job, its stages and their attempts.
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = JobView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn get_job(
+    State(app): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    let Path(id) = id?;
+    if job_id_of(&id).is_none() {
+        return Err(ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")));
+    }
+    let detail = app
+        .reads
+        .job(&id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job with id `{id}`")))?;
+    Ok(Json(job_view(detail)))
+}
+
+fn job_view(d: JobDetail) -> JobView {
+    let names: Vec<String> = d.stages.iter().map(|s| s.name.clone()).collect();
+    let job_active = matches!(d.job.state.as_str(), "queued" | "running");
+    let states: Vec<String> = d.stages.iter().map(|s| s.state.clone()).collect();
+    let stages = d
+        .stages
+        .iter()
+        .map(|s| {
+            // The store records `pending`; whether it is waiting for predecessors or for
+            // resources follows from its predecessors' states.
+            let state = if s.state == "pending" && job_active && s.deps.iter().all(|p| states[*p] == "succeeded") {
+                "queued".to_string()
+            } else {
+                s.state.clone()
+            };
+            StageView {
+                name: s.name.clone(),
+                state,
+                after: s.deps.iter().map(|p| names[*p].clone()).collect(),
+                attempts: s.attempts,
+                failures: s.failures,
+                retry_at: s.not_before.filter(|_| s.state == "backoff").map(time),
+                started_at: s.started_at.map(time),
+                finished_at: s.finished_at.map(time),
+                exit_code: s.exit_code,
+                error: s.error.clone(),
+                output: s.output.clone(),
+                attempt_history: d
+                    .attempts
+                    .iter()
+                    .filter(|a| a.stage_idx == s.idx)
+                    .map(|a| AttemptView {
+                        attempt: a.attempt,
+                        state: a.state.clone(),
+                        started_at: time(a.started_at),
+                        finished_at: a.finished_at.map(time),
+                        exit_code: a.exit_code,
+                        signal: a.signal,
+                        error: a.error.clone(),
+                        lease: a.grant.clone(),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let j = d.job;
+    JobView {
+        id: j.id,
+        pipeline: j.pipeline,
+        state: j.state,
+        priority: j.priority,
+        input: j.input,
+        output: j.output,
+        error: j.error,
+        idempotency_key: j.idempotency_key,
+        created_at: time(j.created_at),
+        started_at: j.started_at.map(time),
+        finished_at: j.finished_at.map(time),
+        stages,
+    }
+}
+
+/// Cancel a job: stages not started are cancelled, running ones are stopped.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = CancelResponse), (status = 404, body = ErrorBody), (status = 409, description = "Already finished", body = ErrorBody)))]
+pub async fn cancel_job(
+    State(app): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<CancelResponse>, ApiError> {
+    let Path(id) = id?;
+    if job_id_of(&id).is_none() {
+        return Err(ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")));
+    }
+    let state = app.engine.cancel(id.clone()).await?;
+    Ok(Json(CancelResponse { id, state }))
+}
+
+/// Capacity, the leases held now, and the waiting queue in order.
+#[utoipa::path(get, path = "/v1/resources", responses((status = 200, body = ResourcesView)))]
+pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView>, ApiError> {
+    let s = app.engine.resources().await?;
+    let gpus = s
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(i, g)| GpuView {
+            index: i as u32,
+            name: g.name.clone(),
+            uuid: g.uuid.clone(),
+            source: g.source,
+            memory_bytes: g.memory,
+            memory_leased_bytes: if s.usage.gpu_exclusive[i] { g.memory } else { s.usage.gpu_memory_used[i] },
+            exclusive: s.usage.gpu_exclusive[i],
+        })
+        .collect();
+    let counters = s
+        .capacity
+        .counters
+        .iter()
+        .map(|(k, cap)| {
+            (k.clone(), CountView { capacity: *cap, leased: s.usage.counters.get(k).copied().unwrap_or(0) })
+        })
+        .collect();
+    let leases = s
+        .leases
+        .into_iter()
+        .map(|l| LeaseView {
+            job: l.job,
+            pipeline: l.pipeline,
+            stage: l.stage,
+            attempt: l.attempt,
+            since: time(l.since_ms as i64),
+            held_ms: s.now_ms.saturating_sub(l.since_ms),
+            pid: l.pid,
+            gpus: l.lease.gpus,
+            gpu_memory: l.lease.gpu_memory.map(|(device, bytes)| GpuShareView { device, bytes }),
+            cpu: l.lease.cpu,
+            counters: l.lease.counters,
+            stopping: l.stopping.map(str::to_string),
+        })
+        .collect();
+    let waiting = s
+        .waiting
+        .into_iter()
+        .map(|w| WaitingView {
+            job: w.job,
+            pipeline: w.pipeline,
+            stage: w.stage,
+            priority: w.priority,
+            since: time(w.since_ms as i64),
+            waited_ms: s.now_ms.saturating_sub(w.since_ms),
+            needs: NeedsView {
+                gpu: w.needs.gpus,
+                gpu_memory_bytes: w.needs.gpu_memory,
+                cpu: w.needs.cpu,
+                counters: w.needs.counters,
+            },
+        })
+        .collect();
+    Ok(Json(ResourcesView {
+        gpus,
+        cpu: CountView { capacity: s.capacity.cpu as u64, leased: s.usage.cpu as u64 },
+        counters,
+        leases,
+        waiting,
+    }))
+}
+
+/// Liveness. Not behind auth.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)), security(()))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+}

@@ -1,0 +1,128 @@
+//! The HTTP API (axum). Handlers validate, then either read the store or ask the runtime
+//! loop; they never change state themselves. The OpenAPI spec is generated from these
+//! handlers and types, so it cannot drift from them.
+
+pub mod dto;
+pub mod error;
+mod handlers;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::config::Config;
+use crate::runtime::EngineHandle;
+use crate::store::{JobDetail, JobFilter, JobRecord, Store, StoreResult};
+pub use error::ApiError;
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The read side of the store, object-safe so handlers need not be generic.
+pub trait Reads: Send + Sync {
+    fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<JobDetail>>>;
+    fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>>;
+}
+
+impl<S: Store> Reads for S {
+    fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<JobDetail>>> {
+        Box::pin(Store::job(self, id))
+    }
+    fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>> {
+        Box::pin(Store::list_jobs(self, filter))
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub reads: Arc<dyn Reads>,
+    pub config: Arc<Config>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "gpuflow", description = "Run AI inference pipelines on GPUs without stalling."),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// The routes, with the OpenAPI document they generate.
+fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(handlers::submit_job, handlers::list_jobs))
+        .routes(routes!(handlers::get_job))
+        .routes(routes!(handlers::cancel_job))
+        .routes(routes!(handlers::resources))
+        .routes(routes!(handlers::healthz))
+        .split_for_parts()
+}
+
+/// The OpenAPI document as JSON.
+pub fn openapi_json() -> String {
+    routes().1.to_pretty_json().expect("serializable")
+}
+
+pub fn router(state: AppState) -> Router {
+    let (router, openapi) = routes();
+    let openapi = Arc::new(openapi);
+    let limit = state.config.limits.max_request_body;
+    router
+        .route("/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Bearer-token check when `auth` is configured. `/healthz` stays open for probes.
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let Some(expected) = state.config.auth_token.as_deref() else { return Ok(next.run(request).await) };
+    if request.uri().path() == "/healthz" {
+        return Ok(next.run(request).await);
+    }
+    let presented =
+        request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(next.run(request).await),
+        _ => Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token; send `Authorization: Bearer TOKEN` (the CLI reads GPUFLOW_TOKEN)",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `Json` whose rejections use our error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Json::<T>::from_request(req, state).await.map(|Json(v)| ApiJson(v)).map_err(ApiError::from)
+    }
+}

@@ -1,0 +1,195 @@
+//! The command line: `serve` and `check` run locally; the rest are clients of the HTTP API.
+
+mod client;
+mod submit;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+pub use client::Client;
+
+#[derive(Parser)]
+#[command(name = "gpuflow", version, about = "Run AI inference pipelines on GPUs without stalling.")]
+pub struct Cli {
+    /// Engine address for client commands.
+    #[arg(long, global = true, env = "GPUFLOW_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// Bearer token for client commands, when the engine has `auth` set.
+    #[arg(long, global = true, env = "GPUFLOW_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the engine.
+    Serve {
+        #[arg(long, short, env = "GPUFLOW_CONFIG", default_value = "gpuflow.yaml")]
+        config: PathBuf,
+    },
+    /// Check a pipeline file and print what it declares.
+    Check { file: PathBuf },
+    /// Submit a job.
+    Submit {
+        pipeline: String,
+        /// `key=value` (a string) or `key:=JSON` (a number, list, object...). Repeatable.
+        #[arg(long = "input", short = 'i')]
+        inputs: Vec<String>,
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Follow the job until it ends; the exit code reflects the outcome
+        /// (0 succeeded, 1 failed, 3 cancelled).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a job and its stages.
+    Status {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        pipeline: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job.
+    Cancel { id: String },
+    /// Show capacity, leases and the waiting queue.
+    Resources {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+/// Parses `key=value` / `key:=json` pairs into a JSON object.
+pub fn parse_inputs(pairs: &[String]) -> Result<Value> {
+    let mut map = serde_json::Map::new();
+    for pair in pairs {
+        if let Some((k, v)) = pair.split_once(":=") {
+            let value = serde_json::from_str(v)
+                .with_context(|| format!("--input {pair}: `{v}` is not JSON (use key=value for a string)"))?;
+            map.insert(k.to_string(), value);
+        } else if let Some((k, v)) = pair.split_once('=') {
+            map.insert(k.to_string(), Value::String(v.to_string()));
+        } else {
+            anyhow::bail!("--input {pair}: write `key=value` or `key:=JSON`");
+        }
+    }
+    Ok(Value::Object(map))
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let client = || Client::new(&cli.server, cli.token.clone());
+    match cli.command {
+        Command::Serve { config } => {
+            let config =
+                crate::config::Config::load(&config, &crate::gpu::NvmlProbe).map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::serve::serve(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { file } => check(&file),
+        Command::Submit { pipeline, inputs, priority, idempotency_key, wait } => {
+            let input = parse_inputs(&inputs)?;
+            let client = client()?;
+            let submitted = client.submit(&pipeline, input, priority, idempotency_key.as_deref()).await?;
+            let id = submitted["id"].as_str().unwrap_or_default().to_string();
+            if !wait {
+                println!("{id}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("submitted {id}");
+            submit::follow(&client, &id).await
+        }
+        Command::Status { id, json } => {
+            let job = client()?.job(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                submit::print_job(&job);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobs { state, pipeline, limit, json } => {
+            let list = client()?.jobs(state.as_deref(), pipeline.as_deref(), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<38} {:<16} {:<10} CREATED", "ID", "PIPELINE", "STATE");
+                for j in list["jobs"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<38} {:<16} {:<10} {}",
+                        s(&j["id"]),
+                        s(&j["pipeline"]),
+                        s(&j["state"]),
+                        s(&j["created_at"])
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { id } => {
+            let r = client()?.cancel(&id).await?;
+            println!("{} {}", s(&r["id"]), s(&r["state"]));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resources { json } => {
+            let r = client()?.resources().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                submit::print_resources(&r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Openapi => {
+            println!("{}", crate::api::openapi_json());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(file: &std::path::Path) -> Result<ExitCode> {
+    match crate::config::Config::load(file, &crate::gpu::NvmlProbe) {
+        Ok(config) => {
+            println!("{}: ok", file.display());
+            println!("  listen {}  data_dir {}", config.listen, config.data_dir.display());
+            for (i, g) in config.gpus.iter().enumerate() {
+                println!("  gpu {i}: {} {} ({:?})", g.name, gpuflow_core::ByteSize(g.memory), g.source);
+            }
+            println!("  cpu slots: {}", config.capacity.cpu);
+            for (name, p) in &config.pipelines {
+                let stages: Vec<&str> = p.core.stages.iter().map(|s| s.name.as_str()).collect();
+                println!("  pipeline {name}: {}", stages.join(" -> "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub(crate) fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}

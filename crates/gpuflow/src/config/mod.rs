@@ -1,0 +1,746 @@
+//! The pipeline file: schema, parsing with positions, and compilation into what the engine runs.
+//!
+//! Parsing is strict: unknown keys are errors, and every error names the file, line, column,
+//! the field and what is allowed. See `docs/pipelines.md`.
+
+pub mod template;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use gpuflow_core::{
+    Capacity, GpuDevice, Pipeline, PipelineError, ResourceRequest, RetryPolicy, SchedulerConfig, StageSpec,
+};
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use serde_saphyr::Spanned;
+
+use crate::gpu::{GpuInfo, GpuProbe, GpuSource};
+use template::Template;
+use units::{Bytes, Millis};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+/// One problem in a pipeline file, with its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    /// Dotted path of the offending field, e.g. `pipelines.ocr.stages[1].after`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        } else {
+            write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.column, self.field, self.message)
+        }
+    }
+}
+
+/// All problems found in one file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<Spanned<String>>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    resources: ResourcesFile,
+    #[serde(default)]
+    scheduling: SchedulingFile,
+    auth: Option<AuthFile>,
+    #[serde(default)]
+    allowed_roots: Vec<PathBuf>,
+    #[serde(default)]
+    limits: LimitsFile,
+    pipelines: BTreeMap<String, Spanned<PipelineFile>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResourcesFile {
+    gpus: Option<Spanned<GpusFile>>,
+    cpu: Option<u32>,
+    #[serde(default)]
+    counters: BTreeMap<String, u64>,
+}
+
+enum GpusFile {
+    Auto,
+    None,
+    Virtual(Vec<VirtualGpuFile>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VirtualGpuFile {
+    memory: Bytes,
+    name: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for GpusFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = GpusFile;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`auto`, `none`, or a list of virtual devices like `[{memory: 80GiB}]`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<GpusFile, E> {
+                match v {
+                    "auto" => Ok(GpusFile::Auto),
+                    "none" => Ok(GpusFile::None),
+                    other => Err(E::custom(format!(
+                        "`{other}` is not allowed; use `auto`, `none`, or a list of virtual devices like `[{{memory: 80GiB}}]`"
+                    ))),
+                }
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<GpusFile, A::Error> {
+                let mut gpus = Vec::new();
+                while let Some(gpu) = seq.next_element::<VirtualGpuFile>()? {
+                    gpus.push(gpu);
+                }
+                Ok(GpusFile::Virtual(gpus))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SchedulingFile {
+    reserve_after: Option<Millis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_request_body: Option<Bytes>,
+    log_max: Option<Bytes>,
+    output_max: Option<Bytes>,
+    kill_grace: Option<Millis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineFile {
+    max_queued: Option<u32>,
+    #[serde(default)]
+    inputs: BTreeMap<String, InputFile>,
+    stages: Vec<Spanned<StageFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputFile {
+    #[serde(rename = "type", default)]
+    kind: InputKind,
+    required: Option<bool>,
+    default: Option<Value>,
+}
+
+/// The declared type of one job input.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    #[default]
+    Any,
+    String,
+    /// A file-system path; checked against `allowed_roots`.
+    Path,
+    Number,
+    Integer,
+    Boolean,
+    Object,
+    Array,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageFile {
+    name: String,
+    command: Option<Vec<String>>,
+    needs: Option<NeedsFile>,
+    timeout: Option<Millis>,
+    retry: Option<RetryFile>,
+    after: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    workdir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NeedsFile {
+    #[serde(default)]
+    gpu: u32,
+    gpu_memory: Option<Bytes>,
+    #[serde(default)]
+    cpu: u32,
+    #[serde(default)]
+    counters: BTreeMap<String, u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    max_attempts: Option<u32>,
+    backoff: Option<BackoffFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackoffFile {
+    initial: Option<Millis>,
+    multiplier: Option<f64>,
+    max: Option<Millis>,
+}
+
+// ---- what the engine runs ------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub kind: InputKind,
+    pub required: bool,
+    pub default: Option<Value>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StageExec {
+    pub command: Vec<Template>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineDef {
+    pub core: Arc<Pipeline>,
+    pub stages: Vec<StageExec>,
+    pub inputs: BTreeMap<String, InputSpec>,
+    pub max_queued: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_request_body: usize,
+    pub log_max: u64,
+    pub output_max: u64,
+    pub kill_grace_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file's text, kept so each job can be recovered with the definition it was accepted under.
+    pub source: String,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub gpus: Vec<GpuInfo>,
+    pub capacity: Capacity,
+    pub scheduler: SchedulerConfig,
+    pub auth_token: Option<String>,
+    pub allowed_roots: Vec<PathBuf>,
+    pub limits: Limits,
+    pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
+}
+
+struct Errors {
+    file: String,
+    list: Vec<ConfigError>,
+}
+
+impl Errors {
+    fn at(&mut self, loc: &serde_saphyr::Location, field: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.clone(),
+            line: loc.line(),
+            column: loc.column(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path, probe: &dyn GpuProbe) -> Result<Config, ConfigErrors> {
+        let label = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: label.clone(),
+                line: 0,
+                column: 0,
+                field: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Config::parse(&text, &label, probe)
+    }
+
+    /// Parses and checks a whole file. `label` names it in errors.
+    pub fn parse(text: &str, label: &str, probe: &dyn GpuProbe) -> Result<Config, ConfigErrors> {
+        let file: FileConfig = serde_saphyr::from_str(text).map_err(|e| {
+            let loc = e.location();
+            // The crate renders the message with a snippet of the offending line.
+            ConfigErrors(vec![ConfigError {
+                file: label.to_string(),
+                line: loc.map(|l| l.line()).unwrap_or(0),
+                column: loc.map(|l| l.column()).unwrap_or(0),
+                field: String::new(),
+                message: e.to_string(),
+            }])
+        })?;
+        let mut errors = Errors { file: label.to_string(), list: Vec::new() };
+        let start = serde_saphyr::Location::UNKNOWN;
+
+        let listen = match &file.listen {
+            None => DEFAULT_LISTEN.parse().expect("valid default"),
+            Some(s) => s.value.parse().unwrap_or_else(|_| {
+                errors.at(
+                    &s.referenced,
+                    "listen",
+                    format!("`{}` is not an address; write `HOST:PORT`, e.g. `127.0.0.1:7070`", s.value),
+                );
+                DEFAULT_LISTEN.parse().expect("valid default")
+            }),
+        };
+
+        let (gpus, gpu_loc) = match &file.resources.gpus {
+            None => (probe.discover(), start),
+            Some(spanned) => (
+                match &spanned.value {
+                    GpusFile::Auto => probe.discover(),
+                    GpusFile::None => Vec::new(),
+                    GpusFile::Virtual(list) => list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, g)| GpuInfo {
+                            name: g.name.clone().unwrap_or_else(|| format!("virtual-gpu-{i}")),
+                            uuid: None,
+                            memory: g.memory.0,
+                            source: GpuSource::Virtual,
+                        })
+                        .collect(),
+                },
+                spanned.referenced,
+            ),
+        };
+        for (i, g) in gpus.iter().enumerate() {
+            if g.memory == 0 {
+                errors.at(&gpu_loc, format!("resources.gpus[{i}].memory"), "must be more than 0");
+            }
+        }
+        let cpu = file
+            .resources
+            .cpu
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+        let capacity = Capacity {
+            gpus: gpus.iter().enumerate().map(|(i, g)| GpuDevice { index: i as u32, memory: g.memory }).collect(),
+            cpu,
+            counters: file.resources.counters.clone(),
+        };
+
+        let auth_token = match file.auth {
+            None => None,
+            Some(AuthFile { token: Some(t), token_file: None }) => Some(t),
+            Some(AuthFile { token: None, token_file: Some(p) }) => match std::fs::read_to_string(&p) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) => {
+                    errors.at(&start, "auth.token_file", format!("cannot read `{}`: {e}", p.display()));
+                    None
+                }
+            },
+            Some(_) => {
+                errors.at(&start, "auth", "set exactly one of `token` or `token_file`");
+                None
+            }
+        };
+        if auth_token.as_ref().is_some_and(|t| t.len() < 16) {
+            errors.at(&start, "auth.token", "must be at least 16 characters");
+        }
+
+        let mut pipelines = BTreeMap::new();
+        for (name, spanned) in &file.pipelines {
+            if !is_identifier(name) {
+                errors.at(
+                    &spanned.referenced,
+                    format!("pipelines.{name}"),
+                    "pipeline names may use a-z, A-Z, 0-9, `_` and `-`",
+                );
+            }
+            if let Some(def) = compile_pipeline(name, &spanned.value, &spanned.referenced, &capacity, &mut errors) {
+                pipelines.insert(name.clone(), Arc::new(def));
+            }
+        }
+        if file.pipelines.is_empty() {
+            errors.at(&start, "pipelines", "declare at least one pipeline");
+        }
+
+        let limits = Limits {
+            max_request_body: file.limits.max_request_body.map(|b| b.0 as usize).unwrap_or(1 << 20),
+            log_max: file.limits.log_max.map(|b| b.0).unwrap_or(16 << 20),
+            output_max: file.limits.output_max.map(|b| b.0).unwrap_or(1 << 20),
+            kill_grace_ms: file.limits.kill_grace.map(|m| m.0).unwrap_or(5_000),
+        };
+
+        if !errors.list.is_empty() {
+            return Err(ConfigErrors(errors.list));
+        }
+        Ok(Config {
+            source: text.to_string(),
+            listen,
+            data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("./gpuflow-data")),
+            gpus,
+            capacity,
+            scheduler: SchedulerConfig {
+                reserve_after_ms: file
+                    .scheduling
+                    .reserve_after
+                    .map(|m| m.0)
+                    .unwrap_or(SchedulerConfig::default().reserve_after_ms),
+            },
+            auth_token,
+            allowed_roots: file.allowed_roots,
+            limits,
+            pipelines,
+        })
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn compile_pipeline(
+    name: &str,
+    file: &PipelineFile,
+    loc: &serde_saphyr::Location,
+    capacity: &Capacity,
+    errors: &mut Errors,
+) -> Option<PipelineDef> {
+    let before = errors.list.len();
+    let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, stage) in file.stages.iter().enumerate() {
+        let field = format!("pipelines.{name}.stages[{i}].name");
+        if !is_identifier(&stage.value.name) {
+            errors.at(&stage.referenced, field, "stage names may use a-z, A-Z, 0-9, `_` and `-`");
+        } else if positions.insert(&stage.value.name, i).is_some() {
+            errors.at(&stage.referenced, field, format!("stage `{}` is declared twice", stage.value.name));
+        }
+    }
+    if file.stages.is_empty() {
+        errors.at(loc, format!("pipelines.{name}.stages"), "a pipeline needs at least one stage");
+        return None;
+    }
+
+    let mut specs = Vec::new();
+    for (i, spanned) in file.stages.iter().enumerate() {
+        let stage = &spanned.value;
+        let at = &spanned.referenced;
+        let field = |f: &str| format!("pipelines.{name}.stages[{i}].{f}");
+        let after: Vec<usize> = match &stage.after {
+            // Default: the previous stage, so a plain list is a chain.
+            None => {
+                if i == 0 {
+                    vec![]
+                } else {
+                    vec![i - 1]
+                }
+            }
+            Some(list) => list
+                .iter()
+                .filter_map(|a| match positions.get(a.value.as_str()) {
+                    Some(p) => Some(*p),
+                    None => {
+                        let known: Vec<&str> = positions.keys().copied().collect();
+                        errors.at(
+                            &a.referenced,
+                            field("after"),
+                            format!("unknown stage `{}`; stages of this pipeline: {}", a.value, known.join(", ")),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+        };
+        let needs = match &stage.needs {
+            // A command with no declared needs runs on the CPU: it holds one CPU slot.
+            None => ResourceRequest { cpu: 1, ..Default::default() },
+            Some(n) => ResourceRequest {
+                gpus: n.gpu,
+                gpu_memory: n.gpu_memory.map(|b| b.0).unwrap_or(0),
+                cpu: n.cpu,
+                counters: n.counters.clone(),
+            },
+        };
+        if let Err(e) = needs.check_fits(capacity) {
+            errors.at(at, field("needs"), format!("{e}; this request could never be granted"));
+        }
+        let defaults = RetryPolicy::default();
+        let retry = match &stage.retry {
+            None => defaults,
+            Some(r) => {
+                let backoff = r.backoff.as_ref();
+                RetryPolicy {
+                    max_attempts: r.max_attempts.unwrap_or(defaults.max_attempts),
+                    initial_backoff_ms: backoff
+                        .and_then(|b| b.initial)
+                        .map(|m| m.0)
+                        .unwrap_or(defaults.initial_backoff_ms),
+                    multiplier: backoff.and_then(|b| b.multiplier).unwrap_or(defaults.multiplier),
+                    max_backoff_ms: backoff.and_then(|b| b.max).map(|m| m.0).unwrap_or(defaults.max_backoff_ms),
+                }
+            }
+        };
+        if retry.max_attempts == 0 {
+            errors.at(at, field("retry.max_attempts"), "must be at least 1 (1 means no retry)");
+        }
+        if !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()) {
+            errors.at(
+                at,
+                field("retry.backoff.multiplier"),
+                format!("`{}` is not allowed; use a number >= 1", retry.multiplier),
+            );
+        }
+        if stage.timeout == Some(Millis(0)) {
+            errors.at(at, field("timeout"), "must be more than 0; leave it out for no limit");
+        }
+        specs.push(StageSpec { name: stage.name.clone(), needs, after, timeout_ms: stage.timeout.map(|m| m.0), retry });
+    }
+    if errors.list.len() > before {
+        return None;
+    }
+    let pipeline = match Pipeline::new(name, specs) {
+        Ok(p) => p,
+        Err(e) => {
+            let (at, msg) = match e {
+                PipelineError::Cycle { stage } => (
+                    &file.stages[stage].referenced,
+                    format!("`after` edges form a cycle through stage `{}`", file.stages[stage].value.name),
+                ),
+                other => (loc, other.to_string()),
+            };
+            errors.at(at, format!("pipelines.{name}.stages"), msg);
+            return None;
+        }
+    };
+
+    let inputs: BTreeMap<String, InputSpec> = file
+        .inputs
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                InputSpec {
+                    kind: v.kind,
+                    required: v.required.unwrap_or(v.default.is_none()),
+                    default: v.default.clone(),
+                },
+            )
+        })
+        .collect();
+
+    let mut stages = Vec::new();
+    for (i, spanned) in file.stages.iter().enumerate() {
+        let stage = &spanned.value;
+        let field = format!("pipelines.{name}.stages[{i}].command");
+        let Some(command) = stage.command.as_ref() else {
+            errors.at(
+                &spanned.referenced,
+                field,
+                "a stage needs `command`: an argv list such as `[python3, infer.py, \"{input.video}\"]`",
+            );
+            continue;
+        };
+        if command.is_empty() || command[0].is_empty() {
+            errors.at(&spanned.referenced, field, "must name a program to run, e.g. `[python3, infer.py]`");
+            continue;
+        }
+        let lookup = |stage_name: &str| -> Result<usize, String> {
+            match positions.get(stage_name) {
+                Some(p) if pipeline.is_ancestor(*p, i) => Ok(*p),
+                Some(_) => Err(format!(
+                    "stage `{stage_name}` does not run before `{}`; only stages it comes `after` (directly or not) can be referenced",
+                    stage.name
+                )),
+                None => Err(format!("unknown stage `{stage_name}`")),
+            }
+        };
+        let mut templates = Vec::new();
+        for arg in command {
+            match Template::parse(arg, &lookup) {
+                Ok(t) => {
+                    for r in t.references() {
+                        if let template::Reference::Input(path) = r
+                            && !inputs.is_empty()
+                            && !inputs.contains_key(&path[0])
+                        {
+                            let declared: Vec<&str> = inputs.keys().map(String::as_str).collect();
+                            errors.at(
+                                &spanned.referenced,
+                                field.clone(),
+                                format!(
+                                    "`{{input.{}}}`: input `{}` is not declared; declared inputs: {}",
+                                    path.join("."),
+                                    path[0],
+                                    declared.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                    templates.push(t);
+                }
+                Err(e) => errors.at(&spanned.referenced, field.clone(), e),
+            }
+        }
+        stages.push(StageExec { command: templates, env: stage.env.clone(), workdir: stage.workdir.clone() });
+    }
+    if errors.list.len() > before {
+        return None;
+    }
+    Some(PipelineDef { core: Arc::new(pipeline), stages, inputs, max_queued: file.max_queued.unwrap_or(1_000) })
+}
+
+/// A rejected job input: which field, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("input.{field}: {message}")]
+pub struct InputError {
+    pub field: String,
+    pub message: String,
+}
+
+impl PipelineDef {
+    /// Checks a job input against the declared inputs, fills defaults, and resolves paths
+    /// inside `allowed_roots`. Undeclared keys are refused when inputs are declared.
+    pub fn validate_input(&self, input: &Value, allowed_roots: &[PathBuf]) -> Result<Value, InputError> {
+        let err = |field: &str, message: String| InputError { field: field.to_string(), message };
+        let Value::Object(map) = input else {
+            return Err(err("", format!("the input must be a JSON object, got {}", type_name(input))));
+        };
+        if self.inputs.is_empty() {
+            return Ok(input.clone());
+        }
+        let mut out = serde_json::Map::new();
+        for key in map.keys() {
+            if !self.inputs.contains_key(key) {
+                let declared: Vec<&str> = self.inputs.keys().map(String::as_str).collect();
+                return Err(err(key, format!("unknown input; this pipeline takes: {}", declared.join(", "))));
+            }
+        }
+        for (key, spec) in &self.inputs {
+            let value = match map.get(key).or(spec.default.as_ref()) {
+                Some(v) => v,
+                None if spec.required => return Err(err(key, "is required".into())),
+                None => continue,
+            };
+            let ok = match spec.kind {
+                InputKind::Any => true,
+                InputKind::String | InputKind::Path => value.is_string(),
+                InputKind::Number => value.is_number(),
+                InputKind::Integer => value.is_i64() || value.is_u64(),
+                InputKind::Boolean => value.is_boolean(),
+                InputKind::Object => value.is_object(),
+                InputKind::Array => value.is_array(),
+            };
+            if !ok {
+                return Err(err(key, format!("expected {:?}, got {}", spec.kind, type_name(value)).to_lowercase()));
+            }
+            let value = if spec.kind == InputKind::Path {
+                let raw = value.as_str().expect("checked");
+                Value::String(check_path(raw, allowed_roots).map_err(|m| err(key, m))?.display().to_string())
+            } else {
+                value.clone()
+            };
+            out.insert(key.clone(), value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Resolves `raw` (following symlinks where it exists, lexically where not) and checks that it
+/// lies under one of `roots`.
+pub fn check_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
+    if roots.is_empty() {
+        return Err(format!(
+            "`{raw}`: path inputs are refused because no `allowed_roots` are configured; add the directory to `allowed_roots` in the pipeline file"
+        ));
+    }
+    let path = Path::new(raw);
+    if !path.is_absolute() {
+        return Err(format!("`{raw}` must be an absolute path"));
+    }
+    let resolved = resolve(path);
+    for root in roots {
+        let root = resolve(root);
+        if resolved.starts_with(&root) {
+            return Ok(resolved);
+        }
+    }
+    let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    Err(format!(
+        "`{raw}` is outside the allowed roots ({}); move the file there or add its directory to `allowed_roots`",
+        roots.join(", ")
+    ))
+}
+
+/// Canonicalizes the longest existing prefix, then applies the rest lexically.
+fn resolve(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    let mut out = match path.parent() {
+        Some(parent) if parent != path => resolve(parent),
+        _ => PathBuf::from("/"),
+    };
+    match path.components().next_back() {
+        Some(Component::ParentDir) => {
+            out.pop();
+        }
+        Some(Component::Normal(name)) => out.push(name),
+        _ => {}
+    }
+    out
+}

@@ -1,0 +1,298 @@
+//! What the API asks of the loop, and how the loop answers.
+
+use gpuflow_core::{Event, JobId, JobState, ResourceRequest};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+use crate::store::{NewJob, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct SubmitRequest {
+    pub pipeline: String,
+    pub input: Value,
+    pub priority: i32,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Submitted {
+    pub id: String,
+    pub state: String,
+    /// False when an earlier submission with the same idempotency key is returned.
+    pub created: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct LeaseView {
+    pub job: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub attempt: u32,
+    pub since_ms: u64,
+    pub pid: Option<u32>,
+    pub lease: LeaseRecord,
+    pub stopping: Option<&'static str>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WaitingView {
+    pub job: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub priority: i32,
+    pub since_ms: u64,
+    pub needs: ResourceRequest,
+}
+
+#[derive(Clone, Debug)]
+pub struct ResourcesSnapshot {
+    pub now_ms: u64,
+    pub gpus: Vec<crate::gpu::GpuInfo>,
+    pub usage: gpuflow_core::Usage,
+    pub capacity: gpuflow_core::Capacity,
+    pub leases: Vec<LeaseView>,
+    pub waiting: Vec<WaitingView>,
+}
+
+pub enum Command {
+    Submit { request: SubmitRequest, reply: oneshot::Sender<Result<Submitted, EngineError>> },
+    Cancel { id: String, reply: oneshot::Sender<Result<String, EngineError>> },
+    Resources { reply: oneshot::Sender<ResourcesSnapshot> },
+}
+
+/// Errors the engine reports to callers, each with a stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown pipeline `{name}`; known pipelines: {known}")]
+    UnknownPipeline { name: String, known: String },
+    #[error("pipeline `{pipeline}` already has {max} unfinished jobs (max_queued); retry later")]
+    QueueFull { pipeline: String, max: u32 },
+    #[error("no job with id `{0}`")]
+    NotFound(String),
+    #[error("job {id} has already finished ({state})")]
+    AlreadyFinished { id: String, state: String },
+    #[error("idempotency key `{key}` was used for a different request (job {existing}); use a new key")]
+    IdempotencyConflict { key: String, existing: String },
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            EngineError::UnknownPipeline { .. } => "unknown_pipeline",
+            EngineError::QueueFull { .. } => "queue_full",
+            EngineError::NotFound(_) => "not_found",
+            EngineError::AlreadyFinished { .. } => "already_finished",
+            EngineError::IdempotencyConflict { .. } => "idempotency_conflict",
+            EngineError::ShuttingDown => "shutting_down",
+            EngineError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        EngineError::Internal(e.to_string())
+    }
+}
+
+/// The API's way into the loop.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    pub(super) fn new(tx: mpsc::Sender<Command>) -> Self {
+        EngineHandle { tx }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
+    pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, EngineError> {
+        self.ask(|reply| Command::Submit { request, reply }).await?
+    }
+
+    pub async fn cancel(&self, id: String) -> Result<String, EngineError> {
+        self.ask(|reply| Command::Cancel { id, reply }).await?
+    }
+
+    pub async fn resources(&self) -> Result<ResourcesSnapshot, EngineError> {
+        self.ask(|reply| Command::Resources { reply }).await
+    }
+}
+
+impl<S: Store> Runtime<S> {
+    pub(super) async fn on_command(&mut self, command: Command) -> Result<(), RuntimeError> {
+        match command {
+            Command::Submit { request, reply } => {
+                match self.admit(request).await {
+                    Ok((submitted, event)) => {
+                        let _ = reply.send(Ok(submitted));
+                        if let Some(event) = event {
+                            self.step(event).await?;
+                        }
+                    }
+                    Err(AdmitError::Refused(e)) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Err(AdmitError::Store(e)) => {
+                        let _ = reply.send(Err(EngineError::Internal(e.to_string())));
+                        return Err(e.into());
+                    }
+                }
+                Ok(())
+            }
+            Command::Cancel { id, reply } => {
+                let job = job_id_of(&id);
+                match job.filter(|j| self.jobs.contains_key(j)) {
+                    Some(job) => {
+                        self.step(Event::CancelRequested { job }).await?;
+                        let state = if self.jobs.contains_key(&job) { "cancelling" } else { "cancelled" };
+                        let _ = reply.send(Ok(state.to_string()));
+                    }
+                    None => {
+                        let answer = match self.store.job(&id).await {
+                            Ok(Some(detail)) => Err(EngineError::AlreadyFinished { id, state: detail.job.state }),
+                            Ok(None) => Err(EngineError::NotFound(id)),
+                            Err(e) => Err(e.into()),
+                        };
+                        let _ = reply.send(answer);
+                    }
+                }
+                Ok(())
+            }
+            Command::Resources { reply } => {
+                let _ = reply.send(self.snapshot());
+                Ok(())
+            }
+        }
+    }
+
+    /// Admission: known pipeline, idempotency, queue bound, then a durable insert. The job is
+    /// acknowledged only once it is committed.
+    async fn admit(&mut self, request: SubmitRequest) -> Result<(Submitted, Option<Event>), AdmitError> {
+        let Some(def) = self.config.pipelines.get(&request.pipeline).cloned() else {
+            let known = self.config.pipelines.keys().cloned().collect::<Vec<_>>().join(", ");
+            return Err(AdmitError::Refused(EngineError::UnknownPipeline { name: request.pipeline, known }));
+        };
+        if let Some(key) = &request.idempotency_key
+            && let Some(existing) = self.store.job_by_idempotency_key(key).await?
+        {
+            if existing.pipeline == request.pipeline
+                && existing.input == request.input
+                && existing.priority == request.priority
+            {
+                return Ok((Submitted { id: existing.id, state: existing.state, created: false }, None));
+            }
+            return Err(AdmitError::Refused(EngineError::IdempotencyConflict {
+                key: key.clone(),
+                existing: existing.id,
+            }));
+        }
+        let active = self.active_per_pipeline.get(&request.pipeline).copied().unwrap_or(0);
+        if active >= def.max_queued {
+            return Err(AdmitError::Refused(EngineError::QueueFull {
+                pipeline: request.pipeline,
+                max: def.max_queued,
+            }));
+        }
+        let uuid = uuid::Uuid::now_v7();
+        let id = uuid.to_string();
+        let new = NewJob {
+            id: id.clone(),
+            pipeline: request.pipeline.clone(),
+            input: request.input.clone(),
+            priority: request.priority,
+            idempotency_key: request.idempotency_key.clone(),
+            config_hash: self.config_hash.clone(),
+            config_text: self.config.source.clone(),
+            stages: def.core.stages.iter().map(|s| (s.name.clone(), s.after.clone())).collect(),
+            created_at: self.clock.now_ms() as i64,
+        };
+        let seq = self.store.insert_job(&new).await?;
+        let job = JobId(uuid.as_u128());
+        self.track(job, id.clone(), request.pipeline, def.clone(), request.input, vec![None; def.core.stages.len()]);
+        let event = Event::Submitted { job, seq: seq as u64, priority: request.priority, pipeline: def.core.clone() };
+        Ok((Submitted { id, state: JobState::Queued.as_str().to_string(), created: true }, Some(event)))
+    }
+
+    pub(super) fn track(
+        &mut self,
+        job: JobId,
+        id: String,
+        pipeline_name: String,
+        pipeline: Arc<PipelineDef>,
+        input: Value,
+        outputs: Vec<Option<Value>>,
+    ) {
+        let dir = self.config.data_dir.join("jobs").join(&id);
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        *self.active_per_pipeline.entry(pipeline_name.clone()).or_default() += 1;
+        self.jobs.insert(job, ActiveJob { id, pipeline, pipeline_name, input, outputs, dir });
+    }
+
+    fn snapshot(&self) -> ResourcesSnapshot {
+        let leases = self
+            .state
+            .leases()
+            .filter_map(|l| {
+                let active = self.jobs.get(&l.job)?;
+                let a = l.attempt;
+                Some(LeaseView {
+                    job: active.id.clone(),
+                    pipeline: active.pipeline_name.clone(),
+                    stage: l.pipeline.stages[l.stage].name.clone(),
+                    attempt: a.attempt,
+                    since_ms: a.started_at,
+                    pid: self.processes.get(&(l.job, l.stage, a.attempt)).and_then(|p| p.pid),
+                    lease: LeaseRecord::from(&a.grant),
+                    stopping: a.kill.map(kill_reason_text),
+                })
+            })
+            .collect();
+        let waiting = self
+            .state
+            .waiting()
+            .filter_map(|w| {
+                let active = self.jobs.get(&w.job)?;
+                Some(WaitingView {
+                    job: active.id.clone(),
+                    pipeline: active.pipeline_name.clone(),
+                    stage: w.pipeline.stages[w.stage].name.clone(),
+                    priority: w.priority,
+                    since_ms: w.since,
+                    needs: w.pipeline.stages[w.stage].needs.clone(),
+                })
+            })
+            .collect();
+        ResourcesSnapshot {
+            now_ms: self.clock.now_ms(),
+            gpus: self.config.gpus.clone(),
+            usage: self.state.inventory().usage(),
+            capacity: self.state.inventory().capacity().clone(),
+            leases,
+            waiting,
+        }
+    }
+}
+
+enum AdmitError {
+    Refused(EngineError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for AdmitError {
+    fn from(e: StoreError) -> Self {
+        AdmitError::Store(e)
+    }
+}

@@ -1,0 +1,430 @@
+//! The one loop that owns the mutable state. It turns API commands, child exits and timers
+//! into core events, commits what each step changed, and only then acts (spawn, signal).
+
+mod clock;
+mod commands;
+mod recover;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use gpuflow_core::{Action, AttemptResult, Event, Grant, JobId, KillReason, Outcome, StageIndex, StageNext, State};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::template::RenderContext;
+use crate::config::{Config, PipelineDef};
+use crate::store::{Store, StoreError, Write};
+use crate::supervisor::{self, AttemptReport, AttemptSpec, ChildRegistry, ExitStatus, StopRequest};
+
+pub use clock::Clock;
+pub use commands::{
+    Command, EngineError, EngineHandle, LeaseView, ResourcesSnapshot, SubmitRequest, Submitted, WaitingView,
+};
+
+/// Why the loop stopped on its own. The store failing is fatal by design: the engine must
+/// not act on a change it could not record, and a restart recovers from what was recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot prepare {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// The lease as recorded with each attempt.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LeaseRecord {
+    pub gpus: Vec<u32>,
+    pub gpu_memory: Option<(u32, u64)>,
+    pub cpu: u32,
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl From<&Grant> for LeaseRecord {
+    fn from(g: &Grant) -> Self {
+        LeaseRecord { gpus: g.gpus.clone(), gpu_memory: g.gpu_memory, cpu: g.cpu, counters: g.counters.clone() }
+    }
+}
+
+type AttemptKey = (JobId, StageIndex, u32);
+
+/// What the loop knows about a job beyond the core's view.
+struct ActiveJob {
+    id: String,
+    pipeline: Arc<PipelineDef>,
+    pipeline_name: String,
+    input: Value,
+    outputs: Vec<Option<Value>>,
+    dir: PathBuf,
+}
+
+struct RunningProcess {
+    stop: mpsc::UnboundedSender<StopRequest>,
+    pid: Option<u32>,
+}
+
+/// How an attempt's process ended, kept until the step that records it.
+#[derive(Default)]
+struct ExitDetails {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    output: Option<Value>,
+}
+
+enum Internal {
+    Spawned { key: AttemptKey, pid: u32 },
+    Exited { key: AttemptKey, report: AttemptReport },
+}
+
+pub struct Runtime<S: Store> {
+    config: Arc<Config>,
+    store: S,
+    state: State,
+    clock: Clock,
+    registry: ChildRegistry,
+    config_hash: String,
+    engine_marker: String,
+    jobs: HashMap<JobId, ActiveJob>,
+    processes: HashMap<AttemptKey, RunningProcess>,
+    exits: HashMap<AttemptKey, ExitDetails>,
+    active_per_pipeline: HashMap<String, u32>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    commands: mpsc::Receiver<Command>,
+}
+
+pub fn job_id_of(id: &str) -> Option<JobId> {
+    uuid::Uuid::parse_str(id).ok().map(|u| JobId(u.as_u128()))
+}
+
+impl<S: Store> Runtime<S> {
+    /// Builds the loop and the handle the API talks to it through.
+    pub fn new(config: Arc<Config>, store: S, registry: ChildRegistry) -> (Runtime<S>, EngineHandle) {
+        let (cmd_tx, commands) = mpsc::channel(1024);
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        let data_dir = std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+        let runtime = Runtime {
+            state: State::new(config.capacity.clone(), config.scheduler.clone()),
+            config_hash: crate::store::content_hash(&config.source),
+            engine_marker: data_dir.display().to_string(),
+            config: config.clone(),
+            store,
+            clock: Clock::start(),
+            registry,
+            jobs: HashMap::new(),
+            processes: HashMap::new(),
+            exits: HashMap::new(),
+            active_per_pipeline: HashMap::new(),
+            internal_tx,
+            internal_rx,
+            commands,
+        };
+        (runtime, EngineHandle::new(cmd_tx))
+    }
+
+    /// Recovers, then runs until `shutdown` resolves; then stops every attempt.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), RuntimeError> {
+        self.recover().await?;
+        tokio::pin!(shutdown);
+        loop {
+            let wake = self.state.next_wakeup().map(|t| self.clock.instant_at(t));
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(msg) = self.internal_rx.recv() => self.on_internal(msg).await?,
+                Some(cmd) = self.commands.recv() => self.on_command(cmd).await?,
+                _ = sleep_until(wake) => self.step(Event::Tick).await?,
+            }
+        }
+        self.stop_all().await;
+        Ok(())
+    }
+
+    /// Applies one event and everything it leads to, committing each step before acting.
+    async fn step(&mut self, event: Event) -> Result<(), RuntimeError> {
+        let mut pending = VecDeque::from([event]);
+        while let Some(event) = pending.pop_front() {
+            let now = self.clock.now_ms();
+            let actions = match self.state.apply(event, now) {
+                Ok(actions) => actions,
+                Err(e) => {
+                    tracing::error!("scheduler refused an event: {e}");
+                    continue;
+                }
+            };
+            let writes: Vec<Write> = actions.iter().filter_map(|a| self.write_for(a, now)).collect();
+            self.store.write(&writes).await?;
+            for action in actions {
+                self.perform(action, &mut pending)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_for(&self, action: &Action, now: u64) -> Option<Write> {
+        let at = now as i64;
+        let job_id = |job: &JobId| self.jobs.get(job).map(|j| j.id.clone());
+        Some(match action {
+            Action::Start { job, stage, attempt, grant, .. } => Write::AttemptStarted {
+                job: job_id(job)?,
+                stage: *stage,
+                attempt: *attempt,
+                grant: serde_json::to_value(LeaseRecord::from(grant)).expect("serializable"),
+                at,
+            },
+            Action::Kill { .. } => return None,
+            Action::AttemptEnded { job, stage, attempt, result, next, error, counters } => {
+                let details = self.exits.get(&(*job, *stage, *attempt));
+                let (stage_state, not_before) = match next {
+                    StageNext::Succeeded => ("succeeded", None),
+                    StageNext::Retry { at } => ("backoff", Some(*at as i64)),
+                    StageNext::Failed => ("failed", None),
+                    StageNext::Cancelled => ("cancelled", None),
+                };
+                Write::AttemptEnded {
+                    job: job_id(job)?,
+                    stage: *stage,
+                    attempt: *attempt,
+                    result: result.as_str(),
+                    stage_state,
+                    not_before,
+                    error: error.clone(),
+                    output: if *result == AttemptResult::Succeeded {
+                        details.and_then(|d| d.output.clone())
+                    } else {
+                        None
+                    },
+                    exit_code: details.and_then(|d| d.exit_code),
+                    signal: details.and_then(|d| d.signal),
+                    failures: counters.failures,
+                    interruptions: counters.interruptions,
+                    at,
+                }
+            }
+            Action::StageCancelled { job, stage } => Write::StageCancelled { job: job_id(job)?, stage: *stage, at },
+            Action::JobFinished { job, state, error } => {
+                let active = self.jobs.get(job)?;
+                let output =
+                    (*state == gpuflow_core::JobState::Succeeded).then(|| self.job_output(job, active)).flatten();
+                Write::JobFinished { job: active.id.clone(), state: state.as_str(), error: error.clone(), output, at }
+            }
+        })
+    }
+
+    /// The job's output: its one final stage's output, or an object of all final stages'.
+    fn job_output(&self, job: &JobId, active: &ActiveJob) -> Option<Value> {
+        let sinks = active.pipeline.core.sinks();
+        let output_of = |i: usize| {
+            if let Some(d) = self.exits.iter().find(|((j, s, _), _)| j == job && *s == i).map(|(_, d)| d) {
+                return d.output.clone();
+            }
+            active.outputs[i].clone()
+        };
+        if let [only] = sinks.as_slice() {
+            return output_of(*only);
+        }
+        let map: serde_json::Map<String, Value> = sinks
+            .iter()
+            .map(|i| (active.pipeline.core.stages[*i].name.clone(), output_of(*i).unwrap_or(Value::Null)))
+            .collect();
+        Some(Value::Object(map))
+    }
+
+    fn perform(&mut self, action: Action, pending: &mut VecDeque<Event>) -> Result<(), RuntimeError> {
+        match action {
+            Action::Start { job, stage, attempt, grant, .. } => {
+                if let Err(error) = self.start_attempt(job, stage, attempt, &grant) {
+                    pending.push_back(Event::AttemptExited {
+                        job,
+                        stage,
+                        attempt,
+                        outcome: Outcome::Failed { error, retryable: false },
+                    });
+                }
+            }
+            Action::Kill { job, stage, attempt, reason } => {
+                if let Some(p) = self.processes.get(&(job, stage, attempt)) {
+                    tracing::info!(job = %self.jobs[&job].id, stage, attempt, ?reason, pid = p.pid, "stopping attempt");
+                    let _ = p.stop.send(StopRequest);
+                }
+            }
+            Action::AttemptEnded { job, stage, attempt, result, .. } => {
+                let details = self.exits.remove(&(job, stage, attempt));
+                if result == AttemptResult::Succeeded
+                    && let Some(active) = self.jobs.get_mut(&job)
+                {
+                    active.outputs[stage] = details.and_then(|d| d.output);
+                }
+            }
+            Action::StageCancelled { .. } => {}
+            Action::JobFinished { job, state, .. } => {
+                if let Some(active) = self.jobs.remove(&job) {
+                    tracing::info!(job = %active.id, pipeline = %active.pipeline_name, state = state.as_str(), "job finished");
+                    if let Some(n) = self.active_per_pipeline.get_mut(&active.pipeline_name) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Renders the command and spawns the attempt. An error here fails the attempt for good:
+    /// it would fail the same way again.
+    fn start_attempt(&mut self, job: JobId, stage: StageIndex, attempt: u32, grant: &Grant) -> Result<(), String> {
+        let active = self.jobs.get(&job).ok_or("job is not active")?;
+        let exec = &active.pipeline.stages[stage];
+        let name = &active.pipeline.core.stages[stage].name;
+        let dir = active.dir.display().to_string();
+        let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: &dir, job_id: &active.id };
+        let argv = exec
+            .command
+            .iter()
+            .map(|t| t.render(&ctx))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("cannot build the command: {e}"))?;
+        let logs = active.dir.join("logs");
+        let outputs = active.dir.join("outputs");
+        for d in [&logs, &outputs] {
+            std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        let cuda: Vec<String> = grant.devices().iter().map(|d| self.config.gpus[*d as usize].cuda_id(*d)).collect();
+        let output_path = outputs.join(format!("{name}.{attempt}.json"));
+        let mut env: Vec<(String, String)> = exec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.extend([
+            ("GPUFLOW_JOB_ID".to_string(), active.id.clone()),
+            ("GPUFLOW_JOB_DIR".to_string(), dir.clone()),
+            ("GPUFLOW_STAGE".to_string(), name.clone()),
+            ("GPUFLOW_ATTEMPT".to_string(), attempt.to_string()),
+            ("GPUFLOW_OUTPUT".to_string(), output_path.display().to_string()),
+            // Empty for a stage granted no GPU: it must not see any device.
+            ("CUDA_VISIBLE_DEVICES".to_string(), cuda.join(",")),
+            (supervisor::ENGINE_MARKER.to_string(), self.engine_marker.clone()),
+        ]);
+        if let Some((_, bytes)) = grant.gpu_memory {
+            env.push(("GPUFLOW_GPU_MEMORY_BYTES".to_string(), bytes.to_string()));
+        }
+        let spec = AttemptSpec {
+            argv,
+            env,
+            cwd: exec.workdir.clone(),
+            stdout_log: logs.join(format!("{name}.{attempt}.stdout.log")),
+            stderr_log: logs.join(format!("{name}.{attempt}.stderr.log")),
+            output_path,
+            marker: format!("{}/{name}/{attempt}", active.id),
+            log_max: self.config.limits.log_max,
+            output_max: self.config.limits.output_max,
+            kill_grace_ms: self.config.limits.kill_grace_ms,
+        };
+        tracing::info!(job = %active.id, stage = %name, attempt, devices = %cuda.join(","), "starting attempt");
+        let key = (job, stage, attempt);
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let (pid_tx, pid_rx) = oneshot::channel();
+        let tx = self.internal_tx.clone();
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            let forward = tx.clone();
+            tokio::spawn(async move {
+                if let Ok(pid) = pid_rx.await {
+                    let _ = forward.send(Internal::Spawned { key, pid });
+                }
+            });
+            let report = supervisor::run_attempt(registry, spec, pid_tx, stop_rx).await;
+            let _ = tx.send(Internal::Exited { key, report });
+        });
+        self.processes.insert(key, RunningProcess { stop: stop_tx, pid: None });
+        Ok(())
+    }
+
+    async fn on_internal(&mut self, msg: Internal) -> Result<(), RuntimeError> {
+        match msg {
+            Internal::Spawned { key, pid } => {
+                if let Some(p) = self.processes.get_mut(&key) {
+                    p.pid = Some(pid);
+                }
+                Ok(())
+            }
+            Internal::Exited { key, report } => {
+                self.processes.remove(&key);
+                let (outcome, details) = outcome_of(report);
+                self.exits.insert(key, details);
+                let (job, stage, attempt) = key;
+                self.step(Event::AttemptExited { job, stage, attempt, outcome }).await
+            }
+        }
+    }
+
+    /// Graceful stop: every attempt is stopped and waited for. Their attempts stay recorded as
+    /// running, so the next start re-queues them as interrupted.
+    async fn stop_all(&mut self) {
+        for p in self.processes.values() {
+            let _ = p.stop.send(StopRequest);
+        }
+        let deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_millis(self.config.limits.kill_grace_ms + 3_000);
+        while !self.processes.is_empty() {
+            match tokio::time::timeout_at(deadline, self.internal_rx.recv()).await {
+                Ok(Some(Internal::Exited { key, .. })) => {
+                    self.processes.remove(&key);
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// Maps how a process ended to the core's outcome and the details kept for the store.
+fn outcome_of(report: AttemptReport) -> (Outcome, ExitDetails) {
+    let stderr = if report.stderr_tail.is_empty() {
+        String::new()
+    } else {
+        format!("; stderr ends with: {}", last_chars(&report.stderr_tail, 500))
+    };
+    match report.status {
+        ExitStatus::Code(0) => match report.output {
+            Ok(output) => (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output }),
+            Err(e) => (
+                Outcome::Failed { error: e, retryable: false },
+                ExitDetails { exit_code: Some(0), ..Default::default() },
+            ),
+        },
+        ExitStatus::Code(code) => (
+            Outcome::Failed { error: format!("exited with status {code}{stderr}"), retryable: true },
+            ExitDetails { exit_code: Some(code), ..Default::default() },
+        ),
+        ExitStatus::Signal(sig) => (
+            Outcome::Failed { error: format!("killed by {}{stderr}", signal_name(sig)), retryable: true },
+            ExitDetails { signal: Some(sig), ..Default::default() },
+        ),
+        ExitStatus::SpawnFailed(e) => (Outcome::Failed { error: e, retryable: false }, ExitDetails::default()),
+    }
+}
+
+fn last_chars(s: &str, n: usize) -> &str {
+    let start = s.char_indices().rev().nth(n.saturating_sub(1)).map(|(i, _)| i).unwrap_or(0);
+    &s[start..]
+}
+
+/// Human words for a kill reason, for logs and the API.
+pub fn kill_reason_text(reason: KillReason) -> &'static str {
+    match reason {
+        KillReason::Timeout => "timeout",
+        KillReason::Cancel => "cancel",
+        KillReason::JobFailed => "job failed",
+    }
+}

@@ -1,0 +1,133 @@
+//! Start-up recovery: kill what a dead engine left running, then rebuild the scheduler's state
+//! from the store. Attempts that were running are interrupted and re-queued.
+
+use std::collections::HashMap;
+
+use gpuflow_core::{Event, RestoredStage, RestoredStatus};
+
+use super::*;
+use crate::config::Config;
+use crate::gpu::{GpuInfo, GpuProbe};
+use crate::store::UnfinishedJob;
+
+/// Resolves `gpus: auto` in a stored pipeline file to the devices this engine has now.
+struct CurrentGpus(Vec<GpuInfo>);
+
+impl GpuProbe for CurrentGpus {
+    fn discover(&self) -> Vec<GpuInfo> {
+        self.0.clone()
+    }
+}
+
+impl<S: Store> Runtime<S> {
+    pub(super) async fn recover(&mut self) -> Result<(), RuntimeError> {
+        let killed = supervisor::sweep_leftovers(&self.engine_marker).await;
+        if killed > 0 {
+            tracing::warn!(killed, "killed processes left running by a previous engine on this data directory");
+        }
+        let unfinished = self.store.unfinished_jobs().await?;
+        if !unfinished.is_empty() {
+            tracing::info!(jobs = unfinished.len(), "recovering unfinished jobs");
+        }
+        let mut parsed: HashMap<String, Result<Config, String>> = HashMap::new();
+        let probe = CurrentGpus(self.config.gpus.clone());
+        for job in unfinished {
+            let config = parsed.entry(job.job.config_hash.clone()).or_insert_with(|| {
+                Config::parse(&job.config_text, "stored pipeline file", &probe).map_err(|e| e.to_string())
+            });
+            let def = match config {
+                Ok(c) => c
+                    .pipelines
+                    .get(&job.job.pipeline)
+                    .cloned()
+                    .ok_or_else(|| format!("pipeline `{}` is missing", job.job.pipeline)),
+                Err(e) => Err(e.clone()),
+            }
+            .and_then(|def| {
+                if def.core.stages.len() == job.stages.len() {
+                    Ok(def)
+                } else {
+                    Err("stage list does not match the stored job".to_string())
+                }
+            });
+            match def {
+                Ok(def) => self.restore(job, def).await?,
+                Err(e) => {
+                    self.abandon(job, format!("cannot recover the job: its pipeline definition is unusable ({e})"))
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn restore(&mut self, job: UnfinishedJob, def: Arc<PipelineDef>) -> Result<(), RuntimeError> {
+        let Some(id) = job_id_of(&job.job.id) else {
+            return self.abandon(job, "stored job id is not a UUID".into()).await;
+        };
+        let stages = job
+            .stages
+            .iter()
+            .map(|s| RestoredStage {
+                status: match s.state.as_str() {
+                    "running" => RestoredStatus::WasRunning { attempt: s.attempts },
+                    "backoff" => RestoredStatus::Backoff { until: s.not_before.unwrap_or(0) as u64 },
+                    "succeeded" => RestoredStatus::Succeeded,
+                    "failed" => RestoredStatus::Failed,
+                    "cancelled" => RestoredStatus::Cancelled,
+                    _ => RestoredStatus::NotStarted,
+                },
+                attempts: s.attempts,
+                failures: s.failures,
+                interruptions: s.interruptions,
+            })
+            .collect();
+        let outputs = job.stages.iter().map(|s| s.output.clone()).collect();
+        self.track(id, job.job.id.clone(), job.job.pipeline.clone(), def.clone(), job.job.input.clone(), outputs);
+        self.step(Event::Restored {
+            job: id,
+            seq: job.job.seq as u64,
+            priority: job.job.priority,
+            pipeline: def.core.clone(),
+            stages,
+        })
+        .await
+    }
+
+    /// Fails a job that cannot be recovered, releasing what it held in the store.
+    async fn abandon(&mut self, job: UnfinishedJob, error: String) -> Result<(), RuntimeError> {
+        tracing::error!(job = %job.job.id, "{error}");
+        let at = self.clock.now_ms() as i64;
+        let mut writes = Vec::new();
+        for s in &job.stages {
+            match s.state.as_str() {
+                "running" => writes.push(Write::AttemptEnded {
+                    job: job.job.id.clone(),
+                    stage: s.idx,
+                    attempt: s.attempts,
+                    result: "interrupted",
+                    stage_state: "cancelled",
+                    not_before: None,
+                    error: Some(error.clone()),
+                    output: None,
+                    exit_code: None,
+                    signal: None,
+                    failures: s.failures,
+                    interruptions: s.interruptions + 1,
+                    at,
+                }),
+                "succeeded" | "failed" | "cancelled" => {}
+                _ => writes.push(Write::StageCancelled { job: job.job.id.clone(), stage: s.idx, at }),
+            }
+        }
+        writes.push(Write::JobFinished {
+            job: job.job.id.clone(),
+            state: "failed",
+            error: Some(error),
+            output: None,
+            at,
+        });
+        self.store.write(&writes).await?;
+        Ok(())
+    }
+}

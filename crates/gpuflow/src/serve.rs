@@ -1,0 +1,105 @@
+//! `gpuflow serve`: wires the store, the supervisor, the runtime loop and the API together.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::runtime::Runtime;
+use crate::store::SqliteStore;
+use crate::supervisor::{self, ChildRegistry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("another gpuflow engine is using {0}; stop it first, or give this one another `data_dir`")]
+    Locked(PathBuf),
+    #[error("cannot listen on {addr}: {source} (change `listen` in the pipeline file)")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("runtime: {0}")]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Holds an exclusive lock on the data directory for the engine's lifetime: two engines on
+/// one SQLite file would each think they own every lease.
+struct DataDirLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServeError> {
+    let path = dir.join("engine.lock");
+    let mut file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(ServeError::Locked(dir.to_path_buf()));
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(DataDirLock(file))
+}
+
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| ServeError::DataDir { path: data_dir.clone(), source })?;
+    let _lock = lock_data_dir(data_dir)?;
+
+    if let Err(e) = supervisor::become_subreaper() {
+        tracing::warn!("cannot become child subreaper ({e}); orphaned grandchildren will be reaped by init instead");
+    }
+    let registry = ChildRegistry::default();
+    let _reaper = supervisor::spawn_reaper(registry.clone())?;
+
+    let store = SqliteStore::open(&data_dir.join("gpuflow.db")).await?;
+    let (runtime, engine) = Runtime::new(config.clone(), store.clone(), registry);
+
+    let addr_file = data_dir.join("listen.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen { addr: config.listen, source })?;
+    let bound = listener.local_addr()?;
+    if !bound.ip().is_loopback() && config.auth_token.is_none() {
+        tracing::warn!(%bound, "listening beyond loopback WITHOUT auth: anyone who can reach this port can run jobs; set `auth.token`");
+    }
+    std::fs::write(&addr_file, bound.to_string())?;
+    let devices: Vec<String> = config.gpus.iter().map(|g| format!("{} ({:?})", g.name, g.source)).collect();
+    tracing::info!(
+        "gpuflow listening on http://{bound}; data in {}; GPUs: [{}]; CPU slots: {}",
+        data_dir.display(),
+        devices.join(", "),
+        config.capacity.cpu
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        let _ = stop_tx.send(true);
+    });
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let app = api::router(AppState { engine, reads: Arc::new(store), config: config.clone() });
+    let server =
+        tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(wait_stop(stop_rx.clone())).into_future());
+    let result = runtime.run(wait_stop(stop_rx)).await;
+    server.abort();
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The embedded SQLite store: WAL mode, `synchronous=FULL`, one writer (the runtime loop).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::*;
+
+/// Schema migrations, applied in order once each.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL syncs the WAL on every commit: an acknowledged job survives power loss too.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        for (version, sql) in MIGRATIONS {
+            let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?1")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if applied.is_none() {
+                sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, strftime('%s','now'))")
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Runs SQLite's own consistency check; "ok" when sound.
+    pub async fn integrity_check(&self) -> StoreResult<String> {
+        Ok(sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&self.pool).await?)
+    }
+
+    async fn write_one(tx: &mut Transaction<'static, Sqlite>, w: &Write) -> StoreResult<()> {
+        match w {
+            Write::AttemptStarted { job, stage, attempt, grant, at } => {
+                sqlx::query("INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5)")
+                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(grant.to_string()).bind(at)
+                    .execute(&mut **tx).await?;
+                sqlx::query("UPDATE stages SET state = 'running', attempts = ?3, not_before = NULL, started_at = ?4, finished_at = NULL, error = NULL, exit_code = NULL WHERE job_id = ?1 AND idx = ?2")
+                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(at)
+                    .execute(&mut **tx).await?;
+                sqlx::query("UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?2) WHERE id = ?1")
+                    .bind(job)
+                    .bind(at)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Write::AttemptEnded {
+                job,
+                stage,
+                attempt,
+                result,
+                stage_state,
+                not_before,
+                error,
+                output,
+                exit_code,
+                signal,
+                failures,
+                interruptions,
+                at,
+            } => {
+                let updated = sqlx::query("UPDATE attempts SET state = ?4, finished_at = ?5, exit_code = ?6, signal = ?7, error = ?8 WHERE job_id = ?1 AND stage_idx = ?2 AND attempt = ?3 AND state = 'running'")
+                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(*result).bind(at).bind(exit_code).bind(signal).bind(error)
+                    .execute(&mut **tx).await?;
+                if updated.rows_affected() != 1 {
+                    return Err(StoreError::Corrupt(format!("attempt {job}/{stage}/{attempt} was not running")));
+                }
+                let finished = matches!(*stage_state, "succeeded" | "failed" | "cancelled").then_some(*at);
+                sqlx::query("UPDATE stages SET state = ?3, not_before = ?4, error = ?5, output = ?6, exit_code = ?7, failures = ?8, interruptions = ?9, finished_at = ?10 WHERE job_id = ?1 AND idx = ?2")
+                    .bind(job).bind(*stage as i64).bind(*stage_state).bind(not_before).bind(error)
+                    .bind(output.as_ref().map(Value::to_string)).bind(exit_code).bind(*failures as i64).bind(*interruptions as i64).bind(finished)
+                    .execute(&mut **tx).await?;
+            }
+            Write::StageCancelled { job, stage, at } => {
+                sqlx::query("UPDATE stages SET state = 'cancelled', not_before = NULL, finished_at = ?3 WHERE job_id = ?1 AND idx = ?2")
+                    .bind(job).bind(*stage as i64).bind(at)
+                    .execute(&mut **tx).await?;
+            }
+            Write::JobFinished { job, state, error, output, at } => {
+                sqlx::query("UPDATE jobs SET state = ?2, error = ?3, output = ?4, finished_at = ?5 WHERE id = ?1")
+                    .bind(job)
+                    .bind(*state)
+                    .bind(error)
+                    .bind(output.as_ref().map(Value::to_string))
+                    .bind(at)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stages_of(&self, job: &str) -> StoreResult<Vec<StageRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM stages WHERE job_id = ?1 ORDER BY idx").bind(job).fetch_all(&self.pool).await?;
+        rows.iter().map(stage_from_row).collect()
+    }
+}
+
+fn json_column(row: &SqliteRow, column: &str) -> StoreResult<Option<Value>> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))).transpose()
+}
+
+fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        seq: row.try_get("seq")?,
+        pipeline: row.try_get("pipeline")?,
+        input: json_column(row, "input")?.unwrap_or(Value::Null),
+        priority: row.try_get("priority")?,
+        state: row.try_get("state")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        config_hash: row.try_get("config_hash")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        error: row.try_get("error")?,
+        output: json_column(row, "output")?,
+    })
+}
+
+fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
+    let deps: Vec<usize> = serde_json::from_value(json_column(row, "deps")?.unwrap_or(Value::Null))
+        .map_err(|e| StoreError::Corrupt(format!("deps: {e}")))?;
+    Ok(StageRecord {
+        idx: row.try_get::<i64, _>("idx")? as usize,
+        name: row.try_get("name")?,
+        deps,
+        state: row.try_get("state")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        failures: row.try_get::<i64, _>("failures")? as u32,
+        interruptions: row.try_get::<i64, _>("interruptions")? as u32,
+        not_before: row.try_get("not_before")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        exit_code: row.try_get("exit_code")?,
+        error: row.try_get("error")?,
+        output: json_column(row, "output")?,
+    })
+}
+
+fn attempt_from_row(row: &SqliteRow) -> StoreResult<AttemptRecord> {
+    Ok(AttemptRecord {
+        stage_idx: row.try_get::<i64, _>("stage_idx")? as usize,
+        attempt: row.try_get::<i64, _>("attempt")? as u32,
+        state: row.try_get("state")?,
+        grant: json_column(row, "grant_json")?.unwrap_or(Value::Null),
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        exit_code: row.try_get("exit_code")?,
+        signal: row.try_get("signal")?,
+        error: row.try_get("error")?,
+    })
+}
+
+impl Store for SqliteStore {
+    async fn insert_job(&self, job: &NewJob) -> StoreResult<i64> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("INSERT OR IGNORE INTO config_snapshots (hash, text, created_at) VALUES (?1, ?2, ?3)")
+            .bind(&job.config_hash)
+            .bind(&job.config_text)
+            .bind(job.created_at)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, pipeline, input, priority, state, idempotency_key, config_hash, created_at) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7) RETURNING seq",
+        )
+        .bind(&job.id)
+        .bind(&job.pipeline)
+        .bind(job.input.to_string())
+        .bind(job.priority)
+        .bind(&job.idempotency_key)
+        .bind(&job.config_hash)
+        .bind(job.created_at)
+        .fetch_one(&mut *tx)
+        .await;
+        let seq: i64 = match inserted {
+            Ok(row) => row.try_get("seq")?,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::DuplicateKey(job.idempotency_key.clone().unwrap_or_default()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for (idx, (name, deps)) in job.stages.iter().enumerate() {
+            sqlx::query("INSERT INTO stages (job_id, idx, name, deps, state) VALUES (?1, ?2, ?3, ?4, 'pending')")
+                .bind(&job.id)
+                .bind(idx as i64)
+                .bind(name)
+                .bind(serde_json::to_string(deps).expect("serializable"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn job_by_idempotency_key(&self, key: &str) -> StoreResult<Option<JobRecord>> {
+        let row =
+            sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?1").bind(key).fetch_optional(&self.pool).await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn write(&self, batch: &[Write]) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for w in batch {
+            Self::write_one(&mut tx, w).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn job(&self, id: &str) -> StoreResult<Option<JobDetail>> {
+        let Some(row) = sqlx::query("SELECT * FROM jobs WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?
+        else {
+            return Ok(None);
+        };
+        let job = job_from_row(&row)?;
+        let stages = self.stages_of(id).await?;
+        let attempts = sqlx::query("SELECT * FROM attempts WHERE job_id = ?1 ORDER BY stage_idx, attempt")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(attempt_from_row)
+            .collect::<StoreResult<_>>()?;
+        Ok(Some(JobDetail { job, stages, attempts }))
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR pipeline = ?2) AND (?3 IS NULL OR seq < ?3) ORDER BY seq DESC LIMIT ?4",
+        )
+        .bind(&filter.state)
+        .bind(&filter.pipeline)
+        .bind(filter.before_seq)
+        .bind(filter.limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn unfinished_jobs(&self) -> StoreResult<Vec<UnfinishedJob>> {
+        let rows = sqlx::query(
+            "SELECT jobs.*, config_snapshots.text AS config_text FROM jobs JOIN config_snapshots ON config_snapshots.hash = jobs.config_hash WHERE jobs.state IN ('queued', 'running') ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for row in &rows {
+            let job = job_from_row(row)?;
+            let stages = self.stages_of(&job.id).await?;
+            out.push(UnfinishedJob { job, stages, config_text: row.try_get("config_text")? });
+        }
+        Ok(out)
+    }
+
+    async fn running_attempts(&self) -> StoreResult<Vec<(String, AttemptRecord)>> {
+        let rows = sqlx::query("SELECT * FROM attempts WHERE state = 'running'").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((r.try_get("job_id")?, attempt_from_row(r)?))).collect()
+    }
+}

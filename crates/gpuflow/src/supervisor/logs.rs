@@ -1,0 +1,56 @@
+//! Size-capped stage logs: when a log reaches its cap it is rotated to `NAME.1`, so at most
+//! twice the cap is kept and the newest output is never lost.
+
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+pub async fn copy_capped(mut from: impl AsyncRead + Unpin, path: PathBuf, cap: u64) {
+    let open = |p: &Path| {
+        let p = p.to_path_buf();
+        async move { tokio::fs::OpenOptions::new().create(true).append(true).open(p).await }
+    };
+    let Ok(mut file) = open(&path).await else {
+        tracing::warn!(path = %path.display(), "cannot open log file; output is discarded");
+        // Keep draining so the child never blocks on a full pipe.
+        let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
+        return;
+    };
+    let mut written = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if written + n as u64 > cap && written > 0 {
+            let _ = file.flush().await;
+            let rotated =
+                path.with_extension(format!("{}.1", path.extension().and_then(|e| e.to_str()).unwrap_or("log")));
+            let _ = tokio::fs::rename(&path, &rotated).await;
+            match open(&path).await {
+                Ok(f) => file = f,
+                Err(_) => break,
+            }
+            written = 0;
+        }
+        if file.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        written += n as u64;
+    }
+    let _ = file.flush().await;
+    // Drain the rest (if writing failed) so the child is not blocked.
+    let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
+}
+
+/// The last `max` bytes of a file, as text.
+pub fn tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}

@@ -1,0 +1,70 @@
+//! Child processes: spawn each attempt in its own process group, stop it (TERM, grace, KILL),
+//! clean up whatever it left behind, and reap every child and orphan. One file per operation.
+//!
+//! The supervisor never decides anything: it runs what the runtime asks and reports back.
+
+mod kill;
+mod logs;
+mod reap;
+mod spawn;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+pub use kill::{kill_marked, sweep_leftovers};
+pub use reap::{become_subreaper, spawn_reaper, zombie_children};
+pub use spawn::run_attempt;
+
+/// Environment variable that tags every process of one attempt, inherited by its descendants,
+/// so leftovers can be found even when they escaped the process group.
+pub const ATTEMPT_MARKER: &str = "GPUFLOW_ATTEMPT_MARKER";
+/// Tags every process started by the engine that owns a data directory, so a restarted engine
+/// can find what the previous one left running.
+pub const ENGINE_MARKER: &str = "GPUFLOW_ENGINE_MARKER";
+
+/// PIDs of children that tokio owns and will reap itself. The reaper must not steal their exit
+/// status, so it only reaps children that are not in this set.
+#[derive(Clone, Default)]
+pub struct ChildRegistry {
+    owned: Arc<Mutex<HashSet<i32>>>,
+}
+
+/// What to run for one attempt.
+#[derive(Clone, Debug)]
+pub struct AttemptSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    pub stdout_log: PathBuf,
+    pub stderr_log: PathBuf,
+    /// Where the stage writes its JSON output (`$GPUFLOW_OUTPUT`).
+    pub output_path: PathBuf,
+    pub marker: String,
+    pub log_max: u64,
+    pub output_max: u64,
+    pub kill_grace_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+    /// The program could not be started at all.
+    SpawnFailed(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct AttemptReport {
+    pub status: ExitStatus,
+    /// The parsed `$GPUFLOW_OUTPUT`: `Ok(None)` when the stage wrote none.
+    pub output: Result<Option<Value>, String>,
+    /// The last lines of stderr, for error messages.
+    pub stderr_tail: String,
+}
+
+/// Asks a running attempt to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StopRequest;

@@ -1,0 +1,127 @@
+//! Spawning an attempt and watching it until it and everything it started are gone.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot};
+
+use super::kill::{kill_group, kill_marked};
+use super::logs::{copy_capped, tail};
+use super::*;
+
+/// Runs one attempt to the end. `pid_tx` gets the child's PID once it runs; a message on
+/// `stop_rx` stops it (TERM to the group, then KILL after the grace period).
+pub async fn run_attempt(
+    registry: ChildRegistry,
+    spec: AttemptSpec,
+    pid_tx: oneshot::Sender<u32>,
+    mut stop_rx: mpsc::UnboundedReceiver<StopRequest>,
+) -> AttemptReport {
+    let _ = std::fs::remove_file(&spec.output_path);
+    let mut command = Command::new(&spec.argv[0]);
+    command
+        .args(&spec.argv[1..])
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(ATTEMPT_MARKER, &spec.marker)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a signal to the group reaches every process it forked.
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(cwd) = &spec.cwd {
+        command.current_dir(cwd);
+    }
+
+    let spawned = {
+        // Hold the registry while spawning, so the reaper never sees this PID unregistered.
+        let mut owned = registry.owned.lock().expect("registry lock");
+        command.spawn().inspect(|child| {
+            if let Some(pid) = child.id() {
+                owned.insert(pid as i32);
+            }
+        })
+    };
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let message = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    format!("cannot start `{}`: program not found (check `command` and PATH)", spec.argv[0])
+                }
+                std::io::ErrorKind::PermissionDenied => format!("cannot start `{}`: permission denied", spec.argv[0]),
+                _ => format!("cannot start `{}`: {e}", spec.argv[0]),
+            };
+            return AttemptReport {
+                status: ExitStatus::SpawnFailed(message),
+                output: Ok(None),
+                stderr_tail: String::new(),
+            };
+        }
+    };
+    let pid = child.id().expect("running child has a pid") as i32;
+    let _ = pid_tx.send(pid as u32);
+
+    let stdout = tokio::spawn(copy_capped(child.stdout.take().expect("piped"), spec.stdout_log.clone(), spec.log_max));
+    let stderr = tokio::spawn(copy_capped(child.stderr.take().expect("piped"), spec.stderr_log.clone(), spec.log_max));
+
+    let status = tokio::select! {
+        status = child.wait() => status,
+        _ = stop_rx.recv() => {
+            kill_group(pid, Signal::SIGTERM);
+            tokio::select! {
+                status = child.wait() => status,
+                _ = tokio::time::sleep(Duration::from_millis(spec.kill_grace_ms)) => {
+                    tracing::warn!(pid, "attempt ignored SIGTERM for {} ms; sending SIGKILL", spec.kill_grace_ms);
+                    kill_group(pid, Signal::SIGKILL);
+                    child.wait().await
+                }
+            }
+        }
+    };
+    registry.owned.lock().expect("registry lock").remove(&pid);
+
+    // The attempt is over: nothing it started may outlive it (a leftover could hold GPU memory).
+    kill_group(pid, Signal::SIGKILL);
+    kill_marked(&spec.marker).await;
+    // The pipes close once every holder is gone; don't wait forever on one that hid itself.
+    for copier in [stdout, stderr] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), copier).await;
+    }
+
+    let status = match status {
+        Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+            (Some(code), _) => ExitStatus::Code(code),
+            (None, Some(sig)) => ExitStatus::Signal(sig),
+            (None, None) => ExitStatus::Code(-1),
+        },
+        Err(e) => ExitStatus::SpawnFailed(format!("lost track of the process: {e}")),
+    };
+    AttemptReport {
+        status,
+        output: read_output(&spec.output_path, spec.output_max),
+        stderr_tail: tail(&spec.stderr_log, 2_000),
+    }
+}
+
+fn read_output(path: &std::path::Path, max: u64) -> Result<Option<Value>, String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read $GPUFLOW_OUTPUT: {e}")),
+    };
+    if meta.len() > max {
+        return Err(format!(
+            "$GPUFLOW_OUTPUT is {} bytes, over the {max}-byte limit (limits.output_max); write large results to files under $GPUFLOW_JOB_DIR and return their paths",
+            meta.len()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read $GPUFLOW_OUTPUT: {e}"))?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(&text).map(Some).map_err(|e| format!("$GPUFLOW_OUTPUT is not valid JSON: {e}"))
+}
