@@ -65,7 +65,9 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "GB" => 1_000_000_000,
         "TB" => 1_000_000_000_000,
         other => {
-            return Err(format!("unknown size unit `{other}` in `{text}`; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"));
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}`; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+            ));
         }
     };
     let bytes = number * factor as f64;

@@ -1,1 +1,10 @@
+//! The one integration-test binary: each test boots the real engine in a temp dir.
 
+mod fixture;
+
+mod api;
+mod cli;
+mod durability;
+mod failures;
+mod processes;
+mod scheduling;

@@ -1,0 +1,180 @@
+//! The HTTP API: bad input is refused clearly and persists nothing; auth; the OpenAPI spec.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::fixture::*;
+
+const PIPELINES: &str = r#"
+resources: {gpus: none, cpu: 1}
+allowed_roots: ["{DIR}/media"]
+limits: {max_request_body: 1KiB}
+pipelines:
+  slow:
+    max_queued: 1
+    stages: [{name: s, command: [sleep, "30"]}]
+  typed:
+    inputs:
+      n: {type: integer}
+      video: {type: path, required: false}
+    stages: [{name: s, command: ["true"]}]
+"#;
+
+async fn raw_post(engine: &Engine, body: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+    let r = engine
+        .http
+        .post(format!("{}/v1/jobs", engine.base))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, r.json().await.unwrap_or(Value::Null), headers)
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_and_nothing_is_persisted() {
+    let engine = Engine::start(PIPELINES).await;
+    std::fs::create_dir_all(engine.path("media")).unwrap();
+    let cases: Vec<(&str, String, u16, &str, &str)> = vec![
+        ("unknown pipeline", json!({"pipeline": "nope"}).to_string(), 400, "unknown_pipeline", "`nope`"),
+        ("malformed JSON", r#"{"pipeline": "typed""#.to_string(), 400, "invalid_request", "malformed JSON"),
+        ("wrong type", json!({"pipeline": "typed", "priority": "high"}).to_string(), 400, "invalid_request", "priority"),
+        ("unknown field", json!({"pipeline": "typed", "colour": 1}).to_string(), 400, "invalid_request", "colour"),
+        ("input of the wrong type", json!({"pipeline": "typed", "input": {"n": "seven"}}).to_string(), 400, "invalid_input", "input.n"),
+        ("missing input", json!({"pipeline": "typed", "input": {}}).to_string(), 400, "invalid_input", "input.n: is required"),
+        ("undeclared input", json!({"pipeline": "typed", "input": {"n": 1, "x": 2}}).to_string(), 400, "invalid_input", "input.x"),
+        ("input not an object", json!({"pipeline": "typed", "input": [1]}).to_string(), 400, "invalid_input", "JSON object"),
+        ("path outside the roots", json!({"pipeline": "typed", "input": {"n": 1, "video": "/etc/passwd"}}).to_string(), 400, "invalid_input", "outside the allowed roots"),
+        ("path escaping with ..", json!({"pipeline": "typed", "input": {"n": 1, "video": engine.path("media/../secret").display().to_string()}}).to_string(), 400, "invalid_input", "outside the allowed roots"),
+        ("body too large", json!({"pipeline": "typed", "input": {"n": 1, "pad": "x".repeat(4096)}}).to_string(), 413, "payload_too_large", "max_request_body"),
+    ];
+    for (what, body, status, code, needle) in cases {
+        let (got, body, _) = raw_post(&engine, &body).await;
+        assert_eq!(got, status, "{what}: {body}");
+        assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{what}: `{message}` should mention `{needle}`");
+    }
+    let (status, body) = engine.get("/v1/jobs").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["jobs"], json!([]), "nothing was persisted");
+
+    // A path inside the roots is accepted and resolved.
+    let ok = engine.submit("typed", json!({"n": 1, "video": engine.path("media/a.mp4").display().to_string()})).await;
+    assert_eq!(engine.wait_final(&ok, Duration::from_secs(20)).await["state"], "succeeded");
+
+    // Admission control: the second unfinished job of `slow` is refused with Retry-After.
+    let first = engine.submit("slow", json!({})).await;
+    let (status, body, headers) = raw_post(&engine, &json!({"pipeline": "slow"}).to_string()).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "queue_full");
+    assert!(headers.get("retry-after").is_some());
+    let (_, list) = engine.get("/v1/jobs?pipeline=slow").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "the refused job was not persisted");
+    engine.post(&format!("/v1/jobs/{first}/cancel"), json!({})).await;
+
+    for (path, status) in [
+        ("/v1/jobs/not-a-uuid", 400),
+        ("/v1/jobs/01a1f4c4-0000-7000-8000-000000000000", 404),
+        ("/v1/jobs?state=bogus", 400),
+        ("/v1/jobs?limit=0", 400),
+    ] {
+        let (got, body) = engine.get(path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(body["error"]["message"].is_string(), "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn jobs_are_listed_newest_first_with_filters_and_cursors() {
+    let engine = Engine::start(PIPELINES).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(engine.submit("typed", json!({"n": n})).await);
+    }
+    for id in &ids {
+        engine.wait_final(id, Duration::from_secs(20)).await;
+    }
+    let (_, page1) = engine.get("/v1/jobs?limit=2&state=succeeded&pipeline=typed").await;
+    let got: Vec<&str> = page1["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str()]);
+    let cursor = page1["next_cursor"].as_str().unwrap();
+    let (_, page2) = engine.get(&format!("/v1/jobs?limit=2&cursor={cursor}")).await;
+    let got: Vec<&str> = page2["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
+    let (_, page3) = engine.get(&format!("/v1/jobs?limit=2&cursor={}", page2["next_cursor"].as_str().unwrap())).await;
+    assert_eq!(page3["jobs"].as_array().unwrap().len(), 1);
+    assert!(page3["next_cursor"].is_null());
+}
+
+#[tokio::test]
+async fn idempotency_key_gives_the_same_job_and_refuses_a_different_request() {
+    let engine = Engine::start(PIPELINES).await;
+    let body = json!({"pipeline": "typed", "input": {"n": 1}, "idempotency_key": "k1"});
+    let (s1, a) = engine.post("/v1/jobs", body.clone()).await;
+    let (s2, b) = engine.post("/v1/jobs", body).await;
+    assert_eq!((s1, s2), (201, 200));
+    assert_eq!(a["id"], b["id"]);
+    let (s3, c) =
+        engine.post("/v1/jobs", json!({"pipeline": "typed", "input": {"n": 2}, "idempotency_key": "k1"})).await;
+    assert_eq!(s3, 409, "{c}");
+    assert_eq!(c["error"]["code"], "idempotency_conflict");
+    let (_, list) = engine.get("/v1/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn bearer_token_is_enforced_when_configured() {
+    let engine = Engine::start(
+        r#"
+auth: {token: "s3cret-token-of-enough-length"}
+resources: {gpus: none, cpu: 1}
+pipelines:
+  p: {stages: [{name: s, command: ["true"]}]}
+"#,
+    )
+    .await;
+    let (status, body) = engine.post("/v1/jobs", json!({"pipeline": "p"})).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let wrong = engine
+        .http
+        .get(format!("{}/v1/jobs", engine.base))
+        .bearer_auth("s3cret-token-of-enough-lengtX")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let right = engine
+        .http
+        .get(format!("{}/v1/jobs", engine.base))
+        .bearer_auth("s3cret-token-of-enough-length")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status().as_u16(), 200);
+    assert_eq!(engine.get("/healthz").await.0, 200, "health stays open for probes");
+}
+
+#[tokio::test]
+async fn openapi_spec_covers_every_route() {
+    let engine = Engine::start(PIPELINES).await;
+    let (status, spec) = engine.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
+    for (path, method) in [
+        ("/v1/jobs", "post"),
+        ("/v1/jobs", "get"),
+        ("/v1/jobs/{id}", "get"),
+        ("/v1/jobs/{id}/cancel", "post"),
+        ("/v1/resources", "get"),
+        ("/healthz", "get"),
+    ] {
+        assert!(spec["paths"][path][method].is_object(), "{method} {path} missing from the spec");
+    }
+    assert!(spec["components"]["schemas"]["SubmitJobRequest"].is_object());
+}

@@ -1,0 +1,104 @@
+//! `kill -9` of the engine with jobs in flight, then a restart.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::fixture::*;
+
+#[tokio::test]
+async fn kill9_then_restart_finishes_every_job_and_never_reruns_finished_stages() {
+    // Each stage appends `JOB STAGE ATTEMPT` when it starts: an append-only record of runs.
+    let stage = "[sh, -c, 'echo \"$GPUFLOW_JOB_ID $GPUFLOW_STAGE $GPUFLOW_ATTEMPT\" >> {DIR}/runs; sleep 0.4']";
+    let mut engine = Engine::start(&format!(
+        r#"
+resources:
+  gpus: [{{memory: 16GiB}}]
+  cpu: 2
+pipelines:
+  chain:
+    stages:
+      - {{name: one, command: {stage}, needs: {{cpu: 1}}}}
+      - {{name: two, command: {stage}, needs: {{gpu: 1}}}}
+      - {{name: three, command: {stage}, needs: {{cpu: 1}}}}
+"#
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(engine.submit("chain", json!({})).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // What had finished before the kill. A stage may finish between this read and the kill;
+    // that is fine: it must not run again either, and it is checked below with the rest.
+    let mut finished_before = Vec::new();
+    for id in &ids {
+        for stage in engine.job(id).await["stages"].as_array().unwrap() {
+            if stage["state"] == "succeeded" {
+                finished_before.push((id.clone(), stage["name"].as_str().unwrap().to_string()));
+            }
+        }
+    }
+    assert!(!finished_before.is_empty(), "some stages should have finished before the kill");
+    let old_pid = engine.pid();
+    engine.kill9();
+    assert!(!alive(old_pid as i32));
+    engine.restart().await;
+
+    for id in &ids {
+        let job = engine.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        for stage in job["stages"].as_array().unwrap() {
+            for attempt in stage["attempt_history"].as_array().unwrap() {
+                assert_ne!(attempt["state"], "running", "a lease is still recorded as held: {job:#}");
+            }
+        }
+    }
+    let runs = std::fs::read_to_string(engine.path("runs")).unwrap();
+    let mut count: HashMap<(String, String), usize> = HashMap::new();
+    for line in runs.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        *count.entry((parts[0].to_string(), parts[1].to_string())).or_default() += 1;
+    }
+    for key in &finished_before {
+        assert_eq!(count[key], 1, "stage {key:?} had finished before the kill but ran again");
+    }
+    // Stages interrupted by the kill ran again, and that shows as an interruption, not a failure.
+    let interrupted: usize = count.values().filter(|c| **c > 1).count();
+    let mut seen_interruption = false;
+    for id in &ids {
+        for stage in engine.job(id).await["stages"].as_array().unwrap() {
+            assert_eq!(stage["failures"], 0);
+            seen_interruption |=
+                stage["attempt_history"].as_array().unwrap().iter().any(|a| a["state"] == "interrupted");
+        }
+    }
+    assert_eq!(seen_interruption, interrupted > 0);
+    engine.assert_all_capacity_free().await;
+}
+
+#[tokio::test]
+async fn state_survives_a_graceful_restart_and_idempotency_holds_across_it() {
+    let mut engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 1}
+pipelines:
+  p:
+    stages: [{name: s, command: ["true"]}]
+"#,
+    )
+    .await;
+    let (status, first) = engine.post("/v1/jobs", json!({"pipeline": "p", "idempotency_key": "order-17"})).await;
+    assert_eq!(status, 201);
+    let id = first["id"].as_str().unwrap().to_string();
+    engine.wait_final(&id, Duration::from_secs(20)).await;
+    let pid = engine.pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    engine.wait_until("engine exit", Duration::from_secs(15), async |_| !alive(pid as i32)).await;
+    engine.kill9_if_exited();
+    engine.restart().await;
+    let (status, again) = engine.post("/v1/jobs", json!({"pipeline": "p", "idempotency_key": "order-17"})).await;
+    assert_eq!((status, again["id"].as_str()), (200, Some(id.as_str())), "same key, same job");
+    assert_eq!(engine.job(&id).await["state"], "succeeded");
+}
