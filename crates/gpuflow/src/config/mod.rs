@@ -319,7 +319,7 @@ impl Config {
                 line: loc.map(|l| l.line()).unwrap_or(0),
                 column: loc.map(|l| l.column()).unwrap_or(0),
                 field: String::new(),
-                message: e.to_string(),
+                message: strip_position(&e.to_string()).to_string(),
             }])
         })?;
         let mut errors = Errors { file: label.to_string(), list: Vec::new() };
@@ -437,6 +437,16 @@ impl Config {
             pipelines,
         })
     }
+}
+
+/// The YAML crate starts its message with "error: line L column C: ", which our own prefix
+/// already says.
+fn strip_position(rendered: &str) -> &str {
+    rendered
+        .strip_prefix("error: line ")
+        .and_then(|rest| rest.split_once(": "))
+        .map(|(_, message)| message)
+        .unwrap_or(rendered)
 }
 
 fn is_identifier(s: &str) -> bool {
