@@ -754,3 +754,29 @@ fn resolve(path: &Path) -> PathBuf {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_must_resolve_inside_a_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("media");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("etc-link")).unwrap();
+        let roots = vec![root.clone()];
+        let inside = root.join("sub/new.mp4");
+        assert_eq!(
+            check_path(inside.to_str().unwrap(), &roots).unwrap(),
+            root.canonicalize().unwrap().join("sub/new.mp4")
+        );
+        for outside in
+            [format!("{}/../x", root.display()), format!("{}/etc-link/passwd", root.display()), "/etc/passwd".into()]
+        {
+            assert!(check_path(&outside, &roots).unwrap_err().contains("outside the allowed roots"), "{outside}");
+        }
+        assert!(check_path("relative.mp4", &roots).unwrap_err().contains("absolute"));
+        assert!(check_path("/x", &[]).unwrap_err().contains("no `allowed_roots`"));
+    }
+}

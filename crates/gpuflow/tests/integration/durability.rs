@@ -102,3 +102,35 @@ pipelines:
     assert_eq!((status, again["id"].as_str()), (200, Some(id.as_str())), "same key, same job");
     assert_eq!(engine.job(&id).await["state"], "succeeded");
 }
+
+#[tokio::test]
+async fn a_restarted_engine_kills_what_the_dead_one_left_running_and_reruns_it() {
+    // Attempt 1 hangs (it would hold its GPU forever); attempt 2 finishes.
+    let mut engine = Engine::start(
+        r#"
+resources: {gpus: [{memory: 16GiB}], cpu: 1}
+pipelines:
+  p:
+    stages:
+      - name: s
+        needs: {gpu: 1}
+        retry: {max_attempts: 1}
+        command: [sh, -c, 'echo $$ > {DIR}/attempt-$GPUFLOW_ATTEMPT.pid; if [ "$GPUFLOW_ATTEMPT" = 1 ]; then sleep 300; fi']
+"#,
+    )
+    .await;
+    let id = engine.submit("p", json!({})).await;
+    let pid_file = engine.path("attempt-1.pid");
+    engine.wait_until("attempt 1 running", Duration::from_secs(10), async |_| pid_file.exists()).await;
+    let orphan = read_pid(&pid_file);
+    engine.kill9();
+    assert!(alive(orphan), "the stage outlives a kill -9 of the engine");
+    engine.restart().await;
+    let job = engine.wait_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "max_attempts 1, yet the interruption did not spend it: {job:#}");
+    let history = job["stages"][0]["attempt_history"].as_array().unwrap();
+    assert_eq!(history[0]["state"], "interrupted");
+    assert_eq!(history[1]["state"], "succeeded");
+    assert!(!alive(orphan), "the restarted engine must kill the orphan (pid {orphan}) before re-leasing its GPU");
+    engine.assert_all_capacity_free().await;
+}
