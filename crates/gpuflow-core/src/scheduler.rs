@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::pipeline::{Pipeline, StageIndex};
-use crate::resources::{Capacity, Grant, Inventory, ResourceRequest};
+use crate::resources::{Capacity, Grant, Inventory, Reservation, ResourceRequest};
 
 /// A job's id. The runtime makes them (UUIDv7); the core only compares them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -323,16 +323,32 @@ pub struct State {
     /// Retry delays and deadlines, `(when, job, stage)`. Entries may be stale; they are
     /// checked against the stage's status when they fire.
     timers: BTreeSet<(u64, JobId, StageIndex)>,
+    /// Capacity came back since the last full pass: everything waiting must be tried again.
+    capacity_returned: bool,
+    /// Stages queued since the last pass. With no capacity returned, only they can start.
+    fresh: Vec<QueueKey>,
+    last_full_pass: u64,
+    /// What the last full pass withheld for starving stages; incremental passes honour it.
+    last_reservation: Reservation,
 }
+
+/// A full pass over the whole queue runs at least this often (on the next event), so a
+/// stage that became starving since the last one gets its reservation.
+const FULL_PASS_INTERVAL_MS: u64 = 1_000;
 
 impl State {
     pub fn new(capacity: Capacity, config: SchedulerConfig) -> State {
+        let inventory = Inventory::new(capacity);
         State {
             config,
-            inventory: Inventory::new(capacity),
+            last_reservation: inventory.new_reservation(),
+            inventory,
             jobs: BTreeMap::new(),
             queue: BTreeSet::new(),
             timers: BTreeSet::new(),
+            capacity_returned: false,
+            fresh: Vec::new(),
+            last_full_pass: 0,
         }
     }
 
@@ -532,6 +548,7 @@ impl State {
         let ending = job.ending.is_some();
         let spec = job.pipeline.stages[stage].clone();
         self.inventory.release(&running.grant);
+        self.capacity_returned = true;
 
         let (result, error, retryable) = match (outcome, running.kill) {
             (Outcome::Succeeded, _) => (AttemptResult::Succeeded, None, false),
@@ -569,9 +586,8 @@ impl State {
             StageNext::Succeeded => {
                 self.set_status(id, stage, StageStatus::Succeeded);
                 if !ending {
-                    let successors: Vec<_> = (0..spec_count(&self.jobs[&id]))
-                        .filter(|j| self.jobs[&id].pipeline.stages[*j].after.contains(&stage))
-                        .collect();
+                    let pipeline = self.jobs[&id].pipeline.clone();
+                    let successors = (0..pipeline.stages.len()).filter(|j| pipeline.stages[*j].after.contains(&stage));
                     for j in successors {
                         self.queue_if_ready(id, j, now);
                     }
@@ -673,21 +689,46 @@ impl State {
         }
     }
 
-    /// One pass over the waiting queue in order. Whatever fits starts; a small request may
-    /// overtake a big one that does not fit (backfill) unless the big one has waited past the
-    /// bound, in which case it reserves capacity.
+    /// Starts whatever fits, in queue order. A small request may overtake a big one that does
+    /// not fit (backfill) unless the big one has waited past the bound, in which case it
+    /// reserves capacity. When no capacity came back since the last full pass, stages that
+    /// did not fit then still cannot, so only newly queued ones are tried.
     fn schedule(&mut self, now: u64, actions: &mut Vec<Action>) {
-        if self.queue.is_empty() {
-            return;
+        if self.capacity_returned || now.saturating_sub(self.last_full_pass) >= FULL_PASS_INTERVAL_MS {
+            self.capacity_returned = false;
+            self.fresh.clear();
+            self.last_full_pass = now;
+            let mut reserved = self.inventory.new_reservation();
+            let keys: Vec<QueueKey> = self.queue.iter().copied().collect();
+            self.try_start(keys, &mut reserved, true, now, actions);
+            self.last_reservation = reserved;
+        } else if !self.fresh.is_empty() {
+            let mut keys = std::mem::take(&mut self.fresh);
+            keys.sort();
+            keys.dedup();
+            let mut reserved = self.last_reservation.clone();
+            self.try_start(keys, &mut reserved, false, now, actions);
         }
-        let mut reserved = self.inventory.new_reservation();
-        let keys: Vec<QueueKey> = self.queue.iter().copied().collect();
+    }
+
+    fn try_start(
+        &mut self,
+        keys: Vec<QueueKey>,
+        reserved: &mut Reservation,
+        full: bool,
+        now: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        // Within one pass free capacity only shrinks, so a request that did not fit once will
+        // not fit again: remember it instead of re-checking a long queue of identical stages.
+        let mut refused: Vec<ResourceRequest> = Vec::new();
         for key in keys {
-            let job = &self.jobs[&key.job];
+            let Some(job) = self.jobs.get(&key.job) else { continue };
             let StageStatus::Queued { since } = job.stages[key.stage].status else { continue };
             let spec = &job.pipeline.stages[key.stage];
             let needs: &ResourceRequest = &spec.needs;
-            match self.inventory.try_grant(needs, &reserved) {
+            let grant = if refused.contains(needs) { None } else { self.inventory.try_grant(needs, reserved) };
+            match grant {
                 Some(grant) => {
                     let deadline = spec.timeout_ms.map(|t| now + t);
                     let job = self.jobs.get_mut(&key.job).expect("queued job exists");
@@ -705,10 +746,14 @@ impl State {
                     let running = RunningAttempt { attempt, grant, started_at: now, deadline, kill: None };
                     self.set_status(key.job, key.stage, StageStatus::Running(running));
                 }
-                None if now.saturating_sub(since) >= self.config.reserve_after_ms => {
-                    self.inventory.reserve(needs, &mut reserved);
+                None => {
+                    if full && now.saturating_sub(since) >= self.config.reserve_after_ms {
+                        self.inventory.reserve(needs, reserved);
+                    }
+                    if !refused.contains(needs) {
+                        refused.push(needs.clone());
+                    }
                 }
-                None => {}
             }
         }
     }
@@ -723,6 +768,7 @@ impl State {
         match &status {
             StageStatus::Queued { .. } => {
                 self.queue.insert(key);
+                self.fresh.push(key);
             }
             StageStatus::Backoff { until } => {
                 self.timers.insert((*until, id, stage));
@@ -734,8 +780,4 @@ impl State {
         }
         job.stages[stage].status = status;
     }
-}
-
-fn spec_count(job: &JobRun) -> usize {
-    job.pipeline.stages.len()
 }

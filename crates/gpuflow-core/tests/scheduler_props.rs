@@ -106,6 +106,8 @@ struct Harness {
     submitted: BTreeSet<JobId>,
     finished: BTreeMap<JobId, JobState>,
     succeeded: BTreeSet<(JobId, usize)>,
+    /// With reservations off, nothing that fits may be left waiting after any event.
+    check_work_conserving: bool,
 }
 
 impl Harness {
@@ -134,6 +136,14 @@ impl Harness {
             }
         }
         self.check_capacity();
+        if self.check_work_conserving {
+            for w in self.state.waiting() {
+                let mut inventory = self.state.inventory().clone();
+                let none = inventory.new_reservation();
+                let needs = &w.pipeline.stages[w.stage].needs;
+                assert!(inventory.try_grant(needs, &none).is_none(), "{needs:?} fits but was left waiting");
+            }
+        }
     }
 
     /// No over-commit, and the inventory's books equal the sum of the leases actually held.
@@ -182,60 +192,12 @@ proptest! {
 
     #[test]
     fn invariants_hold_for_any_sequence((cap, pipelines, ops) in scenario()) {
-        let pipelines: Vec<Arc<Pipeline>> = pipelines.into_iter().map(Arc::new).collect();
-        let mut h = Harness {
-            state: State::new(cap, SchedulerConfig { reserve_after_ms: 1_500 }),
-            now: 1_000,
-            next_id: 1,
-            submitted: BTreeSet::new(),
-            finished: BTreeMap::new(),
-            succeeded: BTreeSet::new(),
-        };
-        for op in ops {
-            match op {
-                Op::Submit { pipeline, priority } => {
-                    let job = JobId(h.next_id);
-                    h.next_id += 1;
-                    h.submitted.insert(job);
-                    let seq = job.0 as u64;
-                    h.apply(Event::Submitted { job, seq, priority, pipeline: pipelines[pipeline].clone() });
-                }
-                Op::Exit { lease, outcome } => {
-                    let running = h.running();
-                    if running.is_empty() { continue; }
-                    let (job, stage, attempt) = running[lease.index(running.len())];
-                    let outcome = match outcome {
-                        0 | 1 => Outcome::Succeeded,
-                        2 => Outcome::Failed { error: "exit status 1".into(), retryable: true },
-                        _ => Outcome::Failed { error: "bad input".into(), retryable: false },
-                    };
-                    h.apply(Event::AttemptExited { job, stage, attempt, outcome });
-                }
-                Op::Cancel { job } => {
-                    let active: Vec<JobId> = h.state.jobs().map(|j| j.id).collect();
-                    if active.is_empty() { continue; }
-                    h.apply(Event::CancelRequested { job: active[job.index(active.len())] });
-                }
-                Op::Advance { ms } => {
-                    h.now += ms;
-                    h.apply(Event::Tick);
-                }
-            }
-        }
-        // Drain: everything that runs exits (killed ones exit as failed), time moves on.
-        for _ in 0..2_000 {
-            if h.state.jobs().next().is_none() { break; }
-            for (job, stage, attempt) in h.running() {
-                h.apply(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Succeeded });
-            }
-            h.now += 1_000;
-            h.apply(Event::Tick);
-        }
-        prop_assert!(h.state.jobs().next().is_none(), "some job never finished");
-        prop_assert!(h.state.inventory().is_idle(), "a lease was not returned: {:?}", h.state.inventory().usage());
-        prop_assert_eq!(h.state.next_wakeup().is_some_and(|t| t > h.now + 10_000), false);
-        let finished: BTreeSet<JobId> = h.finished.keys().copied().collect();
-        prop_assert_eq!(finished, h.submitted);
+        run_scenario(cap, pipelines, ops, false)?;
+    }
+
+    #[test]
+    fn nothing_that_fits_is_left_waiting((cap, pipelines, ops) in scenario()) {
+        run_scenario(cap, pipelines, ops, true)?;
     }
 
     /// A whole-GPU request behind a steady stream of small memory shares starts within the
@@ -286,6 +248,78 @@ proptest! {
         let at = big_started_at.expect("big request never started");
         prop_assert!(at <= reserve_after + longest + 200, "started at {at} ms, bound {}", reserve_after + longest);
     }
+}
+
+fn run_scenario(
+    cap: Capacity,
+    pipelines: Vec<Pipeline>,
+    ops: Vec<Op>,
+    check_work_conserving: bool,
+) -> Result<(), TestCaseError> {
+    let pipelines: Vec<Arc<Pipeline>> = pipelines.into_iter().map(Arc::new).collect();
+    // Reservations hold capacity back on purpose, so work conservation is checked without them.
+    let reserve_after_ms = if check_work_conserving { u64::MAX } else { 1_500 };
+    let mut h = Harness {
+        state: State::new(cap, SchedulerConfig { reserve_after_ms }),
+        check_work_conserving,
+        now: 1_000,
+        next_id: 1,
+        submitted: BTreeSet::new(),
+        finished: BTreeMap::new(),
+        succeeded: BTreeSet::new(),
+    };
+    for op in ops {
+        match op {
+            Op::Submit { pipeline, priority } => {
+                let job = JobId(h.next_id);
+                h.next_id += 1;
+                h.submitted.insert(job);
+                let seq = job.0 as u64;
+                h.apply(Event::Submitted { job, seq, priority, pipeline: pipelines[pipeline].clone() });
+            }
+            Op::Exit { lease, outcome } => {
+                let running = h.running();
+                if running.is_empty() {
+                    continue;
+                }
+                let (job, stage, attempt) = running[lease.index(running.len())];
+                let outcome = match outcome {
+                    0 | 1 => Outcome::Succeeded,
+                    2 => Outcome::Failed { error: "exit status 1".into(), retryable: true },
+                    _ => Outcome::Failed { error: "bad input".into(), retryable: false },
+                };
+                h.apply(Event::AttemptExited { job, stage, attempt, outcome });
+            }
+            Op::Cancel { job } => {
+                let active: Vec<JobId> = h.state.jobs().map(|j| j.id).collect();
+                if active.is_empty() {
+                    continue;
+                }
+                h.apply(Event::CancelRequested { job: active[job.index(active.len())] });
+            }
+            Op::Advance { ms } => {
+                h.now += ms;
+                h.apply(Event::Tick);
+            }
+        }
+    }
+    // Drain: everything that runs exits (killed ones exit as failed), time moves on.
+    for _ in 0..2_000 {
+        if h.state.jobs().next().is_none() {
+            break;
+        }
+        for (job, stage, attempt) in h.running() {
+            h.apply(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Succeeded });
+        }
+        h.now += 1_000;
+        h.apply(Event::Tick);
+    }
+    prop_assert!(h.state.jobs().next().is_none(), "some job never finished");
+    prop_assert!(h.state.inventory().is_idle(), "a lease was not returned: {:?}", h.state.inventory().usage());
+    prop_assert_eq!(h.state.next_wakeup().is_some_and(|t| t > h.now + 10_000), false);
+    let finished: BTreeSet<JobId> = h.finished.keys().copied().collect();
+    prop_assert_eq!(finished, h.submitted);
+    Ok(())
 }
 
 fn stage(name: &str, needs: ResourceRequest, after: Vec<usize>) -> StageSpec {

@@ -32,9 +32,15 @@ impl<S: Store> Runtime<S> {
         let mut parsed: HashMap<String, Result<Config, String>> = HashMap::new();
         let probe = CurrentGpus(self.config.gpus.clone());
         for job in unfinished {
-            let config = parsed.entry(job.job.config_hash.clone()).or_insert_with(|| {
-                Config::parse(&job.config_text, "stored pipeline file", &probe).map_err(|e| e.to_string())
-            });
+            let hash = job.job.config_hash.clone();
+            if !parsed.contains_key(&hash) {
+                let config = match self.store.config_snapshot(&hash).await? {
+                    Some(text) => Config::parse(&text, "stored pipeline file", &probe).map_err(|e| e.to_string()),
+                    None => Err(format!("pipeline file snapshot {hash} is missing")),
+                };
+                parsed.insert(hash.clone(), config);
+            }
+            let config = &parsed[&hash];
             let def = match config {
                 Ok(c) => c
                     .pipelines

@@ -132,12 +132,11 @@ pub struct JobDetail {
     pub attempts: Vec<AttemptRecord>,
 }
 
-/// An unfinished job, with the pipeline file text it was accepted under.
+/// An unfinished job and its stages.
 #[derive(Clone, Debug)]
 pub struct UnfinishedJob {
     pub job: JobRecord,
     pub stages: Vec<StageRecord>,
-    pub config_text: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -157,6 +156,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn job(&self, id: &str) -> impl Future<Output = StoreResult<Option<JobDetail>>> + Send;
     fn list_jobs(&self, filter: &JobFilter) -> impl Future<Output = StoreResult<Vec<JobRecord>>> + Send;
     fn unfinished_jobs(&self) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;
+    /// The text of the pipeline file with this content hash (see `NewJob::config_hash`).
+    fn config_snapshot(&self, hash: &str) -> impl Future<Output = StoreResult<Option<String>>> + Send;
     /// Attempts recorded as running: held leases. Empty whenever the engine is idle.
     fn running_attempts(&self) -> impl Future<Output = StoreResult<Vec<(String, AttemptRecord)>>> + Send;
 }

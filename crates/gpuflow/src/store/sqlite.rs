@@ -281,18 +281,34 @@ impl Store for SqliteStore {
     }
 
     async fn unfinished_jobs(&self) -> StoreResult<Vec<UnfinishedJob>> {
-        let rows = sqlx::query(
-            "SELECT jobs.*, config_snapshots.text AS config_text FROM jobs JOIN config_snapshots ON config_snapshots.hash = jobs.config_hash WHERE jobs.state IN ('queued', 'running') ORDER BY seq",
+        let rows = sqlx::query("SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        // One query for every stage of every unfinished job: recovery time must not grow with
+        // a round trip per job.
+        let stage_rows = sqlx::query(
+            "SELECT stages.* FROM stages JOIN jobs ON jobs.id = stages.job_id WHERE jobs.state IN ('queued', 'running') ORDER BY jobs.seq, stages.idx",
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut out = Vec::new();
+        let mut stages_by_job: std::collections::HashMap<String, Vec<StageRecord>> = std::collections::HashMap::new();
+        for row in &stage_rows {
+            stages_by_job.entry(row.try_get("job_id")?).or_default().push(stage_from_row(row)?);
+        }
+        let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let job = job_from_row(row)?;
-            let stages = self.stages_of(&job.id).await?;
-            out.push(UnfinishedJob { job, stages, config_text: row.try_get("config_text")? });
+            let stages = stages_by_job.remove(&job.id).unwrap_or_default();
+            out.push(UnfinishedJob { job, stages });
         }
         Ok(out)
+    }
+
+    async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT text FROM config_snapshots WHERE hash = ?1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     async fn running_attempts(&self) -> StoreResult<Vec<(String, AttemptRecord)>> {
