@@ -286,13 +286,11 @@ impl<S: Store> Runtime<S> {
             .map(|t| t.render(&ctx))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cannot build the command: {e}"))?;
-        let logs = active.dir.join("logs");
-        let outputs = active.dir.join("outputs");
-        for d in [&logs, &outputs] {
-            std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-        }
+        // Logs and outputs live in the job's `.gpuflow` directory. The attempt's own task
+        // creates it (directory creation is a measurable cost that must not stall this loop).
+        let internal = active.dir.join(".gpuflow");
         let cuda: Vec<String> = grant.devices().iter().map(|d| self.config.gpus[*d as usize].cuda_id(*d)).collect();
-        let output_path = outputs.join(format!("{name}.{attempt}.json"));
+        let output_path = internal.join(format!("{name}.{attempt}.output.json"));
         let mut env: Vec<(String, String)> = exec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend([
             ("GPUFLOW_JOB_ID".to_string(), active.id.clone()),
@@ -311,8 +309,8 @@ impl<S: Store> Runtime<S> {
             argv,
             env,
             cwd: exec.workdir.clone(),
-            stdout_log: logs.join(format!("{name}.{attempt}.stdout.log")),
-            stderr_log: logs.join(format!("{name}.{attempt}.stderr.log")),
+            stdout_log: internal.join(format!("{name}.{attempt}.stdout.log")),
+            stderr_log: internal.join(format!("{name}.{attempt}.stderr.log")),
             output_path,
             marker: format!("{}/{name}/{attempt}", active.id),
             log_max: self.config.limits.log_max,

@@ -13,13 +13,17 @@ pub fn kill_group(pgid: i32, signal: Signal) {
     }
 }
 
-/// PIDs (other than ours) whose environment contains `NAME=value` exactly.
-pub fn pids_with_env(entry: &str) -> Vec<i32> {
+/// Every PID on the system other than ours.
+fn all_pids() -> Vec<i32> {
     let me = std::process::id() as i32;
-    let needle = entry.as_bytes();
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).filter(|pid| *pid != me).collect()
+}
+
+/// Those of `pids` whose environment contains `NAME=value` exactly.
+fn with_env(pids: Vec<i32>, entry: &str) -> Vec<i32> {
+    let needle = entry.as_bytes();
+    pids.into_iter()
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ"))
                 .map(|env| env.split(|b| *b == 0).any(|var| var == needle))
@@ -31,10 +35,15 @@ pub fn pids_with_env(entry: &str) -> Vec<i32> {
 /// Kills every process tagged with this attempt's marker, including ones that left the
 /// attempt's process group (e.g. with `setsid`). Repeats until none is left, since killing a
 /// parent can expose children.
+///
+/// As child subreaper, every orphan of an attempt is re-parented to us, so only our own
+/// children need looking at (killing one re-parents its children to us for the next round).
+/// Without the subreaper bit, all of /proc is scanned.
 pub async fn kill_marked(marker: &str) {
     let entry = format!("{}={marker}", super::ATTEMPT_MARKER);
     for _ in 0..20 {
-        let pids = pids_with_env(&entry);
+        let candidates = if super::reap::is_subreaper() { super::reap::children() } else { all_pids() };
+        let pids = with_env(candidates, &entry);
         if pids.is_empty() {
             return;
         }
@@ -54,7 +63,7 @@ pub async fn sweep_leftovers(engine_marker: &str) -> usize {
     let entry = format!("{}={engine_marker}", super::ENGINE_MARKER);
     let mut killed = 0;
     for _ in 0..20 {
-        let pids = pids_with_env(&entry);
+        let pids = with_env(all_pids(), &entry);
         if pids.is_empty() {
             break;
         }

@@ -5,42 +5,54 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+/// Copies a child's output into `path`. The file is created on the first byte, so a quiet
+/// stage costs no file creation.
 pub async fn copy_capped(mut from: impl AsyncRead + Unpin, path: PathBuf, cap: u64) {
     let open = |p: &Path| {
         let p = p.to_path_buf();
         async move { tokio::fs::OpenOptions::new().create(true).append(true).open(p).await }
     };
-    let Ok(mut file) = open(&path).await else {
-        tracing::warn!(path = %path.display(), "cannot open log file; output is discarded");
-        // Keep draining so the child never blocks on a full pipe.
-        let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
-        return;
-    };
-    let mut written = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let mut file = None;
+    let mut written = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if file.is_none() {
+            match open(&path).await {
+                Ok(f) => {
+                    written = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    file = Some(f);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "cannot open log file ({e}); output is discarded");
+                    break;
+                }
+            }
+        }
+        let f = file.as_mut().expect("opened above");
         if written + n as u64 > cap && written > 0 {
-            let _ = file.flush().await;
+            let _ = f.flush().await;
             let rotated =
                 path.with_extension(format!("{}.1", path.extension().and_then(|e| e.to_str()).unwrap_or("log")));
             let _ = tokio::fs::rename(&path, &rotated).await;
             match open(&path).await {
-                Ok(f) => file = f,
+                Ok(new) => *f = new,
                 Err(_) => break,
             }
             written = 0;
         }
-        if file.write_all(&buf[..n]).await.is_err() {
+        if f.write_all(&buf[..n]).await.is_err() {
             break;
         }
         written += n as u64;
     }
-    let _ = file.flush().await;
-    // Drain the rest (if writing failed) so the child is not blocked.
+    if let Some(f) = file.as_mut() {
+        let _ = f.flush().await;
+    }
+    // Drain the rest (if writing failed) so the child is never blocked on a full pipe.
     let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
 }
 

@@ -1,6 +1,7 @@
 //! The engine as child subreaper: orphaned grandchildren are re-parented to us, and we reap
 //! them. As PID 1 in a container the same loop does what an init does.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -12,11 +13,19 @@ use super::ChildRegistry;
 /// Makes orphans of our descendants our children instead of init's, so none is left a zombie
 /// and none escapes notice.
 pub fn become_subreaper() -> nix::Result<()> {
-    nix::sys::prctl::set_child_subreaper(true)
+    nix::sys::prctl::set_child_subreaper(true)?;
+    SUBREAPER.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+static SUBREAPER: AtomicBool = AtomicBool::new(false);
+
+pub(super) fn is_subreaper() -> bool {
+    SUBREAPER.load(Ordering::Relaxed)
 }
 
 /// Our direct children, as the kernel lists them.
-fn children() -> Vec<i32> {
+pub(super) fn children() -> Vec<i32> {
     let mut out = Vec::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
     for task in tasks.flatten() {

@@ -20,7 +20,13 @@ pub async fn run_attempt(
     pid_tx: oneshot::Sender<u32>,
     mut stop_rx: mpsc::UnboundedReceiver<StopRequest>,
 ) -> AttemptReport {
-    let _ = std::fs::remove_file(&spec.output_path);
+    if let Some(dir) = spec.output_path.parent()
+        && let Err(e) = tokio::fs::create_dir_all(dir).await
+    {
+        let status = ExitStatus::SpawnFailed(format!("cannot create {}: {e}", dir.display()));
+        return AttemptReport { status, output: Ok(None), stderr_tail: String::new() };
+    }
+    let _ = tokio::fs::remove_file(&spec.output_path).await;
     let mut command = Command::new(&spec.argv[0]);
     command
         .args(&spec.argv[1..])

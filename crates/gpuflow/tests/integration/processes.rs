@@ -90,5 +90,5 @@ pipelines:
         assert!(env.lines().any(|l| l == var), "missing {var} in:\n{env}");
     }
     assert_eq!(job["stages"][0]["output"]["n"], 7);
-    assert!(job_dir.join("logs").is_dir());
+    assert!(job_dir.join(".gpuflow/first.1.output.json").is_file(), "outputs are kept beside the logs");
 }
