@@ -237,7 +237,7 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
             held_ms: s.now_ms.saturating_sub(l.since_ms),
             pid: l.pid,
             gpus: l.lease.gpus,
-            gpu_memory: l.lease.gpu_memory.map(|(device, bytes)| GpuShareView { device, bytes }),
+            gpu_memory: l.lease.gpu_memory.map(|g| GpuShareView { device: g.device, bytes: g.bytes }),
             cpu: l.lease.cpu,
             counters: l.lease.counters,
             stopping: l.stopping.map(str::to_string),

@@ -38,14 +38,26 @@ pub enum RuntimeError {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LeaseRecord {
     pub gpus: Vec<u32>,
-    pub gpu_memory: Option<(u32, u64)>,
+    pub gpu_memory: Option<GpuShare>,
     pub cpu: u32,
     pub counters: BTreeMap<String, u64>,
 }
 
+/// A share of one device's memory.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GpuShare {
+    pub device: u32,
+    pub bytes: u64,
+}
+
 impl From<&Grant> for LeaseRecord {
     fn from(g: &Grant) -> Self {
-        LeaseRecord { gpus: g.gpus.clone(), gpu_memory: g.gpu_memory, cpu: g.cpu, counters: g.counters.clone() }
+        LeaseRecord {
+            gpus: g.gpus.clone(),
+            gpu_memory: g.gpu_memory.map(|(device, bytes)| GpuShare { device, bytes }),
+            cpu: g.cpu,
+            counters: g.counters.clone(),
+        }
     }
 }
 
@@ -158,7 +170,7 @@ impl<S: Store> Runtime<S> {
             let writes: Vec<Write> = actions.iter().filter_map(|a| self.write_for(a, now)).collect();
             self.store.write(&writes).await?;
             for action in actions {
-                self.perform(action, &mut pending)?;
+                self.perform(action, &mut pending);
             }
         }
         Ok(())
@@ -233,7 +245,7 @@ impl<S: Store> Runtime<S> {
         Some(Value::Object(map))
     }
 
-    fn perform(&mut self, action: Action, pending: &mut VecDeque<Event>) -> Result<(), RuntimeError> {
+    fn perform(&mut self, action: Action, pending: &mut VecDeque<Event>) {
         match action {
             Action::Start { job, stage, attempt, grant, .. } => {
                 if let Err(error) = self.start_attempt(job, stage, attempt, &grant) {
@@ -269,7 +281,6 @@ impl<S: Store> Runtime<S> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Renders the command and spawns the attempt. An error here fails the attempt for good:

@@ -90,5 +90,9 @@ pipelines:
         assert!(env.lines().any(|l| l == var), "missing {var} in:\n{env}");
     }
     assert_eq!(job["stages"][0]["output"]["n"], 7);
+    assert_eq!(
+        job["stages"][1]["attempt_history"][0]["lease"]["gpu_memory"],
+        json!({"device": 0, "bytes": 2u64 << 30})
+    );
     assert!(job_dir.join(".gpuflow/first.1.output.json").is_file(), "outputs are kept beside the logs");
 }
