@@ -151,6 +151,9 @@ pub struct Reservation {
 #[derive(Clone, Debug)]
 pub struct Inventory {
     capacity: Capacity,
+    /// How much of each counter may be granted right now (at most its capacity). Lowered for
+    /// counters whose units come and go, such as the ready instances of a worker pool.
+    counters_available: BTreeMap<String, u64>,
     gpu_exclusive: Vec<bool>,
     gpu_memory_used: Vec<u64>,
     cpu_used: u32,
@@ -171,6 +174,7 @@ impl Inventory {
         let devices = capacity.gpus.len();
         let counters_used = capacity.counters.keys().map(|k| (k.clone(), 0)).collect();
         Inventory {
+            counters_available: capacity.counters.clone(),
             capacity,
             gpu_exclusive: vec![false; devices],
             gpu_memory_used: vec![0; devices],
@@ -220,14 +224,34 @@ impl Inventory {
     }
 
     fn counter_free(&self, name: &str, reserved: &Reservation) -> u64 {
-        let cap = self.capacity.counters.get(name).copied().unwrap_or(0);
+        let available = self.counters_available.get(name).copied().unwrap_or(0);
         let used = self.counters_used.get(name).copied().unwrap_or(0);
-        let free = cap - used;
+        // Availability may drop below what is in use (a busy pool instance died): nothing is free.
+        let free = available.saturating_sub(used);
         free - reserved.counters.get(name).copied().unwrap_or(0).min(free)
+    }
+
+    /// Sets how much of a declared counter may be granted now, clamped to its capacity.
+    /// Returns whether more became available.
+    pub fn set_counter_available(&mut self, name: &str, available: u64) -> bool {
+        let Some(cap) = self.capacity.counters.get(name) else { return false };
+        let available = available.min(*cap);
+        let before = self.counters_available.insert(name.to_string(), available).unwrap_or(0);
+        available > before
     }
 
     /// Grants the whole request, or nothing. Capacity held by `reserved` is not handed out.
     pub fn try_grant(&mut self, request: &ResourceRequest, reserved: &Reservation) -> Option<Grant> {
+        self.try_grant_on(request, reserved, None)
+    }
+
+    /// Like `try_grant`, with any GPU part placed on `device` when one is given.
+    pub fn try_grant_on(
+        &mut self,
+        request: &ResourceRequest,
+        reserved: &Reservation,
+        device: Option<u32>,
+    ) -> Option<Grant> {
         if request.cpu > self.cpu_free(reserved) {
             return None;
         }
@@ -237,8 +261,9 @@ impl Inventory {
             }
         }
         let devices = self.capacity.gpus.len();
+        let allowed = |d: usize| device.is_none_or(|only| only as usize == d);
         let whole: Vec<u32> = (0..devices)
-            .filter(|d| self.device_fully_free(*d, reserved))
+            .filter(|d| allowed(*d) && self.device_fully_free(*d, reserved))
             .take(request.gpus as usize)
             .map(|d| d as u32)
             .collect();
@@ -249,6 +274,7 @@ impl Inventory {
         if request.gpu_memory > 0 {
             // Best fit: the device left with the least free memory, to keep big holes for big asks.
             let best = (0..devices)
+                .filter(|d| allowed(*d))
                 .filter_map(|d| self.device_memory_free(d, reserved).map(|free| (d, free)))
                 .filter(|(_, free)| *free >= request.gpu_memory)
                 .min_by_key(|(d, free)| (*free, *d));
@@ -291,6 +317,11 @@ impl Inventory {
                 *used = used.saturating_sub(*n);
             }
         }
+    }
+
+    /// How much of a counter may be granted now (in use included).
+    pub fn counter_available(&self, name: &str) -> u64 {
+        self.counters_available.get(name).copied().unwrap_or(0)
     }
 
     /// Withholds, for a request that has waited too long, everything it asks for that is free
@@ -376,6 +407,35 @@ mod tests {
         assert!(inv.try_grant(&ResourceRequest { cpu: 3, ..Default::default() }, &reserved).is_none());
         assert!(inv.try_grant(&ResourceRequest { cpu: 2, ..Default::default() }, &reserved).is_some());
         inv.release(&held);
+    }
+
+    #[test]
+    fn lowered_availability_stops_grants_even_below_use() {
+        let mut inv = Inventory::new(capacity(&[], 4));
+        let none = inv.new_reservation();
+        let one = ResourceRequest { counters: BTreeMap::from([("nvenc".to_string(), 1)]), ..Default::default() };
+        let held = inv.try_grant(&one, &none).unwrap();
+        assert!(!inv.set_counter_available("nvenc", 0));
+        assert!(inv.try_grant(&one, &none).is_none());
+        inv.release(&held);
+        assert!(inv.try_grant(&one, &none).is_none(), "nothing is available");
+        assert!(inv.set_counter_available("nvenc", 5), "more became available (clamped to 2)");
+        assert!(inv.try_grant(&one, &none).is_some());
+        assert!(inv.try_grant(&one, &none).is_some());
+        assert!(inv.try_grant(&one, &none).is_none(), "clamped to the capacity of 2");
+    }
+
+    #[test]
+    fn pinned_grants_stay_on_their_device() {
+        let mut inv = Inventory::new(capacity(&[80 * GIB, 80 * GIB], 4));
+        let none = inv.new_reservation();
+        let share = ResourceRequest { gpu_memory: 10 * GIB, ..Default::default() };
+        assert_eq!(inv.try_grant_on(&share, &none, Some(1)).unwrap().gpu_memory, Some((1, 10 * GIB)));
+        assert_eq!(inv.try_grant_on(&ResourceRequest { gpus: 1, ..Default::default() }, &none, Some(1)), None);
+        assert_eq!(
+            inv.try_grant_on(&ResourceRequest { gpus: 1, ..Default::default() }, &none, Some(0)).unwrap().gpus,
+            vec![0]
+        );
     }
 
     #[test]

@@ -183,6 +183,11 @@ pub enum Event {
     },
     /// Time passed: fire due timeouts and retry delays.
     Tick,
+    /// How many units of a counter may be granted now (e.g. the ready instances of a pool).
+    CounterAvailable {
+        name: String,
+        available: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,6 +390,13 @@ impl State {
         })
     }
 
+    /// Takes a lease that outlives any job, such as the resources a worker-pool instance holds
+    /// for its lifetime, optionally on one device. All or nothing, like any grant.
+    pub fn lease_standing(&mut self, request: &ResourceRequest, device: Option<u32>) -> Option<Grant> {
+        let none = self.inventory.new_reservation();
+        self.inventory.try_grant_on(request, &none, device)
+    }
+
     /// When the next timeout or retry delay falls due, if any.
     pub fn next_wakeup(&self) -> Option<u64> {
         self.timers.first().map(|(at, _, _)| *at)
@@ -419,6 +431,11 @@ impl State {
                 self.finish_if_done(job, &mut actions);
             }
             Event::Tick => self.fire_timers(now, &mut actions),
+            Event::CounterAvailable { name, available } => {
+                if self.inventory.set_counter_available(&name, available) {
+                    self.capacity_returned = true;
+                }
+            }
         }
         self.schedule(now, &mut actions);
         Ok(actions)

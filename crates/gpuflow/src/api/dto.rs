@@ -188,6 +188,33 @@ pub struct ResourcesView {
     pub leases: Vec<LeaseView>,
     /// Stages waiting for resources, in the order they will be served.
     pub waiting: Vec<WaitingView>,
+    /// Worker pools and the state of each instance.
+    pub pools: Vec<PoolView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PoolView {
+    pub name: String,
+    pub instances: Vec<InstanceView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InstanceView {
+    pub index: usize,
+    /// starting, idle, busy, stopping, restarting, failed (crash-looping or without capacity)
+    pub state: String,
+    pub pid: Option<u32>,
+    pub devices: Vec<u32>,
+    /// The task it holds, as `JOB/STAGE/ATTEMPT`.
+    pub task: Option<String>,
+    /// Tasks finished by this incarnation.
+    pub tasks_done: u32,
+    pub restarts: u32,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    /// What the worker reported in its `ready` message (e.g. execution providers).
+    pub info: Option<Value>,
+    pub progress: Option<Value>,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -261,13 +261,32 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
             },
         })
         .collect();
-    Ok(Json(ResourcesView {
-        gpus,
-        cpu: CountView { capacity: s.capacity.cpu as u64, leased: s.usage.cpu as u64 },
-        counters,
-        leases,
-        waiting,
-    }))
+    let pools = s
+        .pools
+        .into_iter()
+        .map(|p| PoolView {
+            name: p.name,
+            instances: p
+                .instances
+                .into_iter()
+                .map(|i| InstanceView {
+                    index: i.index,
+                    state: i.state.to_string(),
+                    pid: i.pid,
+                    devices: i.devices,
+                    task: i.task,
+                    tasks_done: i.tasks_done,
+                    restarts: i.restarts,
+                    consecutive_failures: i.consecutive_failures,
+                    last_error: i.last_error,
+                    info: i.info,
+                    progress: i.progress,
+                })
+                .collect(),
+        })
+        .collect();
+    let cpu = CountView { capacity: s.capacity.cpu as u64, leased: s.usage.cpu as u64 };
+    Ok(Json(ResourcesView { gpus, cpu, counters, leases, waiting, pools }))
 }
 
 /// Liveness. Not behind auth.

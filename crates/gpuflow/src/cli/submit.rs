@@ -121,6 +121,21 @@ pub fn print_resources(r: &Value) {
             s(&l["held_ms"])
         );
     }
+    for p in r["pools"].as_array().into_iter().flatten() {
+        println!("pool {}:", s(&p["name"]));
+        for i in p["instances"].as_array().into_iter().flatten() {
+            println!(
+                "  #{} {} pid {} task {} done {} restarts {}{}",
+                s(&i["index"]),
+                s(&i["state"]),
+                s(&i["pid"]),
+                s(&i["task"]),
+                s(&i["tasks_done"]),
+                s(&i["restarts"]),
+                i["last_error"].as_str().map(|e| format!(" last error: {e}")).unwrap_or_default()
+            );
+        }
+    }
     println!("waiting:");
     for w in r["waiting"].as_array().into_iter().flatten() {
         println!(

@@ -79,7 +79,24 @@ struct FileConfig {
     allowed_roots: Vec<PathBuf>,
     #[serde(default)]
     limits: LimitsFile,
+    #[serde(default)]
+    workers: BTreeMap<String, Spanned<WorkerFile>>,
     pipelines: BTreeMap<String, Spanned<PipelineFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerFile {
+    command: Vec<String>,
+    instances: Option<u32>,
+    per_gpu: Option<u32>,
+    needs: Option<NeedsFile>,
+    startup_timeout: Option<Millis>,
+    heartbeat_timeout: Option<Millis>,
+    max_tasks_per_instance: Option<u32>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    workdir: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -194,6 +211,7 @@ pub enum InputKind {
 struct StageFile {
     name: String,
     command: Option<Vec<String>>,
+    worker: Option<String>,
     needs: Option<NeedsFile>,
     timeout: Option<Millis>,
     retry: Option<RetryFile>,
@@ -239,9 +257,30 @@ pub struct InputSpec {
     pub default: Option<Value>,
 }
 
+/// How a stage runs: a command per attempt, or a task on a worker pool.
 #[derive(Clone, Debug)]
-pub struct StageExec {
-    pub command: Vec<Template>,
+pub enum StageExec {
+    Command { command: Vec<Template>, env: BTreeMap<String, String>, workdir: Option<PathBuf> },
+    Worker { pool: String },
+}
+
+/// The counter that stands for the ready instances of a pool.
+pub fn pool_counter(pool: &str) -> String {
+    format!("pool:{pool}")
+}
+
+/// A worker pool: long-lived instances that load a model once and take one task at a time.
+#[derive(Clone, Debug)]
+pub struct WorkerDef {
+    pub name: String,
+    pub command: Vec<String>,
+    /// One entry per instance: the device it is pinned to (`per_gpu`), if any.
+    pub slots: Vec<Option<u32>>,
+    /// Held by each instance for its lifetime.
+    pub needs: ResourceRequest,
+    pub startup_timeout_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub max_tasks_per_instance: Option<u32>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
 }
@@ -274,6 +313,7 @@ pub struct Config {
     pub auth_token: Option<String>,
     pub allowed_roots: Vec<PathBuf>,
     pub limits: Limits,
+    pub workers: BTreeMap<String, Arc<WorkerDef>>,
     pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
 }
 
@@ -366,11 +406,22 @@ impl Config {
             .resources
             .cpu
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
-        let capacity = Capacity {
+        let mut capacity = Capacity {
             gpus: gpus.iter().enumerate().map(|(i, g)| GpuDevice { index: i as u32, memory: g.memory }).collect(),
             cpu,
             counters: file.resources.counters.clone(),
         };
+        let workers = compile_workers(&file.workers, &capacity, &mut errors);
+        for (name, w) in &workers {
+            if file.resources.counters.contains_key(&pool_counter(name)) {
+                errors.at(
+                    &start,
+                    format!("resources.counters.{}", pool_counter(name)),
+                    "the `pool:` prefix is reserved for worker pools",
+                );
+            }
+            capacity.counters.insert(pool_counter(name), w.slots.len() as u64);
+        }
 
         let auth_token = match file.auth {
             None => None,
@@ -400,7 +451,9 @@ impl Config {
                     "pipeline names may use a-z, A-Z, 0-9, `_` and `-`",
                 );
             }
-            if let Some(def) = compile_pipeline(name, &spanned.value, &spanned.referenced, &capacity, &mut errors) {
+            if let Some(def) =
+                compile_pipeline(name, &spanned.value, &spanned.referenced, &capacity, &workers, &mut errors)
+            {
                 pipelines.insert(name.clone(), Arc::new(def));
             }
         }
@@ -434,9 +487,99 @@ impl Config {
             auth_token,
             allowed_roots: file.allowed_roots,
             limits,
+            workers,
             pipelines,
         })
     }
+}
+
+fn compile_workers(
+    files: &BTreeMap<String, Spanned<WorkerFile>>,
+    capacity: &Capacity,
+    errors: &mut Errors,
+) -> BTreeMap<String, Arc<WorkerDef>> {
+    let mut out = BTreeMap::new();
+    // Instances hold their resources for their lifetime: all of them must fit at once, next
+    // to each other, or some instance could never start.
+    let mut inventory = gpuflow_core::Inventory::new(capacity.clone());
+    let none = inventory.new_reservation();
+    for (name, spanned) in files {
+        let (w, at) = (&spanned.value, &spanned.referenced);
+        let field = |f: &str| format!("workers.{name}.{f}");
+        if !is_identifier(name) {
+            errors.at(at, format!("workers.{name}"), "pool names may use a-z, A-Z, 0-9, `_` and `-`");
+        }
+        if w.command.is_empty() || w.command[0].is_empty() {
+            errors.at(at, field("command"), "must name a program to run, e.g. `[python3, worker.py]`");
+        }
+        let needs = match &w.needs {
+            None => ResourceRequest::default(),
+            Some(n) => ResourceRequest {
+                gpus: n.gpu,
+                gpu_memory: n.gpu_memory.map(|b| b.0).unwrap_or(0),
+                cpu: n.cpu,
+                counters: n.counters.clone(),
+            },
+        };
+        if let Err(e) = needs.check_fits(capacity) {
+            errors.at(at, field("needs"), format!("{e}; an instance could never start"));
+        }
+        let slots: Vec<Option<u32>> = match (w.instances, w.per_gpu) {
+            (Some(0), None) | (None, Some(0)) => {
+                errors.at(at, field("instances"), "a pool needs at least one instance");
+                vec![]
+            }
+            (Some(n), None) => vec![None; n as usize],
+            (None, Some(n)) => {
+                if !needs.uses_gpu() {
+                    errors.at(
+                        at,
+                        field("per_gpu"),
+                        "per_gpu needs a GPU request in `needs` (`gpu: 1` or `gpu_memory: SIZE`)",
+                    );
+                }
+                if capacity.gpus.is_empty() {
+                    errors.at(at, field("per_gpu"), "the inventory has no GPU; use `instances: N`");
+                }
+                (0..capacity.gpus.len() as u32).flat_map(|d| std::iter::repeat_n(Some(d), n as usize)).collect()
+            }
+            (None, None) => vec![None],
+            (Some(_), Some(_)) => {
+                errors.at(at, field("instances"), "set `instances` or `per_gpu`, not both");
+                vec![]
+            }
+        };
+        for (i, device) in slots.iter().enumerate() {
+            if inventory.try_grant_on(&needs, &none, *device).is_none() {
+                errors.at(
+                    at,
+                    field("needs"),
+                    format!(
+                        "instance {i} does not fit: the pools' instances together need more than the inventory has"
+                    ),
+                );
+                break;
+            }
+        }
+        if w.heartbeat_timeout == Some(Millis(0)) || w.startup_timeout == Some(Millis(0)) {
+            errors.at(at, field("heartbeat_timeout"), "timeouts must be more than 0");
+        }
+        out.insert(
+            name.clone(),
+            Arc::new(WorkerDef {
+                name: name.clone(),
+                command: w.command.clone(),
+                slots,
+                needs,
+                startup_timeout_ms: w.startup_timeout.map(|m| m.0).unwrap_or(120_000),
+                heartbeat_timeout_ms: w.heartbeat_timeout.map(|m| m.0).unwrap_or(30_000),
+                max_tasks_per_instance: w.max_tasks_per_instance.filter(|n| *n > 0),
+                env: w.env.clone(),
+                workdir: w.workdir.clone(),
+            }),
+        );
+    }
+    out
 }
 
 /// The YAML crate starts its message with "error: line L column C: ", which our own prefix
@@ -458,6 +601,7 @@ fn compile_pipeline(
     file: &PipelineFile,
     loc: &serde_saphyr::Location,
     capacity: &Capacity,
+    workers: &BTreeMap<String, Arc<WorkerDef>>,
     errors: &mut Errors,
 ) -> Option<PipelineDef> {
     let before = errors.list.len();
@@ -505,17 +649,35 @@ fn compile_pipeline(
                 })
                 .collect(),
         };
-        let needs = match &stage.needs {
+        let needs = match (&stage.worker, &stage.needs) {
+            // A worker stage holds one ready instance of its pool; the instance holds the rest.
+            (Some(pool), None) => {
+                ResourceRequest { counters: BTreeMap::from([(pool_counter(pool), 1)]), ..Default::default() }
+            }
+            (Some(_), Some(_)) => {
+                errors.at(
+                    at,
+                    field("needs"),
+                    "a worker stage holds an instance of its pool; declare `needs` on the pool under `workers:`",
+                );
+                ResourceRequest::default()
+            }
             // A command with no declared needs runs on the CPU: it holds one CPU slot.
-            None => ResourceRequest { cpu: 1, ..Default::default() },
-            Some(n) => ResourceRequest {
+            (None, None) => ResourceRequest { cpu: 1, ..Default::default() },
+            (None, Some(n)) => ResourceRequest {
                 gpus: n.gpu,
                 gpu_memory: n.gpu_memory.map(|b| b.0).unwrap_or(0),
                 cpu: n.cpu,
                 counters: n.counters.clone(),
             },
         };
-        if let Err(e) = needs.check_fits(capacity) {
+        if let Some(pool) = &stage.worker
+            && !workers.contains_key(pool)
+        {
+            let known: Vec<&str> = workers.keys().map(String::as_str).collect();
+            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            errors.at(at, field("worker"), format!("unknown worker pool `{pool}`; pools under `workers:`: {known}"));
+        } else if let Err(e) = needs.check_fits(capacity) {
             errors.at(at, field("needs"), format!("{e}; this request could never be granted"));
         }
         let defaults = RetryPolicy::default();
@@ -586,13 +748,31 @@ fn compile_pipeline(
     for (i, spanned) in file.stages.iter().enumerate() {
         let stage = &spanned.value;
         let field = format!("pipelines.{name}.stages[{i}].command");
-        let Some(command) = stage.command.as_ref() else {
-            errors.at(
-                &spanned.referenced,
-                field,
-                "a stage needs `command`: an argv list such as `[python3, infer.py, \"{input.video}\"]`",
-            );
-            continue;
+        let command = match (&stage.command, &stage.worker) {
+            (Some(_), Some(_)) => {
+                errors.at(
+                    &spanned.referenced,
+                    field,
+                    "set `command` (run a program per attempt) or `worker` (run on a pool), not both",
+                );
+                continue;
+            }
+            (None, Some(pool)) => {
+                if !stage.env.is_empty() || stage.workdir.is_some() {
+                    errors.at(
+                        &spanned.referenced,
+                        format!("pipelines.{name}.stages[{i}].env"),
+                        "`env` and `workdir` of a worker stage belong to its pool under `workers:`",
+                    );
+                }
+                stages.push(StageExec::Worker { pool: pool.clone() });
+                continue;
+            }
+            (Some(command), None) => command,
+            (None, None) => {
+                errors.at(&spanned.referenced, field, "a stage needs `command` (an argv list such as `[python3, infer.py, \"{input.video}\"]`) or `worker` (a pool name)");
+                continue;
+            }
         };
         if command.is_empty() || command[0].is_empty() {
             errors.at(&spanned.referenced, field, "must name a program to run, e.g. `[python3, infer.py]`");
@@ -635,7 +815,7 @@ fn compile_pipeline(
                 Err(e) => errors.at(&spanned.referenced, field.clone(), e),
             }
         }
-        stages.push(StageExec { command: templates, env: stage.env.clone(), workdir: stage.workdir.clone() });
+        stages.push(StageExec::Command { command: templates, env: stage.env.clone(), workdir: stage.workdir.clone() });
     }
     if errors.list.len() > before {
         return None;

@@ -53,6 +53,7 @@ pub struct ResourcesSnapshot {
     pub capacity: gpuflow_core::Capacity,
     pub leases: Vec<LeaseView>,
     pub waiting: Vec<WaitingView>,
+    pub pools: Vec<PoolView>,
 }
 
 pub enum Command {
@@ -282,6 +283,7 @@ impl<S: Store> Runtime<S> {
             capacity: self.state.inventory().capacity().clone(),
             leases,
             waiting,
+            pools: self.pool_views(),
         }
     }
 }

@@ -3,11 +3,13 @@
 
 mod clock;
 mod commands;
+mod pools;
 mod recover;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use gpuflow_core::{Action, AttemptResult, Event, Grant, JobId, KillReason, Outcome, StageIndex, StageNext, State};
 use serde::{Deserialize, Serialize};
@@ -15,14 +17,15 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::template::RenderContext;
-use crate::config::{Config, PipelineDef};
+use crate::config::{Config, PipelineDef, StageExec};
 use crate::store::{Store, StoreError, Write};
-use crate::supervisor::{self, AttemptReport, AttemptSpec, ChildRegistry, ExitStatus, StopRequest};
+use crate::supervisor::{self, AttemptReport, AttemptSpec, ChildRegistry, ExitStatus, InstanceEvent, StopRequest};
 
 pub use clock::Clock;
 pub use commands::{
     Command, EngineError, EngineHandle, LeaseView, ResourcesSnapshot, SubmitRequest, Submitted, WaitingView,
 };
+pub use pools::{InstanceView, PoolView};
 
 /// Why the loop stopped on its own. The store failing is fatal by design: the engine must
 /// not act on a change it could not record, and a restart recovers from what was recorded.
@@ -89,6 +92,7 @@ struct ExitDetails {
 enum Internal {
     Spawned { key: AttemptKey, pid: u32 },
     Exited { key: AttemptKey, report: AttemptReport },
+    Worker { pool: String, index: usize, generation: u64, event: InstanceEvent },
 }
 
 pub struct Runtime<S: Store> {
@@ -103,6 +107,9 @@ pub struct Runtime<S: Store> {
     processes: HashMap<AttemptKey, RunningProcess>,
     exits: HashMap<AttemptKey, ExitDetails>,
     active_per_pipeline: HashMap<String, u32>,
+    pools: BTreeMap<String, pools::Pool>,
+    /// Worker-stage attempts in flight: which pool instance runs each.
+    worker_tasks: HashMap<AttemptKey, (String, usize)>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     commands: mpsc::Receiver<Command>,
@@ -130,6 +137,8 @@ impl<S: Store> Runtime<S> {
             processes: HashMap::new(),
             exits: HashMap::new(),
             active_per_pipeline: HashMap::new(),
+            pools: BTreeMap::new(),
+            worker_tasks: HashMap::new(),
             internal_tx,
             internal_rx,
             commands,
@@ -139,8 +148,13 @@ impl<S: Store> Runtime<S> {
 
     /// Recovers, then runs until `shutdown` resolves; then stops every attempt.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), RuntimeError> {
+        self.sweep().await;
+        self.start_pools();
         self.recover().await?;
         tokio::pin!(shutdown);
+        // Pool watchdog: hangs, startup timeouts and restarts are checked this often.
+        let mut watchdog = tokio::time::interval(Duration::from_millis(200));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self.state.next_wakeup().map(|t| self.clock.instant_at(t));
             tokio::select! {
@@ -149,6 +163,7 @@ impl<S: Store> Runtime<S> {
                 Some(msg) = self.internal_rx.recv() => self.on_internal(msg).await?,
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await?,
                 _ = sleep_until(wake) => self.step(Event::Tick).await?,
+                _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await?,
             }
         }
         self.stop_all().await;
@@ -257,6 +272,10 @@ impl<S: Store> Runtime<S> {
                     });
                 }
             }
+            Action::Kill { job, stage, attempt, reason } if self.worker_tasks.contains_key(&(job, stage, attempt)) => {
+                tracing::info!(job = %self.jobs[&job].id, stage, attempt, ?reason, "stopping worker task");
+                self.stop_worker_task((job, stage, attempt));
+            }
             Action::Kill { job, stage, attempt, reason } => {
                 if let Some(p) = self.processes.get(&(job, stage, attempt)) {
                     tracing::info!(job = %self.jobs[&job].id, stage, attempt, ?reason, pid = p.pid, "stopping attempt");
@@ -286,13 +305,17 @@ impl<S: Store> Runtime<S> {
     /// Renders the command and spawns the attempt. An error here fails the attempt for good:
     /// it would fail the same way again.
     fn start_attempt(&mut self, job: JobId, stage: StageIndex, attempt: u32, grant: &Grant) -> Result<(), String> {
+        if let Some(pool) = self.pool_of(job, stage) {
+            return self.dispatch_to_pool(&pool, (job, stage, attempt));
+        }
         let active = self.jobs.get(&job).ok_or("job is not active")?;
-        let exec = &active.pipeline.stages[stage];
+        let StageExec::Command { command, env: stage_env, workdir } = &active.pipeline.stages[stage] else {
+            return Err("not a command stage".into());
+        };
         let name = &active.pipeline.core.stages[stage].name;
         let dir = active.dir.display().to_string();
         let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: &dir, job_id: &active.id };
-        let argv = exec
-            .command
+        let argv = command
             .iter()
             .map(|t| t.render(&ctx))
             .collect::<Result<Vec<_>, _>>()
@@ -302,7 +325,7 @@ impl<S: Store> Runtime<S> {
         let internal = active.dir.join(".gpuflow");
         let cuda: Vec<String> = grant.devices().iter().map(|d| self.config.gpus[*d as usize].cuda_id(*d)).collect();
         let output_path = internal.join(format!("{name}.{attempt}.output.json"));
-        let mut env: Vec<(String, String)> = exec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env: Vec<(String, String)> = stage_env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend([
             ("GPUFLOW_JOB_ID".to_string(), active.id.clone()),
             ("GPUFLOW_JOB_DIR".to_string(), dir.clone()),
@@ -319,7 +342,7 @@ impl<S: Store> Runtime<S> {
         let spec = AttemptSpec {
             argv,
             env,
-            cwd: exec.workdir.clone(),
+            cwd: workdir.clone(),
             stdout_log: internal.join(format!("{name}.{attempt}.stdout.log")),
             stderr_log: internal.join(format!("{name}.{attempt}.stderr.log")),
             output_path,
@@ -356,6 +379,9 @@ impl<S: Store> Runtime<S> {
                 }
                 Ok(())
             }
+            Internal::Worker { pool, index, generation, event } => {
+                self.on_worker_event(pool, index, generation, event).await
+            }
             Internal::Exited { key, report } => {
                 self.processes.remove(&key);
                 let (outcome, details) = outcome_of(report);
@@ -372,12 +398,16 @@ impl<S: Store> Runtime<S> {
         for p in self.processes.values() {
             let _ = p.stop.send(StopRequest);
         }
-        let deadline =
-            tokio::time::Instant::now() + std::time::Duration::from_millis(self.config.limits.kill_grace_ms + 3_000);
-        while !self.processes.is_empty() {
+        self.stop_pools();
+        let grace = Duration::from_millis(self.config.limits.kill_grace_ms + 3_000);
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.processes.is_empty() || self.instances_running() > 0 {
             match tokio::time::timeout_at(deadline, self.internal_rx.recv()).await {
                 Ok(Some(Internal::Exited { key, .. })) => {
                     self.processes.remove(&key);
+                }
+                Ok(Some(Internal::Worker { pool, index, generation, event: InstanceEvent::Exited { .. } })) => {
+                    self.instance_gone(&pool, index, generation);
                 }
                 Ok(Some(_)) => {}
                 _ => break,

@@ -20,11 +20,16 @@ impl GpuProbe for CurrentGpus {
 }
 
 impl<S: Store> Runtime<S> {
-    pub(super) async fn recover(&mut self) -> Result<(), RuntimeError> {
+    /// Kills what a previous engine on this data directory left running (after a `kill -9`
+    /// its children survive, and may hold GPUs). Must run before this engine starts anything.
+    pub(super) async fn sweep(&self) {
         let killed = supervisor::sweep_leftovers(&self.engine_marker).await;
         if killed > 0 {
             tracing::warn!(killed, "killed processes left running by a previous engine on this data directory");
         }
+    }
+
+    pub(super) async fn recover(&mut self) -> Result<(), RuntimeError> {
         let unfinished = self.store.unfinished_jobs().await?;
         if !unfinished.is_empty() {
             tracing::info!(jobs = unfinished.len(), "recovering unfinished jobs");

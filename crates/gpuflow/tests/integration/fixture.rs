@@ -46,6 +46,8 @@ impl Engine {
             .args(["serve", "--config"])
             .arg(self.path("gpuflow.yaml"))
             .env("GPUFLOW_LOG", "info,gpuflow=debug")
+            // Workers import the SDK from the source tree.
+            .env("PYTHONPATH", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

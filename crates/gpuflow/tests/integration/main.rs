@@ -6,5 +6,6 @@ mod api;
 mod cli;
 mod durability;
 mod failures;
+mod pools;
 mod processes;
 mod scheduling;

@@ -1,0 +1,588 @@
+//! Worker pools: long-lived instances that load a model once and take one task at a time.
+//!
+//! The loop owns every instance's state. The scheduler sees a pool as the counter
+//! `pool:NAME`, whose available units are the instances that are ready (idle or busy), so a
+//! worker stage is granted only when an instance can take it. An instance's own resources
+//! (e.g. GPU memory) are standing leases taken once at start-up.
+
+use std::sync::Arc;
+
+use gpuflow_core::{Event, Grant, Outcome};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::config::{StageExec, WorkerDef, pool_counter};
+use crate::supervisor::{InstanceEvent, InstanceSpec, InstanceStop};
+
+/// The protocol version this engine speaks (see docs/worker-protocol.md).
+pub const PROTOCOL_VERSION: u64 = 1;
+/// Consecutive failures after which a pool instance is reported as crash-looping.
+const CRASH_LOOP: u32 = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstanceState {
+    Starting,
+    Idle,
+    Busy,
+    Stopping,
+    /// Waiting to be started again, not before `at_ms`.
+    Restarting {
+        at_ms: u64,
+    },
+    /// Could not get its standing lease; it never runs.
+    Failed,
+}
+
+impl InstanceState {
+    pub fn as_str(&self, crash_looping: bool) -> &'static str {
+        match self {
+            InstanceState::Starting => "starting",
+            InstanceState::Idle => "idle",
+            InstanceState::Busy => "busy",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Restarting { .. } if crash_looping => "failed",
+            InstanceState::Restarting { .. } => "restarting",
+            InstanceState::Failed => "failed",
+        }
+    }
+}
+
+/// Why the engine is stopping an instance; decides how its exit is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopReason {
+    Recycle,
+    Shutdown,
+    Hung,
+    StartupTimeout,
+    ProtocolError,
+    /// The task it ran timed out or was cancelled.
+    TaskStopped,
+}
+
+pub(super) struct Instance {
+    index: usize,
+    device: Option<u32>,
+    grant: Option<Grant>,
+    generation: u64,
+    state: InstanceState,
+    pid: Option<u32>,
+    stdin: Option<mpsc::UnboundedSender<String>>,
+    stop: Option<mpsc::UnboundedSender<InstanceStop>>,
+    since_ms: u64,
+    last_beat_ms: u64,
+    task: Option<AttemptKey>,
+    task_id: Option<String>,
+    tasks_done: u32,
+    consecutive_failures: u32,
+    restarts: u32,
+    last_error: Option<String>,
+    info: Option<Value>,
+    progress: Option<Value>,
+    stop_reason: Option<StopReason>,
+}
+
+pub(super) struct Pool {
+    def: Arc<WorkerDef>,
+    instances: Vec<Instance>,
+    /// What the scheduler was last told is available.
+    available: u64,
+}
+
+/// A pool instance as the API shows it.
+#[derive(Clone, Debug)]
+pub struct InstanceView {
+    pub index: usize,
+    pub state: &'static str,
+    pub pid: Option<u32>,
+    pub devices: Vec<u32>,
+    pub task: Option<String>,
+    pub tasks_done: u32,
+    pub restarts: u32,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    pub info: Option<Value>,
+    pub progress: Option<Value>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolView {
+    pub name: String,
+    pub instances: Vec<InstanceView>,
+}
+
+fn is_ready(state: InstanceState) -> bool {
+    matches!(state, InstanceState::Idle | InstanceState::Busy)
+}
+
+impl<S: Store> Runtime<S> {
+    /// Takes every instance's standing lease, tells the scheduler no instance is ready yet,
+    /// and starts the instances. Runs before recovery, so no job can take a pool slot first.
+    pub(super) fn start_pools(&mut self) {
+        let now = self.clock.now_ms();
+        for (name, def) in self.config.workers.clone() {
+            let _ = self.state.apply(Event::CounterAvailable { name: pool_counter(&name), available: 0 }, now);
+            let mut instances = Vec::new();
+            for (index, device) in def.slots.iter().enumerate() {
+                let grant = self.state.lease_standing(&def.needs, *device);
+                if grant.is_none() {
+                    tracing::error!(pool = %name, index, "no capacity for this instance's standing lease; it will not run");
+                }
+                instances.push(Instance {
+                    index,
+                    device: *device,
+                    state: if grant.is_some() {
+                        InstanceState::Restarting { at_ms: now }
+                    } else {
+                        InstanceState::Failed
+                    },
+                    grant,
+                    generation: 0,
+                    pid: None,
+                    stdin: None,
+                    stop: None,
+                    since_ms: now,
+                    last_beat_ms: now,
+                    task: None,
+                    task_id: None,
+                    tasks_done: 0,
+                    consecutive_failures: 0,
+                    restarts: 0,
+                    last_error: None,
+                    info: None,
+                    progress: None,
+                    stop_reason: None,
+                });
+            }
+            self.pools.insert(name, Pool { def, instances, available: 0 });
+        }
+        self.check_pools_now();
+    }
+
+    fn spawn_instance(&mut self, pool_name: &str, index: usize) {
+        let now = self.clock.now_ms();
+        let tx = self.internal_tx.clone();
+        let registry = self.registry.clone();
+        let config = self.config.clone();
+        let engine_marker = self.engine_marker.clone();
+        let pool = self.pools.get_mut(pool_name).expect("known pool");
+        let def = pool.def.clone();
+        let inst = &mut pool.instances[index];
+        let Some(grant) = inst.grant.as_ref() else { return };
+        inst.generation += 1;
+        if inst.generation > 1 {
+            inst.restarts += 1;
+        }
+        let generation = inst.generation;
+        let cuda: Vec<String> = grant.devices().iter().map(|d| config.gpus[*d as usize].cuda_id(*d)).collect();
+        let mut env: Vec<(String, String)> = def.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.extend([
+            ("CUDA_VISIBLE_DEVICES".to_string(), cuda.join(",")),
+            ("GPUFLOW_WORKER_POOL".to_string(), pool_name.to_string()),
+            ("GPUFLOW_WORKER_INSTANCE".to_string(), index.to_string()),
+            ("GPUFLOW_HEARTBEAT_INTERVAL_MS".to_string(), (def.heartbeat_timeout_ms / 4).max(50).to_string()),
+            (supervisor::ENGINE_MARKER.to_string(), engine_marker),
+        ]);
+        if let Some((_, bytes)) = grant.gpu_memory {
+            env.push(("GPUFLOW_GPU_MEMORY_BYTES".to_string(), bytes.to_string()));
+        }
+        let spec = InstanceSpec {
+            argv: def.command.clone(),
+            env,
+            cwd: def.workdir.clone(),
+            stderr_log: config.data_dir.join("workers").join(format!("{pool_name}.{index}.stderr.log")),
+            marker: format!("worker/{pool_name}/{index}/{generation}"),
+            log_max: config.limits.log_max,
+            kill_grace_ms: config.limits.kill_grace_ms,
+            max_line: config.limits.output_max as usize + 4096,
+        };
+        let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        inst.state = InstanceState::Starting;
+        inst.since_ms = now;
+        inst.pid = None;
+        inst.info = None;
+        inst.progress = None;
+        inst.stop_reason = None;
+        inst.tasks_done = 0;
+        inst.stdin = Some(stdin_tx);
+        inst.stop = Some(stop_tx);
+        tracing::info!(pool = %pool_name, index, generation, devices = %cuda.join(","), "starting worker instance");
+        let pool_name = pool_name.to_string();
+        let report = move |event| {
+            let _ = tx.send(Internal::Worker { pool: pool_name.clone(), index, generation, event });
+        };
+        tokio::spawn(supervisor::run_instance(registry, spec, report, stdin_rx, stop_rx));
+    }
+
+    /// Sends a task to an idle instance of the stage's pool.
+    pub(super) fn dispatch_to_pool(&mut self, pool_name: &str, key: AttemptKey) -> Result<(), String> {
+        let now = self.clock.now_ms();
+        let (job, stage, attempt) = key;
+        let active = self.jobs.get(&job).ok_or("job is not active")?;
+        let stages: serde_json::Map<String, Value> = active
+            .pipeline
+            .core
+            .stages
+            .iter()
+            .zip(&active.outputs)
+            .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
+            .collect();
+        let task_id = format!("{}/{}/{attempt}", active.id, active.pipeline.core.stages[stage].name);
+        let message = json!({
+            "type": "task",
+            "task": task_id,
+            "job_id": active.id,
+            "job_dir": active.dir.display().to_string(),
+            "stage": active.pipeline.core.stages[stage].name,
+            "attempt": attempt,
+            "input": active.input,
+            "stages": stages,
+        });
+        let dir = active.dir.clone();
+        let pool = self.pools.get_mut(pool_name).ok_or_else(|| format!("unknown pool `{pool_name}`"))?;
+        let inst = pool
+            .instances
+            .iter_mut()
+            .find(|i| i.state == InstanceState::Idle)
+            .ok_or_else(|| format!("no idle instance in pool `{pool_name}`"))?;
+        // The job directory is the task's to write into, as for command stages.
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let sent = inst.stdin.as_ref().map(|tx| tx.send(message.to_string()).is_ok()).unwrap_or(false);
+        if !sent {
+            return Err(format!("pool `{pool_name}` instance {} is not accepting tasks", inst.index));
+        }
+        tracing::info!(pool = %pool_name, index = inst.index, task = %task_id, "dispatched task to worker");
+        inst.state = InstanceState::Busy;
+        inst.task = Some(key);
+        inst.task_id = Some(task_id);
+        inst.last_beat_ms = now;
+        inst.progress = None;
+        self.worker_tasks.insert(key, (pool_name.to_string(), inst.index));
+        Ok(())
+    }
+
+    /// The stage's attempt must stop (timeout, cancel, job failed): its instance is stopped,
+    /// since a handler cannot be interrupted any other way. It is restarted at once.
+    pub(super) fn stop_worker_task(&mut self, key: AttemptKey) {
+        let Some((pool, index)) = self.worker_tasks.get(&key).cloned() else { return };
+        let inst = &mut self.pools.get_mut(&pool).expect("known pool").instances[index];
+        inst.stop_reason = Some(StopReason::TaskStopped);
+        if let Some(stop) = &inst.stop {
+            let _ = stop.send(InstanceStop::Graceful);
+        }
+    }
+
+    pub(super) async fn on_worker_event(
+        &mut self,
+        pool: String,
+        index: usize,
+        generation: u64,
+        event: InstanceEvent,
+    ) -> Result<(), RuntimeError> {
+        let Some(p) = self.pools.get_mut(&pool) else { return Ok(()) };
+        let inst = &mut p.instances[index];
+        if inst.generation != generation {
+            return Ok(()); // from an earlier incarnation
+        }
+        match event {
+            InstanceEvent::Spawned { pid } => {
+                inst.pid = Some(pid);
+                Ok(())
+            }
+            InstanceEvent::Line(Ok(message)) => self.on_worker_message(&pool, index, message).await,
+            InstanceEvent::Line(Err(e)) => self.protocol_error(&pool, index, e).await,
+            InstanceEvent::Exited { status, stderr_tail } => {
+                self.instance_exited(&pool, index, status, stderr_tail).await
+            }
+        }
+    }
+
+    async fn on_worker_message(&mut self, pool: &str, index: usize, message: Value) -> Result<(), RuntimeError> {
+        let now = self.clock.now_ms();
+        let inst = &mut self.pools.get_mut(pool).expect("known pool").instances[index];
+        let kind = message["type"].as_str().unwrap_or("").to_string();
+        let names_task =
+            |inst: &Instance| inst.task_id.is_some() && message["task"].as_str() == inst.task_id.as_deref();
+        match kind.as_str() {
+            "ready" if inst.state == InstanceState::Starting => {
+                let version = message["protocol"].as_u64();
+                if version != Some(PROTOCOL_VERSION) {
+                    let e = format!("speaks protocol {:?}; this engine speaks {PROTOCOL_VERSION}", message["protocol"]);
+                    return self.protocol_error(pool, index, e).await;
+                }
+                inst.state = InstanceState::Idle;
+                inst.info = Some(message["info"].clone());
+                tracing::info!(pool, index, info = %message["info"], "worker instance ready");
+                self.sync_availability(pool).await
+            }
+            "heartbeat" | "progress" if names_task(inst) => {
+                inst.last_beat_ms = now;
+                if kind == "progress" {
+                    inst.progress = Some(json!({"fraction": message["fraction"], "message": message["message"]}));
+                }
+                Ok(())
+            }
+            "result" if names_task(inst) => {
+                let output = message.get("output").cloned().filter(|v| !v.is_null());
+                self.finish_task(pool, index, Outcome::Succeeded, output).await
+            }
+            "error" if names_task(inst) => {
+                let error =
+                    message["message"].as_str().unwrap_or("the worker reported an error without a message").to_string();
+                let retryable = message["retryable"].as_bool().unwrap_or(true);
+                self.finish_task(pool, index, Outcome::Failed { error, retryable }, None).await
+            }
+            "ready" => self.protocol_error(pool, index, "sent `ready` twice".into()).await,
+            "heartbeat" | "progress" | "result" | "error" => {
+                let e = format!(
+                    "sent `{kind}` for task {}, but it holds {}",
+                    message["task"],
+                    inst.task_id.as_deref().unwrap_or("no task")
+                );
+                self.protocol_error(pool, index, e).await
+            }
+            _ => self.protocol_error(pool, index, format!("unknown message type {}", message["type"])).await,
+        }
+    }
+
+    /// The held task ended by a `result` or `error` message: the instance is healthy.
+    async fn finish_task(
+        &mut self,
+        pool: &str,
+        index: usize,
+        outcome: Outcome,
+        output: Option<Value>,
+    ) -> Result<(), RuntimeError> {
+        let p = self.pools.get_mut(pool).expect("known pool");
+        let max_tasks = p.def.max_tasks_per_instance;
+        let inst = &mut p.instances[index];
+        let Some(key) = inst.task.take() else { return Ok(()) };
+        inst.task_id = None;
+        inst.progress = None;
+        inst.tasks_done += 1;
+        inst.consecutive_failures = 0;
+        inst.state = InstanceState::Idle;
+        if max_tasks.is_some_and(|max| inst.tasks_done >= max) {
+            // Recycle to bound leaks: ask it to exit; it is replaced at once.
+            tracing::info!(pool, index, tasks = inst.tasks_done, "recycling worker instance (max_tasks_per_instance)");
+            inst.state = InstanceState::Stopping;
+            inst.stop_reason = Some(StopReason::Recycle);
+            if let Some(tx) = &inst.stdin {
+                let _ = tx.send(json!({"type": "shutdown"}).to_string());
+            }
+        }
+        self.worker_tasks.remove(&key);
+        self.exits.insert(key, ExitDetails { output, ..Default::default() });
+        self.sync_availability(pool).await?;
+        let (job, stage, attempt) = key;
+        self.step(Event::AttemptExited { job, stage, attempt, outcome }).await
+    }
+
+    /// A malformed or unexpected message: the task it holds fails (retryable) and the
+    /// instance is replaced. One bad worker never wedges the pool.
+    async fn protocol_error(&mut self, pool: &str, index: usize, error: String) -> Result<(), RuntimeError> {
+        let inst = &mut self.pools.get_mut(pool).expect("known pool").instances[index];
+        tracing::error!(pool, index, pid = inst.pid, "worker protocol error: {error}; restarting the instance");
+        inst.last_error = Some(format!("protocol error: {error}"));
+        if inst.stop_reason.is_none() {
+            inst.stop_reason = Some(StopReason::ProtocolError);
+        }
+        inst.state = InstanceState::Stopping;
+        if let Some(stop) = &inst.stop {
+            let _ = stop.send(InstanceStop::Now);
+        }
+        self.sync_availability(pool).await
+    }
+
+    async fn instance_exited(
+        &mut self,
+        pool: &str,
+        index: usize,
+        status: ExitStatus,
+        stderr_tail: String,
+    ) -> Result<(), RuntimeError> {
+        let now = self.clock.now_ms();
+        let p = self.pools.get_mut(pool).expect("known pool");
+        let heartbeat_s = p.def.heartbeat_timeout_ms as f64 / 1000.0;
+        let inst = &mut p.instances[index];
+        let how = match &status {
+            ExitStatus::Code(c) => format!("exited with status {c}"),
+            ExitStatus::Signal(s) => format!("was killed by {}", signal_name(*s)),
+            ExitStatus::SpawnFailed(e) => e.clone(),
+        };
+        let stderr = if stderr_tail.is_empty() {
+            String::new()
+        } else {
+            format!("; stderr ends with: {}", last_chars(&stderr_tail, 400))
+        };
+        let reason = inst.stop_reason.take();
+        let cause = match reason {
+            Some(StopReason::Hung) => format!(
+                "no heartbeat or progress for {heartbeat_s}s: the handler is stuck (deadlock?); the instance was killed"
+            ),
+            Some(StopReason::StartupTimeout) => format!("did not send `ready` within startup_timeout ({how}{stderr})"),
+            Some(StopReason::ProtocolError) => inst.last_error.clone().unwrap_or_else(|| "protocol error".into()),
+            _ => format!("worker instance {pool}#{index} {how}{stderr}"),
+        };
+        let planned = matches!(reason, Some(StopReason::Recycle | StopReason::TaskStopped));
+        let held = inst.task.take();
+        inst.task_id = None;
+        inst.pid = None;
+        inst.stdin = None;
+        inst.stop = None;
+        if reason == Some(StopReason::Shutdown) {
+            inst.state = InstanceState::Stopping;
+        } else {
+            let delay = if planned {
+                0
+            } else {
+                inst.consecutive_failures += 1;
+                inst.last_error = Some(cause.clone());
+                500u64.saturating_mul(1 << (inst.consecutive_failures - 1).min(7)).min(60_000)
+            };
+            if inst.consecutive_failures >= CRASH_LOOP {
+                tracing::error!(
+                    pool,
+                    index,
+                    failures = inst.consecutive_failures,
+                    "worker instance is crash-looping: {cause}; next start in {delay} ms"
+                );
+            } else if !planned {
+                tracing::warn!(pool, index, "worker instance failed: {cause}; restarting in {delay} ms");
+            }
+            inst.state = InstanceState::Restarting { at_ms: now + delay };
+        }
+        self.sync_availability(pool).await?;
+        if let Some(key) = held {
+            self.worker_tasks.remove(&key);
+            let (job, stage, attempt) = key;
+            let outcome = Outcome::Failed { error: cause, retryable: true };
+            self.step(Event::AttemptExited { job, stage, attempt, outcome }).await?;
+        }
+        self.check_pools_now();
+        Ok(())
+    }
+
+    /// Tells the scheduler how many instances of the pool can take a task.
+    async fn sync_availability(&mut self, pool: &str) -> Result<(), RuntimeError> {
+        let p = self.pools.get_mut(pool).expect("known pool");
+        let ready = p.instances.iter().filter(|i| is_ready(i.state)).count() as u64;
+        if ready == p.available {
+            return Ok(());
+        }
+        p.available = ready;
+        self.step(Event::CounterAvailable { name: pool_counter(pool), available: ready }).await
+    }
+
+    /// The pools' watchdog: startup timeouts, hangs (no heartbeat), and due restarts.
+    pub(super) fn check_pools_now(&mut self) {
+        let now = self.clock.now_ms();
+        let mut to_spawn = Vec::new();
+        for (name, pool) in &mut self.pools {
+            let def = pool.def.clone();
+            for inst in &mut pool.instances {
+                match inst.state {
+                    InstanceState::Starting if now.saturating_sub(inst.since_ms) > def.startup_timeout_ms => {
+                        tracing::error!(pool = %name, index = inst.index, "no `ready` within startup_timeout ({} ms); killing it", def.startup_timeout_ms);
+                        inst.stop_reason = Some(StopReason::StartupTimeout);
+                        inst.state = InstanceState::Stopping;
+                        if let Some(stop) = &inst.stop {
+                            let _ = stop.send(InstanceStop::Now);
+                        }
+                    }
+                    InstanceState::Busy if now.saturating_sub(inst.last_beat_ms) > def.heartbeat_timeout_ms => {
+                        tracing::error!(pool = %name, index = inst.index, pid = inst.pid, task = ?inst.task_id, "no heartbeat or progress for {} ms: killing the instance's process group", def.heartbeat_timeout_ms);
+                        inst.stop_reason = Some(StopReason::Hung);
+                        inst.state = InstanceState::Stopping;
+                        if let Some(stop) = &inst.stop {
+                            let _ = stop.send(InstanceStop::Now);
+                        }
+                    }
+                    InstanceState::Restarting { at_ms } if now >= at_ms => to_spawn.push((name.clone(), inst.index)),
+                    _ => {}
+                }
+            }
+        }
+        for (name, index) in to_spawn {
+            self.spawn_instance(&name, index);
+        }
+    }
+
+    /// Stopping instances take part in sync_availability's count, so a check that changed
+    /// states must be followed by one.
+    pub(super) async fn watch_pools(&mut self) -> Result<(), RuntimeError> {
+        self.check_pools_now();
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            self.sync_availability(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// On shutdown: ask every instance to exit, then stop those that do not.
+    pub(super) fn stop_pools(&mut self) {
+        for pool in self.pools.values_mut() {
+            for inst in &mut pool.instances {
+                inst.stop_reason = Some(StopReason::Shutdown);
+                if let Some(tx) = &inst.stdin {
+                    let _ = tx.send(json!({"type": "shutdown"}).to_string());
+                }
+                if let Some(stop) = &inst.stop {
+                    let _ = stop.send(InstanceStop::Graceful);
+                }
+            }
+        }
+    }
+
+    /// During shutdown: the instance's process is gone.
+    pub(super) fn instance_gone(&mut self, pool: &str, index: usize, generation: u64) {
+        if let Some(inst) = self.pools.get_mut(pool).and_then(|p| p.instances.get_mut(index))
+            && inst.generation == generation
+        {
+            inst.stop = None;
+        }
+    }
+
+    pub(super) fn instances_running(&self) -> usize {
+        self.pools.values().flat_map(|p| &p.instances).filter(|i| i.stop.is_some()).count()
+    }
+
+    pub(super) fn pool_views(&self) -> Vec<PoolView> {
+        self.pools
+            .iter()
+            .map(|(name, p)| PoolView {
+                name: name.clone(),
+                instances: p
+                    .instances
+                    .iter()
+                    .map(|i| InstanceView {
+                        index: i.index,
+                        state: i.state.as_str(i.consecutive_failures >= CRASH_LOOP),
+                        pid: i.pid,
+                        devices: i
+                            .grant
+                            .as_ref()
+                            .map(|g| g.devices())
+                            .unwrap_or_else(|| i.device.into_iter().collect()),
+                        task: i.task_id.clone(),
+                        tasks_done: i.tasks_done,
+                        restarts: i.restarts,
+                        consecutive_failures: i.consecutive_failures,
+                        last_error: i.last_error.clone(),
+                        info: i.info.clone(),
+                        progress: i.progress.clone(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The pool a stage runs on, if it is a worker stage.
+    pub(super) fn pool_of(&self, job: JobId, stage: usize) -> Option<String> {
+        match &self.jobs.get(&job)?.pipeline.stages[stage] {
+            StageExec::Worker { pool } => Some(pool.clone()),
+            StageExec::Command { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Worker pools with real Python workers (the SDK in `python/`): exceptions, crashes,
+//! deadlocks, children that outlive their worker, SIGTERM ignored, protocol garbage.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::fixture::*;
+
+/// One worker script; each job's `mode` input picks a misbehaviour.
+const WORKER: &str = r#"
+import os, signal, subprocess, sys, threading, time
+import gpuflow
+
+class Test(gpuflow.Worker):
+    def load(self):
+        if os.environ.get("IGNORE_TERM"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return {"providers": ["CPUExecutionProvider"], "device": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    def handle(self, task):
+        mode = task.input.get("mode", "ok")
+        first = task.attempt == 1
+        if mode == "raise":
+            raise ValueError(f"bad frame {task.input.get('n')}")
+        if mode == "crash-once" and first:
+            os._exit(3)
+        if mode == "deadlock-once" and first:
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()  # report 003: blocks forever
+        if mode == "fork-then-crash" and first:
+            child = subprocess.Popen(["sleep", "300"])
+            with open(task.input["pidfile"], "w") as f:
+                f.write(str(child.pid))
+            os._exit(1)
+        if mode == "slow":
+            for i in range(600):
+                time.sleep(0.05)
+                task.progress(i / 600)
+        print("this goes to stderr, not the protocol")
+        return {"pid": os.getpid(), "attempt": task.attempt, "n": task.input.get("n")}
+
+gpuflow.serve(Test())
+"#;
+
+fn config(extra_env: &str, heartbeat: &str) -> String {
+    format!(
+        r#"
+resources: {{gpus: [{{memory: 16GiB}}], cpu: 2}}
+limits: {{kill_grace: 500ms}}
+workers:
+  model:
+    command: [python3, "{{DIR}}/worker.py"]
+    instances: 2
+    needs: {{gpu_memory: 4GiB}}
+    startup_timeout: 20s
+    heartbeat_timeout: {heartbeat}
+    env: {{{extra_env}}}
+pipelines:
+  infer:
+    stages:
+      - {{name: infer, worker: model, timeout: 3s, retry: {{max_attempts: 2, backoff: {{initial: 100ms}}}}}}
+  once:
+    stages:
+      - {{name: infer, worker: model, retry: {{max_attempts: 1}}}}
+"#
+    )
+}
+
+async fn start(extra_env: &str, heartbeat: &str) -> Engine {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("worker.py");
+    std::fs::write(&script, WORKER).unwrap();
+    let engine =
+        Engine::start(&config(extra_env, heartbeat).replace("{DIR}/worker.py", &script.display().to_string())).await;
+    std::mem::forget(dir); // the script must outlive the engine; the OS temp dir is cleaned elsewhere
+    wait_ready(&engine, 2).await;
+    engine
+}
+
+fn instances(r: &Value) -> Vec<Value> {
+    r["pools"][0]["instances"].as_array().unwrap().clone()
+}
+
+async fn wait_ready(engine: &Engine, n: usize) {
+    engine
+        .wait_until("pool instances ready", Duration::from_secs(30), async |e| {
+            instances(&e.resources().await).iter().filter(|i| i["state"] == "idle").count() == n
+        })
+        .await;
+}
+
+/// Both instances idle, no task held, memory shares still held by the instances only.
+async fn assert_pool_whole(engine: &Engine) {
+    wait_ready(engine, 2).await;
+    let r = engine.resources().await;
+    assert_eq!(r["leases"], json!([]), "{r:#}");
+    assert_eq!(r["gpus"][0]["memory_leased_bytes"], 8u64 << 30, "two 4 GiB standing leases: {r:#}");
+    assert!(zombie_children_of(engine.pid()).is_empty(), "zombies left");
+}
+
+#[tokio::test]
+async fn instances_start_with_their_device_and_report_ready_info() {
+    let engine = start("", "5s").await;
+    let r = engine.resources().await;
+    for inst in instances(&r) {
+        assert_eq!(inst["info"]["providers"], json!(["CPUExecutionProvider"]));
+        assert_eq!(inst["info"]["device"], "0", "CUDA_VISIBLE_DEVICES is the instance's device");
+        assert_eq!(inst["devices"], json!([0]));
+    }
+    let job = engine.wait_final(&engine.submit("infer", json!({"n": 7})).await, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["output"]["n"], 7);
+    let worker_log = std::fs::read_to_string(engine.path("data/workers/model.0.stderr.log")).unwrap_or_default()
+        + &std::fs::read_to_string(engine.path("data/workers/model.1.stderr.log")).unwrap_or_default();
+    assert!(worker_log.contains("this goes to stderr"), "print() goes to the log, not the protocol");
+    assert_pool_whole(&engine).await;
+}
+
+#[tokio::test]
+async fn a_thousand_failing_tasks_leave_the_pool_whole() {
+    let engine = start("", "5s").await;
+    let mut ids = Vec::new();
+    for n in 0..1000 {
+        ids.push(engine.submit("once", json!({"mode": "raise", "n": n})).await);
+    }
+    for id in &ids {
+        let job = engine.wait_final(id, Duration::from_secs(120)).await;
+        assert_eq!(job["state"], "failed");
+        assert!(job["error"].as_str().unwrap().contains("ValueError: bad frame"), "{job:#}");
+    }
+    let r = engine.resources().await;
+    for inst in instances(&r) {
+        assert_eq!(inst["restarts"], 0, "an exception must not cost an instance: {inst:#}");
+    }
+    let done: u64 = instances(&r).iter().map(|i| i["tasks_done"].as_u64().unwrap()).sum();
+    assert_eq!(done, 1000);
+    assert_pool_whole(&engine).await;
+    let job = engine.wait_final(&engine.submit("once", json!({})).await, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_crash_retries_the_task_on_a_restarted_instance() {
+    let engine = start("", "5s").await;
+    let job =
+        engine.wait_final(&engine.submit("infer", json!({"mode": "crash-once"})).await, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let first = &job["stages"][0]["attempt_history"][0];
+    assert_eq!(first["state"], "failed");
+    assert!(first["error"].as_str().unwrap().contains("exited with status 3"), "{first:#}");
+    assert_eq!(job["output"]["attempt"], 2);
+    assert_pool_whole(&engine).await;
+    let restarts: u64 = instances(&engine.resources().await).iter().map(|i| i["restarts"].as_u64().unwrap()).sum();
+    assert_eq!(restarts, 1, "the crashed instance was restarted, once");
+}
+
+#[tokio::test]
+async fn a_deadlocked_handler_is_detected_killed_and_its_task_retried() {
+    let engine = start("", "1s").await;
+    let started = std::time::Instant::now();
+    let job = engine
+        .wait_final(&engine.submit("infer", json!({"mode": "deadlock-once"})).await, Duration::from_secs(30))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let first = &job["stages"][0]["attempt_history"][0];
+    assert!(first["error"].as_str().unwrap().contains("no heartbeat or progress for 1s"), "{first:#}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "detected within ~2x the heartbeat timeout: {:?}",
+        started.elapsed()
+    );
+    assert_pool_whole(&engine).await;
+}
+
+#[tokio::test]
+async fn children_of_a_crashed_worker_do_not_outlive_it() {
+    let engine = start("", "5s").await;
+    let pidfile = engine.path("child.pid");
+    let input = json!({"mode": "fork-then-crash", "pidfile": pidfile.display().to_string()});
+    let job = engine.wait_final(&engine.submit("infer", input).await, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let child = read_pid(&pidfile);
+    engine.wait_until("the orphaned child is gone", Duration::from_secs(5), async |_| !alive(child)).await;
+    assert_pool_whole(&engine).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_ignores_sigterm_is_killed_when_its_task_times_out() {
+    let engine = start("IGNORE_TERM: \"1\"", "5s").await;
+    let before: Vec<Value> = instances(&engine.resources().await);
+    let job = engine.wait_final(&engine.submit("infer", json!({"mode": "slow"})).await, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "failed", "two attempts, each past its 3 s timeout: {job:#}");
+    for attempt in job["stages"][0]["attempt_history"].as_array().unwrap() {
+        assert_eq!(attempt["state"], "timed_out", "{job:#}");
+    }
+    assert_pool_whole(&engine).await;
+    let after = instances(&engine.resources().await);
+    let restarted: u64 = after.iter().map(|i| i["restarts"].as_u64().unwrap()).sum();
+    assert_eq!(restarted, 2, "each timed-out task cost its instance a restart");
+    for old in before {
+        let pid = old["pid"].as_i64().unwrap() as i32;
+        if !after.iter().any(|i| i["pid"] == old["pid"]) {
+            assert!(!alive(pid), "the stopped instance {pid} is gone, SIGTERM ignored or not");
+        }
+    }
+}
+
+#[tokio::test]
+async fn protocol_garbage_fails_the_task_and_replaces_the_instance() {
+    // A worker written without the SDK: it answers its first task with garbage.
+    let raw = r#"
+import json, os, sys
+print(json.dumps({"type": "ready", "protocol": 1, "info": {"sdk": False}}), flush=True)
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["type"] == "shutdown":
+        break
+    if msg["attempt"] == 1:
+        print("this is not JSON", flush=True)
+        continue
+    print(json.dumps({"type": "result", "task": msg["task"], "output": {"ok": True}}), flush=True)
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("raw.py"), raw).unwrap();
+    let engine = Engine::start(&format!(
+        r#"
+resources: {{gpus: none, cpu: 1}}
+workers:
+  raw: {{command: [python3, "{}"], instances: 1}}
+pipelines:
+  p: {{stages: [{{name: s, worker: raw, retry: {{max_attempts: 2, backoff: {{initial: 50ms}}}}}}]}}
+"#,
+        dir.path().join("raw.py").display()
+    ))
+    .await;
+    let job = engine.wait_final(&engine.submit("p", json!({})).await, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let first = job["stages"][0]["attempt_history"][0]["error"].as_str().unwrap();
+    assert!(first.contains("protocol error") && first.contains("not JSON"), "{first}");
+    assert_eq!(instances(&engine.resources().await)[0]["restarts"], 1);
+}
