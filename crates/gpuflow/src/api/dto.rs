@@ -28,6 +28,33 @@ fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
+/// Report 004's request shape, so their gateway can point at gpuflow unchanged.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowRequest {
+    /// Becomes the job input named by `workflows.input` (default `video_path`); checked against `allowed_roots`.
+    pub video_path: String,
+    pub workflow_config: WorkflowConfig,
+    #[serde(default)]
+    pub priority: i32,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowConfig {
+    /// Names of stages under `workflows.stages`, run in this order.
+    pub workflow_chain: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WorkflowResponse {
+    /// The job id (as in `/v1/jobs/{id}`).
+    pub workflow_id: String,
+    pub id: String,
+    pub state: String,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct SubmitJobResponse {
     pub id: String,

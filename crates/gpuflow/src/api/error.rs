@@ -16,7 +16,7 @@ pub struct ErrorBody {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: `invalid_request`, `invalid_input`, `unknown_pipeline`,
-    /// `payload_too_large`, `queue_full`, `not_found`, `already_finished`,
+    /// `unknown_stage`, `payload_too_large`, `queue_full`, `not_found`, `already_finished`,
     /// `idempotency_conflict`, `unauthorized`, `shutting_down`, `internal`.
     pub code: String,
     pub message: String,

@@ -56,6 +56,49 @@ pub async fn submit_job(
     Ok((status, Json(SubmitJobResponse { id: submitted.id, state: submitted.state })))
 }
 
+/// Submit a workflow in report 004's shape: a chain of named stages from `workflows.stages`.
+#[utoipa::path(post, path = "/v1/workflows", request_body = WorkflowRequest,
+    responses(
+        (status = 201, description = "Accepted and durable", body = WorkflowResponse),
+        (status = 200, description = "An earlier job with the same idempotency key", body = WorkflowResponse),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+    ))]
+pub async fn submit_workflow(
+    State(app): State<AppState>,
+    body: Result<ApiJson<WorkflowRequest>, ApiError>,
+) -> Result<impl IntoResponse, ApiError> {
+    let ApiJson(body) = body?;
+    let Some(library) = &app.config.workflows else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_pipeline",
+            "this engine has no `workflows:` library; declare one in the pipeline file",
+        ));
+    };
+    let def = library
+        .chain(&body.workflow_config.workflow_chain)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_stage", e))?;
+    if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
+        return Err(ApiError::bad_request("idempotency_key: must be 1 to 200 characters"));
+    }
+    let path = crate::config::check_path(&body.video_path, &app.config.allowed_roots)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("video_path: {e}")))?;
+    let mut input = serde_json::Map::new();
+    input.insert(library.input_key.clone(), path.display().to_string().into());
+    let submitted = app
+        .engine
+        .submit(SubmitRequest {
+            pipeline: def.core.name.clone(),
+            input: input.into(),
+            priority: body.priority,
+            idempotency_key: body.idempotency_key,
+        })
+        .await?;
+    let status = if submitted.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(WorkflowResponse { workflow_id: submitted.id.clone(), id: submitted.id, state: submitted.state })))
+}
+
 /// List jobs, newest first.
 #[utoipa::path(get, path = "/v1/jobs", params(JobListQuery),
     responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]

@@ -72,6 +72,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(handlers::submit_job, handlers::list_jobs))
         .routes(routes!(handlers::get_job))
+        .routes(routes!(handlers::submit_workflow))
         .routes(routes!(handlers::cancel_job))
         .routes(routes!(handlers::resources))
         .routes(routes!(handlers::healthz))

@@ -81,7 +81,34 @@ struct FileConfig {
     limits: LimitsFile,
     #[serde(default)]
     workers: BTreeMap<String, Spanned<WorkerFile>>,
+    workflows: Option<Spanned<WorkflowsFile>>,
+    #[serde(default)]
     pipelines: BTreeMap<String, Spanned<PipelineFile>>,
+}
+
+/// Named stage definitions that `POST /v1/workflows` chains on request (report 004's shape).
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct WorkflowsFile {
+    /// The job input key that receives the request's `video_path`.
+    input: Option<String>,
+    max_queued: Option<u32>,
+    stages: BTreeMap<String, Spanned<LibraryStageFile>>,
+}
+
+/// A stage definition in the workflow library: a stage without `name` and `after` (the
+/// name is its key; a chain runs its stages in request order).
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct LibraryStageFile {
+    command: Option<Vec<String>>,
+    worker: Option<String>,
+    needs: Option<NeedsFile>,
+    timeout: Option<Millis>,
+    retry: Option<RetryFile>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    workdir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -206,7 +233,7 @@ pub enum InputKind {
     Array,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct StageFile {
     name: String,
@@ -221,7 +248,7 @@ struct StageFile {
     workdir: Option<PathBuf>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct NeedsFile {
     #[serde(default)]
@@ -233,14 +260,14 @@ struct NeedsFile {
     counters: BTreeMap<String, u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RetryFile {
     max_attempts: Option<u32>,
     backoff: Option<BackoffFile>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct BackoffFile {
     initial: Option<Millis>,
@@ -315,6 +342,106 @@ pub struct Config {
     pub limits: Limits,
     pub workers: BTreeMap<String, Arc<WorkerDef>>,
     pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
+    pub workflows: Option<WorkflowLibrary>,
+}
+
+/// Prefix of the pipeline name a workflow chain runs under, e.g.
+/// `workflow:ffmpeg.extract_keyframes,paddleocr.perform_ocr`. The name alone rebuilds the
+/// pipeline, so recovery needs nothing else.
+pub const WORKFLOW_PREFIX: &str = "workflow:";
+
+#[derive(Clone)]
+pub struct WorkflowLibrary {
+    pub input_key: String,
+    pub max_queued: u32,
+    file_label: String,
+    stages: BTreeMap<String, Spanned<LibraryStageFile>>,
+    capacity: Capacity,
+    workers: BTreeMap<String, Arc<WorkerDef>>,
+}
+
+impl fmt::Debug for WorkflowLibrary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkflowLibrary").field("stages", &self.stages.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+impl WorkflowLibrary {
+    pub fn stage_names(&self) -> Vec<&str> {
+        self.stages.keys().map(String::as_str).collect()
+    }
+
+    /// Builds the pipeline for a chain of named stages, each after the one before it.
+    pub fn chain(&self, chain: &[String]) -> Result<Arc<PipelineDef>, String> {
+        self.build(chain, &[])
+    }
+
+    fn build(&self, chain: &[String], lenient_refs: &[String]) -> Result<Arc<PipelineDef>, String> {
+        if chain.is_empty() {
+            return Err("workflow_config.workflow_chain: must name at least one stage".into());
+        }
+        let mut stages = Vec::new();
+        for (i, name) in chain.iter().enumerate() {
+            let Some(def) = self.stages.get(name) else {
+                return Err(format!(
+                    "workflow_config.workflow_chain[{i}]: unknown stage `{name}`; known stages: {}",
+                    self.stage_names().join(", ")
+                ));
+            };
+            if chain[..i].contains(name) {
+                return Err(format!("workflow_config.workflow_chain[{i}]: stage `{name}` appears twice"));
+            }
+            let l = def.value.clone();
+            let stage = StageFile {
+                name: workflow_stage_name(name),
+                command: l.command,
+                worker: l.worker,
+                needs: l.needs,
+                timeout: l.timeout,
+                retry: l.retry,
+                after: None,
+                env: l.env,
+                workdir: l.workdir,
+            };
+            stages.push(Spanned::new(stage, def.referenced, def.defined));
+        }
+        let file = PipelineFile { max_queued: Some(self.max_queued), inputs: BTreeMap::new(), stages };
+        let name = format!("{WORKFLOW_PREFIX}{}", chain.join(","));
+        let mut errors = Errors { file: self.file_label.clone(), list: Vec::new() };
+        let def = compile_pipeline(
+            &name,
+            &file,
+            &serde_saphyr::Location::UNKNOWN,
+            &self.capacity,
+            &self.workers,
+            lenient_refs,
+            &mut errors,
+        );
+        match def {
+            Some(def) if errors.list.is_empty() => Ok(Arc::new(def)),
+            _ => Err(format!("workflow_config.workflow_chain: this chain cannot run: {}", ConfigErrors(errors.list))),
+        }
+    }
+}
+
+/// A library stage's name inside a chain: templates split on `.`, so dots become `_`.
+pub fn workflow_stage_name(library_name: &str) -> String {
+    library_name.replace('.', "_")
+}
+
+impl Config {
+    /// A pipeline by the name a job records: a declared pipeline or a workflow chain.
+    pub fn pipeline(&self, name: &str) -> Result<Arc<PipelineDef>, String> {
+        if let Some(def) = self.pipelines.get(name) {
+            return Ok(def.clone());
+        }
+        if let Some(chain) = name.strip_prefix(WORKFLOW_PREFIX) {
+            let library = self.workflows.as_ref().ok_or("this file declares no `workflows:` library")?;
+            let chain: Vec<String> = chain.split(',').map(str::to_string).collect();
+            return library.chain(&chain);
+        }
+        Err(format!("pipeline `{name}` is not declared"))
+    }
 }
 
 struct Errors {
@@ -452,13 +579,50 @@ impl Config {
                 );
             }
             if let Some(def) =
-                compile_pipeline(name, &spanned.value, &spanned.referenced, &capacity, &workers, &mut errors)
+                compile_pipeline(name, &spanned.value, &spanned.referenced, &capacity, &workers, &[], &mut errors)
             {
                 pipelines.insert(name.clone(), Arc::new(def));
             }
         }
-        if file.pipelines.is_empty() {
-            errors.at(&start, "pipelines", "declare at least one pipeline");
+        let workflows = file.workflows.as_ref().map(|w| {
+            for (name, stage) in &w.value.stages {
+                if !name.split('.').all(is_identifier) {
+                    errors.at(
+                        &stage.referenced,
+                        format!("workflows.stages.{name}"),
+                        "stage names may use a-z, A-Z, 0-9, `_`, `-` and `.`",
+                    );
+                }
+                if !is_identifier(&workflow_stage_name(name))
+                    || w.value.stages.keys().filter(|k| workflow_stage_name(k) == workflow_stage_name(name)).count() > 1
+                {
+                    errors.at(
+                        &stage.referenced,
+                        format!("workflows.stages.{name}"),
+                        "names must stay distinct when `.` becomes `_`",
+                    );
+                }
+            }
+            // Check every library stage as a chain of one, so mistakes show up at check time.
+            // Its references to other library stages are checked per request, against the chain.
+            let all: Vec<String> = w.value.stages.keys().map(|k| workflow_stage_name(k)).collect();
+            let library = WorkflowLibrary {
+                input_key: w.value.input.clone().unwrap_or_else(|| "video_path".into()),
+                max_queued: w.value.max_queued.unwrap_or(1_000),
+                file_label: label.to_string(),
+                stages: w.value.stages.clone(),
+                capacity: capacity.clone(),
+                workers: workers.clone(),
+            };
+            for name in w.value.stages.keys() {
+                if let Err(e) = library.build(std::slice::from_ref(name), &all) {
+                    errors.at(&w.value.stages[name].referenced, format!("workflows.stages.{name}"), e);
+                }
+            }
+            library
+        });
+        if file.pipelines.is_empty() && file.workflows.is_none() {
+            errors.at(&start, "pipelines", "declare at least one pipeline (or a `workflows:` library)");
         }
 
         let limits = Limits {
@@ -489,6 +653,7 @@ impl Config {
             limits,
             workers,
             pipelines,
+            workflows,
         })
     }
 }
@@ -602,6 +767,7 @@ fn compile_pipeline(
     loc: &serde_saphyr::Location,
     capacity: &Capacity,
     workers: &BTreeMap<String, Arc<WorkerDef>>,
+    lenient_refs: &[String],
     errors: &mut Errors,
 ) -> Option<PipelineDef> {
     let before = errors.list.len();
@@ -785,6 +951,8 @@ fn compile_pipeline(
                     "stage `{stage_name}` does not run before `{}`; only stages it comes `after` (directly or not) can be referenced",
                     stage.name
                 )),
+                // Checking a workflow-library stage alone: it may name any library stage.
+                None if lenient_refs.iter().any(|r| r == stage_name) => Ok(0),
                 None => Err(format!("unknown stage `{stage_name}`")),
             }
         };

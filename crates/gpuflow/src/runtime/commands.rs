@@ -182,7 +182,7 @@ impl<S: Store> Runtime<S> {
     /// Admission: known pipeline, idempotency, queue bound, then a durable insert. The job is
     /// acknowledged only once it is committed.
     async fn admit(&mut self, request: SubmitRequest) -> Result<(Submitted, Option<Event>), AdmitError> {
-        let Some(def) = self.config.pipelines.get(&request.pipeline).cloned() else {
+        let Ok(def) = self.config.pipeline(&request.pipeline) else {
             let known = self.config.pipelines.keys().cloned().collect::<Vec<_>>().join(", ");
             return Err(AdmitError::Refused(EngineError::UnknownPipeline { name: request.pipeline, known }));
         };

@@ -80,6 +80,8 @@ pub(super) struct Instance {
     info: Option<Value>,
     progress: Option<Value>,
     stop_reason: Option<StopReason>,
+    /// A recycled instance that ignored `shutdown` has been sent SIGTERM.
+    escalated: bool,
 }
 
 pub(super) struct Pool {
@@ -152,6 +154,7 @@ impl<S: Store> Runtime<S> {
                     info: None,
                     progress: None,
                     stop_reason: None,
+                    escalated: false,
                 });
             }
             self.pools.insert(name, Pool { def, instances, available: 0 });
@@ -204,6 +207,7 @@ impl<S: Store> Runtime<S> {
         inst.info = None;
         inst.progress = None;
         inst.stop_reason = None;
+        inst.escalated = false;
         inst.tasks_done = 0;
         inst.stdin = Some(stdin_tx);
         inst.stop = Some(stop_tx);
@@ -367,6 +371,7 @@ impl<S: Store> Runtime<S> {
             // Recycle to bound leaks: ask it to exit; it is replaced at once.
             tracing::info!(pool, index, tasks = inst.tasks_done, "recycling worker instance (max_tasks_per_instance)");
             inst.state = InstanceState::Stopping;
+            inst.since_ms = self.clock.now_ms();
             inst.stop_reason = Some(StopReason::Recycle);
             if let Some(tx) = &inst.stdin {
                 let _ = tx.send(json!({"type": "shutdown"}).to_string());
@@ -500,6 +505,18 @@ impl<S: Store> Runtime<S> {
                         }
                     }
                     InstanceState::Restarting { at_ms } if now >= at_ms => to_spawn.push((name.clone(), inst.index)),
+                    // Asked to exit (recycling) but still there after the grace period.
+                    InstanceState::Stopping
+                        if inst.stop_reason == Some(StopReason::Recycle)
+                            && !inst.escalated
+                            && now.saturating_sub(inst.since_ms) > self.config.limits.kill_grace_ms =>
+                    {
+                        tracing::warn!(pool = %name, index = inst.index, "recycled instance ignored `shutdown`; stopping it");
+                        inst.escalated = true;
+                        if let Some(stop) = &inst.stop {
+                            let _ = stop.send(InstanceStop::Graceful);
+                        }
+                    }
                     _ => {}
                 }
             }

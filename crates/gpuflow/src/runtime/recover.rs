@@ -47,11 +47,7 @@ impl<S: Store> Runtime<S> {
             }
             let config = &parsed[&hash];
             let def = match config {
-                Ok(c) => c
-                    .pipelines
-                    .get(&job.job.pipeline)
-                    .cloned()
-                    .ok_or_else(|| format!("pipeline `{}` is missing", job.job.pipeline)),
+                Ok(c) => c.pipeline(&job.job.pipeline),
                 Err(e) => Err(e.clone()),
             }
             .and_then(|def| {

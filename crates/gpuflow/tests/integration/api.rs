@@ -178,3 +178,66 @@ async fn openapi_spec_covers_every_route() {
     }
     assert!(spec["components"]["schemas"]["SubmitJobRequest"].is_object());
 }
+
+#[tokio::test]
+async fn report_004_workflow_requests_build_a_chain_from_named_stages() {
+    let mut engine = Engine::start(
+        r#"
+resources: {gpus: [{memory: 16GiB}], cpu: 2}
+allowed_roots: ["{DIR}"]
+workflows:
+  input: video
+  stages:
+    ffmpeg.extract_keyframes:
+      command: [sh, -c, 'sleep 0.5; echo "{{\"frames\": 3, \"video\": \"$1\"}}" > $GPUFLOW_OUTPUT', sh, "{input.video}"]
+    paddleocr.detect_subtitle_area:
+      needs: {gpu: 1}
+      command: [sh, -c, 'echo "{{\"area\": \"bottom\", \"frames\": $1}}" > $GPUFLOW_OUTPUT', sh, "{stages.ffmpeg_extract_keyframes.frames}"]
+    postprocess.finalize:
+      command: [sh, -c, 'echo "{{\"done\": true}}" > $GPUFLOW_OUTPUT']
+"#,
+    )
+    .await;
+    let video = engine.path("v.mp4").display().to_string();
+    let body = json!({"video_path": video, "workflow_config": {"workflow_chain": ["ffmpeg.extract_keyframes", "paddleocr.detect_subtitle_area", "postprocess.finalize"]}});
+    let (status, created) = engine.post("/v1/workflows", body.clone()).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["workflow_id"].as_str().unwrap().to_string();
+    // The chain survives an engine crash: its name alone rebuilds it.
+    engine.kill9();
+    engine.restart().await;
+    let job = engine.wait_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let names: Vec<&str> = job["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ffmpeg_extract_keyframes", "paddleocr_detect_subtitle_area", "postprocess_finalize"]);
+    assert_eq!(job["stages"][0]["output"]["video"], video.as_str());
+    assert_eq!(job["stages"][1]["output"], json!({"area": "bottom", "frames": 3}));
+
+    let (status, err) = engine.post("/v1/workflows", json!({"video_path": video, "workflow_config": {"workflow_chain": ["ffmpeg.extract_keyframes", "paddleocr.perfrom_ocr"]}})).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["code"], "unknown_stage");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("workflow_chain[1]: unknown stage `paddleocr.perfrom_ocr`")
+            && message.contains("postprocess.finalize"),
+        "{message}"
+    );
+
+    // A chain whose template needs a stage that is not before it is refused up front.
+    let (status, err) = engine
+        .post(
+            "/v1/workflows",
+            json!({"video_path": video, "workflow_config": {"workflow_chain": ["paddleocr.detect_subtitle_area"]}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("ffmpeg_extract_keyframes"), "{err}");
+
+    let (status, err) = engine
+        .post(
+            "/v1/workflows",
+            json!({"video_path": "/etc/passwd", "workflow_config": {"workflow_chain": ["postprocess.finalize"]}}),
+        )
+        .await;
+    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("invalid_input")), "{err}");
+}

@@ -21,8 +21,17 @@ impl Engine {
     /// `body` is the pipeline file without `listen` and `data_dir`; `{DIR}` stands for the
     /// test's temp dir.
     pub async fn start(body: &str) -> Engine {
+        Engine::start_with_files(body, &[]).await
+    }
+
+    /// Like `start`, with `(name, contents)` files written into the temp dir first (worker
+    /// scripts, which run as soon as the engine starts).
+    pub async fn start_with_files(body: &str, files: &[(&str, &str)]) -> Engine {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().expect("tempdir");
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let text = format!(
             "listen: 127.0.0.1:0\ndata_dir: {}\n{}",
             dir.path().join("data").display(),

@@ -45,6 +45,10 @@ gpuflow.serve(Test())
 "#;
 
 fn config(extra_env: &str, heartbeat: &str) -> String {
+    config_with(extra_env, heartbeat, "")
+}
+
+fn config_with(extra_env: &str, heartbeat: &str, pool_extra: &str) -> String {
     format!(
         r#"
 resources: {{gpus: [{{memory: 16GiB}}], cpu: 2}}
@@ -57,6 +61,7 @@ workers:
     startup_timeout: 20s
     heartbeat_timeout: {heartbeat}
     env: {{{extra_env}}}
+    {pool_extra}
 pipelines:
   infer:
     stages:
@@ -69,12 +74,11 @@ pipelines:
 }
 
 async fn start(extra_env: &str, heartbeat: &str) -> Engine {
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("worker.py");
-    std::fs::write(&script, WORKER).unwrap();
-    let engine =
-        Engine::start(&config(extra_env, heartbeat).replace("{DIR}/worker.py", &script.display().to_string())).await;
-    std::mem::forget(dir); // the script must outlive the engine; the OS temp dir is cleaned elsewhere
+    start_with(&config(extra_env, heartbeat)).await
+}
+
+async fn start_with(config: &str) -> Engine {
+    let engine = Engine::start_with_files(config, &[("worker.py", WORKER)]).await;
     wait_ready(&engine, 2).await;
     engine
 }
@@ -222,22 +226,37 @@ for line in sys.stdin:
         continue
     print(json.dumps({"type": "result", "task": msg["task"], "output": {"ok": True}}), flush=True)
 "#;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("raw.py"), raw).unwrap();
-    let engine = Engine::start(&format!(
+    let engine = Engine::start_with_files(
         r#"
-resources: {{gpus: none, cpu: 1}}
+resources: {gpus: none, cpu: 1}
 workers:
-  raw: {{command: [python3, "{}"], instances: 1}}
+  raw: {command: [python3, "{DIR}/raw.py"], instances: 1}
 pipelines:
-  p: {{stages: [{{name: s, worker: raw, retry: {{max_attempts: 2, backoff: {{initial: 50ms}}}}}}]}}
+  p: {stages: [{name: s, worker: raw, retry: {max_attempts: 2, backoff: {initial: 50ms}}}]}
 "#,
-        dir.path().join("raw.py").display()
-    ))
+        &[("raw.py", raw)],
+    )
     .await;
     let job = engine.wait_final(&engine.submit("p", json!({})).await, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let first = job["stages"][0]["attempt_history"][0]["error"].as_str().unwrap();
     assert!(first.contains("protocol error") && first.contains("not JSON"), "{first}");
     assert_eq!(instances(&engine.resources().await)[0]["restarts"], 1);
+}
+
+#[tokio::test]
+async fn instances_are_recycled_after_max_tasks() {
+    let engine = start_with(&config_with("", "5s", "max_tasks_per_instance: 2")).await;
+    let mut pids = std::collections::BTreeSet::new();
+    for n in 0..6 {
+        let job = engine.wait_final(&engine.submit("infer", json!({"n": n})).await, Duration::from_secs(20)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        pids.insert(job["output"]["pid"].as_i64().unwrap());
+    }
+    assert!(pids.len() >= 3, "6 tasks at 2 per incarnation need at least 3 processes: {pids:?}");
+    assert_pool_whole(&engine).await;
+    for pid in pids {
+        let still_serving = instances(&engine.resources().await).iter().any(|i| i["pid"].as_i64() == Some(pid));
+        assert!(still_serving || !alive(pid as i32), "recycled instance {pid} is gone");
+    }
 }
