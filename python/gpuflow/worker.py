@@ -1,0 +1,454 @@
+"""Worker side of the gpuflow worker protocol, version 1.
+
+The protocol itself is specified in docs/worker-protocol.md. This module implements it so
+that a model worker only writes `load()` and `handle()`:
+
+    class OcrWorker(gpuflow.Worker):
+        def load(self):
+            self.session = make_session()
+            return {"providers": self.session.get_providers()}
+
+        def handle(self, task):
+            return {"text": run(self.session, task.input["image"])}
+
+    if __name__ == "__main__":
+        gpuflow.serve(OcrWorker())
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Dict, NoReturn, Optional, Tuple
+
+PROTOCOL_VERSION = 1
+
+# The engine treats a longer line from a worker as a protocol error and restarts the instance,
+# so an output that would exceed it is turned into a task error here instead.
+MAX_LINE_BYTES = 1024 * 1024
+
+DEFAULT_HEARTBEAT_INTERVAL_MS = 1000
+
+# A handler that reports progress once per frame could otherwise write thousands of lines a
+# second; between sends, only the newest report is kept and the heartbeat thread delivers it.
+_PROGRESS_MIN_GAP_S = 0.2
+
+# Error messages are stored with the stage attempt; the full traceback goes to stderr.
+_ERROR_HEAD_MAX_CHARS = 8 * 1024
+_ERROR_MAX_CHARS = 16 * 1024
+_TRACEBACK_TAIL_LINES = 12
+
+
+class PermanentError(Exception):
+    """Raise from `Worker.handle` when retrying cannot help, e.g. the input is unusable.
+
+    The task fails with ``retryable: false`` and the message of the exception.
+    Any other exception fails the task with ``retryable: true``.
+    """
+
+
+class Worker:
+    """Base class of a model worker. Subclass it and pass an instance to `serve`."""
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        """Load the model. Called once, before the instance reports ready.
+
+        The returned dict becomes the ``info`` of the ready message (``pid`` is added when
+        absent). By convention it names the execution providers actually in use, e.g.
+        ``{"providers": session.get_providers()}``. Raising makes the process exit with
+        status 1 without reporting ready.
+        """
+        return {}
+
+    def handle(self, task: "Task") -> Any:
+        """Run one task and return its output (any JSON-serialisable value)."""
+        raise NotImplementedError(f"{type(self).__name__}.handle() is not implemented")
+
+
+def _encode(message: Dict[str, Any]) -> bytes:
+    # ensure_ascii=False plus a strict UTF-8 encode rejects lone surrogates here, instead of
+    # sending escapes that the engine's JSON parser refuses.
+    text = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8") + b"\n"
+
+
+def _clean_text(text: str) -> str:
+    """Make arbitrary text (tracebacks, file names) safe to encode as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _log(text: str) -> None:
+    sys.stderr.write(f"gpuflow worker: {text}\n")
+    sys.stderr.flush()
+
+
+class _Channel:
+    """The protocol stream to the engine: whole lines, written under one lock.
+
+    `current` is the task the engine sees this instance holding. It changes only under the
+    lock, together with the line that ends the task, so no heartbeat or progress line for a
+    task can follow its result (the engine would take that as a protocol error).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.lock = threading.Lock()
+        self.current: Optional[Task] = None
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self._write(data)
+
+    def begin(self, task: "Task") -> None:
+        with self.lock:
+            self.current = task
+
+    def send_for(self, task: "Task", data: bytes) -> bool:
+        """Send a line about `task` if the instance still holds it; False if it was dropped."""
+        with self.lock:
+            if self.current is not task:
+                return False
+            self._write(data)
+            return True
+
+    def finish(self, task: "Task", data: bytes) -> None:
+        with self.lock:
+            self.current = None
+            self._write(data)
+
+
+class Task:
+    """One task, as handed to `Worker.handle`.
+
+    Attributes: ``id`` (opaque task id), ``job_id``, ``job_dir`` (absolute path of the job's
+    directory), ``stage``, ``attempt`` (1, 2, ...), ``input`` (the job input) and ``stages``
+    (earlier stage name -> its output).
+
+    `progress` and `heartbeat` may be called from any thread while the task runs; after the
+    task has ended they do nothing.
+    """
+
+    def __init__(self, channel: _Channel, message: Dict[str, Any]) -> None:
+        self.id: str = message["task"]
+        self.job_id: str = message.get("job_id", "")
+        self.job_dir: str = message.get("job_dir", "")
+        self.stage: str = message.get("stage", "")
+        self.attempt: int = message.get("attempt", 1)
+        self.input: Any = message.get("input") if message.get("input") is not None else {}
+        self.stages: Dict[str, Any] = message.get("stages") or {}
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._activity = False
+        self._pending_progress: Optional[bytes] = None
+        self._last_progress_sent = -math.inf
+
+    def __repr__(self) -> str:
+        return f"Task(id={self.id!r}, job_id={self.job_id!r}, stage={self.stage!r}, attempt={self.attempt!r})"
+
+    def heartbeat(self) -> None:
+        """Tell the engine the handler is making progress.
+
+        Needed only where the handler waits in one place while work advances elsewhere
+        (another thread, a subprocess, a polling loop on one line); code that moves through
+        Python lines is noticed without it.
+        """
+        with self._lock:
+            self._activity = True
+
+    def progress(self, fraction: Optional[float] = None, message: Optional[str] = None) -> None:
+        """Report progress: `fraction` in [0, 1] and/or a short `message`. Counts as a heartbeat."""
+        line: Dict[str, Any] = {"type": "progress", "task": self.id}
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+                raise TypeError(f"progress fraction must be a number, not {type(fraction).__name__}")
+            if not (0.0 <= fraction <= 1.0):  # also refuses NaN
+                raise ValueError(f"progress fraction must be between 0 and 1, got {fraction!r}")
+            line["fraction"] = float(fraction)
+        if message is not None:
+            if not isinstance(message, str):
+                raise TypeError(f"progress message must be a str, not {type(message).__name__}")
+            line["message"] = _clean_text(message)
+        data = _encode(line)
+        now = time.monotonic()
+        with self._lock:
+            self._activity = True
+            if now - self._last_progress_sent < _PROGRESS_MIN_GAP_S:
+                self._pending_progress = data
+                return
+            self._pending_progress = None
+            self._last_progress_sent = now
+        self._channel.send_for(self, data)
+
+    def _take_beat_state(self) -> Tuple[bool, Optional[bytes]]:
+        """For the heartbeat thread: activity since the last call, and any held-back progress."""
+        with self._lock:
+            active, pending = self._activity, self._pending_progress
+            self._activity = False
+            self._pending_progress = None
+            if pending is not None:
+                self._last_progress_sent = time.monotonic()
+            return active, pending
+
+
+# (innermost frame, its code, line, bytecode offset, stack depth)
+_Position = Tuple[Any, Any, int, int, int]
+
+
+def _same_position(a: Optional[_Position], b: Optional[_Position]) -> bool:
+    if a is None or b is None:
+        return False
+    # Identity of the frame object tells a new call of the same function (same code and
+    # line, e.g. one call per loop iteration) from a frame that has not moved.
+    return a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:]
+
+
+class _Heartbeat(threading.Thread):
+    """Sends a heartbeat each interval only while the handler is making progress.
+
+    Progress means: since the previous beat the handler called `Task.progress` or
+    `Task.heartbeat`, or the handler thread's innermost Python frame moved (another frame
+    object, code object, line or stack depth). A handler blocked on a lock, or stuck in one
+    native call, stays put and the beats stop, so the engine's heartbeat timeout catches it.
+    Beating unconditionally would only prove the process is alive and hide such a hang.
+    """
+
+    def __init__(self, channel: _Channel, interval_s: float, handler_thread_id: int) -> None:
+        super().__init__(name="gpuflow-heartbeat", daemon=True)
+        self._channel = channel
+        self._interval = interval_s
+        self._handler_thread_id = handler_thread_id
+        self._task: Optional[Task] = None  # set and cleared by the handler thread
+
+    def watch(self, task: Optional[Task]) -> None:
+        self._task = task
+
+    def _sample(self) -> Optional[_Position]:
+        frame = sys._current_frames().get(self._handler_thread_id)
+        if frame is None:
+            return None
+        depth = 0
+        walker = frame
+        while walker is not None:
+            depth += 1
+            walker = walker.f_back
+        return (frame, frame.f_code, frame.f_lineno or 0, frame.f_lasti, depth)
+
+    def run(self) -> None:
+        watched: Optional[Task] = None
+        # Holds a reference to the sampled frame until the next tick so that its id cannot be
+        # reused by a new frame; that keeps its locals alive for at most one interval.
+        last: Optional[_Position] = None
+        next_tick = time.monotonic() + self._interval
+        while True:
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            now = time.monotonic()
+            next_tick += self._interval
+            if next_tick <= now:  # the process was stalled (GIL, suspend): do not burst
+                next_tick = now + self._interval
+
+            task = self._task
+            if task is not watched:
+                watched, last = task, None  # a new task: its first sample counts as movement
+            if task is None:
+                continue
+            position = self._sample()
+            moved = not _same_position(position, last)
+            last = position
+            active, pending = task._take_beat_state()
+            if not (moved or active):
+                continue
+            data = pending if pending is not None else _encode({"type": "heartbeat", "task": task.id})
+            try:
+                self._channel.send_for(task, data)
+            except OSError as exc:
+                # The engine is gone. Exit now rather than keep a GPU busy for nobody.
+                _log(f"protocol channel closed ({exc}); exiting")
+                os._exit(1)
+
+
+def _exception_text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a broken __str__ must not take the instance down
+        return "<exception text could not be rendered>"
+
+
+def _failure_message(exc: BaseException) -> str:
+    text = _exception_text(exc)
+    head = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(head) > _ERROR_HEAD_MAX_CHARS:
+        head = head[:_ERROR_HEAD_MAX_CHARS] + " ... (truncated)"
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code is _run_task.__code__:
+        tb = tb.tb_next  # the SDK's own frame says nothing about the failure
+    lines = "".join(traceback.format_tb(tb)).rstrip("\n").splitlines()
+    # Drop the ^^^ / ~~^~~ marker lines of Python 3.11+: they cost lines and say little here.
+    lines = [line for line in lines if line.strip(" ^~")]
+    tail = lines[-_TRACEBACK_TAIL_LINES:]
+    message = head + "\n" + "\n".join(tail) if tail else head
+    if len(message) > _ERROR_MAX_CHARS:
+        message = message[:_ERROR_MAX_CHARS] + " ... (truncated)"
+    return _clean_text(message)
+
+
+def _permanent_message(exc: PermanentError) -> str:
+    text = _exception_text(exc) or type(exc).__name__
+    if len(text) > _ERROR_MAX_CHARS:
+        text = text[:_ERROR_MAX_CHARS] + " ... (truncated)"
+    return _clean_text(text)
+
+
+def _error_line(task_id: str, message: str, retryable: bool) -> bytes:
+    return _encode({"type": "error", "task": task_id, "message": message, "retryable": retryable})
+
+
+def _result_line(task_id: str, output: Any) -> bytes:
+    """The result line, or an error line (not retryable) when the output cannot be sent."""
+    try:
+        data = _encode({"type": "result", "task": task_id, "output": output})
+    except UnicodeEncodeError as exc:
+        return _error_line(
+            task_id,
+            f"task output contains a string that is not valid Unicode ({exc.reason}); "
+            "decode file names and bytes before returning them",
+            False,
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        return _error_line(task_id, _clean_text(f"task output is not JSON-serialisable: {exc}"), False)
+    if len(data) > MAX_LINE_BYTES:
+        return _error_line(
+            task_id,
+            f"task output is {len(data)} bytes as JSON, over the protocol's {MAX_LINE_BYTES}-byte "
+            "line limit; write large results under task.job_dir and return their paths",
+            False,
+        )
+    return data
+
+
+def _protect_stdout() -> int:
+    """Take fd 1 for the protocol and send everything else written to stdout to stderr."""
+    protocol_fd = os.dup(1)  # not inheritable: programs the handler starts never get it
+    os.dup2(2, 1)  # native libraries and child processes writing to fd 1 now reach stderr
+    if sys.stdout is not None:
+        try:
+            # Anything printed before serve() and still buffered now lands on stderr, not on
+            # the protocol stream.
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+    sys.stdout = sys.stderr
+    return protocol_fd
+
+
+def _heartbeat_interval_s() -> float:
+    raw = os.environ.get("GPUFLOW_HEARTBEAT_INTERVAL_MS", "").strip()
+    if not raw:
+        return DEFAULT_HEARTBEAT_INTERVAL_MS / 1000.0
+    try:
+        ms = int(raw)
+    except ValueError:
+        ms = 0
+    if ms <= 0:
+        _log(f"GPUFLOW_HEARTBEAT_INTERVAL_MS must be a positive integer of milliseconds, got {raw!r}")
+        sys.exit(1)
+    return ms / 1000.0
+
+
+def _run_task(worker: Worker, channel: _Channel, beat: _Heartbeat, message: Dict[str, Any]) -> None:
+    task = Task(channel, message)
+    channel.begin(task)
+    beat.watch(task)
+    try:
+        output = worker.handle(task)
+    except PermanentError as exc:
+        _log(f"task {task.id} failed permanently:\n{traceback.format_exc()}")
+        reply = _error_line(task.id, _permanent_message(exc), False)
+    except Exception as exc:
+        _log(f"task {task.id} failed:\n{traceback.format_exc()}")
+        reply = _error_line(task.id, _failure_message(exc), True)
+    else:
+        reply = _result_line(task.id, output)
+        # Drop the reference now: the output may be large and the next task may be far off.
+        del output
+    finally:
+        beat.watch(None)
+    channel.finish(task, reply)
+
+
+def serve(worker: Worker) -> NoReturn:
+    """Run `worker` as a gpuflow worker instance until the engine shuts it down.
+
+    Never returns: exits with status 0 on shutdown or end of input, 1 when `load()` fails or
+    the engine's end of the protocol channel is gone, 2 when the engine sends a line that is
+    not a JSON object or a task without an id.
+    """
+    protocol_fd = _protect_stdout()
+    interval_s = _heartbeat_interval_s()
+
+    try:
+        info = worker.load()
+    except Exception:
+        traceback.print_exc()
+        _log("load() failed; exiting without reporting ready")
+        sys.exit(1)
+    if info is None:
+        info = {}
+    if not isinstance(info, dict):
+        _log(f"load() must return a dict (or None), not {type(info).__name__}")
+        sys.exit(1)
+    info = dict(info)
+    info.setdefault("pid", os.getpid())
+    try:
+        ready = _encode({"type": "ready", "protocol": PROTOCOL_VERSION, "info": info})
+    except (TypeError, ValueError) as exc:
+        _log(f"the info returned by load() is not JSON-serialisable: {exc}")
+        sys.exit(1)
+
+    channel = _Channel(protocol_fd)
+    beat = _Heartbeat(channel, interval_s, threading.get_ident())
+    beat.start()
+    # Our own reader over fd 0, so user code replacing sys.stdin cannot disturb it.
+    stdin = io.open(0, "rb", closefd=False)
+    try:
+        channel.send(ready)
+        while True:
+            raw = stdin.readline()
+            if not raw:
+                sys.exit(0)  # the engine closed our input: nothing more will come
+            if not raw.strip():
+                continue
+            try:
+                message = json.loads(raw)
+            except ValueError as exc:
+                _log(f"engine sent a line that is not JSON ({exc}): {raw[:200]!r}; exiting")
+                sys.exit(2)
+            if not isinstance(message, dict):
+                _log(f"engine sent JSON that is not an object: {raw[:200]!r}; exiting")
+                sys.exit(2)
+            kind = message.get("type")
+            if kind == "task":
+                if not isinstance(message.get("task"), str) or not message["task"]:
+                    _log(f"engine sent a task message without a task id: {raw[:200]!r}; exiting")
+                    sys.exit(2)
+                _run_task(worker, channel, beat, message)
+            elif kind == "shutdown":
+                sys.exit(0)
+            else:
+                _log(f"ignoring engine message of unknown type {kind!r}")
+    except OSError as exc:
+        _log(f"protocol channel failed ({exc}); exiting")
+        sys.exit(1)
