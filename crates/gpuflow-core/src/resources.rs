@@ -240,6 +240,14 @@ impl Inventory {
         available > before
     }
 
+    /// Changes a counter's capacity (a worker pool resized). Availability is clamped to it.
+    pub fn set_counter_capacity(&mut self, name: &str, capacity: u64) {
+        self.capacity.counters.insert(name.to_string(), capacity);
+        self.counters_used.entry(name.to_string()).or_insert(0);
+        let available = self.counters_available.entry(name.to_string()).or_insert(0);
+        *available = (*available).min(capacity);
+    }
+
     /// Grants the whole request, or nothing. Capacity held by `reserved` is not handed out.
     pub fn try_grant(&mut self, request: &ResourceRequest, reserved: &Reservation) -> Option<Grant> {
         self.try_grant_on(request, reserved, None)

@@ -397,6 +397,22 @@ impl State {
         self.inventory.try_grant_on(request, &none, device)
     }
 
+    /// Returns a standing lease.
+    pub fn release_standing(&mut self, grant: &Grant) {
+        self.inventory.release(grant);
+        self.capacity_returned = true;
+    }
+
+    /// Resizes a counter, e.g. a worker pool's instance count after a config reload.
+    pub fn set_counter_capacity(&mut self, name: &str, capacity: u64) {
+        self.inventory.set_counter_capacity(name, capacity);
+    }
+
+    /// Replaces the scheduling settings (config reload).
+    pub fn set_config(&mut self, config: SchedulerConfig) {
+        self.config = config;
+    }
+
     /// When the next timeout or retry delay falls due, if any.
     pub fn next_wakeup(&self) -> Option<u64> {
         self.timers.first().map(|(at, _, _)| *at)

@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::config::{Config, SharedConfig};
 use crate::runtime::Runtime;
 use crate::store::SqliteStore;
 use crate::supervisor::{self, ChildRegistry};
@@ -60,7 +60,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _reaper = supervisor::spawn_reaper(registry.clone())?;
 
     let store = SqliteStore::open(&data_dir.join("gpuflow.db")).await?;
-    let (runtime, engine) = Runtime::new(config.clone(), store.clone(), registry);
+    let shared = SharedConfig::new(config.clone());
+    let (runtime, engine) = Runtime::new(shared.clone(), store.clone(), registry);
 
     let addr_file = data_dir.join("listen.addr");
     let _ = std::fs::remove_file(&addr_file);
@@ -94,7 +95,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let app = api::router(AppState { engine, reads: Arc::new(store), config: config.clone() });
+    // SIGHUP re-reads the pipeline file, like `gpuflow reload`.
+    let mut sighup = signal(SignalKind::hangup())?;
+    let reloader = engine.clone();
+    tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            match reloader.reload().await {
+                Ok(applied) => tracing::info!(?applied, "SIGHUP: configuration reloaded"),
+                Err(e) => tracing::error!("SIGHUP: {e}"),
+            }
+        }
+    });
+    let app = api::router(AppState { engine, reads: Arc::new(store), config: shared });
     let server =
         tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(wait_stop(stop_rx.clone())).into_future());
     let result = runtime.run(wait_stop(stop_rx)).await;

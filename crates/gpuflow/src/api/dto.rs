@@ -245,6 +245,12 @@ pub struct InstanceView {
 }
 
 #[derive(Serialize, ToSchema)]
+pub struct ReloadResponse {
+    /// What changed, e.g. `pipelines.ocr: added`, `workers.ocr.instances: 1 -> 2`.
+    pub applied: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,

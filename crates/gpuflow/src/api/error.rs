@@ -17,7 +17,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable, machine-readable: `invalid_request`, `invalid_input`, `unknown_pipeline`,
     /// `unknown_stage`, `payload_too_large`, `queue_full`, `not_found`, `already_finished`,
-    /// `idempotency_conflict`, `unauthorized`, `shutting_down`, `internal`.
+    /// `idempotency_conflict`, `reload_refused`, `unauthorized`, `shutting_down`, `internal`.
     pub code: String,
     pub message: String,
 }
@@ -46,7 +46,9 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownPipeline { .. } => StatusCode::BAD_REQUEST,
             EngineError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
-            EngineError::AlreadyFinished { .. } | EngineError::IdempotencyConflict { .. } => StatusCode::CONFLICT,
+            EngineError::AlreadyFinished { .. }
+            | EngineError::IdempotencyConflict { .. }
+            | EngineError::ReloadRefused(_) => StatusCode::CONFLICT,
             EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -29,8 +29,9 @@ pub async fn submit_job(
     body: Result<ApiJson<SubmitJobRequest>, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     let ApiJson(body) = body?;
-    let Some(def) = app.config.pipelines.get(&body.pipeline) else {
-        let known: Vec<&str> = app.config.pipelines.keys().map(String::as_str).collect();
+    let config = app.config.get();
+    let Some(def) = config.pipelines.get(&body.pipeline) else {
+        let known: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "unknown_pipeline",
@@ -41,7 +42,7 @@ pub async fn submit_job(
         return Err(ApiError::bad_request("idempotency_key: must be 1 to 200 characters"));
     }
     let input = def
-        .validate_input(&body.input, &app.config.allowed_roots)
+        .validate_input(&body.input, &config.allowed_roots)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()))?;
     let submitted = app
         .engine
@@ -69,7 +70,8 @@ pub async fn submit_workflow(
     body: Result<ApiJson<WorkflowRequest>, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     let ApiJson(body) = body?;
-    let Some(library) = &app.config.workflows else {
+    let config = app.config.get();
+    let Some(library) = &config.workflows else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "unknown_pipeline",
@@ -82,7 +84,7 @@ pub async fn submit_workflow(
     if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
         return Err(ApiError::bad_request("idempotency_key: must be 1 to 200 characters"));
     }
-    let path = crate::config::check_path(&body.video_path, &app.config.allowed_roots)
+    let path = crate::config::check_path(&body.video_path, &config.allowed_roots)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("video_path: {e}")))?;
     let mut input = serde_json::Map::new();
     input.insert(library.input_key.clone(), path.display().to_string().into());
@@ -330,6 +332,14 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
         .collect();
     let cpu = CountView { capacity: s.capacity.cpu as u64, leased: s.usage.cpu as u64 };
     Ok(Json(ResourcesView { gpus, cpu, counters, leases, waiting, pools }))
+}
+
+/// Re-read the pipeline file. Changes that cannot apply while jobs run are refused (409) with
+/// the reason, and the running configuration stays as it was.
+#[utoipa::path(post, path = "/v1/reload",
+    responses((status = 200, body = ReloadResponse), (status = 409, description = "Refused; nothing changed", body = ErrorBody)))]
+pub async fn reload(State(app): State<AppState>) -> Result<Json<ReloadResponse>, ApiError> {
+    Ok(Json(ReloadResponse { applied: app.engine.reload().await? }))
 }
 
 /// Liveness. Not behind auth.

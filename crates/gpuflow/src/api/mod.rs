@@ -21,7 +21,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::config::Config;
+use crate::config::SharedConfig;
 use crate::runtime::EngineHandle;
 use crate::store::{JobDetail, JobFilter, JobRecord, Store, StoreResult};
 pub use error::ApiError;
@@ -47,7 +47,7 @@ impl<S: Store> Reads for S {
 pub struct AppState {
     pub engine: EngineHandle,
     pub reads: Arc<dyn Reads>,
-    pub config: Arc<Config>,
+    pub config: SharedConfig,
 }
 
 #[derive(OpenApi)]
@@ -75,6 +75,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::submit_workflow))
         .routes(routes!(handlers::cancel_job))
         .routes(routes!(handlers::resources))
+        .routes(routes!(handlers::reload))
         .routes(routes!(handlers::healthz))
         .split_for_parts()
 }
@@ -87,7 +88,8 @@ pub fn openapi_json() -> String {
 pub fn router(state: AppState) -> Router {
     let (router, openapi) = routes();
     let openapi = Arc::new(openapi);
-    let limit = state.config.limits.max_request_body;
+    // Read once: a reload that changes it is refused (it needs a restart).
+    let limit = state.config.get().limits.max_request_body;
     router
         .route("/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -97,7 +99,8 @@ pub fn router(state: AppState) -> Router {
 
 /// Bearer-token check when `auth` is configured. `/healthz` stays open for probes.
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
-    let Some(expected) = state.config.auth_token.as_deref() else { return Ok(next.run(request).await) };
+    let config = state.config.get();
+    let Some(expected) = config.auth_token.as_deref() else { return Ok(next.run(request).await) };
     if request.uri().path() == "/healthz" {
         return Ok(next.run(request).await);
     }

@@ -73,6 +73,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read the engine's pipeline file (as SIGHUP does).
+    Reload,
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -154,6 +156,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 submit::print_resources(&r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload => {
+            let r = client()?.reload().await?;
+            let applied = r["applied"].as_array().cloned().unwrap_or_default();
+            if applied.is_empty() {
+                println!("reloaded: nothing changed");
+            }
+            for change in applied {
+                println!("applied: {}", s(&change));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -330,6 +330,8 @@ pub struct Limits {
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The file it was read from, for reload.
+    pub path: Option<PathBuf>,
     /// The file's text, kept so each job can be recovered with the definition it was accepted under.
     pub source: String,
     pub listen: SocketAddr,
@@ -343,6 +345,24 @@ pub struct Config {
     pub workers: BTreeMap<String, Arc<WorkerDef>>,
     pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
     pub workflows: Option<WorkflowLibrary>,
+}
+
+/// The running configuration, replaced as a whole by a reload. Readers take a snapshot.
+#[derive(Clone)]
+pub struct SharedConfig(Arc<std::sync::RwLock<Arc<Config>>>);
+
+impl SharedConfig {
+    pub fn new(config: Arc<Config>) -> Self {
+        SharedConfig(Arc::new(std::sync::RwLock::new(config)))
+    }
+
+    pub fn get(&self) -> Arc<Config> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, config: Arc<Config>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
 }
 
 /// Prefix of the pipeline name a workflow chain runs under, e.g.
@@ -473,7 +493,9 @@ impl Config {
                 message: format!("cannot read: {e}"),
             }])
         })?;
-        Config::parse(&text, &label, probe)
+        let mut config = Config::parse(&text, &label, probe)?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and checks a whole file. `label` names it in errors.
@@ -636,6 +658,7 @@ impl Config {
             return Err(ConfigErrors(errors.list));
         }
         Ok(Config {
+            path: None,
             source: text.to_string(),
             listen,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("./gpuflow-data")),

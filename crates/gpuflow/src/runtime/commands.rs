@@ -60,6 +60,7 @@ pub enum Command {
     Submit { request: SubmitRequest, reply: oneshot::Sender<Result<Submitted, EngineError>> },
     Cancel { id: String, reply: oneshot::Sender<Result<String, EngineError>> },
     Resources { reply: oneshot::Sender<ResourcesSnapshot> },
+    Reload { reply: oneshot::Sender<Result<Vec<String>, EngineError>> },
 }
 
 /// Errors the engine reports to callers, each with a stable code.
@@ -75,6 +76,8 @@ pub enum EngineError {
     AlreadyFinished { id: String, state: String },
     #[error("idempotency key `{key}` was used for a different request (job {existing}); use a new key")]
     IdempotencyConflict { key: String, existing: String },
+    #[error("reload refused, the running configuration is unchanged: {0}")]
+    ReloadRefused(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -90,6 +93,7 @@ impl EngineError {
             EngineError::NotFound(_) => "not_found",
             EngineError::AlreadyFinished { .. } => "already_finished",
             EngineError::IdempotencyConflict { .. } => "idempotency_conflict",
+            EngineError::ReloadRefused(_) => "reload_refused",
             EngineError::ShuttingDown => "shutting_down",
             EngineError::Internal(_) => "internal",
         }
@@ -125,6 +129,11 @@ impl EngineHandle {
 
     pub async fn cancel(&self, id: String) -> Result<String, EngineError> {
         self.ask(|reply| Command::Cancel { id, reply }).await?
+    }
+
+    /// Re-reads the pipeline file; returns what changed.
+    pub async fn reload(&self) -> Result<Vec<String>, EngineError> {
+        self.ask(|reply| Command::Reload { reply }).await?
     }
 
     pub async fn resources(&self) -> Result<ResourcesSnapshot, EngineError> {
@@ -175,6 +184,11 @@ impl<S: Store> Runtime<S> {
             Command::Resources { reply } => {
                 let _ = reply.send(self.snapshot());
                 Ok(())
+            }
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload());
+                // Resized pools and a new scheduling setting may let waiting work start.
+                self.step(Event::Tick).await
             }
         }
     }

@@ -5,6 +5,7 @@ mod clock;
 mod commands;
 mod pools;
 mod recover;
+mod reload;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::template::RenderContext;
-use crate::config::{Config, PipelineDef, StageExec};
+use crate::config::{Config, PipelineDef, SharedConfig, StageExec};
 use crate::store::{Store, StoreError, Write};
 use crate::supervisor::{self, AttemptReport, AttemptSpec, ChildRegistry, ExitStatus, InstanceEvent, StopRequest};
 
@@ -97,6 +98,8 @@ enum Internal {
 
 pub struct Runtime<S: Store> {
     config: Arc<Config>,
+    /// What the API reads; replaced together with `config` on reload.
+    shared: SharedConfig,
     store: S,
     state: State,
     clock: Clock,
@@ -121,7 +124,8 @@ pub fn job_id_of(id: &str) -> Option<JobId> {
 
 impl<S: Store> Runtime<S> {
     /// Builds the loop and the handle the API talks to it through.
-    pub fn new(config: Arc<Config>, store: S, registry: ChildRegistry) -> (Runtime<S>, EngineHandle) {
+    pub fn new(shared: SharedConfig, store: S, registry: ChildRegistry) -> (Runtime<S>, EngineHandle) {
+        let config = shared.get();
         let (cmd_tx, commands) = mpsc::channel(1024);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let data_dir = std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
@@ -130,6 +134,7 @@ impl<S: Store> Runtime<S> {
             config_hash: crate::store::content_hash(&config.source),
             engine_marker: data_dir.display().to_string(),
             config: config.clone(),
+            shared,
             store,
             clock: Clock::start(),
             registry,

@@ -32,6 +32,8 @@ pub enum InstanceState {
     },
     /// Could not get its standing lease; it never runs.
     Failed,
+    /// Removed by a reload that shrank the pool; its standing lease is returned.
+    Retired,
 }
 
 impl InstanceState {
@@ -44,6 +46,7 @@ impl InstanceState {
             InstanceState::Restarting { .. } if crash_looping => "failed",
             InstanceState::Restarting { .. } => "restarting",
             InstanceState::Failed => "failed",
+            InstanceState::Retired => "retired",
         }
     }
 }
@@ -58,6 +61,8 @@ enum StopReason {
     ProtocolError,
     /// The task it ran timed out or was cancelled.
     TaskStopped,
+    /// The pool shrank.
+    Retire,
 }
 
 pub(super) struct Instance {
@@ -82,6 +87,8 @@ pub(super) struct Instance {
     stop_reason: Option<StopReason>,
     /// A recycled instance that ignored `shutdown` has been sent SIGTERM.
     escalated: bool,
+    /// The pool shrank past this instance: it leaves once its current task is done.
+    retiring: bool,
 }
 
 pub(super) struct Pool {
@@ -155,6 +162,7 @@ impl<S: Store> Runtime<S> {
                     progress: None,
                     stop_reason: None,
                     escalated: false,
+                    retiring: false,
                 });
             }
             self.pools.insert(name, Pool { def, instances, available: 0 });
@@ -367,7 +375,15 @@ impl<S: Store> Runtime<S> {
         inst.tasks_done += 1;
         inst.consecutive_failures = 0;
         inst.state = InstanceState::Idle;
-        if max_tasks.is_some_and(|max| inst.tasks_done >= max) {
+        if inst.retiring {
+            tracing::info!(pool, index, "retiring worker instance (the pool shrank)");
+            inst.state = InstanceState::Stopping;
+            inst.since_ms = self.clock.now_ms();
+            inst.stop_reason = Some(StopReason::Retire);
+            if let Some(tx) = &inst.stdin {
+                let _ = tx.send(json!({"type": "shutdown"}).to_string());
+            }
+        } else if max_tasks.is_some_and(|max| inst.tasks_done >= max) {
             // Recycle to bound leaks: ask it to exit; it is replaced at once.
             tracing::info!(pool, index, tasks = inst.tasks_done, "recycling worker instance (max_tasks_per_instance)");
             inst.state = InstanceState::Stopping;
@@ -436,8 +452,13 @@ impl<S: Store> Runtime<S> {
         inst.pid = None;
         inst.stdin = None;
         inst.stop = None;
+        let mut released = None;
         if reason == Some(StopReason::Shutdown) {
             inst.state = InstanceState::Stopping;
+        } else if inst.retiring {
+            inst.state = InstanceState::Retired;
+            inst.retiring = false;
+            released = inst.grant.take();
         } else {
             let delay = if planned {
                 0
@@ -457,6 +478,9 @@ impl<S: Store> Runtime<S> {
                 tracing::warn!(pool, index, "worker instance failed: {cause}; restarting in {delay} ms");
             }
             inst.state = InstanceState::Restarting { at_ms: now + delay };
+        }
+        if let Some(grant) = released {
+            self.state.release_standing(&grant);
         }
         self.sync_availability(pool).await?;
         if let Some(key) = held {
@@ -507,7 +531,7 @@ impl<S: Store> Runtime<S> {
                     InstanceState::Restarting { at_ms } if now >= at_ms => to_spawn.push((name.clone(), inst.index)),
                     // Asked to exit (recycling) but still there after the grace period.
                     InstanceState::Stopping
-                        if inst.stop_reason == Some(StopReason::Recycle)
+                        if matches!(inst.stop_reason, Some(StopReason::Recycle | StopReason::Retire))
                             && !inst.escalated
                             && now.saturating_sub(inst.since_ms) > self.config.limits.kill_grace_ms =>
                     {
@@ -552,6 +576,98 @@ impl<S: Store> Runtime<S> {
         }
     }
 
+    /// Resizes a pool to `def` (a reload), or explains why it cannot. New slots take their
+    /// standing leases first, all or nothing; surplus instances retire once idle.
+    pub(super) fn resize_pool(&mut self, name: &str, def: Arc<WorkerDef>) -> Result<Option<String>, String> {
+        let now = self.clock.now_ms();
+        let pool = self.pools.get(name).ok_or_else(|| format!("pool `{name}` is not running"))?;
+        let old_n = pool.instances.iter().filter(|i| i.state != InstanceState::Retired && !i.retiring).count();
+        let new_n = def.slots.len();
+        let needs_lease: Vec<usize> = (0..new_n)
+            .filter(|i| pool.instances.get(*i).is_none_or(|inst| inst.state == InstanceState::Retired))
+            .collect();
+        let mut taken = Vec::new();
+        for i in &needs_lease {
+            match self.state.lease_standing(&def.needs, def.slots[*i]) {
+                Some(grant) => taken.push((*i, grant)),
+                None => {
+                    for (_, grant) in &taken {
+                        self.state.release_standing(grant);
+                    }
+                    return Err(format!(
+                        "workers.{name}: instance {i} does not fit in what is free now; free capacity first or restart"
+                    ));
+                }
+            }
+        }
+        self.state.set_counter_capacity(&pool_counter(name), new_n as u64);
+        let pool = self.pools.get_mut(name).expect("checked");
+        pool.def = def.clone();
+        for (i, grant) in taken {
+            if i == pool.instances.len() {
+                pool.instances.push(Instance {
+                    index: i,
+                    device: def.slots[i],
+                    grant: None,
+                    generation: 0,
+                    state: InstanceState::Retired,
+                    pid: None,
+                    stdin: None,
+                    stop: None,
+                    since_ms: now,
+                    last_beat_ms: now,
+                    task: None,
+                    task_id: None,
+                    tasks_done: 0,
+                    consecutive_failures: 0,
+                    restarts: 0,
+                    last_error: None,
+                    info: None,
+                    progress: None,
+                    stop_reason: None,
+                    escalated: false,
+                    retiring: false,
+                });
+            }
+            let inst = &mut pool.instances[i];
+            inst.grant = Some(grant);
+            inst.device = def.slots[i];
+            inst.consecutive_failures = 0;
+            inst.state = InstanceState::Restarting { at_ms: now };
+        }
+        // A slot kept by the new size that an earlier shrink was retiring stays (it restarts).
+        for inst in pool.instances.iter_mut().take(new_n).filter(|i| i.retiring) {
+            inst.retiring = false;
+            if inst.stop_reason == Some(StopReason::Retire) {
+                inst.stop_reason = Some(StopReason::Recycle);
+            }
+        }
+        for inst in pool.instances.iter_mut().skip(new_n) {
+            inst.retiring = inst.state != InstanceState::Retired;
+            match inst.state {
+                InstanceState::Idle | InstanceState::Starting => {
+                    inst.state = InstanceState::Stopping;
+                    inst.since_ms = now;
+                    inst.stop_reason = Some(StopReason::Retire);
+                    if let Some(tx) = &inst.stdin {
+                        let _ = tx.send(json!({"type": "shutdown"}).to_string());
+                    }
+                }
+                InstanceState::Restarting { .. } | InstanceState::Failed => {
+                    inst.retiring = false;
+                    inst.state = InstanceState::Retired;
+                    if let Some(grant) = inst.grant.take() {
+                        self.state.release_standing(&grant);
+                    }
+                }
+                _ => {} // busy or stopping: leaves when its process ends
+            }
+        }
+        // Other settings (timeouts, max tasks) apply from now on through `pool.def`.
+        self.check_pools_now();
+        Ok((old_n != new_n).then(|| format!("workers.{name}.instances: {old_n} -> {new_n}")))
+    }
+
     /// During shutdown: the instance's process is gone.
     pub(super) fn instance_gone(&mut self, pool: &str, index: usize, generation: u64) {
         if let Some(inst) = self.pools.get_mut(pool).and_then(|p| p.instances.get_mut(index))
@@ -573,6 +689,7 @@ impl<S: Store> Runtime<S> {
                 instances: p
                     .instances
                     .iter()
+                    .filter(|i| i.state != InstanceState::Retired)
                     .map(|i| InstanceView {
                         index: i.index,
                         state: i.state.as_str(i.consecutive_failures >= CRASH_LOOP),

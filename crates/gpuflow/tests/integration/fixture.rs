@@ -32,15 +32,21 @@ impl Engine {
         for (name, contents) in files {
             std::fs::write(dir.path().join(name), contents).unwrap();
         }
-        let text = format!(
-            "listen: 127.0.0.1:0\ndata_dir: {}\n{}",
-            dir.path().join("data").display(),
-            body.replace("{DIR}", &dir.path().display().to_string())
-        );
-        std::fs::write(dir.path().join("gpuflow.yaml"), text).unwrap();
         let mut engine = Engine { dir, child: None, base: String::new(), http: reqwest::Client::new() };
+        engine.write_config(body);
         engine.boot().await;
         engine
+    }
+
+    /// Writes the pipeline file (as `start` does), e.g. before a reload.
+    pub fn write_config(&self, body: &str) {
+        let dir = self.dir.path();
+        let text = format!(
+            "listen: 127.0.0.1:0\ndata_dir: {}\n{}",
+            dir.join("data").display(),
+            body.replace("{DIR}", &dir.display().to_string())
+        );
+        std::fs::write(dir.join("gpuflow.yaml"), text).unwrap();
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -8,4 +8,5 @@ mod durability;
 mod failures;
 mod pools;
 mod processes;
+mod reload;
 mod scheduling;

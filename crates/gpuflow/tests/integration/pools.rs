@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::fixture::*;
 
 /// One worker script; each job's `mode` input picks a misbehaviour.
-const WORKER: &str = r#"
+pub const WORKER: &str = r#"
 import os, signal, subprocess, sys, threading, time
 import gpuflow
 
