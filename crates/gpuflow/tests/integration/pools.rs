@@ -260,3 +260,58 @@ async fn instances_are_recycled_after_max_tasks() {
         assert!(still_serving || !alive(pid as i32), "recycled instance {pid} is gone");
     }
 }
+
+#[tokio::test]
+async fn a_worker_task_in_flight_survives_an_engine_kill() {
+    let mut engine = start("", "5s").await;
+    let id = engine.submit("once", json!({"mode": "slow"})).await;
+    engine
+        .wait_until("the task runs", Duration::from_secs(10), async |e| {
+            e.job(&id).await["stages"][0]["state"] == "running"
+        })
+        .await;
+    let old: Vec<i32> =
+        instances(&engine.resources().await).iter().filter_map(|i| i["pid"].as_i64()).map(|p| p as i32).collect();
+    engine.kill9();
+    engine.restart().await;
+    for pid in old {
+        assert!(!alive(pid), "the dead engine's instance {pid} was swept before new ones started");
+    }
+    // `once` allows one attempt; an interruption does not spend it, so the task runs again.
+    engine
+        .wait_until("re-dispatched", Duration::from_secs(20), async |e| e.job(&id).await["stages"][0]["attempts"] == 2)
+        .await;
+    let job = engine.job(&id).await;
+    assert_eq!(job["stages"][0]["attempt_history"][0]["state"], "interrupted", "{job:#}");
+    engine.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(engine.wait_final(&id, Duration::from_secs(20)).await["state"], "cancelled");
+    assert_pool_whole(&engine).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_load_is_restarted_with_backoff_and_reported() {
+    let engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 1}
+workers:
+  broken: {command: [python3, -c, "import sys; print('model file missing', file=sys.stderr); sys.exit(1)"]}
+pipelines:
+  p: {stages: [{name: s, worker: broken}]}
+"#,
+    )
+    .await;
+    engine
+        .wait_until("two failed starts", Duration::from_secs(10), async |e| {
+            instances(&e.resources().await)[0]["consecutive_failures"].as_u64().unwrap() >= 2
+        })
+        .await;
+    let inst = instances(&engine.resources().await)[0].clone();
+    let error = inst["last_error"].as_str().unwrap();
+    assert!(error.contains("exited with status 1") && error.contains("model file missing"), "{inst:#}");
+    assert!(inst["restarts"].as_u64().unwrap() <= 3, "restarts back off, not as fast as possible: {inst:#}");
+    // A job for it waits (no ready instance) instead of failing or hanging a slot.
+    let id = engine.submit("p", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = engine.resources().await;
+    assert_eq!(r["waiting"][0]["job"], id.as_str(), "{r:#}");
+}
