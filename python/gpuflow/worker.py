@@ -261,12 +261,17 @@ class _Heartbeat(threading.Thread):
                 next_tick = now + self._interval
 
             task = self._task
-            if task is not watched:
-                watched, last = task, None  # a new task: its first sample counts as movement
             if task is None:
+                watched, last = None, None
                 continue
             position = self._sample()
-            moved = not _same_position(position, last)
+            if task is not watched:
+                # A new task: its first sample is the baseline, not movement. The engine counts
+                # from the moment it sent the task, so a handler that deadlocks at once sends
+                # no beat at all.
+                watched, moved = task, False
+            else:
+                moved = not _same_position(position, last)
             last = position
             active, pending = task._take_beat_state()
             if not (moved or active):

@@ -63,6 +63,8 @@ pub enum KillReason {
     Cancel,
     /// Another stage of the job failed for good; this one's work is no longer wanted.
     JobFailed,
+    /// A policy of the engine (e.g. `gpu_check: fail`): the attempt fails without retry.
+    Policy,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -72,6 +74,8 @@ pub struct RunningAttempt {
     pub started_at: u64,
     pub deadline: Option<u64>,
     pub kill: Option<KillReason>,
+    /// Why a `Policy` stop happened.
+    pub kill_detail: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -187,6 +191,13 @@ pub enum Event {
     CounterAvailable {
         name: String,
         available: u64,
+    },
+    /// Stop an attempt for a policy reason; it fails with `error` and is not retried.
+    StopAttempt {
+        job: JobId,
+        stage: StageIndex,
+        attempt: u32,
+        error: String,
     },
 }
 
@@ -447,6 +458,19 @@ impl State {
                 self.finish_if_done(job, &mut actions);
             }
             Event::Tick => self.fire_timers(now, &mut actions),
+            Event::StopAttempt { job, stage, attempt, error } => {
+                let not_running = ApplyError::NotRunning { job, stage, attempt };
+                let run = self.jobs.get_mut(&job).ok_or(not_running.clone())?;
+                match &mut run.stages[stage].status {
+                    StageStatus::Running(r) if r.attempt == attempt && r.kill.is_none() => {
+                        r.kill = Some(KillReason::Policy);
+                        r.kill_detail = Some(error);
+                        actions.push(Action::Kill { job, stage, attempt, reason: KillReason::Policy });
+                    }
+                    StageStatus::Running(r) if r.attempt == attempt => {}
+                    _ => return Err(not_running),
+                }
+            }
             Event::CounterAvailable { name, available } => {
                 if self.inventory.set_counter_available(&name, available) {
                     self.capacity_returned = true;
@@ -591,6 +615,10 @@ impl State {
             }
             (Outcome::Failed { error, .. }, Some(KillReason::Cancel)) => {
                 (AttemptResult::Cancelled, Some(format!("cancelled ({error})")), false)
+            }
+            (Outcome::Failed { .. }, Some(KillReason::Policy)) => {
+                let error = running.kill_detail.clone().unwrap_or_else(|| "stopped by the engine".into());
+                (AttemptResult::Failed, Some(error), false)
             }
             (Outcome::Failed { error, .. }, Some(KillReason::JobFailed)) => {
                 (AttemptResult::Cancelled, Some(format!("stopped because the job failed ({error})")), false)
@@ -776,7 +804,8 @@ impl State {
                         grant: grant.clone(),
                         deadline,
                     });
-                    let running = RunningAttempt { attempt, grant, started_at: now, deadline, kill: None };
+                    let running =
+                        RunningAttempt { attempt, grant, started_at: now, deadline, kill: None, kill_detail: None };
                     self.set_status(key.job, key.stage, StageStatus::Running(running));
                 }
                 None => {

@@ -245,6 +245,60 @@ pub struct InstanceView {
 }
 
 #[derive(Serialize, ToSchema)]
+pub struct EvidenceView {
+    pub label: String,
+    pub value: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct FindingView {
+    pub id: i64,
+    /// task_stalled, gpu_unused, gpu_idle_under_lease, queue_stalled, zombie_process,
+    /// shm_too_small, cuda_visible_devices_overridden, worker_unhealthy
+    pub kind: String,
+    /// What it is about (a holder, a device, a pipeline).
+    pub subject: String,
+    pub summary: String,
+    pub evidence: Vec<EvidenceView>,
+    pub cause: String,
+    pub fix: String,
+    pub opened_at: String,
+    pub closed_at: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GpuProcessView {
+    pub pid: u32,
+    pub memory_bytes: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GpuReadingView {
+    pub index: u32,
+    pub name: String,
+    pub source: GpuSource,
+    /// False when nothing can be read (a virtual device without telemetry).
+    pub telemetry: bool,
+    pub utilization_pct: Option<u32>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_bytes: u64,
+    pub idle_ms: u64,
+    pub processes: Vec<GpuProcessView>,
+    /// `[unix ms, utilisation %, memory used bytes]`, oldest first.
+    pub history: Vec<[u64; 3]>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DiagnosisView {
+    pub checked_at: String,
+    /// Problems now, newest first.
+    pub open: Vec<FindingView>,
+    /// Recently closed findings.
+    pub recent: Vec<FindingView>,
+    pub gpus: Vec<GpuReadingView>,
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct ReloadResponse {
     /// What changed, e.g. `pipelines.ocr: added`, `workers.ocr.instances: 1 -> 2`.
     pub applied: Vec<String>,

@@ -342,6 +342,71 @@ pub async fn reload(State(app): State<AppState>) -> Result<Json<ReloadResponse>,
     Ok(Json(ReloadResponse { applied: app.engine.reload().await? }))
 }
 
+/// What is wrong now: stalled tasks, unused or idle GPUs, stalled queues, zombies,
+/// environment hazards, each with evidence, the likely cause and the fix (`gpuflow doctor`).
+#[utoipa::path(get, path = "/v1/diagnosis", responses((status = 200, body = DiagnosisView)))]
+pub async fn diagnosis(State(app): State<AppState>) -> Result<Json<DiagnosisView>, ApiError> {
+    let snap = app.engine.diagnosis().await?;
+    let evidence =
+        |e: &[(String, String)]| e.iter().map(|(l, v)| EvidenceView { label: l.clone(), value: v.clone() }).collect();
+    let open: Vec<FindingView> = snap
+        .open
+        .iter()
+        .map(|o| FindingView {
+            id: o.id,
+            kind: o.finding.kind.as_str().to_string(),
+            subject: o.finding.subject.clone(),
+            summary: o.finding.summary.clone(),
+            evidence: evidence(&o.finding.evidence),
+            cause: o.finding.cause.clone(),
+            fix: o.finding.fix.clone(),
+            opened_at: time(o.opened_ms as i64),
+            closed_at: None,
+        })
+        .collect();
+    let recent = app
+        .reads
+        .findings(100)
+        .await?
+        .into_iter()
+        .filter(|f| f.closed_at.is_some())
+        .take(50)
+        .map(|f| FindingView {
+            id: f.id,
+            kind: f.kind,
+            subject: f.subject,
+            summary: f.summary,
+            evidence: evidence(&f.evidence),
+            cause: f.cause,
+            fix: f.fix,
+            opened_at: time(f.opened_at),
+            closed_at: f.closed_at.map(time),
+        })
+        .collect();
+    let gpus = snap
+        .devices
+        .into_iter()
+        .map(|d| GpuReadingView {
+            index: d.index,
+            name: d.name,
+            source: d.source,
+            telemetry: d.sample.is_some(),
+            utilization_pct: d.sample.as_ref().map(|s| s.utilization_pct),
+            memory_used_bytes: d.sample.as_ref().map(|s| s.memory_used),
+            memory_bytes: d.memory_total,
+            idle_ms: d.idle_ms,
+            processes: d
+                .sample
+                .map(|s| {
+                    s.processes.into_iter().map(|(pid, memory_bytes)| GpuProcessView { pid, memory_bytes }).collect()
+                })
+                .unwrap_or_default(),
+            history: d.history.into_iter().map(|(t, u, m)| [t, u as u64, m]).collect(),
+        })
+        .collect();
+    Ok(Json(DiagnosisView { checked_at: time(snap.now_ms as i64), open, recent, gpus }))
+}
+
 /// Liveness. Not behind auth.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)), security(()))]
 pub async fn healthz() -> Json<Health> {

@@ -23,7 +23,7 @@ use utoipa_axum::routes;
 
 use crate::config::SharedConfig;
 use crate::runtime::EngineHandle;
-use crate::store::{JobDetail, JobFilter, JobRecord, Store, StoreResult};
+use crate::store::{FindingRecord, JobDetail, JobFilter, JobRecord, Store, StoreResult};
 pub use error::ApiError;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -32,6 +32,7 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Reads: Send + Sync {
     fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<JobDetail>>>;
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>>;
+    fn findings(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<FindingRecord>>>;
 }
 
 impl<S: Store> Reads for S {
@@ -40,6 +41,9 @@ impl<S: Store> Reads for S {
     }
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>> {
         Box::pin(Store::list_jobs(self, filter))
+    }
+    fn findings(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<FindingRecord>>> {
+        Box::pin(Store::findings(self, limit))
     }
 }
 
@@ -76,6 +80,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::cancel_job))
         .routes(routes!(handlers::resources))
         .routes(routes!(handlers::reload))
+        .routes(routes!(handlers::diagnosis))
         .routes(routes!(handlers::healthz))
         .split_for_parts()
 }

@@ -60,6 +60,10 @@ impl Client {
         self.send(self.http.post(format!("{}/v1/jobs/{id}/cancel", self.base))).await
     }
 
+    pub async fn diagnosis(&self) -> Result<Value> {
+        self.send(self.http.get(format!("{}/v1/diagnosis", self.base))).await
+    }
+
     pub async fn reload(&self) -> Result<Value> {
         self.send(self.http.post(format!("{}/v1/reload", self.base))).await
     }

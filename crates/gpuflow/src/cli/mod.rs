@@ -75,6 +75,11 @@ pub enum Command {
     },
     /// Re-read the engine's pipeline file (as SIGHUP does).
     Reload,
+    /// What is wrong now, with evidence, likely cause and fix.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -156,6 +161,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 submit::print_resources(&r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { json } => {
+            let d = client()?.diagnosis().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                submit::print_diagnosis(&d);
             }
             Ok(ExitCode::SUCCESS)
         }

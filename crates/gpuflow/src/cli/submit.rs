@@ -148,3 +148,44 @@ pub fn print_resources(r: &Value) {
         );
     }
 }
+
+pub fn print_diagnosis(d: &Value) {
+    let open = d["open"].as_array().cloned().unwrap_or_default();
+    for g in d["gpus"].as_array().into_iter().flatten() {
+        let reading = if g["telemetry"] == Value::Bool(true) {
+            format!(
+                "{} % busy, {} of {} bytes used, {} process(es)",
+                s(&g["utilization_pct"]),
+                s(&g["memory_used_bytes"]),
+                s(&g["memory_bytes"]),
+                g["processes"].as_array().map(|p| p.len()).unwrap_or(0)
+            )
+        } else {
+            "no telemetry (virtual device)".to_string()
+        };
+        println!("gpu {} {} [{}]: {reading}", s(&g["index"]), s(&g["name"]), s(&g["source"]));
+    }
+    if open.is_empty() {
+        println!("No problems found.");
+    } else {
+        println!("{} problem(s):", open.len());
+    }
+    for f in &open {
+        println!();
+        println!("[{}] {}", s(&f["kind"]), s(&f["summary"]));
+        println!("  since {}", s(&f["opened_at"]));
+        for e in f["evidence"].as_array().into_iter().flatten() {
+            println!("  {}: {}", s(&e["label"]), s(&e["value"]));
+        }
+        println!("  likely cause: {}", s(&f["cause"]));
+        println!("  fix: {}", s(&f["fix"]));
+    }
+    let recent = d["recent"].as_array().cloned().unwrap_or_default();
+    if !recent.is_empty() {
+        println!();
+        println!("recently cleared:");
+        for f in recent.iter().take(5) {
+            println!("  {} .. {} [{}] {}", s(&f["opened_at"]), s(&f["closed_at"]), s(&f["kind"]), s(&f["summary"]));
+        }
+    }
+}

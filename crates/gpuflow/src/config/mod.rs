@@ -83,6 +83,8 @@ struct FileConfig {
     workers: BTreeMap<String, Spanned<WorkerFile>>,
     workflows: Option<Spanned<WorkflowsFile>>,
     #[serde(default)]
+    diagnosis: DiagnosisFile,
+    #[serde(default)]
     pipelines: BTreeMap<String, Spanned<PipelineFile>>,
 }
 
@@ -109,6 +111,8 @@ struct LibraryStageFile {
     #[serde(default)]
     env: BTreeMap<String, String>,
     workdir: Option<PathBuf>,
+    #[serde(default)]
+    gpu_check: GpuCheck,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +128,8 @@ struct WorkerFile {
     #[serde(default)]
     env: BTreeMap<String, String>,
     workdir: Option<PathBuf>,
+    #[serde(default)]
+    gpu_check: GpuCheck,
 }
 
 #[derive(Deserialize, Default)]
@@ -146,6 +152,8 @@ enum GpusFile {
 struct VirtualGpuFile {
     memory: Bytes,
     name: Option<String>,
+    /// A JSON file read as this device's NVML readings (see docs/pipelines.md).
+    telemetry: Option<PathBuf>,
 }
 
 impl<'de> Deserialize<'de> for GpusFile {
@@ -175,6 +183,35 @@ impl<'de> Deserialize<'de> for GpusFile {
         }
         d.deserialize_any(V)
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DiagnosisFile {
+    sample_interval: Option<Millis>,
+    task_stall: Option<Millis>,
+    gpu_idle: Option<Millis>,
+    queue_stall: Option<Millis>,
+    gpu_use_window: Option<Millis>,
+    shm_min: Option<Bytes>,
+}
+
+/// What to do when a stage or instance granted a GPU never uses it.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuCheck {
+    /// Report it (`gpuflow doctor`, `/v1/diagnosis`).
+    #[default]
+    Warn,
+    /// Report it and fail the attempt (not retried).
+    Fail,
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct Diagnosis {
+    pub sample_interval_ms: u64,
+    pub thresholds: gpuflow_core::diagnosis::Thresholds,
 }
 
 #[derive(Deserialize, Default)]
@@ -246,6 +283,8 @@ struct StageFile {
     #[serde(default)]
     env: BTreeMap<String, String>,
     workdir: Option<PathBuf>,
+    #[serde(default)]
+    gpu_check: GpuCheck,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -287,7 +326,7 @@ pub struct InputSpec {
 /// How a stage runs: a command per attempt, or a task on a worker pool.
 #[derive(Clone, Debug)]
 pub enum StageExec {
-    Command { command: Vec<Template>, env: BTreeMap<String, String>, workdir: Option<PathBuf> },
+    Command { command: Vec<Template>, env: BTreeMap<String, String>, workdir: Option<PathBuf>, gpu_check: GpuCheck },
     Worker { pool: String },
 }
 
@@ -310,6 +349,7 @@ pub struct WorkerDef {
     pub max_tasks_per_instance: Option<u32>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
+    pub gpu_check: GpuCheck,
 }
 
 #[derive(Clone, Debug)]
@@ -345,6 +385,7 @@ pub struct Config {
     pub workers: BTreeMap<String, Arc<WorkerDef>>,
     pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
     pub workflows: Option<WorkflowLibrary>,
+    pub diagnosis: Diagnosis,
 }
 
 /// The running configuration, replaced as a whole by a reload. Readers take a snapshot.
@@ -422,6 +463,7 @@ impl WorkflowLibrary {
                 after: None,
                 env: l.env,
                 workdir: l.workdir,
+                gpu_check: l.gpu_check,
             };
             stages.push(Spanned::new(stage, def.referenced, def.defined));
         }
@@ -540,6 +582,7 @@ impl Config {
                             uuid: None,
                             memory: g.memory.0,
                             source: GpuSource::Virtual,
+                            telemetry: g.telemetry.clone(),
                         })
                         .collect(),
                 },
@@ -677,6 +720,21 @@ impl Config {
             workers,
             pipelines,
             workflows,
+            diagnosis: {
+                let d = &file.diagnosis;
+                let defaults = gpuflow_core::diagnosis::Thresholds::default();
+                Diagnosis {
+                    sample_interval_ms: d.sample_interval.map(|m| m.0.max(100)).unwrap_or(1_000),
+                    thresholds: gpuflow_core::diagnosis::Thresholds {
+                        task_stall_ms: d.task_stall.map(|m| m.0).unwrap_or(defaults.task_stall_ms),
+                        gpu_idle_ms: d.gpu_idle.map(|m| m.0).unwrap_or(defaults.gpu_idle_ms),
+                        queue_stall_ms: d.queue_stall.map(|m| m.0).unwrap_or(defaults.queue_stall_ms),
+                        gpu_use_window_ms: d.gpu_use_window.map(|m| m.0).unwrap_or(defaults.gpu_use_window_ms),
+                        shm_min_bytes: d.shm_min.map(|b| b.0).unwrap_or(defaults.shm_min_bytes),
+                        idle_utilization_pct: defaults.idle_utilization_pct,
+                    },
+                }
+            },
         })
     }
 }
@@ -764,6 +822,7 @@ fn compile_workers(
                 max_tasks_per_instance: w.max_tasks_per_instance.filter(|n| *n > 0),
                 env: w.env.clone(),
                 workdir: w.workdir.clone(),
+                gpu_check: w.gpu_check,
             }),
         );
     }
@@ -1006,7 +1065,12 @@ fn compile_pipeline(
                 Err(e) => errors.at(&spanned.referenced, field.clone(), e),
             }
         }
-        stages.push(StageExec::Command { command: templates, env: stage.env.clone(), workdir: stage.workdir.clone() });
+        stages.push(StageExec::Command {
+            command: templates,
+            env: stage.env.clone(),
+            workdir: stage.workdir.clone(),
+            gpu_check: stage.gpu_check,
+        });
     }
     if errors.list.len() > before {
         return None;

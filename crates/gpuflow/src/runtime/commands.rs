@@ -61,6 +61,27 @@ pub enum Command {
     Cancel { id: String, reply: oneshot::Sender<Result<String, EngineError>> },
     Resources { reply: oneshot::Sender<ResourcesSnapshot> },
     Reload { reply: oneshot::Sender<Result<Vec<String>, EngineError>> },
+    Diagnosis { reply: oneshot::Sender<DiagnosisSnapshot> },
+}
+
+/// One device's latest reading and recent history.
+#[derive(Clone, Debug)]
+pub struct DeviceReading {
+    pub index: u32,
+    pub name: String,
+    pub source: crate::gpu::GpuSource,
+    pub memory_total: u64,
+    pub sample: Option<crate::gpu::DeviceSample>,
+    pub idle_ms: u64,
+    /// `(at ms, utilisation %, memory used)`, oldest first.
+    pub history: Vec<(u64, u32, u64)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DiagnosisSnapshot {
+    pub now_ms: u64,
+    pub open: Vec<super::OpenFinding>,
+    pub devices: Vec<DeviceReading>,
 }
 
 /// Errors the engine reports to callers, each with a stable code.
@@ -136,6 +157,10 @@ impl EngineHandle {
         self.ask(|reply| Command::Reload { reply }).await?
     }
 
+    pub async fn diagnosis(&self) -> Result<DiagnosisSnapshot, EngineError> {
+        self.ask(|reply| Command::Diagnosis { reply }).await
+    }
+
     pub async fn resources(&self) -> Result<ResourcesSnapshot, EngineError> {
         self.ask(|reply| Command::Resources { reply }).await
     }
@@ -183,6 +208,10 @@ impl<S: Store> Runtime<S> {
             }
             Command::Resources { reply } => {
                 let _ = reply.send(self.snapshot());
+                Ok(())
+            }
+            Command::Diagnosis { reply } => {
+                let _ = reply.send(self.diagnosis_snapshot());
                 Ok(())
             }
             Command::Reload { reply } => {

@@ -6,6 +6,7 @@ mod commands;
 mod pools;
 mod recover;
 mod reload;
+mod watchdog;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -24,9 +25,11 @@ use crate::supervisor::{self, AttemptReport, AttemptSpec, ChildRegistry, ExitSta
 
 pub use clock::Clock;
 pub use commands::{
-    Command, EngineError, EngineHandle, LeaseView, ResourcesSnapshot, SubmitRequest, Submitted, WaitingView,
+    Command, DeviceReading, DiagnosisSnapshot, EngineError, EngineHandle, LeaseView, ResourcesSnapshot, SubmitRequest,
+    Submitted, WaitingView,
 };
 pub use pools::{InstanceView, PoolView};
+pub use watchdog::OpenFinding;
 
 /// Why the loop stopped on its own. The store failing is fatal by design: the engine must
 /// not act on a change it could not record, and a restart recovers from what was recorded.
@@ -94,6 +97,7 @@ enum Internal {
     Spawned { key: AttemptKey, pid: u32 },
     Exited { key: AttemptKey, report: AttemptReport },
     Worker { pool: String, index: usize, generation: u64, event: InstanceEvent },
+    GpuSamples { samples: Vec<Option<crate::gpu::DeviceSample>>, at: u64 },
 }
 
 pub struct Runtime<S: Store> {
@@ -113,6 +117,7 @@ pub struct Runtime<S: Store> {
     pools: BTreeMap<String, pools::Pool>,
     /// Worker-stage attempts in flight: which pool instance runs each.
     worker_tasks: HashMap<AttemptKey, (String, usize)>,
+    watchdog: watchdog::Watchdog,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     commands: mpsc::Receiver<Command>,
@@ -144,6 +149,7 @@ impl<S: Store> Runtime<S> {
             active_per_pipeline: HashMap::new(),
             pools: BTreeMap::new(),
             worker_tasks: HashMap::new(),
+            watchdog: watchdog::Watchdog::default(),
             internal_tx,
             internal_rx,
             commands,
@@ -154,9 +160,16 @@ impl<S: Store> Runtime<S> {
     /// Recovers, then runs until `shutdown` resolves; then stops every attempt.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), RuntimeError> {
         self.sweep().await;
+        let closed = self.store.close_open_findings(self.clock.now_ms() as i64).await?;
+        if closed > 0 {
+            tracing::info!(closed, "closed findings left open by the previous run; they are re-checked now");
+        }
         self.start_pools();
         self.recover().await?;
+        self.start_gpu_sampler();
         tokio::pin!(shutdown);
+        let mut diagnosis = tokio::time::interval(Duration::from_millis(self.config.diagnosis.sample_interval_ms));
+        diagnosis.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Pool watchdog: hangs, startup timeouts and restarts are checked this often.
         let mut watchdog = tokio::time::interval(Duration::from_millis(200));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -169,6 +182,7 @@ impl<S: Store> Runtime<S> {
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await?,
                 _ = sleep_until(wake) => self.step(Event::Tick).await?,
                 _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await?,
+                _ = diagnosis.tick() => self.diagnose().await?,
             }
         }
         self.stop_all().await;
@@ -268,6 +282,7 @@ impl<S: Store> Runtime<S> {
     fn perform(&mut self, action: Action, pending: &mut VecDeque<Event>) {
         match action {
             Action::Start { job, stage, attempt, grant, .. } => {
+                self.note_start(job);
                 if let Err(error) = self.start_attempt(job, stage, attempt, &grant) {
                     pending.push_back(Event::AttemptExited {
                         job,
@@ -314,7 +329,7 @@ impl<S: Store> Runtime<S> {
             return self.dispatch_to_pool(&pool, (job, stage, attempt));
         }
         let active = self.jobs.get(&job).ok_or("job is not active")?;
-        let StageExec::Command { command, env: stage_env, workdir } = &active.pipeline.stages[stage] else {
+        let StageExec::Command { command, env: stage_env, workdir, .. } = &active.pipeline.stages[stage] else {
             return Err("not a command stage".into());
         };
         let name = &active.pipeline.core.stages[stage].name;
@@ -387,6 +402,10 @@ impl<S: Store> Runtime<S> {
             Internal::Worker { pool, index, generation, event } => {
                 self.on_worker_event(pool, index, generation, event).await
             }
+            Internal::GpuSamples { samples, at } => {
+                self.on_gpu_samples(samples, at);
+                Ok(())
+            }
             Internal::Exited { key, report } => {
                 self.processes.remove(&key);
                 let (outcome, details) = outcome_of(report);
@@ -395,6 +414,32 @@ impl<S: Store> Runtime<S> {
                 self.step(Event::AttemptExited { job, stage, attempt, outcome }).await
             }
         }
+    }
+
+    /// Reads the devices every sampling interval, off the loop (NVML calls can block).
+    fn start_gpu_sampler(&self) {
+        if self.config.gpus.is_empty() {
+            return;
+        }
+        let sampler = Arc::new(crate::gpu::Sampler::new(self.config.gpus.clone()));
+        let tx = self.internal_tx.clone();
+        let clock = self.clock;
+        let every = Duration::from_millis(self.config.diagnosis.sample_interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let s = sampler.clone();
+                let Ok(samples) = tokio::task::spawn_blocking(move || crate::gpu::GpuSampler::sample(s.as_ref())).await
+                else {
+                    break;
+                };
+                if tx.send(Internal::GpuSamples { samples, at: clock.now_ms() }).is_err() {
+                    break;
+                }
+            }
+        });
     }
 
     /// Graceful stop: every attempt is stopped and waited for. Their attempts stay recorded as
@@ -470,5 +515,6 @@ pub fn kill_reason_text(reason: KillReason) -> &'static str {
         KillReason::Timeout => "timeout",
         KillReason::Cancel => "cancel",
         KillReason::JobFailed => "job failed",
+        KillReason::Policy => "policy",
     }
 }

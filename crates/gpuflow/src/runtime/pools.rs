@@ -667,7 +667,73 @@ impl<S: Store> Runtime<S> {
         self.check_pools_now();
         Ok((old_n != new_n).then(|| format!("workers.{name}.instances: {old_n} -> {new_n}")))
     }
+}
 
+impl Pool {
+    /// The pool's live instances, for the watchdog.
+    pub(super) fn instance_briefs(&self) -> Vec<InstanceBrief> {
+        (0..self.instances.len())
+            .filter(|i| self.instances[*i].state != InstanceState::Retired)
+            .map(|i| self.instance_brief(i))
+            .collect()
+    }
+
+    pub(super) fn instance_brief(&self, index: usize) -> InstanceBrief {
+        let i = &self.instances[index];
+        InstanceBrief {
+            index,
+            pid: i.pid,
+            since_ms: i.since_ms,
+            last_beat_ms: i.last_beat_ms,
+            devices: i.grant.as_ref().map(|g| g.devices()).unwrap_or_default(),
+            providers: i
+                .info
+                .as_ref()
+                .and_then(|info| info["providers"].as_array())
+                .map(|p| p.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()),
+            last_error: i.last_error.clone(),
+            failures: i.consecutive_failures,
+        }
+    }
+
+    pub(super) fn gpu_check(&self) -> crate::config::GpuCheck {
+        self.def.gpu_check
+    }
+
+    /// Why the pool cannot take a task, when none of its instances is ready.
+    pub(super) fn problem(&self, name: &str) -> Option<String> {
+        let live: Vec<&Instance> = self.instances.iter().filter(|i| i.state != InstanceState::Retired).collect();
+        if live.iter().any(|i| is_ready(i.state)) {
+            return None;
+        }
+        let states: Vec<String> = live
+            .iter()
+            .map(|i| {
+                let error = i
+                    .last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {}", last_chars(e, 200)))
+                    .unwrap_or_default();
+                format!("#{} {}{error}", i.index, i.state.as_str(i.consecutive_failures >= CRASH_LOOP))
+            })
+            .collect();
+        Some(format!("pool {name} has no ready instance ({})", states.join("; ")))
+    }
+}
+
+/// What the watchdog needs to know of an instance.
+pub(super) struct InstanceBrief {
+    pub index: usize,
+    pub pid: Option<u32>,
+    pub since_ms: u64,
+    pub last_beat_ms: u64,
+    pub devices: Vec<u32>,
+    pub providers: Option<Vec<String>>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+}
+
+impl<S: Store> Runtime<S> {
     /// During shutdown: the instance's process is gone.
     pub(super) fn instance_gone(&mut self, pool: &str, index: usize, generation: u64) {
         if let Some(inst) = self.pools.get_mut(pool).and_then(|p| p.instances.get_mut(index))

@@ -148,6 +148,21 @@ pub struct JobFilter {
     pub limit: u32,
 }
 
+/// A diagnosis finding as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FindingRecord {
+    pub id: i64,
+    pub kind: String,
+    pub subject: String,
+    pub summary: String,
+    pub evidence: Vec<(String, String)>,
+    pub cause: String,
+    pub fix: String,
+    pub opened_at: i64,
+    pub updated_at: i64,
+    pub closed_at: Option<i64>,
+}
+
 /// The store seam. Implementations must make `write` atomic.
 pub trait Store: Clone + Send + Sync + 'static {
     fn insert_job(&self, job: &NewJob) -> impl Future<Output = StoreResult<i64>> + Send;
@@ -158,6 +173,24 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn unfinished_jobs(&self) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;
     /// The text of the pipeline file with this content hash (see `NewJob::config_hash`).
     fn config_snapshot(&self, hash: &str) -> impl Future<Output = StoreResult<Option<String>>> + Send;
+    /// Records a newly opened finding; returns its id.
+    fn open_finding(
+        &self,
+        f: &gpuflow_core::diagnosis::Finding,
+        at: i64,
+    ) -> impl Future<Output = StoreResult<i64>> + Send;
+    /// Refreshes an open finding's text and evidence.
+    fn update_finding(
+        &self,
+        id: i64,
+        f: &gpuflow_core::diagnosis::Finding,
+        at: i64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn close_finding(&self, id: i64, at: i64) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Closes whatever a previous engine left open (its conditions are re-checked from scratch).
+    fn close_open_findings(&self, at: i64) -> impl Future<Output = StoreResult<u64>> + Send;
+    /// Open findings, then the most recently closed ones, `limit` in all.
+    fn findings(&self, limit: u32) -> impl Future<Output = StoreResult<Vec<FindingRecord>>> + Send;
     /// Attempts recorded as running: held leases. Empty whenever the engine is idle.
     fn running_attempts(&self) -> impl Future<Output = StoreResult<Vec<(String, AttemptRecord)>>> + Send;
 }

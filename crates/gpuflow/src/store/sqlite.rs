@@ -13,7 +13,10 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::*;
 
 /// Schema migrations, applied in order once each.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_findings.sql")),
+];
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -309,6 +312,77 @@ impl Store for SqliteStore {
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?)
+    }
+
+    async fn open_finding(&self, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "INSERT INTO findings (kind, subject, summary, evidence, cause, fix, opened_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7) RETURNING id",
+        )
+        .bind(f.kind.as_str())
+        .bind(&f.subject)
+        .bind(&f.summary)
+        .bind(serde_json::to_string(&f.evidence).expect("serializable"))
+        .bind(&f.cause)
+        .bind(&f.fix)
+        .bind(at)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("id")?)
+    }
+
+    async fn update_finding(&self, id: i64, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE findings SET summary = ?2, evidence = ?3, updated_at = ?4 WHERE id = ?1")
+            .bind(id)
+            .bind(&f.summary)
+            .bind(serde_json::to_string(&f.evidence).expect("serializable"))
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn close_finding(&self, id: i64, at: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE findings SET closed_at = ?2, updated_at = ?2 WHERE id = ?1")
+            .bind(id)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn close_open_findings(&self, at: i64) -> StoreResult<u64> {
+        let r = sqlx::query("UPDATE findings SET closed_at = ?1, updated_at = ?1 WHERE closed_at IS NULL")
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn findings(&self, limit: u32) -> StoreResult<Vec<FindingRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM findings ORDER BY closed_at IS NOT NULL, COALESCE(closed_at, opened_at) DESC LIMIT ?1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let evidence: String = r.try_get("evidence")?;
+                Ok(FindingRecord {
+                    id: r.try_get("id")?,
+                    kind: r.try_get("kind")?,
+                    subject: r.try_get("subject")?,
+                    summary: r.try_get("summary")?,
+                    evidence: serde_json::from_str(&evidence)
+                        .map_err(|e| StoreError::Corrupt(format!("evidence: {e}")))?,
+                    cause: r.try_get("cause")?,
+                    fix: r.try_get("fix")?,
+                    opened_at: r.try_get("opened_at")?,
+                    updated_at: r.try_get("updated_at")?,
+                    closed_at: r.try_get("closed_at")?,
+                })
+            })
+            .collect()
     }
 
     async fn running_attempts(&self) -> StoreResult<Vec<(String, AttemptRecord)>> {

@@ -4,6 +4,7 @@ mod fixture;
 
 mod api;
 mod cli;
+mod diagnosis;
 mod durability;
 mod failures;
 mod pools;
