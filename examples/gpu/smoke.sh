@@ -21,13 +21,31 @@ echo "--- smoke: GPU stage on its leased device, CPU stage sees no GPU"
 cli submit smoke --wait
 cli status "$(last_job)" --json | python3 -c 'import json,sys; [print(s["name"], json.dumps(s["output"])) for s in json.load(sys.stdin)["stages"]]'
 
-echo "--- hang: a stuck stage holding VRAM is killed at its timeout"
+echo "--- hang: a stuck stage holding VRAM; doctor names it, then its timeout kills it"
 start=$(date +%s.%N)
-if cli submit hang --wait; then echo "expected the stuck stage to fail"; exit 1; fi
+cli submit hang >/dev/null
+sleep 10
+cli doctor
+cli doctor --json > gpu-smoke-doctor.json
+python3 - <<'PY'
+import json
+d = json.load(open("gpu-smoke-doctor.json"))
+kinds = {f["kind"] for f in d["open"]}
+print("open findings:", sorted(kinds))
+g = d["gpus"][0]
+print("nvml reading:", g["utilization_pct"], "% busy,", g["memory_used_bytes"], "bytes used,", g["processes"])
+assert {"task_stalled", "gpu_idle_under_lease"} <= kinds, kinds
+PY
+while [ "$(cli status "$(last_job)" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')" = running ]; do sleep 0.5; done
 end=$(date +%s.%N)
 cli status "$(last_job)" --json | python3 -c 'import json,sys; a=json.load(sys.stdin)["stages"][0]["attempt_history"][0]; print("attempt:", a["state"], "signal:", a["signal"])'
-echo "submit-to-final: $(python3 -c "print(round($end - $start, 2))") s (timeout 5s + kill_grace 5s + start-up)"
+echo "submit-to-final: $(python3 -c "print(round($end - $start, 2))") s (timeout 15s + kill_grace 5s + start-up)"
 left=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)
 echo "GPU compute processes left: ${left:-none}"
 [ -z "$left" ] || { echo "VRAM still held after the kill"; exit 1; }
 cli resources
+
+echo "--- cpu_only: a CPU stage that declares a GPU is flagged as not using it"
+cli submit cpu_only >/dev/null
+sleep 5
+cli doctor --json | python3 -c 'import json,sys; d=json.load(sys.stdin); f=[x for x in d["open"] if x["kind"]=="gpu_unused"]; print(f[0]["summary"] if f else "NOT FLAGGED"); assert f'
