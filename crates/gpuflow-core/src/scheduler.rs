@@ -243,6 +243,8 @@ pub enum Action {
         attempt: u32,
         grant: Grant,
         deadline: Option<u64>,
+        /// How long it waited in the queue.
+        queued_ms: u64,
     },
     /// Stop the attempt's process group. Its lease returns when it has exited.
     Kill {
@@ -260,6 +262,8 @@ pub enum Action {
         next: StageNext,
         error: Option<String>,
         counters: StageCounters,
+        /// How long the attempt held its lease (0 for one interrupted by an engine restart).
+        ran_ms: u64,
     },
     /// A stage that never ran (or waits to retry) will not run.
     StageCancelled {
@@ -551,6 +555,7 @@ impl State {
                         next,
                         error: error.clone(),
                         counters,
+                        ran_ms: 0,
                     });
                     match next {
                         StageNext::Failed => {
@@ -641,7 +646,17 @@ impl State {
                 None => StageNext::Failed,
             },
         };
-        actions.push(Action::AttemptEnded { job: id, stage, attempt, result, next, error: error.clone(), counters });
+        let ran_ms = now.saturating_sub(running.started_at);
+        actions.push(Action::AttemptEnded {
+            job: id,
+            stage,
+            attempt,
+            result,
+            next,
+            error: error.clone(),
+            counters,
+            ran_ms,
+        });
 
         match next {
             StageNext::Succeeded => {
@@ -803,6 +818,7 @@ impl State {
                         attempt,
                         grant: grant.clone(),
                         deadline,
+                        queued_ms: now.saturating_sub(since),
                     });
                     let running =
                         RunningAttempt { attempt, grant, started_at: now, deadline, kill: None, kill_detail: None };

@@ -407,6 +407,13 @@ pub async fn diagnosis(State(app): State<AppState>) -> Result<Json<DiagnosisView
     Ok(Json(DiagnosisView { checked_at: time(snap.now_ms as i64), open, recent, gpus }))
 }
 
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let text = app.engine.metrics().await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
+}
+
 /// Liveness. Not behind auth.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)), security(()))]
 pub async fn healthz() -> Json<Health> {

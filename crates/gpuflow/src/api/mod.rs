@@ -81,6 +81,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::resources))
         .routes(routes!(handlers::reload))
         .routes(routes!(handlers::diagnosis))
+        .routes(routes!(handlers::metrics))
         .routes(routes!(handlers::healthz))
         .split_for_parts()
 }

@@ -418,6 +418,7 @@ pub struct WorkflowLibrary {
     file_label: String,
     stages: BTreeMap<String, Spanned<LibraryStageFile>>,
     capacity: Capacity,
+    standing: gpuflow_core::Inventory,
     workers: BTreeMap<String, Arc<WorkerDef>>,
 }
 
@@ -474,9 +475,12 @@ impl WorkflowLibrary {
             &name,
             &file,
             &serde_saphyr::Location::UNKNOWN,
-            &self.capacity,
-            &self.workers,
-            lenient_refs,
+            &CompileContext {
+                capacity: &self.capacity,
+                standing: &self.standing,
+                workers: &self.workers,
+                lenient_refs,
+            },
             &mut errors,
         );
         match def {
@@ -614,6 +618,7 @@ impl Config {
             }
             capacity.counters.insert(pool_counter(name), w.slots.len() as u64);
         }
+        let standing = standing_inventory(&capacity, &workers);
 
         let auth_token = match file.auth {
             None => None,
@@ -643,9 +648,8 @@ impl Config {
                     "pipeline names may use a-z, A-Z, 0-9, `_` and `-`",
                 );
             }
-            if let Some(def) =
-                compile_pipeline(name, &spanned.value, &spanned.referenced, &capacity, &workers, &[], &mut errors)
-            {
+            let ctx = CompileContext { capacity: &capacity, standing: &standing, workers: &workers, lenient_refs: &[] };
+            if let Some(def) = compile_pipeline(name, &spanned.value, &spanned.referenced, &ctx, &mut errors) {
                 pipelines.insert(name.clone(), Arc::new(def));
             }
         }
@@ -677,6 +681,7 @@ impl Config {
                 file_label: label.to_string(),
                 stages: w.value.stages.clone(),
                 capacity: capacity.clone(),
+                standing: standing.clone(),
                 workers: workers.clone(),
             };
             for name in w.value.stages.keys() {
@@ -737,6 +742,29 @@ impl Config {
             },
         })
     }
+}
+
+/// What compiling a pipeline checks against.
+#[derive(Clone, Copy)]
+struct CompileContext<'a> {
+    capacity: &'a Capacity,
+    /// The inventory once every pool instance holds its standing lease.
+    standing: &'a gpuflow_core::Inventory,
+    workers: &'a BTreeMap<String, Arc<WorkerDef>>,
+    /// Stage names templates may name without being ancestors (checking a library stage alone).
+    lenient_refs: &'a [String],
+}
+
+/// The inventory with every pool instance's standing lease taken, as at engine start.
+fn standing_inventory(capacity: &Capacity, workers: &BTreeMap<String, Arc<WorkerDef>>) -> gpuflow_core::Inventory {
+    let mut inventory = gpuflow_core::Inventory::new(capacity.clone());
+    let none = inventory.new_reservation();
+    for w in workers.values() {
+        for device in &w.slots {
+            let _ = inventory.try_grant_on(&w.needs, &none, *device);
+        }
+    }
+    inventory
 }
 
 fn compile_workers(
@@ -847,11 +875,10 @@ fn compile_pipeline(
     name: &str,
     file: &PipelineFile,
     loc: &serde_saphyr::Location,
-    capacity: &Capacity,
-    workers: &BTreeMap<String, Arc<WorkerDef>>,
-    lenient_refs: &[String],
+    ctx: &CompileContext,
     errors: &mut Errors,
 ) -> Option<PipelineDef> {
+    let CompileContext { capacity, standing, workers, lenient_refs } = *ctx;
     let before = errors.list.len();
     let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, stage) in file.stages.iter().enumerate() {
@@ -927,6 +954,12 @@ fn compile_pipeline(
             errors.at(at, field("worker"), format!("unknown worker pool `{pool}`; pools under `workers:`: {known}"));
         } else if let Err(e) = needs.check_fits(capacity) {
             errors.at(at, field("needs"), format!("{e}; this request could never be granted"));
+        } else if standing.clone().try_grant(&needs, &standing.new_reservation()).is_none() {
+            errors.at(
+                at,
+                field("needs"),
+                "could never be granted next to the worker pools' instances, which hold their `needs` for their lifetime; shrink the pools' needs or this request",
+            );
         }
         let defaults = RetryPolicy::default();
         let retry = match &stage.retry {

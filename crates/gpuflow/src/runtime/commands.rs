@@ -62,6 +62,7 @@ pub enum Command {
     Resources { reply: oneshot::Sender<ResourcesSnapshot> },
     Reload { reply: oneshot::Sender<Result<Vec<String>, EngineError>> },
     Diagnosis { reply: oneshot::Sender<DiagnosisSnapshot> },
+    Metrics { reply: oneshot::Sender<String> },
 }
 
 /// One device's latest reading and recent history.
@@ -157,6 +158,10 @@ impl EngineHandle {
         self.ask(|reply| Command::Reload { reply }).await?
     }
 
+    pub async fn metrics(&self) -> Result<String, EngineError> {
+        self.ask(|reply| Command::Metrics { reply }).await
+    }
+
     pub async fn diagnosis(&self) -> Result<DiagnosisSnapshot, EngineError> {
         self.ask(|reply| Command::Diagnosis { reply }).await
     }
@@ -208,6 +213,10 @@ impl<S: Store> Runtime<S> {
             }
             Command::Resources { reply } => {
                 let _ = reply.send(self.snapshot());
+                Ok(())
+            }
+            Command::Metrics { reply } => {
+                let _ = reply.send(self.metrics_text());
                 Ok(())
             }
             Command::Diagnosis { reply } => {
@@ -264,6 +273,7 @@ impl<S: Store> Runtime<S> {
             created_at: self.clock.now_ms() as i64,
         };
         let seq = self.store.insert_job(&new).await?;
+        self.metrics.submitted(&request.pipeline);
         let job = JobId(uuid.as_u128());
         self.track(job, id.clone(), request.pipeline, def.clone(), request.input, vec![None; def.core.stages.len()]);
         let event = Event::Submitted { job, seq: seq as u64, priority: request.priority, pipeline: def.core.clone() };

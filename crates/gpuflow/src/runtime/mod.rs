@@ -3,6 +3,7 @@
 
 mod clock;
 mod commands;
+mod metrics;
 mod pools;
 mod recover;
 mod reload;
@@ -118,6 +119,7 @@ pub struct Runtime<S: Store> {
     /// Worker-stage attempts in flight: which pool instance runs each.
     worker_tasks: HashMap<AttemptKey, (String, usize)>,
     watchdog: watchdog::Watchdog,
+    metrics: metrics::Metrics,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     commands: mpsc::Receiver<Command>,
@@ -150,6 +152,7 @@ impl<S: Store> Runtime<S> {
             pools: BTreeMap::new(),
             worker_tasks: HashMap::new(),
             watchdog: watchdog::Watchdog::default(),
+            metrics: metrics::Metrics::default(),
             internal_tx,
             internal_rx,
             commands,
@@ -222,7 +225,7 @@ impl<S: Store> Runtime<S> {
                 at,
             },
             Action::Kill { .. } => return None,
-            Action::AttemptEnded { job, stage, attempt, result, next, error, counters } => {
+            Action::AttemptEnded { job, stage, attempt, result, next, error, counters, .. } => {
                 let details = self.exits.get(&(*job, *stage, *attempt));
                 let (stage_state, not_before) = match next {
                     StageNext::Succeeded => ("succeeded", None),
@@ -281,8 +284,11 @@ impl<S: Store> Runtime<S> {
 
     fn perform(&mut self, action: Action, pending: &mut VecDeque<Event>) {
         match action {
-            Action::Start { job, stage, attempt, grant, .. } => {
+            Action::Start { job, stage, attempt, grant, queued_ms, .. } => {
                 self.note_start(job);
+                if let Some(active) = self.jobs.get(&job) {
+                    self.metrics.started(&active.pipeline_name, &active.pipeline.core.stages[stage].name, queued_ms);
+                }
                 if let Err(error) = self.start_attempt(job, stage, attempt, &grant) {
                     pending.push_back(Event::AttemptExited {
                         job,
@@ -302,7 +308,11 @@ impl<S: Store> Runtime<S> {
                     let _ = p.stop.send(StopRequest);
                 }
             }
-            Action::AttemptEnded { job, stage, attempt, result, .. } => {
+            Action::AttemptEnded { job, stage, attempt, result, next, ran_ms, .. } => {
+                if let Some(active) = self.jobs.get(&job) {
+                    let spec = &active.pipeline.core.stages[stage];
+                    self.metrics.ended(&active.pipeline_name, &spec.name, &spec.needs, result, next, ran_ms);
+                }
                 let details = self.exits.remove(&(job, stage, attempt));
                 if result == AttemptResult::Succeeded
                     && let Some(active) = self.jobs.get_mut(&job)
@@ -314,6 +324,7 @@ impl<S: Store> Runtime<S> {
             Action::JobFinished { job, state, .. } => {
                 if let Some(active) = self.jobs.remove(&job) {
                     tracing::info!(job = %active.id, pipeline = %active.pipeline_name, state = state.as_str(), "job finished");
+                    self.metrics.finished(&active.pipeline_name, state.as_str());
                     if let Some(n) = self.active_per_pipeline.get_mut(&active.pipeline_name) {
                         *n = n.saturating_sub(1);
                     }

@@ -23,6 +23,12 @@ pub(super) struct DeviceTrack {
     pub(super) history: VecDeque<(u64, u32, u64)>,
 }
 
+impl DeviceTrack {
+    pub(super) fn latest(&self) -> Option<&DeviceSample> {
+        self.last.as_ref()
+    }
+}
+
 /// A finding while it is open.
 #[derive(Clone, Debug)]
 pub struct OpenFinding {
@@ -366,6 +372,7 @@ impl<S: Store> Runtime<S> {
                 }
                 None => {
                     tracing::warn!(kind = f.kind.as_str(), "finding: {}", f.summary);
+                    self.metrics.finding_opened(f.kind.as_str());
                     let id = self.store.open_finding(&f, at).await?;
                     self.watchdog.open.insert(key, OpenFinding { id, opened_ms: now, finding: f, stored_ms: now });
                 }

@@ -52,6 +52,13 @@ fn check_points_at_line_column_and_field() {
     assert!(!ok);
     assert!(out.contains("does not run before `a`"), "{out}");
 
+    // A whole-GPU stage next to a pool that keeps a share of the only GPU could never start.
+    let (ok, out) = check(
+        "resources: {gpus: [{memory: 8GiB}], cpu: 2}\nworkers:\n  w: {command: [w], needs: {gpu_memory: 2GiB}}\npipelines:\n  p:\n    stages:\n      - {name: a, command: [\"true\"], needs: {gpu: 1}}\n",
+    );
+    assert!(!ok);
+    assert!(out.contains("p.yaml:7:") && out.contains("next to the worker pools' instances"), "{out}");
+
     let (ok, out) = check(
         "resources: {gpus: [{memory: 8GiB}], cpu: 2}\npipelines:\n  p:\n    stages:\n      - {name: a, command: [\"true\"]}\n",
     );

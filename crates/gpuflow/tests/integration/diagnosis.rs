@@ -231,3 +231,45 @@ pipelines:
     let (f, _) = wait_finding(&engine, "shm_too_small", "/dev/shm", Instant::now(), Duration::from_secs(2)).await;
     assert!(f["fix"].as_str().unwrap().contains("--shm-size"), "{f:#}");
 }
+
+#[tokio::test]
+async fn metrics_expose_queues_tasks_leases_gpus_pools_and_findings() {
+    let engine = Engine::start_with_files(
+        r#"
+resources: {gpus: [{memory: 80GiB, telemetry: "{DIR}/gpu0.json"}], cpu: 2}
+diagnosis: {sample_interval: 200ms, shm_min: 1024TiB}
+workers:
+  model: {command: [python3, "{DIR}/worker.py"], needs: {gpu_memory: 4GiB}, gpu_check: off}
+pipelines:
+  p:
+    stages:
+      - {name: prep, command: ["true"]}
+      - {name: infer, worker: model}
+      - {name: flaky, needs: {gpu_memory: 1GiB}, gpu_check: off, command: [sh, -c, 'test "$GPUFLOW_ATTEMPT" -ge 2'], retry: {max_attempts: 2, backoff: {initial: 50ms}}}
+"#,
+        &[("worker.py", WORKER)],
+    )
+    .await;
+    telemetry(&engine, 37, &[]);
+    let id = engine.submit("p", json!({})).await;
+    assert_eq!(engine.wait_final(&id, Duration::from_secs(30)).await["state"], "succeeded");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = engine.http.get(format!("{}/metrics", engine.base)).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        r#"gpuflow_jobs_submitted_total{pipeline="p"} 1"#,
+        r#"gpuflow_jobs_finished_total{pipeline="p",state="succeeded"} 1"#,
+        r#"gpuflow_task_duration_seconds_count{pipeline="p",stage="flaky",outcome="failed"} 1"#,
+        r#"gpuflow_task_duration_seconds_count{pipeline="p",stage="infer",outcome="succeeded"} 1"#,
+        r#"gpuflow_retries_total{pipeline="p",stage="flaky"} 1"#,
+        r#"gpuflow_queue_wait_seconds_count{pipeline="p",stage="prep"} 1"#,
+        r#"gpuflow_lease_hold_seconds_count{resource="gpu_memory"} 2"#,
+        r#"nv_gpu_utilization{gpu_uuid="0",gpu="0",source="virtual"} 0.37"#,
+        r#"nv_gpu_memory_total_bytes{gpu_uuid="0",gpu="0",source="virtual"} 85899345920"#,
+        r#"gpuflow_gpu_memory_leased_bytes{gpu_uuid="0",gpu="0",source="virtual"} 4294967296"#,
+        r#"gpuflow_pool_instances{pool="model",state="idle"} 1"#,
+        r#"gpuflow_findings_open{kind="shm_too_small"} 1"#,
+        r#"gpuflow_findings_opened_total{kind="shm_too_small"} 1"#,
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+}

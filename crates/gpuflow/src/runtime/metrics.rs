@@ -1,0 +1,206 @@
+//! Prometheus metrics (`GET /metrics`). Counters and histograms are updated as the loop acts;
+//! gauges are refreshed from the loop's state at scrape time, so they are never stale.
+//! Names follow Prometheus conventions; GPU gauges follow Triton's `nv_gpu_*` style.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use gpuflow_core::{AttemptResult, StageNext};
+
+use super::*;
+
+type Labels = Vec<(String, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 5 ms .. ~3 h
+    Histogram::new(exponential_buckets(0.005, 2.0, 22))
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+pub(super) struct Metrics {
+    registry: Registry,
+    jobs_submitted: Family<Labels, Counter>,
+    jobs_finished: Family<Labels, Counter>,
+    queue_depth: Family<Labels, Gauge>,
+    queue_wait: Histograms,
+    running: Family<Labels, Gauge>,
+    task_duration: Histograms,
+    lease_hold: Histograms,
+    retries: Family<Labels, Counter>,
+    gpu_utilization: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    gpu_memory_used: Family<Labels, Gauge>,
+    gpu_memory_total: Family<Labels, Gauge>,
+    gpu_memory_leased: Family<Labels, Gauge>,
+    pool_instances: Family<Labels, Gauge>,
+    findings_open: Family<Labels, Gauge>,
+    findings_opened: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            jobs_submitted: Family::default(),
+            jobs_finished: Family::default(),
+            queue_depth: Family::default(),
+            queue_wait: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            running: Family::default(),
+            task_duration: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            lease_hold: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            retries: Family::default(),
+            gpu_utilization: Family::default(),
+            gpu_memory_used: Family::default(),
+            gpu_memory_total: Family::default(),
+            gpu_memory_leased: Family::default(),
+            pool_instances: Family::default(),
+            findings_open: Family::default(),
+            findings_opened: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("gpuflow_jobs_submitted", "Jobs accepted", m.jobs_submitted.clone());
+        registry.register(
+            "gpuflow_jobs_finished",
+            "Jobs that reached a final state, by state",
+            m.jobs_finished.clone(),
+        );
+        registry.register("gpuflow_queue_depth", "Stages waiting for resources", m.queue_depth.clone());
+        registry.register("gpuflow_queue_wait_seconds", "Time a stage waited for its resources", m.queue_wait.clone());
+        registry.register("gpuflow_running_tasks", "Attempts running now", m.running.clone());
+        registry.register("gpuflow_task_duration_seconds", "Attempt duration, by outcome", m.task_duration.clone());
+        registry.register(
+            "gpuflow_lease_hold_seconds",
+            "How long leases were held, by resource kind",
+            m.lease_hold.clone(),
+        );
+        registry.register("gpuflow_retries", "Attempts that ended in a retry", m.retries.clone());
+        registry.register("nv_gpu_utilization", "GPU utilisation (0..1)", m.gpu_utilization.clone());
+        registry.register(
+            "nv_gpu_memory_used_bytes",
+            "GPU memory used, as the device reports it",
+            m.gpu_memory_used.clone(),
+        );
+        registry.register("nv_gpu_memory_total_bytes", "GPU memory", m.gpu_memory_total.clone());
+        registry.register(
+            "gpuflow_gpu_memory_leased_bytes",
+            "GPU memory leased by gpuflow",
+            m.gpu_memory_leased.clone(),
+        );
+        registry.register("gpuflow_pool_instances", "Worker-pool instances, by state", m.pool_instances.clone());
+        registry.register("gpuflow_findings_open", "Open diagnosis findings, by kind", m.findings_open.clone());
+        registry.register("gpuflow_findings_opened", "Diagnosis findings opened, by kind", m.findings_opened.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub(super) fn submitted(&self, pipeline: &str) {
+        self.jobs_submitted.get_or_create(&labels(&[("pipeline", pipeline)])).inc();
+    }
+
+    pub(super) fn finished(&self, pipeline: &str, state: &str) {
+        self.jobs_finished.get_or_create(&labels(&[("pipeline", pipeline), ("state", state)])).inc();
+    }
+
+    pub(super) fn started(&self, pipeline: &str, stage: &str, queued_ms: u64) {
+        self.queue_wait
+            .get_or_create(&labels(&[("pipeline", pipeline), ("stage", stage)]))
+            .observe(queued_ms as f64 / 1000.0);
+    }
+
+    pub(super) fn ended(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        needs: &gpuflow_core::ResourceRequest,
+        result: AttemptResult,
+        next: StageNext,
+        ran_ms: u64,
+    ) {
+        if result == AttemptResult::Interrupted {
+            return;
+        }
+        let secs = ran_ms as f64 / 1000.0;
+        self.task_duration
+            .get_or_create(&labels(&[("pipeline", pipeline), ("stage", stage), ("outcome", result.as_str())]))
+            .observe(secs);
+        let kinds = [
+            ("gpu", needs.gpus > 0),
+            ("gpu_memory", needs.gpu_memory > 0),
+            ("cpu", needs.cpu > 0),
+            ("counter", !needs.counters.is_empty()),
+        ];
+        for (kind, held) in kinds {
+            if held {
+                self.lease_hold.get_or_create(&labels(&[("resource", kind)])).observe(secs);
+            }
+        }
+        if matches!(next, StageNext::Retry { .. }) {
+            self.retries.get_or_create(&labels(&[("pipeline", pipeline), ("stage", stage)])).inc();
+        }
+    }
+
+    pub(super) fn finding_opened(&self, kind: &str) {
+        self.findings_opened.get_or_create(&labels(&[("kind", kind)])).inc();
+    }
+}
+
+impl<S: Store> Runtime<S> {
+    /// Refreshes the gauges from the loop's state and renders the text format.
+    pub(super) fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        m.queue_depth.clear();
+        for w in self.state.waiting() {
+            m.queue_depth
+                .get_or_create(&labels(&[("pipeline", &w.pipeline.name), ("stage", &w.pipeline.stages[w.stage].name)]))
+                .inc();
+        }
+        m.running.clear();
+        for l in self.state.leases() {
+            m.running
+                .get_or_create(&labels(&[("pipeline", &l.pipeline.name), ("stage", &l.pipeline.stages[l.stage].name)]))
+                .inc();
+        }
+        let usage = self.state.inventory().usage();
+        for (i, g) in self.config.gpus.iter().enumerate() {
+            let id = g.cuda_id(i as u32);
+            let gpu = labels(&[
+                ("gpu_uuid", &id),
+                ("gpu", &i.to_string()),
+                ("source", if g.uuid.is_some() { "nvml" } else { "virtual" }),
+            ]);
+            m.gpu_memory_total.get_or_create(&gpu).set(g.memory as i64);
+            let leased = if usage.gpu_exclusive.get(i).copied().unwrap_or(false) {
+                g.memory
+            } else {
+                usage.gpu_memory_used.get(i).copied().unwrap_or(0)
+            };
+            m.gpu_memory_leased.get_or_create(&gpu).set(leased as i64);
+            if let Some(s) = self.watchdog.devices.get(i).and_then(|t| t.latest()) {
+                m.gpu_utilization.get_or_create(&gpu).set(s.utilization_pct as f64 / 100.0);
+                m.gpu_memory_used.get_or_create(&gpu).set(s.memory_used as i64);
+            }
+        }
+        m.pool_instances.clear();
+        for pool in self.pool_views() {
+            for inst in pool.instances {
+                m.pool_instances.get_or_create(&labels(&[("pool", &pool.name), ("state", inst.state)])).inc();
+            }
+        }
+        m.findings_open.clear();
+        for kind in gpuflow_core::diagnosis::FindingKind::ALL {
+            let open = self.watchdog.open.keys().filter(|(k, _)| *k == kind).count();
+            m.findings_open.get_or_create(&labels(&[("kind", kind.as_str())])).set(open as i64);
+        }
+        let mut out = String::new();
+        encode(&mut out, &m.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
