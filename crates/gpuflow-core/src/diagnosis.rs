@@ -22,6 +22,8 @@ pub enum FindingKind {
     CudaDevicesOverridden,
     /// A pool instance keeps failing (crash, hang, protocol error).
     WorkerUnhealthy,
+    /// GPU memory held by a process that holds no lease: kept out of the inventory.
+    GpuMemoryForeign,
 }
 
 impl FindingKind {
@@ -35,10 +37,12 @@ impl FindingKind {
             FindingKind::SharedMemorySmall => "shm_too_small",
             FindingKind::CudaDevicesOverridden => "cuda_visible_devices_overridden",
             FindingKind::WorkerUnhealthy => "worker_unhealthy",
+            FindingKind::GpuMemoryForeign => "gpu_memory_foreign",
         }
     }
 
-    pub const ALL: [FindingKind; 8] = [
+    pub const ALL: [FindingKind; 9] = [
+        FindingKind::GpuMemoryForeign,
         FindingKind::TaskStalled,
         FindingKind::GpuUnused,
         FindingKind::GpuIdleUnderLease,
@@ -147,6 +151,9 @@ pub struct DeviceObs {
     pub memory_total: u64,
     /// `(pid, bytes)` of processes using it.
     pub processes: Vec<(u32, u64)>,
+    /// `(pid, bytes, what it is)` of those that hold no lease (e.g. "a killed attempt of
+    /// ours", "not started by gpuflow").
+    pub foreign: Vec<(u32, u64, String)>,
 }
 
 /// A pipeline's waiting work.
@@ -340,6 +347,24 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
             fix: "see what the holder is doing (its process state above); split CPU work into its own stage; add a `timeout`".into(),
         });
     }
+    for d in obs.devices.iter().filter(|d| d.telemetry && !d.foreign.is_empty()) {
+        let total: u64 = d.foreign.iter().map(|(_, b, _)| b).sum();
+        let mut evidence = vec![
+            ("device".into(), format!("gpu {} ({})", d.index, d.name)),
+            ("held outside any lease".into(), mib(total)),
+        ];
+        for (pid, bytes, what) in &d.foreign {
+            evidence.push(("process".into(), format!("pid {pid}: {} ({what})", mib(*bytes))));
+        }
+        out.push(Finding {
+            kind: FindingKind::GpuMemoryForeign,
+            subject: format!("gpu {} foreign", d.index),
+            summary: format!("GPU {}: {} is held by processes without a lease; it is kept out of the inventory", d.index, mib(total)),
+            evidence,
+            cause: "another program uses the device, or a killed process has not released its memory yet (report 000: VRAM still allocated after the work stopped)".into(),
+            fix: "if it is a leftover, kill it (`kill -9 PID`) and the memory returns to the inventory by itself; if another program shares the device, give gpuflow a smaller virtual memory size or a dedicated device".into(),
+        });
+    }
     for q in obs.queues.iter().filter(|q| q.waiting > 0 && q.idle_ms >= th.queue_stall_ms) {
         let mut evidence = vec![
             ("waiting".into(), q.waiting.to_string()),
@@ -443,6 +468,7 @@ mod tests {
             memory_used: 52 << 30,
             memory_total: 80 << 30,
             processes,
+            foreign: vec![],
         }
     }
 

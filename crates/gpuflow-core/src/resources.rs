@@ -156,6 +156,9 @@ pub struct Inventory {
     counters_available: BTreeMap<String, u64>,
     gpu_exclusive: Vec<bool>,
     gpu_memory_used: Vec<u64>,
+    /// Memory the devices report in use by processes that hold no lease of ours (another
+    /// program, or a killed process that has not let go yet). Never handed out.
+    gpu_foreign: Vec<u64>,
     cpu_used: u32,
     counters_used: BTreeMap<String, u64>,
 }
@@ -178,6 +181,7 @@ impl Inventory {
             capacity,
             gpu_exclusive: vec![false; devices],
             gpu_memory_used: vec![0; devices],
+            gpu_foreign: vec![0; devices],
             cpu_used: 0,
             counters_used,
         }
@@ -209,14 +213,30 @@ impl Inventory {
     }
 
     fn device_fully_free(&self, d: usize, reserved: &Reservation) -> bool {
-        !self.gpu_exclusive[d] && self.gpu_memory_used[d] == 0 && !reserved.blocked_devices[d]
+        !self.gpu_exclusive[d]
+            && self.gpu_memory_used[d] == 0
+            && self.gpu_foreign[d] == 0
+            && !reserved.blocked_devices[d]
     }
 
     fn device_memory_free(&self, d: usize, reserved: &Reservation) -> Option<u64> {
         if self.gpu_exclusive[d] || reserved.blocked_devices[d] {
             return None;
         }
-        Some(self.capacity.gpus[d].memory - self.gpu_memory_used[d])
+        Some(self.capacity.gpus[d].memory.saturating_sub(self.gpu_memory_used[d] + self.gpu_foreign[d]))
+    }
+
+    /// Sets the foreign memory on a device (from its latest reading). Returns whether less is
+    /// foreign than before, so waiting work may fit now.
+    pub fn set_foreign(&mut self, device: usize, bytes: u64) -> bool {
+        let Some(slot) = self.gpu_foreign.get_mut(device) else { return false };
+        let freed = bytes < *slot;
+        *slot = bytes;
+        freed
+    }
+
+    pub fn foreign(&self) -> &[u64] {
+        &self.gpu_foreign
     }
 
     fn cpu_free(&self, reserved: &Reservation) -> u32 {
@@ -431,6 +451,22 @@ mod tests {
         assert!(inv.try_grant(&one, &none).is_some());
         assert!(inv.try_grant(&one, &none).is_some());
         assert!(inv.try_grant(&one, &none).is_none(), "clamped to the capacity of 2");
+    }
+
+    #[test]
+    fn foreign_memory_is_never_double_booked() {
+        let mut inv = Inventory::new(capacity(&[80 * GIB], 4));
+        let none = inv.new_reservation();
+        inv.set_foreign(0, 60 * GIB);
+        assert!(inv.try_grant(&ResourceRequest { gpu_memory: 40 * GIB, ..Default::default() }, &none).is_none());
+        assert!(
+            inv.try_grant(&ResourceRequest { gpus: 1, ..Default::default() }, &none).is_none(),
+            "a device with foreign memory is not whole"
+        );
+        let small = inv.try_grant(&ResourceRequest { gpu_memory: 20 * GIB, ..Default::default() }, &none).unwrap();
+        assert!(inv.set_foreign(0, 0), "released memory frees capacity");
+        assert!(inv.try_grant(&ResourceRequest { gpu_memory: 40 * GIB, ..Default::default() }, &none).is_some());
+        inv.release(&small);
     }
 
     #[test]

@@ -192,6 +192,11 @@ pub enum Event {
         name: String,
         available: u64,
     },
+    /// GPU memory on a device held by processes that hold no lease (from its latest reading).
+    GpuForeign {
+        device: u32,
+        bytes: u64,
+    },
     /// Stop an attempt for a policy reason; it fails with `error` and is not retried.
     StopAttempt {
         job: JobId,
@@ -462,6 +467,11 @@ impl State {
                 self.finish_if_done(job, &mut actions);
             }
             Event::Tick => self.fire_timers(now, &mut actions),
+            Event::GpuForeign { device, bytes } => {
+                if self.inventory.set_foreign(device as usize, bytes) {
+                    self.capacity_returned = true;
+                }
+            }
             Event::StopAttempt { job, stage, attempt, error } => {
                 let not_running = ApplyError::NotRunning { job, stage, attempt };
                 let run = self.jobs.get_mut(&job).ok_or(not_running.clone())?;

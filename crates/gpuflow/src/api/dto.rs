@@ -154,6 +154,8 @@ pub struct GpuView {
     pub source: GpuSource,
     pub memory_bytes: u64,
     pub memory_leased_bytes: u64,
+    /// Memory the device reports in use by processes without a lease; kept out of the inventory.
+    pub memory_foreign_bytes: u64,
     /// True while a stage holds the whole device.
     pub exclusive: bool,
 }

@@ -259,6 +259,7 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
             source: g.source,
             memory_bytes: g.memory,
             memory_leased_bytes: if s.usage.gpu_exclusive[i] { g.memory } else { s.usage.gpu_memory_used[i] },
+            memory_foreign_bytes: s.foreign.get(i).copied().unwrap_or(0),
             exclusive: s.usage.gpu_exclusive[i],
         })
         .collect();

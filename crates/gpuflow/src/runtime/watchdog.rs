@@ -256,7 +256,37 @@ impl<S: Store> Runtime<S> {
             }
         }
 
-        let devices = self
+        // GPU memory of processes that hold no lease is kept out of the inventory, so it is
+        // never double-booked: a killed attempt's memory is handed on only once it is gone.
+        let leased_pids: HashSet<u32> = holders.iter().flat_map(|h| h.pids.iter().copied()).collect();
+        let descends_from_us = |mut pid: u32| {
+            for _ in 0..64 {
+                match procs.get(&pid) {
+                    Some(p) if p.ppid == me => return true,
+                    Some(p) if p.ppid > 1 => pid = p.ppid,
+                    _ => return false,
+                }
+            }
+            false
+        };
+        let foreign_of = |sample: &DeviceSample| -> Vec<(u32, u64, String)> {
+            sample
+                .processes
+                .iter()
+                .filter(|(pid, _)| !leased_pids.contains(pid))
+                .map(|(pid, bytes)| {
+                    let what = if descends_from_us(*pid) {
+                        "started by this engine, holds no lease (a killed attempt still exiting?)"
+                    } else if procs.contains_key(pid) {
+                        "not started by this engine"
+                    } else {
+                        "not visible in /proc (another container or a process that just exited)"
+                    };
+                    (*pid, *bytes, what.to_string())
+                })
+                .collect()
+        };
+        let devices: Vec<DeviceObs> = self
             .watchdog
             .devices
             .iter()
@@ -270,8 +300,10 @@ impl<S: Store> Runtime<S> {
                 memory_used: t.last.as_ref().map(|s| s.memory_used).unwrap_or(0),
                 memory_total: self.config.gpus.get(i).map(|g| g.memory).unwrap_or(0),
                 processes: t.last.as_ref().map(|s| s.processes.clone()).unwrap_or_default(),
+                foreign: t.last.as_ref().map(&foreign_of).unwrap_or_default(),
             })
             .collect();
+        let foreign_bytes: Vec<u64> = devices.iter().map(|d| d.foreign.iter().map(|(_, b, _)| b).sum()).collect();
 
         let mut queues: Vec<QueueObs> = Vec::new();
         for w in self.state.waiting() {
@@ -339,6 +371,11 @@ impl<S: Store> Runtime<S> {
         self.watchdog.zombies = seen;
 
         let observation = Observation { now_ms: now, holders, devices, queues, zombies, shm_bytes: shm_bytes() };
+        for (device, bytes) in foreign_bytes.into_iter().enumerate() {
+            if self.state.inventory().foreign().get(device) != Some(&bytes) {
+                self.step(Event::GpuForeign { device: device as u32, bytes }).await?;
+            }
+        }
         let findings = diagnosis::evaluate(&observation, &self.config.diagnosis.thresholds);
         self.record_findings(findings.clone(), now).await?;
 

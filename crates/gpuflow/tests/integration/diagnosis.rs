@@ -273,3 +273,37 @@ pipelines:
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn gpu_memory_held_outside_any_lease_is_never_double_booked() {
+    let engine = Engine::start(&format!(
+        r#"
+resources: {{gpus: [{{memory: 80GiB, telemetry: "{{DIR}}/gpu0.json"}}], cpu: 2}}
+{THRESHOLDS}
+pipelines:
+  half: {{stages: [{{name: s, needs: {{gpu_memory: 40GiB}}, gpu_check: off, command: ["true"]}}]}}
+"#
+    ))
+    .await;
+    // 60 GiB held by a process that is not ours (pid 1 stands in for another program).
+    telemetry(&engine, 0, &[(1, 60 << 30)]);
+    let started = Instant::now();
+    let (f, _) = wait_finding(&engine, "gpu_memory_foreign", "61440 MiB", started, Duration::from_secs(2)).await;
+    assert!(evidence(&f, "process")[0].contains("pid 1: 61440 MiB (not started by this engine)"), "{f:#}");
+    assert_eq!(engine.resources().await["gpus"][0]["memory_foreign_bytes"], 60u64 << 30);
+    let id = engine.submit("half", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        engine.job(&id).await["stages"][0]["state"],
+        "queued",
+        "40 GiB does not fit next to 60 GiB held outside any lease"
+    );
+    // The memory is released: the stage runs, and the finding closes.
+    telemetry(&engine, 0, &[]);
+    assert_eq!(engine.wait_final(&id, Duration::from_secs(10)).await["state"], "succeeded");
+    engine
+        .wait_until("finding closed", Duration::from_secs(5), async |e| {
+            !open_findings(e).await.iter().any(|f| f["kind"] == "gpu_memory_foreign")
+        })
+        .await;
+}
