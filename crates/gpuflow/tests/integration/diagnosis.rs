@@ -307,3 +307,22 @@ pipelines:
         })
         .await;
 }
+
+#[tokio::test]
+async fn a_stage_that_overrides_cuda_visible_devices_is_flagged() {
+    let engine = Engine::start(&format!(
+        r#"
+resources: {{gpus: [{{memory: 80GiB}}, {{memory: 80GiB}}], cpu: 2}}
+{THRESHOLDS}
+pipelines:
+  p: {{stages: [{{name: s, needs: {{gpu: 1}}, command: [sh, -c, 'CUDA_VISIBLE_DEVICES=0,1 sleep 30']}}]}}
+"#
+    ))
+    .await;
+    let id = engine.submit("p", json!({})).await;
+    let (f, t) =
+        wait_finding(&engine, "cuda_visible_devices_overridden", &id, Instant::now(), Duration::from_secs(2)).await;
+    assert!(evidence(&f, "seen")[0].contains("\"0,1\""), "{f:#}");
+    assert!(t <= Duration::from_secs(2));
+    engine.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+}
