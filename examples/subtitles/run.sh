@@ -29,7 +29,7 @@ else
   cargo build --quiet --bin gpuflow
   bin=target/debug/gpuflow
 fi
-"$bin" check "$config" | tee /dev/stderr >/dev/null
+"$bin" check "$config" >&2
 listen=$("$bin" check "$config" | sed -n 's/^  listen \([^ ]*\).*/\1/p')
 server="http://$listen"
 healthy() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/healthz", timeout=1)' "$server" 2>/dev/null; }
