@@ -3,6 +3,7 @@
 mod fixture;
 
 mod api;
+mod chaos;
 mod cli;
 mod diagnosis;
 mod durability;
