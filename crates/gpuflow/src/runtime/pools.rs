@@ -91,6 +91,35 @@ pub(super) struct Instance {
     retiring: bool,
 }
 
+impl Instance {
+    /// A slot with no process yet, retired until given a lease.
+    fn new(index: usize, device: Option<u32>, now: u64) -> Instance {
+        Instance {
+            index,
+            device,
+            grant: None,
+            generation: 0,
+            state: InstanceState::Retired,
+            pid: None,
+            stdin: None,
+            stop: None,
+            since_ms: now,
+            last_beat_ms: now,
+            task: None,
+            task_id: None,
+            tasks_done: 0,
+            consecutive_failures: 0,
+            restarts: 0,
+            last_error: None,
+            info: None,
+            progress: None,
+            stop_reason: None,
+            escalated: false,
+            retiring: false,
+        }
+    }
+}
+
 pub(super) struct Pool {
     def: Arc<WorkerDef>,
     instances: Vec<Instance>,
@@ -137,33 +166,11 @@ impl<S: Store> Runtime<S> {
                 if grant.is_none() {
                     tracing::error!(pool = %name, index, "no capacity for this instance's standing lease; it will not run");
                 }
-                instances.push(Instance {
-                    index,
-                    device: *device,
-                    state: if grant.is_some() {
-                        InstanceState::Restarting { at_ms: now }
-                    } else {
-                        InstanceState::Failed
-                    },
-                    grant,
-                    generation: 0,
-                    pid: None,
-                    stdin: None,
-                    stop: None,
-                    since_ms: now,
-                    last_beat_ms: now,
-                    task: None,
-                    task_id: None,
-                    tasks_done: 0,
-                    consecutive_failures: 0,
-                    restarts: 0,
-                    last_error: None,
-                    info: None,
-                    progress: None,
-                    stop_reason: None,
-                    escalated: false,
-                    retiring: false,
-                });
+                let mut inst = Instance::new(index, *device, now);
+                inst.state =
+                    if grant.is_some() { InstanceState::Restarting { at_ms: now } } else { InstanceState::Failed };
+                inst.grant = grant;
+                instances.push(inst);
             }
             self.pools.insert(name, Pool { def, instances, available: 0 });
         }
@@ -605,29 +612,7 @@ impl<S: Store> Runtime<S> {
         pool.def = def.clone();
         for (i, grant) in taken {
             if i == pool.instances.len() {
-                pool.instances.push(Instance {
-                    index: i,
-                    device: def.slots[i],
-                    grant: None,
-                    generation: 0,
-                    state: InstanceState::Retired,
-                    pid: None,
-                    stdin: None,
-                    stop: None,
-                    since_ms: now,
-                    last_beat_ms: now,
-                    task: None,
-                    task_id: None,
-                    tasks_done: 0,
-                    consecutive_failures: 0,
-                    restarts: 0,
-                    last_error: None,
-                    info: None,
-                    progress: None,
-                    stop_reason: None,
-                    escalated: false,
-                    retiring: false,
-                });
+                pool.instances.push(Instance::new(i, def.slots[i], now));
             }
             let inst = &mut pool.instances[i];
             inst.grant = Some(grant);

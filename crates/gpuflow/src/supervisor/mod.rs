@@ -34,6 +34,36 @@ pub struct ChildRegistry {
     owned: Arc<Mutex<HashSet<i32>>>,
 }
 
+impl ChildRegistry {
+    /// Spawns `command` and registers its PID while holding the registry, so the reaper
+    /// never sees the PID unregistered.
+    pub(crate) fn spawn(&self, command: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+        let mut owned = self.owned.lock().expect("registry lock");
+        command.spawn().inspect(|child| {
+            if let Some(pid) = child.id() {
+                owned.insert(pid as i32);
+            }
+        })
+    }
+
+    /// Forgets a PID once tokio has reaped it.
+    pub(crate) fn forget(&self, pid: i32) {
+        self.owned.lock().expect("registry lock").remove(&pid);
+    }
+}
+
+/// How a waited-for child ended.
+pub(crate) fn exit_status(status: std::io::Result<std::process::ExitStatus>) -> ExitStatus {
+    match status {
+        Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+            (Some(code), _) => ExitStatus::Code(code),
+            (None, Some(sig)) => ExitStatus::Signal(sig),
+            (None, None) => ExitStatus::Code(-1),
+        },
+        Err(e) => ExitStatus::SpawnFailed(format!("lost track of the process: {e}")),
+    }
+}
+
 /// What to run for one attempt.
 #[derive(Clone, Debug)]
 pub struct AttemptSpec {

@@ -42,16 +42,7 @@ pub async fn run_attempt(
         command.current_dir(cwd);
     }
 
-    let spawned = {
-        // Hold the registry while spawning, so the reaper never sees this PID unregistered.
-        let mut owned = registry.owned.lock().expect("registry lock");
-        command.spawn().inspect(|child| {
-            if let Some(pid) = child.id() {
-                owned.insert(pid as i32);
-            }
-        })
-    };
-    let mut child = match spawned {
+    let mut child = match registry.spawn(&mut command) {
         Ok(child) => child,
         Err(e) => {
             let message = match e.kind() {
@@ -88,7 +79,7 @@ pub async fn run_attempt(
             }
         }
     };
-    registry.owned.lock().expect("registry lock").remove(&pid);
+    registry.forget(pid);
 
     // The attempt is over: nothing it started may outlive it (a leftover could hold GPU memory).
     kill_group(pid, Signal::SIGKILL);
@@ -98,14 +89,7 @@ pub async fn run_attempt(
         let _ = tokio::time::timeout(Duration::from_secs(2), copier).await;
     }
 
-    let status = match status {
-        Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
-            (Some(code), _) => ExitStatus::Code(code),
-            (None, Some(sig)) => ExitStatus::Signal(sig),
-            (None, None) => ExitStatus::Code(-1),
-        },
-        Err(e) => ExitStatus::SpawnFailed(format!("lost track of the process: {e}")),
-    };
+    let status = exit_status(status);
     AttemptReport {
         status,
         output: read_output(&spec.output_path, spec.output_max),

@@ -74,15 +74,7 @@ pub async fn run_instance(
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }
-    let spawned = {
-        let mut owned = registry.owned.lock().expect("registry lock");
-        command.spawn().inspect(|child| {
-            if let Some(pid) = child.id() {
-                owned.insert(pid as i32);
-            }
-        })
-    };
-    let mut child = match spawned {
+    let mut child = match registry.spawn(&mut command) {
         Ok(child) => child,
         Err(e) => {
             let status = ExitStatus::SpawnFailed(format!("cannot start `{}`: {e}", spec.argv[0]));
@@ -127,21 +119,14 @@ pub async fn run_instance(
             }
         }
     };
-    registry.owned.lock().expect("registry lock").remove(&pid);
+    registry.forget(pid);
     kill_group(pid, Signal::SIGKILL);
     kill_marked(&spec.marker).await;
     writer.abort();
     // Deliver every line the worker wrote before it died, then the exit.
     let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), stderr).await;
-    let status = match status {
-        Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
-            (Some(code), _) => ExitStatus::Code(code),
-            (None, Some(sig)) => ExitStatus::Signal(sig),
-            (None, None) => ExitStatus::Code(-1),
-        },
-        Err(e) => ExitStatus::SpawnFailed(format!("lost track of the process: {e}")),
-    };
+    let status = exit_status(status);
     report(InstanceEvent::Exited { status, stderr_tail: tail(&spec.stderr_log, 2_000) });
 }
 
