@@ -271,15 +271,23 @@ impl Store for SqliteStore {
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
-        let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR pipeline = ?2) AND (?3 IS NULL OR seq < ?3) ORDER BY seq DESC LIMIT ?4",
-        )
-        .bind(&filter.state)
-        .bind(&filter.pipeline)
-        .bind(filter.before_seq)
-        .bind(filter.limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        // One statement per filter combination, so SQLite can use the (state, seq) and
+        // (pipeline, seq) indexes; `?1 IS NULL OR state = ?1` would scan every job.
+        let sql = match (&filter.state, &filter.pipeline) {
+            (None, None) => "SELECT * FROM jobs WHERE seq < ?3 ORDER BY seq DESC LIMIT ?4",
+            (Some(_), None) => "SELECT * FROM jobs WHERE state = ?1 AND seq < ?3 ORDER BY seq DESC LIMIT ?4",
+            (None, Some(_)) => "SELECT * FROM jobs WHERE pipeline = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4",
+            (Some(_), Some(_)) => {
+                "SELECT * FROM jobs WHERE state = ?1 AND pipeline = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(&filter.state)
+            .bind(&filter.pipeline)
+            .bind(filter.before_seq.unwrap_or(i64::MAX))
+            .bind(filter.limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(job_from_row).collect()
     }
 
