@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Memory with many queued jobs, and recovery: `kill -9` of the engine to its first dispatch
+after a restart, with that many jobs queued.
+
+Jobs are one-stage jobs whose counter is held by a job that never ends, so they stay queued.
+Usage: python3 bench/scale_100k.py [--jobs 100000] [--bin target/release/gpuflow]"""
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--jobs", type=int, default=100_000)
+ap.add_argument("--bin", default="target/release/gpuflow")
+args = ap.parse_args()
+
+
+def call(base, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)
+
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start(cfg, d):
+    addr = os.path.join(d, "data", "listen.addr")
+    if os.path.exists(addr):
+        os.remove(addr)
+    t = time.perf_counter()
+    engine = subprocess.Popen([args.bin, "serve", "--config", cfg], stderr=subprocess.DEVNULL, env={**os.environ, "GPUFLOW_LOG": "warn"})
+    while not os.path.exists(addr):
+        time.sleep(0.005)
+    return engine, "http://" + open(addr).read().strip(), t
+
+
+with tempfile.TemporaryDirectory() as d:
+    cfg = os.path.join(d, "c.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"""listen: 127.0.0.1:0
+data_dir: {d}/data
+resources: {{gpus: none, cpu: 2, counters: {{slot: 1}}}}
+diagnosis: {{sample_interval: 1h}}
+pipelines:
+  hold: {{stages: [{{name: s, needs: {{counters: {{slot: 1}}}}, command: [sleep, "3600"]}}]}}
+  queued: {{max_queued: {args.jobs + 1}, stages: [{{name: s, needs: {{counters: {{slot: 1}}}}, command: ["true"]}}]}}
+""")
+    engine, base, _ = start(cfg, d)
+    time.sleep(0.2)
+    rss_idle = rss_mib(engine.pid)
+    call(base, "POST", "/v1/jobs", {"pipeline": "hold"})
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: call(base, "POST", "/v1/jobs", {"pipeline": "queued"}), range(args.jobs)))
+    submit_s = time.perf_counter() - t
+    time.sleep(1)
+    rss_queued = rss_mib(engine.pid)
+    waiting = len(call(base, "GET", "/v1/resources")["waiting"])
+    engine.send_signal(signal.SIGKILL)
+    engine.wait()
+    # The holder's `sleep` dies with the restart's sweep; its stage is re-queued first.
+    killed_at = time.perf_counter()
+    engine, base, _ = start(cfg, d)
+    try:
+        while True:
+            try:
+                if call(base, "GET", "/v1/resources")["leases"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.005)
+        first_dispatch_s = time.perf_counter() - killed_at
+        rss_recovered = rss_mib(engine.pid)
+    finally:
+        engine.terminate()
+        engine.wait()
+
+result = {
+    "queued_jobs": args.jobs,
+    "waiting_in_queue": waiting,
+    "submit_s": round(submit_s, 1),
+    "rss_idle_mib": round(rss_idle, 1),
+    "rss_with_queue_mib": round(rss_queued, 1),
+    "rss_after_recovery_mib": round(rss_recovered, 1),
+    "kill9_to_first_dispatch_s": round(first_dispatch_s, 3),
+}
+for k, v in result.items():
+    print(f"{k:<28} {v}")
+with open(os.path.join(os.path.dirname(__file__), "scale_100k.json"), "w") as f:
+    json.dump(result, f, indent=2)
