@@ -14,10 +14,9 @@ import concurrent.futures
 import datetime
 import json
 import os
-import subprocess
 import tempfile
-import time
-import urllib.request
+
+from engine import call, start, stop, wait_drained, write_config
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--scale", type=float, default=0.1)
@@ -26,13 +25,6 @@ ap.add_argument("--cpu", type=int, default=2)
 args = ap.parse_args()
 
 CHAIN = [("extract", "cpu", 2), ("detect", "gpu", 1), ("crop", "gpu", 2), ("stitch", "cpu", 1), ("ocr", "gpu", 3), ("finalize", "cpu", 1)]
-
-
-def call(base, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.load(r)
 
 
 def ts(s):
@@ -45,11 +37,7 @@ def run(n, gpus, global_lock):
         needs = "{gpu: 1}" if (kind == "gpu" or global_lock) else "{cpu: 1}"
         stages.append(f'      - {{name: {name}, needs: {needs}, command: [sleep, "{units * args.scale:.3f}"]}}')
     with tempfile.TemporaryDirectory() as d:
-        cfg = os.path.join(d, "c.yaml")
-        with open(cfg, "w") as f:
-            f.write(f"""listen: 127.0.0.1:0
-data_dir: {d}/data
-resources:
+        cfg = write_config(d, f"""resources:
   gpus: [{", ".join(["{memory: 80GiB}"] * gpus)}]
   cpu: {args.cpu}
 diagnosis: {{sample_interval: 1h}}
@@ -58,26 +46,19 @@ pipelines:
     max_queued: {n + 1}
     stages:
 """ + "\n".join(stages) + "\n")
-        engine = subprocess.Popen([args.bin, "serve", "--config", cfg], stderr=subprocess.DEVNULL, env={**os.environ, "GPUFLOW_LOG": "warn"})
+        engine, base = start(args.bin, cfg, d)
         try:
-            addr = os.path.join(d, "data", "listen.addr")
-            while not os.path.exists(addr):
-                time.sleep(0.05)
-            time.sleep(0.2)
-            base = "http://" + open(addr).read().strip()
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 ids = list(pool.map(lambda _: call(base, "POST", "/v1/jobs", {"pipeline": "chain"})["id"], range(n)))
-            while any(call(base, "GET", f"/v1/jobs?state={s}&limit=1")["jobs"] for s in ("queued", "running")):
-                time.sleep(0.05)
+            wait_drained(base)
             jobs = [call(base, "GET", f"/v1/jobs/{i}") for i in ids]
         finally:
-            engine.terminate()
-            engine.wait()
+            stop(engine)
     assert all(j["state"] == "succeeded" for j in jobs), [j["state"] for j in jobs]
     spans = [(s["name"], ts(s["started_at"]), ts(s["finished_at"])) for j in jobs for s in j["stages"]]
-    start = min(a for _, a, _ in spans)
+    first = min(a for _, a, _ in spans)
     end = max(b for _, _, b in spans)
-    makespan = end - start
+    makespan = end - first
     gpu_units = sum(u for _, k, u in CHAIN if k == "gpu") * n * args.scale
     cpu_units = sum(u for _, k, u in CHAIN if k == "cpu") * n * args.scale
     critical = sum(u for _, _, u in CHAIN) * args.scale

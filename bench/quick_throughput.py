@@ -12,7 +12,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-import urllib.request
+
+from engine import call, start, stop, wait_drained, write_config
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--jobs", type=int, default=1000)
@@ -34,31 +35,15 @@ def bare_spawn_rate(n, slots):
     return n / (time.perf_counter() - start)
 
 
-def call(base, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.load(r)
-
-
 with tempfile.TemporaryDirectory() as d:
-    cfg = os.path.join(d, "bench.yaml")
-    with open(cfg, "w") as f:
-        f.write(f"""listen: 127.0.0.1:0
-data_dir: {d}/data
-resources: {{gpus: none, cpu: {args.slots}}}
+    cfg = write_config(d, f"""resources: {{gpus: none, cpu: {args.slots}}}
 pipelines:
   noop:
     max_queued: {args.jobs + 10}
     stages: [{{name: s, command: ["true"], needs: {{cpu: 1}}}}]
 """)
-    engine = subprocess.Popen([args.bin, "serve", "--config", cfg], stderr=subprocess.DEVNULL, env={**os.environ, "GPUFLOW_LOG": "warn"})
+    engine, base = start(args.bin, cfg, d)
     try:
-        addr = os.path.join(d, "data", "listen.addr")
-        while not os.path.exists(addr):
-            time.sleep(0.05)
-        time.sleep(0.1)
-        base = "http://" + open(addr).read().strip()
 
         # Submit-to-done for one job at a time on an idle engine.
         latencies = []
@@ -69,24 +54,21 @@ pipelines:
                 time.sleep(0.001)
             latencies.append((time.perf_counter() - t) * 1000)
 
-        start = time.perf_counter()
+        began = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             ids = list(pool.map(lambda _: call(base, "POST", "/v1/jobs", {"pipeline": "noop"})["id"], range(args.jobs)))
         submitted = time.perf_counter()
-        # Done when nothing is queued or running any more.
-        while any(call(base, "GET", f"/v1/jobs?state={s}&limit=1")["jobs"] for s in ("queued", "running")):
-            time.sleep(0.01)
+        wait_drained(base)
         finished = time.perf_counter()
     finally:
-        engine.terminate()
-        engine.wait()
+        stop(engine)
 
 bare = bare_spawn_rate(args.jobs, args.slots)
-engine_rate = args.jobs / (finished - start)
+engine_rate = args.jobs / (finished - began)
 result = {
     "jobs": args.jobs,
     "cpu_slots": args.slots,
-    "submit_rate_per_s": round(args.jobs / (submitted - start), 1),
+    "submit_rate_per_s": round(args.jobs / (submitted - began), 1),
     "completed_per_s": round(engine_rate, 1),
     "bare_spawn_per_s": round(bare, 1),
     "ratio_to_bare_spawn": round(engine_rate / bare, 3),

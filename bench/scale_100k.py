@@ -9,22 +9,15 @@ import concurrent.futures
 import json
 import os
 import signal
-import subprocess
 import tempfile
 import time
-import urllib.request
+
+from engine import call, start, write_config, stop
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--jobs", type=int, default=100_000)
 ap.add_argument("--bin", default="target/release/gpuflow")
 args = ap.parse_args()
-
-
-def call(base, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.load(r)
 
 
 def rss_mib(pid):
@@ -34,30 +27,14 @@ def rss_mib(pid):
     return 0.0
 
 
-def start(cfg, d):
-    addr = os.path.join(d, "data", "listen.addr")
-    if os.path.exists(addr):
-        os.remove(addr)
-    t = time.perf_counter()
-    engine = subprocess.Popen([args.bin, "serve", "--config", cfg], stderr=subprocess.DEVNULL, env={**os.environ, "GPUFLOW_LOG": "warn"})
-    while not os.path.exists(addr):
-        time.sleep(0.005)
-    return engine, "http://" + open(addr).read().strip(), t
-
-
 with tempfile.TemporaryDirectory() as d:
-    cfg = os.path.join(d, "c.yaml")
-    with open(cfg, "w") as f:
-        f.write(f"""listen: 127.0.0.1:0
-data_dir: {d}/data
-resources: {{gpus: none, cpu: 2, counters: {{slot: 1}}}}
+    cfg = write_config(d, f"""resources: {{gpus: none, cpu: 2, counters: {{slot: 1}}}}
 diagnosis: {{sample_interval: 1h}}
 pipelines:
   hold: {{stages: [{{name: s, needs: {{counters: {{slot: 1}}}}, command: [sleep, "3600"]}}]}}
   queued: {{max_queued: {args.jobs + 1}, stages: [{{name: s, needs: {{counters: {{slot: 1}}}}, command: ["true"]}}]}}
 """)
-    engine, base, _ = start(cfg, d)
-    time.sleep(0.2)
+    engine, base = start(args.bin, cfg, d)
     rss_idle = rss_mib(engine.pid)
     call(base, "POST", "/v1/jobs", {"pipeline": "hold"})
     t = time.perf_counter()
@@ -71,20 +48,14 @@ pipelines:
     engine.wait()
     # The holder's `sleep` dies with the restart's sweep; its stage is re-queued first.
     killed_at = time.perf_counter()
-    engine, base, _ = start(cfg, d)
+    engine, base = start(args.bin, cfg, d)
     try:
-        while True:
-            try:
-                if call(base, "GET", "/v1/resources")["leases"]:
-                    break
-            except OSError:
-                pass
+        while not call(base, "GET", "/v1/resources")["leases"]:
             time.sleep(0.005)
         first_dispatch_s = time.perf_counter() - killed_at
         rss_recovered = rss_mib(engine.pid)
     finally:
-        engine.terminate()
-        engine.wait()
+        stop(engine)
 
 result = {
     "queued_jobs": args.jobs,

@@ -7,10 +7,10 @@ Usage: python3 bench/watchdog_overhead.py [--tasks 100] [--seconds 20] [--bin ta
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
-import urllib.request
+
+from engine import call, start, stop, write_config
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tasks", type=int, default=100)
@@ -25,20 +25,9 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def call(base, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.load(r)
-
-
 def measure(interval):
     with tempfile.TemporaryDirectory() as d:
-        cfg = os.path.join(d, "c.yaml")
-        with open(cfg, "w") as f:
-            f.write(f"""listen: 127.0.0.1:0
-data_dir: {d}/data
-resources: {{gpus: [{{memory: 80GiB, telemetry: {d}/gpu.json}}], cpu: 2}}
+        cfg = write_config(d, f"""resources: {{gpus: [{{memory: 80GiB, telemetry: {d}/gpu.json}}], cpu: 2}}
 diagnosis: {{sample_interval: {interval}}}
 pipelines:
   hold:
@@ -47,13 +36,8 @@ pipelines:
 """)
         with open(f"{d}/gpu.json", "w") as f:
             json.dump({"utilization": 50, "memory_used": 1 << 30, "processes": []}, f)
-        engine = subprocess.Popen([args.bin, "serve", "--config", cfg], stderr=subprocess.DEVNULL, env={**os.environ, "GPUFLOW_LOG": "warn"})
+        engine, base = start(args.bin, cfg, d)
         try:
-            addr = os.path.join(d, "data", "listen.addr")
-            while not os.path.exists(addr):
-                time.sleep(0.05)
-            time.sleep(0.2)
-            base = "http://" + open(addr).read().strip()
             for _ in range(args.tasks):
                 call(base, "POST", "/v1/jobs", {"pipeline": "hold"})
             while len(call(base, "GET", "/v1/resources")["leases"]) < args.tasks:
@@ -63,8 +47,7 @@ pipelines:
             time.sleep(args.seconds)
             used, wall = cpu_seconds(engine.pid) - before, time.monotonic() - t0
         finally:
-            engine.terminate()
-            engine.wait()
+            stop(engine)
     return 100.0 * used / wall
 
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 pub use kill::{kill_marked, sweep_leftovers};
-pub use reap::{become_subreaper, spawn_reaper, zombie_children};
+pub use reap::{become_subreaper, spawn_reaper};
 pub use spawn::run_attempt;
 pub use worker::{InstanceEvent, InstanceSpec, InstanceStop, run_instance};
 
@@ -49,6 +49,43 @@ impl ChildRegistry {
     /// Forgets a PID once tokio has reaped it.
     pub(crate) fn forget(&self, pid: i32) {
         self.owned.lock().expect("registry lock").remove(&pid);
+    }
+}
+
+/// A supervised child: its argv (never through a shell), environment tagged with `marker`,
+/// stdout and stderr piped, and its own process group, so a signal to the group reaches every
+/// process it forks.
+pub(crate) fn supervised_command(
+    argv: &[String],
+    env: &[(String, String)],
+    marker: &str,
+    cwd: Option<&std::path::Path>,
+    stdin: std::process::Stdio,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(ATTEMPT_MARKER, marker)
+        .stdin(stdin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    command
+}
+
+/// Why a program could not be started, in words a user can act on.
+pub(crate) fn spawn_error(program: &str, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            format!("cannot start `{program}`: program not found (check `command` and PATH)")
+        }
+        std::io::ErrorKind::PermissionDenied => format!("cannot start `{program}`: permission denied"),
+        _ => format!("cannot start `{program}`: {e}"),
     }
 }
 

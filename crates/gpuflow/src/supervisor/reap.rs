@@ -36,19 +36,6 @@ pub(super) fn children() -> Vec<i32> {
     out
 }
 
-/// Children of ours that are zombies right now (for tests and diagnosis).
-pub fn zombie_children() -> Vec<i32> {
-    children()
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 /// Reaps children that tokio does not own. Never `waitpid(-1)`: that would steal the exit
 /// status of tokio's own children.
 fn reap_orphans(registry: &ChildRegistry) {

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
 
 use super::kill::{kill_group, kill_marked};
@@ -27,31 +26,11 @@ pub async fn run_attempt(
         return AttemptReport { status, output: Ok(None), stderr_tail: String::new() };
     }
     let _ = tokio::fs::remove_file(&spec.output_path).await;
-    let mut command = Command::new(&spec.argv[0]);
-    command
-        .args(&spec.argv[1..])
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .env(ATTEMPT_MARKER, &spec.marker)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group: a signal to the group reaches every process it forked.
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(cwd) = &spec.cwd {
-        command.current_dir(cwd);
-    }
-
+    let mut command = supervised_command(&spec.argv, &spec.env, &spec.marker, spec.cwd.as_deref(), Stdio::null());
     let mut child = match registry.spawn(&mut command) {
         Ok(child) => child,
         Err(e) => {
-            let message = match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    format!("cannot start `{}`: program not found (check `command` and PATH)", spec.argv[0])
-                }
-                std::io::ErrorKind::PermissionDenied => format!("cannot start `{}`: permission denied", spec.argv[0]),
-                _ => format!("cannot start `{}`: {e}", spec.argv[0]),
-            };
+            let message = spawn_error(&spec.argv[0], &e);
             return AttemptReport {
                 status: ExitStatus::SpawnFailed(message),
                 output: Ok(None),

@@ -7,7 +7,6 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use super::kill::{kill_group, kill_marked};
@@ -61,23 +60,11 @@ pub async fn run_instance(
     if let Some(dir) = spec.stderr_log.parent() {
         let _ = tokio::fs::create_dir_all(dir).await;
     }
-    let mut command = Command::new(&spec.argv[0]);
-    command
-        .args(&spec.argv[1..])
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .env(ATTEMPT_MARKER, &spec.marker)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(cwd) = &spec.cwd {
-        command.current_dir(cwd);
-    }
+    let mut command = supervised_command(&spec.argv, &spec.env, &spec.marker, spec.cwd.as_deref(), Stdio::piped());
     let mut child = match registry.spawn(&mut command) {
         Ok(child) => child,
         Err(e) => {
-            let status = ExitStatus::SpawnFailed(format!("cannot start `{}`: {e}", spec.argv[0]));
+            let status = ExitStatus::SpawnFailed(spawn_error(&spec.argv[0], &e));
             report(InstanceEvent::Exited { status, stderr_tail: String::new() });
             return;
         }
