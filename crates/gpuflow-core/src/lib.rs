@@ -3,6 +3,7 @@
 //! Nothing here does IO, reads the clock or the environment, or spawns processes: time and ids
 //! are passed in. That keeps every scheduling decision testable by stepping `State::apply`.
 
+pub mod cluster;
 pub mod diagnosis;
 pub mod pipeline;
 pub mod resources;

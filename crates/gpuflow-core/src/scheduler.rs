@@ -266,6 +266,9 @@ pub enum Action {
         result: AttemptResult,
         next: StageNext,
         error: Option<String>,
+        /// Whether a failure may be retried (false for spawn errors, bad output, policy stops).
+        /// `next` already applies it; cluster mode re-decides retries against the shared store.
+        retryable: bool,
         counters: StageCounters,
         /// How long the attempt held its lease (0 for one interrupted by an engine restart).
         ran_ms: u64,
@@ -564,6 +567,7 @@ impl State {
                         result: AttemptResult::Interrupted,
                         next,
                         error: error.clone(),
+                        retryable: true,
                         counters,
                         ran_ms: 0,
                     });
@@ -664,6 +668,7 @@ impl State {
             result,
             next,
             error: error.clone(),
+            retryable,
             counters,
             ran_ms,
         });
