@@ -12,7 +12,8 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::config::{Config, SharedConfig};
 use crate::runtime::Runtime;
-use crate::store::SqliteStore;
+use crate::config::StoreSetting;
+use crate::store::{PgStore, SqliteStore, Store};
 use crate::supervisor::{self, ChildRegistry};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum ServeError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("GPUFLOW_STORE: {0}")]
+    Setting(String),
     #[error("runtime: {0}")]
     Runtime(#[from] crate::runtime::RuntimeError),
     #[error("{0}")]
@@ -59,10 +62,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let registry = ChildRegistry::default();
     let _reaper = supervisor::spawn_reaper(registry.clone())?;
 
-    let store = SqliteStore::open(&data_dir.join("gpuflow.db")).await?;
-    let shared = SharedConfig::new(config.clone());
-    let (runtime, engine) = Runtime::new(shared.clone(), store.clone(), registry);
-
     let addr_file = data_dir.join("listen.addr");
     let _ = std::fs::remove_file(&addr_file);
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -91,9 +90,51 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
         let _ = stop_tx.send(true);
     });
+    let parts = Parts { config, registry, listener, bound, stop_rx };
+    // `GPUFLOW_STORE` overrides `store:`, so one file can serve both a laptop and a cluster.
+    let setting = match std::env::var("GPUFLOW_STORE") {
+        Ok(v) if !v.trim().is_empty() => StoreSetting::parse(&v).map_err(ServeError::Setting)?,
+        _ => parts.config.store.clone(),
+    };
+    match setting {
+        StoreSetting::Sqlite => {
+            let store = SqliteStore::open(&parts.config.data_dir.join("gpuflow.db")).await?;
+            run_engine(parts, store, |runtime| runtime).await
+        }
+        StoreSetting::Postgres(url) => {
+            let agent = uuid::Uuid::now_v7().to_string();
+            let store = PgStore::connect(&url, &agent).await?;
+            let settings = parts.config.cluster.clone();
+            let data_dir = std::fs::canonicalize(&parts.config.data_dir).unwrap_or(parts.config.data_dir.clone());
+            let name = settings.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), data_dir.display()));
+            tracing::info!(%name, agent = %agent, "agent mode: sharing the queue in PostgreSQL");
+            let agent_store = store.clone();
+            run_engine(parts, store, move |runtime| runtime.with_cluster(agent_store, settings, name)).await
+        }
+    }
+}
+
+/// What `serve` prepared before it knew which store to open.
+struct Parts {
+    config: Arc<Config>,
+    registry: ChildRegistry,
+    listener: tokio::net::TcpListener,
+    bound: SocketAddr,
+    stop_rx: watch::Receiver<bool>,
+}
+
+async fn run_engine<S: Store>(
+    parts: Parts,
+    store: S,
+    setup: impl FnOnce(Runtime<S>) -> Runtime<S>,
+) -> Result<(), ServeError> {
+    let Parts { config, registry, listener, bound, stop_rx } = parts;
     let wait_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let shared = SharedConfig::new(config.clone());
+    let (runtime, engine) = Runtime::new(shared.clone(), store.clone(), registry);
+    let runtime = setup(runtime.with_api_address(format!("http://{bound}")));
 
     // SIGHUP re-reads the pipeline file, like `gpuflow reload`.
     let mut sighup = signal(SignalKind::hangup())?;
@@ -114,4 +155,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// This machine's name, for naming agents.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
 }

@@ -49,17 +49,22 @@ impl From<EngineError> for ApiError {
             EngineError::AlreadyFinished { .. }
             | EngineError::IdempotencyConflict { .. }
             | EngineError::ReloadRefused(_) => StatusCode::CONFLICT,
-            EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::ShuttingDown | EngineError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::NotClustered => StatusCode::CONFLICT,
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let retry_after_s = matches!(e, EngineError::QueueFull { .. }).then_some(5);
+        let retry_after_s = match e {
+            EngineError::QueueFull { .. } => Some(5),
+            EngineError::StoreUnavailable(_) => Some(1),
+            _ => None,
+        };
         ApiError { status, code: e.code(), message: e.to_string(), retry_after_s }
     }
 }
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        EngineError::from(e).into()
     }
 }
 

@@ -70,6 +70,9 @@ impl fmt::Display for ConfigErrors {
 struct FileConfig {
     listen: Option<Spanned<String>>,
     data_dir: Option<PathBuf>,
+    store: Option<Spanned<String>>,
+    #[serde(default)]
+    cluster: ClusterFile,
     #[serde(default)]
     resources: ResourcesFile,
     #[serde(default)]
@@ -236,6 +239,16 @@ struct LimitsFile {
     kill_grace: Option<Millis>,
 }
 
+/// How an agent takes part in a shared PostgreSQL queue.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    /// This agent's name in `/v1/agents`; defaults to `HOST:DATA_DIR`.
+    name: Option<String>,
+    lease_ttl: Option<Millis>,
+    poll_interval: Option<Millis>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PipelineFile {
@@ -360,6 +373,43 @@ pub struct PipelineDef {
     pub max_queued: u32,
 }
 
+/// Where jobs are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSetting {
+    /// The embedded default: `DATA_DIR/gpuflow.db`.
+    Sqlite,
+    /// A shared PostgreSQL database: this engine is one agent of a cluster.
+    Postgres(String),
+}
+
+impl StoreSetting {
+    /// Reads `store:` (or `GPUFLOW_STORE`). The error says what is accepted.
+    pub fn parse(value: &str) -> Result<StoreSetting, String> {
+        let v = value.trim();
+        if v.is_empty() || v == "sqlite" {
+            Ok(StoreSetting::Sqlite)
+        } else if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+            Ok(StoreSetting::Postgres(v.to_string()))
+        } else {
+            Err(format!(
+                "`{v}` is not a store; write `sqlite` (the embedded default) or a PostgreSQL URL such as `postgres://user@host:5432/gpuflow`"
+            ))
+        }
+    }
+}
+
+/// Settings of an agent sharing a PostgreSQL queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub name: Option<String>,
+    /// A claimed attempt's lease lasts this long unless renewed; a dead agent's work is
+    /// re-queued once it runs out. Renewed every third of it.
+    pub lease_ttl_ms: u64,
+    /// How often to look for work when no notification arrives (backoff delays, lost
+    /// notifications during a reconnect).
+    pub poll_interval_ms: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_request_body: usize,
@@ -376,6 +426,8 @@ pub struct Config {
     pub source: String,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub store: StoreSetting,
+    pub cluster: ClusterSettings,
     pub gpus: Vec<GpuInfo>,
     pub capacity: Capacity,
     pub scheduler: SchedulerConfig,
@@ -572,6 +624,29 @@ impl Config {
             }),
         };
 
+        let store = match &file.store {
+            None => StoreSetting::Sqlite,
+            Some(s) => StoreSetting::parse(&s.value).unwrap_or_else(|message| {
+                errors.at(&s.referenced, "store", message);
+                StoreSetting::Sqlite
+            }),
+        };
+        let cluster = ClusterSettings {
+            name: file.cluster.name.clone(),
+            lease_ttl_ms: file.cluster.lease_ttl.map(|m| m.0).unwrap_or(10_000),
+            poll_interval_ms: file.cluster.poll_interval.map(|m| m.0).unwrap_or(1_000),
+        };
+        if cluster.lease_ttl_ms < 1_000 {
+            errors.at(
+                &start,
+                "cluster.lease_ttl",
+                format!("{} ms is too short to renew reliably; use at least 1s", cluster.lease_ttl_ms),
+            );
+        }
+        if cluster.poll_interval_ms < 50 {
+            errors.at(&start, "cluster.poll_interval", "must be at least 50ms");
+        }
+
         let (gpus, gpu_loc) = match &file.resources.gpus {
             None => (probe.discover(), start),
             Some(spanned) => (
@@ -710,6 +785,8 @@ impl Config {
             source: text.to_string(),
             listen,
             data_dir: file.data_dir.unwrap_or_else(|| PathBuf::from("./gpuflow-data")),
+            store,
+            cluster,
             gpus,
             capacity,
             scheduler: SchedulerConfig {

@@ -64,6 +64,7 @@ pub enum Command {
     Reload { reply: oneshot::Sender<Result<Vec<String>, EngineError>> },
     Diagnosis { reply: oneshot::Sender<DiagnosisSnapshot> },
     Metrics { reply: oneshot::Sender<String> },
+    Agents { reply: oneshot::Sender<Result<Vec<crate::store::AgentRecord>, EngineError>> },
 }
 
 /// One device's latest reading and recent history.
@@ -101,6 +102,12 @@ pub enum EngineError {
     IdempotencyConflict { key: String, existing: String },
     #[error("reload refused, the running configuration is unchanged: {0}")]
     ReloadRefused(String),
+    #[error(
+        "this engine is not part of a cluster: it uses the embedded SQLite store; agents exist when engines share `store: postgres://...`"
+    )]
+    NotClustered,
+    #[error("the database is unreachable ({0}); retry shortly")]
+    StoreUnavailable(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -117,6 +124,8 @@ impl EngineError {
             EngineError::AlreadyFinished { .. } => "already_finished",
             EngineError::IdempotencyConflict { .. } => "idempotency_conflict",
             EngineError::ReloadRefused(_) => "reload_refused",
+            EngineError::NotClustered => "not_clustered",
+            EngineError::StoreUnavailable(_) => "store_unavailable",
             EngineError::ShuttingDown => "shutting_down",
             EngineError::Internal(_) => "internal",
         }
@@ -125,6 +134,9 @@ impl EngineError {
 
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
+        if e.is_transient() {
+            return EngineError::StoreUnavailable(e.to_string());
+        }
         EngineError::Internal(e.to_string())
     }
 }
@@ -167,6 +179,11 @@ impl EngineHandle {
         self.ask(|reply| Command::Diagnosis { reply }).await
     }
 
+    /// The agents sharing this engine's queue (agent mode only).
+    pub async fn agents(&self) -> Result<Vec<crate::store::AgentRecord>, EngineError> {
+        self.ask(|reply| Command::Agents { reply }).await?
+    }
+
     pub async fn resources(&self) -> Result<ResourcesSnapshot, EngineError> {
         self.ask(|reply| Command::Resources { reply }).await
     }
@@ -175,6 +192,18 @@ impl EngineHandle {
 impl<S: Store> Runtime<S> {
     pub(super) async fn on_command(&mut self, command: Command) -> Result<(), RuntimeError> {
         match command {
+            Command::Submit { request, reply } if self.cluster.is_some() => {
+                let _ = reply.send(self.admit_shared(request).await);
+                Ok(())
+            }
+            Command::Cancel { id, reply } if self.cluster.is_some() => {
+                let _ = reply.send(self.cancel_shared(id).await);
+                Ok(())
+            }
+            Command::Agents { reply } => {
+                let _ = reply.send(self.agents().await);
+                Ok(())
+            }
             Command::Submit { request, reply } => {
                 match self.admit(request).await {
                     Ok((submitted, event)) => {

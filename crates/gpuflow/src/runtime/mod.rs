@@ -2,6 +2,7 @@
 //! into core events, commits what each step changed, and only then acts (spawn, signal).
 
 mod clock;
+mod cluster;
 mod commands;
 mod metrics;
 mod pools;
@@ -123,6 +124,10 @@ pub struct Runtime<S: Store> {
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     commands: mpsc::Receiver<Command>,
+    /// Set when this engine is one agent of a shared PostgreSQL queue.
+    cluster: Option<cluster::Agent>,
+    /// The API's address, as agents advertise it.
+    api_address: String,
 }
 
 pub fn job_id_of(id: &str) -> Option<JobId> {
@@ -156,8 +161,16 @@ impl<S: Store> Runtime<S> {
             internal_tx,
             internal_rx,
             commands,
+            cluster: None,
+            api_address: String::new(),
         };
         (runtime, EngineHandle::new(cmd_tx))
+    }
+
+    /// The address this engine's API listens on (agents advertise it in `/v1/agents`).
+    pub fn with_api_address(mut self, address: String) -> Self {
+        self.api_address = address;
+        self
     }
 
     /// Recovers, then runs until `shutdown` resolves; then stops every attempt.
@@ -168,9 +181,17 @@ impl<S: Store> Runtime<S> {
             tracing::info!(closed, "closed findings left open by the previous run; they are re-checked now");
         }
         self.start_pools();
-        self.recover().await?;
+        if self.cluster.is_some() {
+            self.join_cluster(self.api_address.clone()).await?;
+        } else {
+            self.recover().await?;
+        }
         self.start_gpu_sampler();
         tokio::pin!(shutdown);
+        let cluster_wake = self.cluster.as_ref().map(|a| a.wake());
+        let mut cluster_tick =
+            tokio::time::interval(self.cluster.as_ref().map(|a| a.tick_every()).unwrap_or(Duration::from_secs(3600)));
+        cluster_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut diagnosis = tokio::time::interval(Duration::from_millis(self.config.diagnosis.sample_interval_ms));
         diagnosis.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Pool watchdog: hangs, startup timeouts and restarts are checked this often.
@@ -186,9 +207,12 @@ impl<S: Store> Runtime<S> {
                 _ = sleep_until(wake) => self.step(Event::Tick).await?,
                 _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await?,
                 _ = diagnosis.tick() => self.diagnose().await?,
+                _ = notified(&cluster_wake) => self.claim_work().await,
+                _ = cluster_tick.tick(), if self.cluster.is_some() => self.cluster_tick().await?,
             }
         }
         self.stop_all().await;
+        self.leave_cluster().await;
         Ok(())
     }
 
@@ -204,8 +228,12 @@ impl<S: Store> Runtime<S> {
                     continue;
                 }
             };
-            let writes: Vec<Write> = actions.iter().filter_map(|a| self.write_for(a, now)).collect();
-            self.store.write(&writes).await?;
+            if self.cluster.is_some() {
+                self.cluster_writes(&actions).await?;
+            } else {
+                let writes: Vec<Write> = actions.iter().filter_map(|a| self.write_for(a, now)).collect();
+                self.store.write(&writes).await?;
+            }
             for action in actions {
                 self.perform(action, &mut pending);
             }
@@ -474,6 +502,13 @@ impl<S: Store> Runtime<S> {
                 _ => break,
             }
         }
+    }
+}
+
+async fn notified(wake: &Option<Arc<tokio::sync::Notify>>) {
+    match wake {
+        Some(w) => w.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -29,20 +29,25 @@ impl<S: Store> Runtime<S> {
         }
     }
 
+    /// The pipeline file a job was accepted under, read with this engine's GPUs.
+    pub(super) async fn snapshot_config(&self, hash: &str) -> Result<Result<Config, String>, StoreError> {
+        let probe = CurrentGpus(self.config.gpus.clone());
+        Ok(match self.store.config_snapshot(hash).await? {
+            Some(text) => Config::parse(&text, "stored pipeline file", &probe).map_err(|e| e.to_string()),
+            None => Err(format!("pipeline file snapshot {hash} is missing")),
+        })
+    }
+
     pub(super) async fn recover(&mut self) -> Result<(), RuntimeError> {
         let unfinished = self.store.unfinished_jobs().await?;
         if !unfinished.is_empty() {
             tracing::info!(jobs = unfinished.len(), "recovering unfinished jobs");
         }
         let mut parsed: HashMap<String, Result<Config, String>> = HashMap::new();
-        let probe = CurrentGpus(self.config.gpus.clone());
         for job in unfinished {
             let hash = job.job.config_hash.clone();
             if !parsed.contains_key(&hash) {
-                let config = match self.store.config_snapshot(&hash).await? {
-                    Some(text) => Config::parse(&text, "stored pipeline file", &probe).map_err(|e| e.to_string()),
-                    None => Err(format!("pipeline file snapshot {hash} is missing")),
-                };
+                let config = self.snapshot_config(&hash).await?;
                 parsed.insert(hash.clone(), config);
             }
             let config = &parsed[&hash];

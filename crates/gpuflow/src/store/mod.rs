@@ -2,12 +2,14 @@
 //! embedded default. Every write the runtime makes for one step goes in one transaction, and
 //! it acts only after that transaction has committed.
 
+mod postgres;
 mod sqlite;
 
 use std::future::Future;
 
 use serde_json::Value;
 
+pub use postgres::{AgentRecord, AttemptDetails, Claim, ClaimCandidate, Finish, LostLease, PgStore, SharedCancel};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +20,25 @@ pub enum StoreError {
     Corrupt(String),
     #[error("idempotency key is already used by job {0}")]
     DuplicateKey(String),
+}
+
+impl StoreError {
+    /// A lost connection or a restarting server: worth retrying, not a reason to stop.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(e) => match e {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+                sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+                // 08: connection exception; 57P: operator intervention (admin shutdown,
+                // pg_terminate_backend); 40: deadlock or serialization failure.
+                sqlx::Error::Database(db) => {
+                    db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("40"))
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -193,6 +214,95 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn findings(&self, limit: u32) -> impl Future<Output = StoreResult<Vec<FindingRecord>>> + Send;
     /// Attempts recorded as running: held leases. Empty whenever the engine is idle.
     fn running_attempts(&self) -> impl Future<Output = StoreResult<Vec<(String, AttemptRecord)>>> + Send;
+}
+
+/// Typed column access shared by the backends, so each record is decoded in one place.
+trait Columns {
+    fn text(&self, column: &str) -> StoreResult<Option<String>>;
+    fn int(&self, column: &str) -> StoreResult<Option<i64>>;
+
+    fn required_text(&self, column: &str) -> StoreResult<String> {
+        self.text(column)?.ok_or_else(|| StoreError::Corrupt(format!("{column} is null")))
+    }
+    fn required_int(&self, column: &str) -> StoreResult<i64> {
+        self.int(column)?.ok_or_else(|| StoreError::Corrupt(format!("{column} is null")))
+    }
+    fn json(&self, column: &str) -> StoreResult<Option<Value>> {
+        self.text(column)?
+            .map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("{column}: {e}"))))
+            .transpose()
+    }
+    fn small(&self, column: &str) -> StoreResult<Option<i32>> {
+        Ok(self.int(column)?.map(|v| v as i32))
+    }
+}
+
+fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
+    Ok(JobRecord {
+        id: row.required_text("id")?,
+        seq: row.required_int("seq")?,
+        pipeline: row.required_text("pipeline")?,
+        input: row.json("input")?.unwrap_or(Value::Null),
+        priority: row.required_int("priority")? as i32,
+        state: row.required_text("state")?,
+        idempotency_key: row.text("idempotency_key")?,
+        config_hash: row.required_text("config_hash")?,
+        created_at: row.required_int("created_at")?,
+        started_at: row.int("started_at")?,
+        finished_at: row.int("finished_at")?,
+        error: row.text("error")?,
+        output: row.json("output")?,
+    })
+}
+
+fn stage_from_row(row: &impl Columns) -> StoreResult<StageRecord> {
+    let deps: Vec<usize> = serde_json::from_value(row.json("deps")?.unwrap_or(Value::Null))
+        .map_err(|e| StoreError::Corrupt(format!("deps: {e}")))?;
+    Ok(StageRecord {
+        idx: row.required_int("idx")? as usize,
+        name: row.required_text("name")?,
+        deps,
+        state: row.required_text("state")?,
+        attempts: row.required_int("attempts")? as u32,
+        failures: row.required_int("failures")? as u32,
+        interruptions: row.required_int("interruptions")? as u32,
+        not_before: row.int("not_before")?,
+        started_at: row.int("started_at")?,
+        finished_at: row.int("finished_at")?,
+        exit_code: row.small("exit_code")?,
+        error: row.text("error")?,
+        output: row.json("output")?,
+    })
+}
+
+fn attempt_from_row(row: &impl Columns) -> StoreResult<AttemptRecord> {
+    Ok(AttemptRecord {
+        stage_idx: row.required_int("stage_idx")? as usize,
+        attempt: row.required_int("attempt")? as u32,
+        state: row.required_text("state")?,
+        grant: row.json("grant_json")?.unwrap_or(Value::Null),
+        started_at: row.required_int("started_at")?,
+        finished_at: row.int("finished_at")?,
+        exit_code: row.small("exit_code")?,
+        signal: row.small("signal")?,
+        error: row.text("error")?,
+    })
+}
+
+fn finding_from_row(row: &impl Columns) -> StoreResult<FindingRecord> {
+    let evidence = row.required_text("evidence")?;
+    Ok(FindingRecord {
+        id: row.required_int("id")?,
+        kind: row.required_text("kind")?,
+        subject: row.required_text("subject")?,
+        summary: row.required_text("summary")?,
+        evidence: serde_json::from_str(&evidence).map_err(|e| StoreError::Corrupt(format!("evidence: {e}")))?,
+        cause: row.required_text("cause")?,
+        fix: row.required_text("fix")?,
+        opened_at: row.required_int("opened_at")?,
+        updated_at: row.required_int("updated_at")?,
+        closed_at: row.int("closed_at")?,
+    })
 }
 
 /// A stable 64-bit FNV-1a hash, for naming config snapshots (std's hasher is not stable

@@ -137,61 +137,13 @@ impl SqliteStore {
     }
 }
 
-fn json_column(row: &SqliteRow, column: &str) -> StoreResult<Option<Value>> {
-    let text: Option<String> = row.try_get(column)?;
-    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))).transpose()
-}
-
-fn job_from_row(row: &SqliteRow) -> StoreResult<JobRecord> {
-    Ok(JobRecord {
-        id: row.try_get("id")?,
-        seq: row.try_get("seq")?,
-        pipeline: row.try_get("pipeline")?,
-        input: json_column(row, "input")?.unwrap_or(Value::Null),
-        priority: row.try_get("priority")?,
-        state: row.try_get("state")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        config_hash: row.try_get("config_hash")?,
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-        error: row.try_get("error")?,
-        output: json_column(row, "output")?,
-    })
-}
-
-fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
-    let deps: Vec<usize> = serde_json::from_value(json_column(row, "deps")?.unwrap_or(Value::Null))
-        .map_err(|e| StoreError::Corrupt(format!("deps: {e}")))?;
-    Ok(StageRecord {
-        idx: row.try_get::<i64, _>("idx")? as usize,
-        name: row.try_get("name")?,
-        deps,
-        state: row.try_get("state")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        failures: row.try_get::<i64, _>("failures")? as u32,
-        interruptions: row.try_get::<i64, _>("interruptions")? as u32,
-        not_before: row.try_get("not_before")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-        exit_code: row.try_get("exit_code")?,
-        error: row.try_get("error")?,
-        output: json_column(row, "output")?,
-    })
-}
-
-fn attempt_from_row(row: &SqliteRow) -> StoreResult<AttemptRecord> {
-    Ok(AttemptRecord {
-        stage_idx: row.try_get::<i64, _>("stage_idx")? as usize,
-        attempt: row.try_get::<i64, _>("attempt")? as u32,
-        state: row.try_get("state")?,
-        grant: json_column(row, "grant_json")?.unwrap_or(Value::Null),
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-        exit_code: row.try_get("exit_code")?,
-        signal: row.try_get("signal")?,
-        error: row.try_get("error")?,
-    })
+impl Columns for SqliteRow {
+    fn text(&self, column: &str) -> StoreResult<Option<String>> {
+        Ok(self.try_get(column)?)
+    }
+    fn int(&self, column: &str) -> StoreResult<Option<i64>> {
+        Ok(self.try_get(column)?)
+    }
 }
 
 impl Store for SqliteStore {
@@ -373,24 +325,7 @@ impl Store for SqliteStore {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let evidence: String = r.try_get("evidence")?;
-                Ok(FindingRecord {
-                    id: r.try_get("id")?,
-                    kind: r.try_get("kind")?,
-                    subject: r.try_get("subject")?,
-                    summary: r.try_get("summary")?,
-                    evidence: serde_json::from_str(&evidence)
-                        .map_err(|e| StoreError::Corrupt(format!("evidence: {e}")))?,
-                    cause: r.try_get("cause")?,
-                    fix: r.try_get("fix")?,
-                    opened_at: r.try_get("opened_at")?,
-                    updated_at: r.try_get("updated_at")?,
-                    closed_at: r.try_get("closed_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(finding_from_row).collect()
     }
 
     async fn running_attempts(&self) -> StoreResult<Vec<(String, AttemptRecord)>> {

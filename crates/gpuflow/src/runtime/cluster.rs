@@ -1,0 +1,490 @@
+//! Agent mode: several engines share one PostgreSQL queue. Each agent claims the stages that
+//! fit its own free resources and runs each claim as a one-stage job of its own scheduler
+//! (the claimed stage queued, every other stage marked done), so supervision, timeouts, worker
+//! pools and diagnosis are the single-engine code. What differs is where decisions land: the
+//! stage's outcome goes to the shared store through `PgStore::finish`, fenced by the claim's
+//! token, and retries go back to the shared queue, where any agent may take them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpuflow_core::cluster::SharedEnd;
+use gpuflow_core::resources::Reservation;
+use gpuflow_core::{Action, AttemptResult, Event, JobId, RestoredStage, RestoredStatus, RetryPolicy};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::*;
+use crate::config::{ClusterSettings, Config};
+use crate::store::{AgentRecord, AttemptDetails, Claim, Finish, NewJob, PgStore, SharedCancel};
+
+/// Claims are made this many candidates at a time.
+const CLAIM_BATCH: u32 = 32;
+
+pub(super) struct Agent {
+    store: PgStore,
+    settings: ClusterSettings,
+    name: String,
+    /// Claims this agent runs, by the local job id each runs under.
+    claims: HashMap<JobId, ClaimedStage>,
+    /// Claims already told to stop (lease lost, or their job is ending).
+    stopping: HashSet<JobId>,
+    /// Final writes that failed on a lost connection, retried every tick.
+    unsent: Vec<(JobId, SharedEnd, AttemptDetails)>,
+    /// Pipeline files jobs were accepted under, parsed, by content hash.
+    configs: HashMap<String, Result<Arc<Config>, String>>,
+    wake: Arc<Notify>,
+    last_renewal: tokio::time::Instant,
+    pub(super) fenced_writes: u64,
+    pub(super) leases_expired: u64,
+}
+
+struct ClaimedStage {
+    token: i64,
+    job: String,
+    retry: RetryPolicy,
+    /// Whether its outcome has been written (or refused); the claim is forgotten then.
+    settled: bool,
+}
+
+impl Agent {
+    pub(super) fn new(store: PgStore, settings: ClusterSettings, name: String) -> Agent {
+        Agent {
+            store,
+            settings,
+            name,
+            claims: HashMap::new(),
+            stopping: HashSet::new(),
+            unsent: Vec::new(),
+            configs: HashMap::new(),
+            wake: Arc::new(Notify::new()),
+            last_renewal: tokio::time::Instant::now(),
+            fenced_writes: 0,
+            leases_expired: 0,
+        }
+    }
+
+    pub(super) fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// How often leases are renewed and the queue polled.
+    pub(super) fn tick_every(&self) -> Duration {
+        Duration::from_millis((self.settings.lease_ttl_ms / 3).min(self.settings.poll_interval_ms).max(50))
+    }
+}
+
+/// The local job id a claim runs under: its fencing token, unique forever.
+fn local_id(token: i64) -> JobId {
+    JobId(token as u128)
+}
+
+impl<S: Store> Runtime<S> {
+    pub fn with_cluster(mut self, store: PgStore, settings: ClusterSettings, name: String) -> Self {
+        self.cluster = Some(Agent::new(store, settings, name));
+        self
+    }
+
+    /// Registers the agent, re-queues what an earlier run under its name held, and starts
+    /// listening for work.
+    pub(super) async fn join_cluster(&mut self, api: String) -> Result<(), RuntimeError> {
+        let resources = self.agent_resources();
+        let Some(agent) = &mut self.cluster else { return Ok(()) };
+        let host = crate::serve::hostname();
+        let requeued = agent.store.register_agent(&agent.name, &host, &api, &resources).await?;
+        for l in &requeued {
+            tracing::warn!(job = %l.job, stage = l.stage, attempt = l.attempt, "re-queued a stage this agent held before it restarted");
+        }
+        agent.last_renewal = tokio::time::Instant::now();
+        tracing::info!(agent = %agent.store.agent(), name = %agent.name, "joined the shared queue");
+        let store = agent.store.clone();
+        let wake = agent.wake.clone();
+        tokio::spawn(async move {
+            loop {
+                match store.listener().await {
+                    Ok(mut listener) => loop {
+                        match listener.recv().await {
+                            Ok(_) => wake.notify_one(),
+                            Err(e) => {
+                                tracing::warn!("queue notifications interrupted ({e}); reconnecting");
+                                // Anything sent meanwhile is lost: look now.
+                                wake.notify_one();
+                                break;
+                            }
+                        }
+                    },
+                    Err(e) => tracing::warn!("cannot listen for queue notifications ({e}); polling meanwhile"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        self.claim_work().await;
+        Ok(())
+    }
+
+    /// What this agent has and uses, for `/v1/agents`.
+    fn agent_resources(&self) -> Value {
+        let inventory = self.state.inventory();
+        let capacity = inventory.capacity();
+        let usage = inventory.usage();
+        json!({
+            "gpus": self.config.gpus.iter().map(|g| json!({"name": g.name, "memory": g.memory, "source": format!("{:?}", g.source).to_lowercase()})).collect::<Vec<_>>(),
+            "cpu": capacity.cpu,
+            "cpu_used": usage.cpu,
+            "gpus_used": usage.gpu_exclusive.iter().filter(|b| **b).count(),
+            "gpu_memory_used": usage.gpu_memory_used,
+            "counters": capacity.counters,
+            "counters_used": usage.counters,
+            "running": self.cluster.as_ref().map(|a| a.claims.len()).unwrap_or(0),
+        })
+    }
+
+    /// Renews leases, re-queues expired ones (anyone's), stops what must stop, resends final
+    /// writes that failed, and looks for work.
+    pub(super) async fn cluster_tick(&mut self) -> Result<(), RuntimeError> {
+        let resources = self.agent_resources();
+        let Some(agent) = &mut self.cluster else { return Ok(()) };
+        let ttl = agent.settings.lease_ttl_ms;
+        let mut stop: Vec<(JobId, String)> = Vec::new();
+        match agent.store.heartbeat(ttl, &resources).await {
+            Ok(held) => {
+                agent.last_renewal = tokio::time::Instant::now();
+                let held: HashSet<i64> = held.into_iter().collect();
+                for (local, c) in &agent.claims {
+                    if !c.settled && !held.contains(&c.token) && !agent.stopping.contains(local) {
+                        stop.push((*local, "lease lost: it expired and the stage was re-queued to another agent; this run was stopped".into()));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot renew leases: {e}");
+                // Past the TTL another agent may already run these stages: stop them here so
+                // no stage runs twice for long.
+                if agent.last_renewal.elapsed() > Duration::from_millis(ttl) {
+                    for (local, c) in &agent.claims {
+                        if !c.settled && !agent.stopping.contains(local) {
+                            stop.push((*local, format!("lease not renewed for {ttl} ms (database unreachable); stopped because another agent may take it over")));
+                        }
+                    }
+                }
+            }
+        }
+        match agent.store.expire_leases().await {
+            Ok(lost) => {
+                for l in lost {
+                    agent.leases_expired += 1;
+                    tracing::warn!(agent = %l.agent, job = %l.job, stage = l.stage, attempt = l.attempt, late_ms = l.late_ms, "lease expired; stage re-queued");
+                }
+            }
+            Err(e) => tracing::warn!("cannot check for expired leases: {e}"),
+        }
+        let mut cancel: Vec<JobId> = Vec::new();
+        match agent.store.leases_to_stop().await {
+            Ok(tokens) => {
+                for t in tokens {
+                    let local = local_id(t);
+                    if agent.claims.contains_key(&local) && agent.stopping.insert(local) {
+                        cancel.push(local);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot check for cancelled jobs: {e}"),
+        }
+        for (local, _) in &stop {
+            agent.stopping.insert(*local);
+        }
+        for (local, error) in stop {
+            self.stop_claim(local, error, true).await?;
+        }
+        for local in cancel {
+            self.stop_claim(local, "its job is ending (cancelled, or failed on another stage)".into(), false).await?;
+        }
+        self.resend_unsent().await;
+        self.claim_work().await;
+        Ok(())
+    }
+
+    /// Stops a claim's local run. One that has not started yet is dropped here and its
+    /// stage handed back; a running one ends through its process, like any attempt.
+    async fn stop_claim(&mut self, local: JobId, error: String, lease_lost: bool) -> Result<(), RuntimeError> {
+        let running = self.state.job(local).and_then(|j| {
+            j.stages.iter().enumerate().find_map(|(i, s)| match &s.status {
+                gpuflow_core::StageStatus::Running(r) => Some((i, r.attempt)),
+                _ => None,
+            })
+        });
+        let job = self.jobs.get(&local).map(|j| j.id.clone()).unwrap_or_default();
+        tracing::warn!(%job, "{error}");
+        match running {
+            Some((stage, attempt)) if lease_lost => self.step(Event::StopAttempt { job: local, stage, attempt, error }).await,
+            Some(_) => self.step(Event::CancelRequested { job: local }).await,
+            None => {
+                self.step(Event::CancelRequested { job: local }).await?;
+                let end = if lease_lost { SharedEnd::LeaseLost } else { SharedEnd::Cancelled { error } };
+                self.send_end(local, end, AttemptDetails::default()).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Claims what fits the free local resources, and starts it.
+    pub(super) async fn claim_work(&mut self) {
+        for _ in 0..8 {
+            let Some(agent) = &mut self.cluster else { return };
+            let mut inventory = self.state.inventory().clone();
+            let mut missing: HashSet<String> = HashSet::new();
+            let configs = &agent.configs;
+            let claimed = agent
+                .store
+                .claim(CLAIM_BATCH, agent.settings.lease_ttl_ms, |c| match configs.get(&c.config_hash) {
+                    None => {
+                        missing.insert(c.config_hash.clone());
+                        false
+                    }
+                    Some(Err(_)) => false,
+                    Some(Ok(config)) => config.pipeline(&c.pipeline).ok().is_some_and(|def| {
+                        def.core
+                            .stages
+                            .get(c.stage)
+                            .is_some_and(|s| inventory.try_grant(&s.needs, &Reservation::default()).is_some())
+                    }),
+                })
+                .await;
+            let claimed = match claimed {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("cannot claim work: {e}");
+                    return;
+                }
+            };
+            let full = claimed.len() as u32 == CLAIM_BATCH;
+            for claim in claimed {
+                if let Err(e) = self.adopt(claim).await {
+                    tracing::error!("cannot start a claimed stage: {e}");
+                }
+            }
+            for hash in &missing {
+                let parsed = match self.snapshot_config(hash).await {
+                    Ok(r) => r.map(Arc::new),
+                    Err(e) => {
+                        tracing::warn!("cannot read pipeline snapshot {hash}: {e}");
+                        continue;
+                    }
+                };
+                if let Err(e) = &parsed {
+                    tracing::error!("jobs accepted under pipeline snapshot {hash} cannot run on this agent: {e}");
+                }
+                if let Some(agent) = &mut self.cluster {
+                    agent.configs.insert(hash.clone(), parsed);
+                }
+            }
+            if !full && missing.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Runs a claim as a local one-stage job: the claimed stage queued, the others done.
+    async fn adopt(&mut self, claim: Claim) -> Result<(), RuntimeError> {
+        let Some(agent) = &mut self.cluster else { return Ok(()) };
+        let def = match agent.configs.get(&claim.config_hash) {
+            Some(Ok(config)) => config.pipeline(&claim.pipeline),
+            _ => Err("pipeline snapshot not loaded".to_string()),
+        };
+        let def = match def {
+            Ok(def) => def,
+            Err(e) => {
+                // Cannot happen for a stage the fit check accepted; give it back as failed.
+                let end = SharedEnd::Failed { error: format!("cannot run on this agent: {e}"), retryable: false, timed_out: false };
+                let _ = agent.store.finish(claim.token, &claim.job, end, &AttemptDetails::default(), &RetryPolicy::no_retry()).await;
+                return Ok(());
+            }
+        };
+        let local = local_id(claim.token);
+        let n = def.core.stages.len();
+        let mut core = (*def.core).clone();
+        for (i, s) in core.stages.iter_mut().enumerate() {
+            if i != claim.stage {
+                s.needs = Default::default();
+            }
+            // Retries go back to the shared queue, decided by `PgStore::finish`.
+            s.retry = RetryPolicy::no_retry();
+        }
+        let stages = (0..n)
+            .map(|i| RestoredStage {
+                status: if i == claim.stage { RestoredStatus::NotStarted } else { RestoredStatus::Succeeded },
+                attempts: if i == claim.stage { claim.attempt - 1 } else { 0 },
+                failures: 0,
+                interruptions: 0,
+            })
+            .collect();
+        let retry = def.core.stages[claim.stage].retry.clone();
+        agent.claims.insert(local, ClaimedStage { token: claim.token, job: claim.job.clone(), retry, settled: false });
+        let mut outputs = claim.outputs;
+        outputs.resize(n, None);
+        tracing::info!(job = %claim.job, stage = %def.core.stages[claim.stage].name, attempt = claim.attempt, token = claim.token, "claimed");
+        self.track(local, claim.job, claim.pipeline, def, claim.input, outputs);
+        self.step(Event::Restored {
+            job: local,
+            seq: claim.token as u64,
+            priority: claim.priority,
+            pipeline: Arc::new(core),
+            stages,
+        })
+        .await
+    }
+
+    /// Agent mode's counterpart of the store write: starts record their grant, ends write
+    /// the stage's outcome to the shared queue, fenced by the claim's token.
+    pub(super) async fn cluster_writes(&mut self, actions: &[Action]) -> Result<(), RuntimeError> {
+        for action in actions {
+            match action {
+                Action::Start { job, grant, .. } => {
+                    let Some(agent) = &mut self.cluster else { return Ok(()) };
+                    let Some(c) = agent.claims.get(job) else { continue };
+                    let grant = serde_json::to_value(LeaseRecord::from(grant)).expect("serializable");
+                    match agent.store.record_grant(c.token, &grant).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            agent.fenced_writes += 1;
+                            tracing::warn!(job = %c.job, token = c.token, "write refused: lease no longer current");
+                        }
+                        Err(e) => tracing::warn!("cannot record a grant: {e}"),
+                    }
+                }
+                Action::AttemptEnded { job, stage, attempt, result, error, retryable, .. } => {
+                    let error = error.clone().unwrap_or_default();
+                    let end = match result {
+                        AttemptResult::Succeeded => SharedEnd::Succeeded,
+                        AttemptResult::Cancelled => SharedEnd::Cancelled { error },
+                        AttemptResult::TimedOut => SharedEnd::Failed { error, retryable: *retryable, timed_out: true },
+                        AttemptResult::Failed => SharedEnd::Failed { error, retryable: *retryable, timed_out: false },
+                        AttemptResult::Interrupted => SharedEnd::LeaseLost,
+                    };
+                    let details = self.exits.get(&(*job, *stage, *attempt));
+                    let details = AttemptDetails {
+                        output: details.and_then(|d| d.output.clone()),
+                        exit_code: details.and_then(|d| d.exit_code),
+                        signal: details.and_then(|d| d.signal),
+                    };
+                    self.send_end(*job, end, details).await;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_end(&mut self, local: JobId, end: SharedEnd, details: AttemptDetails) {
+        let Some(agent) = &mut self.cluster else { return };
+        let Some(c) = agent.claims.get_mut(&local) else { return };
+        match agent.store.finish(c.token, &c.job, end.clone(), &details, &c.retry).await {
+            Ok(Finish::Applied { job_finished }) => {
+                c.settled = true;
+                if let Some(state) = job_finished {
+                    tracing::info!(job = %c.job, state = state.as_str(), "job finished");
+                }
+            }
+            Ok(Finish::Fenced) => {
+                c.settled = true;
+                agent.fenced_writes += 1;
+                tracing::warn!(job = %c.job, token = c.token, "late write refused: the lease expired and the stage was re-queued; this outcome is discarded");
+            }
+            Err(e) => {
+                tracing::warn!(job = %c.job, "cannot record an attempt's end ({e}); retrying");
+                agent.unsent.push((local, end, details));
+            }
+        }
+        if c.settled {
+            agent.claims.remove(&local);
+            agent.stopping.remove(&local);
+        }
+    }
+
+    async fn resend_unsent(&mut self) {
+        let Some(agent) = &mut self.cluster else { return };
+        for (local, end, details) in std::mem::take(&mut agent.unsent) {
+            self.send_end(local, end, details).await;
+        }
+    }
+
+    /// Admission in agent mode: the job goes into the shared queue for any agent to claim.
+    pub(super) async fn admit_shared(&mut self, request: SubmitRequest) -> Result<Submitted, EngineError> {
+        let def = self.config.pipeline(&request.pipeline).map_err(|_| EngineError::UnknownPipeline {
+            name: request.pipeline.clone(),
+            known: self.config.pipelines.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let Some(agent) = &self.cluster else { return Err(EngineError::Internal("not an agent".into())) };
+        if let Some(key) = &request.idempotency_key
+            && let Some(existing) = self.store.job_by_idempotency_key(key).await?
+        {
+            if existing.pipeline == request.pipeline
+                && existing.input == request.input
+                && existing.priority == request.priority
+            {
+                return Ok(Submitted { id: existing.id, state: existing.state, created: false });
+            }
+            return Err(EngineError::IdempotencyConflict { key: key.clone(), existing: existing.id });
+        }
+        // Counted across agents; two agents admitting at the same moment may pass the bound
+        // by one each.
+        if agent.store.unfinished_count(&request.pipeline).await? >= def.max_queued as u64 {
+            return Err(EngineError::QueueFull { pipeline: request.pipeline, max: def.max_queued });
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let new = NewJob {
+            id: id.clone(),
+            pipeline: request.pipeline.clone(),
+            input: request.input,
+            priority: request.priority,
+            idempotency_key: request.idempotency_key.clone(),
+            config_hash: self.config_hash.clone(),
+            config_text: self.config.source.clone(),
+            stages: def.core.stages.iter().map(|s| (s.name.clone(), s.after.clone())).collect(),
+            created_at: self.clock.now_ms() as i64,
+        };
+        match agent.store.insert_shared_job(&new).await {
+            Ok(_) => {}
+            Err(StoreError::DuplicateKey(key)) => {
+                return Err(EngineError::IdempotencyConflict { key, existing: "another submission".into() });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.metrics.submitted(&request.pipeline);
+        Ok(Submitted { id, state: "queued".into(), created: true })
+    }
+
+    pub(super) async fn cancel_shared(&mut self, id: String) -> Result<String, EngineError> {
+        let Some(agent) = &self.cluster else { return Err(EngineError::Internal("not an agent".into())) };
+        match agent.store.cancel_shared(&id).await? {
+            SharedCancel::Accepted(state) => {
+                // Stop our own share of it now rather than at the next tick.
+                agent.wake.notify_one();
+                let _ = self.cluster_tick().await;
+                Ok(state.to_string())
+            }
+            SharedCancel::AlreadyFinished(state) => Err(EngineError::AlreadyFinished { id, state }),
+            SharedCancel::NotFound => Err(EngineError::NotFound(id)),
+        }
+    }
+
+    pub(super) async fn agents(&self) -> Result<Vec<AgentRecord>, EngineError> {
+        let Some(agent) = &self.cluster else {
+            return Err(EngineError::NotClustered);
+        };
+        Ok(agent.store.agents(agent.settings.lease_ttl_ms).await?)
+    }
+
+    /// A clean shutdown: what this agent held goes back to the queue at once.
+    pub(super) async fn leave_cluster(&mut self) {
+        let Some(agent) = &self.cluster else { return };
+        match agent.store.stop_agent().await {
+            Ok(requeued) if !requeued.is_empty() => {
+                tracing::info!(stages = requeued.len(), "re-queued the stages this agent was running")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot mark this agent stopped ({e}); its leases will expire instead"),
+        }
+    }
+}

@@ -1,0 +1,949 @@
+//! The PostgreSQL store: the same `Store` as SQLite, plus the shared queue that several agents
+//! claim from. Claims take `FOR UPDATE SKIP LOCKED` on claimable stages; every claim is a lease
+//! row with a fencing token and an expiry read against the database's clock; every write about
+//! an attempt is conditional on its token. Lock order, to rule out deadlocks: a job's stage rows
+//! (by index) before its job row; several job rows in id order.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use gpuflow_core::cluster::{self, SharedEnd, SharedStage, SharedStageState, StageChange, Transition};
+use gpuflow_core::{JobState, RetryPolicy};
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+
+use super::*;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// The channel agents LISTEN on: something became claimable, or a job is ending.
+pub const QUEUE_CHANNEL: &str = "gpuflow_queue";
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    url: String,
+    /// The agent this handle writes for: findings and leases are scoped to it.
+    agent: String,
+}
+
+/// A claimable stage, offered to the agent's fit check.
+#[derive(Clone, Debug)]
+pub struct ClaimCandidate {
+    pub job: String,
+    pub stage: usize,
+    pub pipeline: String,
+    pub config_hash: String,
+    pub priority: i32,
+}
+
+/// A stage this agent now holds.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub token: i64,
+    pub job: String,
+    pub stage: usize,
+    pub attempt: u32,
+    pub pipeline: String,
+    pub config_hash: String,
+    pub input: Value,
+    /// Every stage's output so far, for rendering `{stages.NAME.key}`.
+    pub outputs: Vec<Option<Value>>,
+    pub priority: i32,
+}
+
+/// What became of an attempt's final write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Finish {
+    Applied { job_finished: Option<JobState> },
+    /// The token is no longer current: the lease expired and the stage was re-queued.
+    Fenced,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SharedCancel {
+    /// `cancelling` while stages still run on agents, else `cancelled`.
+    Accepted(&'static str),
+    AlreadyFinished(String),
+    NotFound,
+}
+
+/// A lease that ran out, re-queued by whoever noticed.
+#[derive(Clone, Debug)]
+pub struct LostLease {
+    pub agent: String,
+    pub job: String,
+    pub stage: usize,
+    pub attempt: u32,
+    /// How long past its expiry it was re-queued.
+    pub late_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentRecord {
+    pub id: String,
+    pub name: String,
+    pub host: String,
+    pub pid: i64,
+    pub api: String,
+    pub resources: Value,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+    pub heartbeat_age_ms: i64,
+    /// running (heartbeat within one lease TTL), unresponsive, stopped or replaced.
+    pub state: String,
+    pub leases: i64,
+}
+
+impl Columns for PgRow {
+    fn text(&self, column: &str) -> StoreResult<Option<String>> {
+        Ok(self.try_get(column)?)
+    }
+    fn int(&self, column: &str) -> StoreResult<Option<i64>> {
+        Ok(self.try_get(column)?)
+    }
+}
+
+fn shared_state(s: &str) -> SharedStageState {
+    match s {
+        "pending" => SharedStageState::Pending,
+        "queued" | "backoff" => SharedStageState::Queued,
+        "running" => SharedStageState::Running,
+        "succeeded" => SharedStageState::Succeeded,
+        "failed" => SharedStageState::Failed,
+        _ => SharedStageState::Cancelled,
+    }
+}
+
+impl PgStore {
+    /// Connects and brings the schema up to date (one agent at a time, under an advisory lock).
+    pub async fn connect(url: &str, agent: &str) -> StoreResult<PgStore> {
+        let options = PgConnectOptions::from_str(url)?.application_name("gpuflow");
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            // A connection killed by a server restart is noticed before it is handed out.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await?;
+        let store = PgStore { pool, url: url.to_string(), agent: agent.to_string() };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(70707070)").execute(&mut *tx).await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await?;
+        for (version, sql) in MIGRATIONS {
+            let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if applied.is_none() {
+                sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, gpuflow_now_ms())")
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A listener for `QUEUE_CHANNEL`. It reconnects by itself; notifications sent while it
+    /// was away are lost, which is why agents also poll.
+    pub async fn listener(&self) -> StoreResult<PgListener> {
+        let mut listener = PgListener::connect(&self.url).await?;
+        listener.listen(QUEUE_CHANNEL).await?;
+        Ok(listener)
+    }
+
+    pub async fn now_ms(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar("SELECT gpuflow_now_ms()").fetch_one(&self.pool).await?)
+    }
+
+    async fn insert(&self, job: &NewJob, shared: bool) -> StoreResult<i64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO config_snapshots (hash, text, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(&job.config_hash)
+            .bind(&job.config_text)
+            .bind(job.created_at)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, pipeline, input, priority, state, idempotency_key, config_hash, created_at) VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7) RETURNING seq",
+        )
+        .bind(&job.id)
+        .bind(&job.pipeline)
+        .bind(job.input.to_string())
+        .bind(job.priority as i64)
+        .bind(&job.idempotency_key)
+        .bind(&job.config_hash)
+        .bind(job.created_at)
+        .fetch_one(&mut *tx)
+        .await;
+        let seq: i64 = match inserted {
+            Ok(row) => row.try_get("seq")?,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::DuplicateKey(job.idempotency_key.clone().unwrap_or_default()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let names: Vec<&str> = job.stages.iter().map(|(n, _)| n.as_str()).collect();
+        let deps: Vec<String> =
+            job.stages.iter().map(|(_, d)| serde_json::to_string(d).expect("serializable")).collect();
+        // In the shared queue a stage with no predecessors is claimable at once.
+        let states: Vec<&str> =
+            job.stages.iter().map(|(_, d)| if shared && d.is_empty() { "queued" } else { "pending" }).collect();
+        sqlx::query(
+            "INSERT INTO stages (job_id, idx, name, deps, state) SELECT $1, ord - 1, name, deps, state FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(name, deps, state, ord)",
+        )
+        .bind(&job.id)
+        .bind(&names)
+        .bind(&deps)
+        .bind(&states)
+        .execute(&mut *tx)
+        .await?;
+        if shared {
+            notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Inserts a job into the shared queue and wakes the agents.
+    pub async fn insert_shared_job(&self, job: &NewJob) -> StoreResult<i64> {
+        self.insert(job, true).await
+    }
+
+    /// Unfinished jobs of a pipeline, across every agent (for `max_queued`).
+    pub async fn unfinished_count(&self, pipeline: &str) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE pipeline = $1 AND state IN ('queued', 'running')")
+            .bind(pipeline)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    // ---- agents ----------------------------------------------------------------------------
+
+    /// Records this agent. Leases held by earlier runs under the same name (a restart after a
+    /// crash) are re-queued at once: their processes were killed by this run's start-up sweep.
+    pub async fn register_agent(
+        &self,
+        name: &str,
+        host: &str,
+        api: &str,
+        resources: &Value,
+    ) -> StoreResult<Vec<LostLease>> {
+        sqlx::query(
+            "INSERT INTO agents (id, name, host, pid, api, resources, started_at, heartbeat_at, state) VALUES ($1, $2, $3, $4, $5, $6, gpuflow_now_ms(), gpuflow_now_ms(), 'running')",
+        )
+        .bind(&self.agent)
+        .bind(name)
+        .bind(host)
+        .bind(std::process::id() as i64)
+        .bind(api)
+        .bind(resources.to_string())
+        .execute(&self.pool)
+        .await?;
+        let previous: Vec<String> = sqlx::query_scalar(
+            "UPDATE agents SET state = 'replaced' WHERE name = $1 AND id <> $2 AND state = 'running' RETURNING id",
+        )
+        .bind(name)
+        .bind(&self.agent)
+        .fetch_all(&self.pool)
+        .await?;
+        self.requeue_leases(Requeue::OfAgents, &previous).await
+    }
+
+    /// Renews every lease this agent holds; returns the tokens it still holds. A token missing
+    /// from the answer was lost (expired and re-queued): its process must be killed.
+    pub async fn heartbeat(&self, ttl_ms: u64, resources: &Value) -> StoreResult<Vec<i64>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE agents SET heartbeat_at = gpuflow_now_ms(), resources = $2 WHERE id = $1")
+            .bind(&self.agent)
+            .bind(resources.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let held: Vec<i64> = sqlx::query_scalar(
+            "UPDATE leases SET expires_at = gpuflow_now_ms() + $2 WHERE agent_id = $1 AND expires_at >= gpuflow_now_ms() RETURNING token",
+        )
+        .bind(&self.agent)
+        .bind(ttl_ms as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(held)
+    }
+
+    /// Marks this agent stopped and re-queues what it held (a clean shutdown stopped those
+    /// processes), so other agents need not wait for the leases to expire.
+    pub async fn stop_agent(&self) -> StoreResult<Vec<LostLease>> {
+        sqlx::query("UPDATE agents SET state = 'stopped', heartbeat_at = gpuflow_now_ms() WHERE id = $1")
+            .bind(&self.agent)
+            .execute(&self.pool)
+            .await?;
+        self.requeue_leases(Requeue::OfAgents, std::slice::from_ref(&self.agent)).await
+    }
+
+    /// Re-queues leases past their expiry, whoever held them.
+    pub async fn expire_leases(&self) -> StoreResult<Vec<LostLease>> {
+        self.requeue_leases(Requeue::Expired, &[]).await
+    }
+
+    /// Every agent, newest first, with its state judged against `ttl_ms`.
+    pub async fn agents(&self, ttl_ms: u64) -> StoreResult<Vec<AgentRecord>> {
+        let rows = sqlx::query(
+            "SELECT a.*, gpuflow_now_ms() - a.heartbeat_at AS age, (SELECT count(*) FROM leases l WHERE l.agent_id = a.id) AS lease_count FROM agents a ORDER BY a.started_at DESC LIMIT 200",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let age: i64 = r.try_get("age")?;
+                let state: String = r.try_get("state")?;
+                let state = if state == "running" && age > ttl_ms as i64 { "unresponsive".to_string() } else { state };
+                Ok(AgentRecord {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    host: r.try_get("host")?,
+                    pid: r.try_get("pid")?,
+                    api: r.try_get("api")?,
+                    resources: r.json("resources")?.unwrap_or(Value::Null),
+                    started_at: r.try_get("started_at")?,
+                    heartbeat_at: r.try_get("heartbeat_at")?,
+                    heartbeat_age_ms: age,
+                    state,
+                    leases: r.try_get("lease_count")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue_leases(&self, which: Requeue, agents: &[String]) -> StoreResult<Vec<LostLease>> {
+        let (select, delete) = match which {
+            Requeue::OfAgents => (
+                "SELECT token, job_id FROM leases WHERE agent_id = ANY($1) ORDER BY job_id LIMIT 500",
+                "DELETE FROM leases WHERE token = $2 AND agent_id = ANY($1) RETURNING agent_id, stage_idx, attempt, gpuflow_now_ms() - expires_at",
+            ),
+            Requeue::Expired => (
+                "SELECT token, job_id FROM leases WHERE expires_at < gpuflow_now_ms() AND $1::text[] IS NOT NULL ORDER BY job_id LIMIT 500",
+                "DELETE FROM leases WHERE token = $2 AND expires_at < gpuflow_now_ms() AND $1::text[] IS NOT NULL RETURNING agent_id, stage_idx, attempt, gpuflow_now_ms() - expires_at",
+            ),
+        };
+        let candidates: Vec<(i64, String)> =
+            sqlx::query_as(select).bind(agents).fetch_all(&self.pool).await?;
+        let mut lost = Vec::new();
+        for (token, job) in candidates {
+            let mut tx = self.pool.begin().await?;
+            let (stages, ending) = lock_job(&mut tx, &job).await?;
+            // Re-checked under the locks: a heartbeat or a finish may have come first.
+            let row: Option<(String, i64, i64, i64)> = sqlx::query_as(delete)
+            .bind(agents)
+            .bind(token)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((agent, stage, attempt, late_ms)) = row else { continue };
+            let (stage, attempt) = (stage as usize, attempt as u32);
+            let t = cluster::attempt_ended(&stages, ending, stage, SharedEnd::LeaseLost, &RetryPolicy::no_retry());
+            apply(&mut tx, &job, stage, attempt, &t, &AttemptDetails::default()).await?;
+            tx.commit().await?;
+            lost.push(LostLease { agent, job, stage, attempt, late_ms });
+        }
+        Ok(lost)
+    }
+
+    // ---- claims and fenced writes ------------------------------------------------------------
+
+    /// Claims up to `limit` claimable stages, highest priority then oldest first, among those
+    /// `take` accepts (it checks them against the agent's free resources, in order). Stages
+    /// other agents are claiming are skipped, not waited for.
+    pub async fn claim(
+        &self,
+        limit: u32,
+        ttl_ms: u64,
+        mut take: impl FnMut(&ClaimCandidate) -> bool,
+    ) -> StoreResult<Vec<Claim>> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT s.job_id, s.idx, s.attempts, j.pipeline, j.config_hash, j.priority FROM stages s JOIN jobs j ON j.id = s.job_id \
+             WHERE s.state IN ('queued', 'backoff') AND COALESCE(s.not_before, 0) <= gpuflow_now_ms() AND j.ending IS NULL \
+             ORDER BY j.priority DESC, j.seq, s.idx LIMIT $1 FOR UPDATE OF s SKIP LOCKED",
+        )
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut chosen: Vec<(ClaimCandidate, u32)> = Vec::new();
+        for r in &rows {
+            let candidate = ClaimCandidate {
+                job: r.try_get("job_id")?,
+                stage: r.try_get::<i64, _>("idx")? as usize,
+                pipeline: r.try_get("pipeline")?,
+                config_hash: r.try_get("config_hash")?,
+                priority: r.try_get::<i64, _>("priority")? as i32,
+            };
+            if take(&candidate) {
+                let attempt = r.try_get::<i64, _>("attempts")? as u32 + 1;
+                chosen.push((candidate, attempt));
+            }
+        }
+        if chosen.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let jobs: Vec<&str> = chosen.iter().map(|(c, _)| c.job.as_str()).collect();
+        let idxs: Vec<i64> = chosen.iter().map(|(c, _)| c.stage as i64).collect();
+        let attempts: Vec<i64> = chosen.iter().map(|(_, a)| *a as i64).collect();
+        let tokens: Vec<i64> = sqlx::query(
+            "INSERT INTO leases (token, job_id, stage_idx, attempt, agent_id, granted_at, expires_at) \
+             SELECT nextval('fencing_tokens'), j, i, a, $4, gpuflow_now_ms(), gpuflow_now_ms() + $5 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(j, i, a) \
+             RETURNING token, job_id, stage_idx",
+        )
+        .bind(&jobs)
+        .bind(&idxs)
+        .bind(&attempts)
+        .bind(&self.agent)
+        .bind(ttl_ms as i64)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| -> StoreResult<((String, i64), i64)> {
+            Ok(((r.try_get("job_id")?, r.try_get("stage_idx")?), r.try_get("token")?))
+        })
+        .collect::<StoreResult<BTreeMap<_, _>>>()?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+        // `tokens` is ordered by (job, stage); order the claims the same way.
+        chosen.sort_by(|a, b| (&a.0.job, a.0.stage).cmp(&(&b.0.job, b.0.stage)));
+        let jobs: Vec<&str> = chosen.iter().map(|(c, _)| c.job.as_str()).collect();
+        let idxs: Vec<i64> = chosen.iter().map(|(c, _)| c.stage as i64).collect();
+        let attempts: Vec<i64> = chosen.iter().map(|(_, a)| *a as i64).collect();
+        sqlx::query(
+            "INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at, agent_id, token) \
+             SELECT j, i, a, 'running', '{}', gpuflow_now_ms(), $4, t FROM unnest($1::text[], $2::bigint[], $3::bigint[], $5::bigint[]) AS u(j, i, a, t)",
+        )
+        .bind(&jobs)
+        .bind(&idxs)
+        .bind(&attempts)
+        .bind(&self.agent)
+        .bind(&tokens)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE stages s SET state = 'running', attempts = u.a, not_before = NULL, started_at = gpuflow_now_ms(), finished_at = NULL, error = NULL, exit_code = NULL \
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(j, i, a) WHERE s.job_id = u.j AND s.idx = u.i",
+        )
+        .bind(&jobs)
+        .bind(&idxs)
+        .bind(&attempts)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, gpuflow_now_ms()) \
+             WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE)",
+        )
+        .bind(&jobs)
+        .execute(&mut *tx)
+        .await?;
+        // What the claimed stages need to render their commands.
+        let details = sqlx::query(
+            "SELECT j.id, j.input, (SELECT json_agg(s.output ORDER BY s.idx) FROM stages s WHERE s.job_id = j.id)::text AS outputs FROM jobs j WHERE j.id = ANY($1)",
+        )
+        .bind(&jobs)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut by_job: BTreeMap<String, (Value, Vec<Option<Value>>)> = BTreeMap::new();
+        for r in &details {
+            let raw: Vec<Option<String>> = serde_json::from_value(r.json("outputs")?.unwrap_or(Value::Null))
+                .map_err(|e| StoreError::Corrupt(format!("outputs: {e}")))?;
+            let outputs = raw
+                .into_iter()
+                .map(|o| o.map(|t| serde_json::from_str(&t).unwrap_or(Value::Null)))
+                .collect();
+            by_job.insert(r.try_get("id")?, (r.json("input")?.unwrap_or(Value::Null), outputs));
+        }
+        tx.commit().await?;
+        Ok(chosen
+            .into_iter()
+            .zip(tokens)
+            .map(|((c, attempt), token)| {
+                let (input, outputs) = by_job.get(&c.job).cloned().unwrap_or((Value::Null, Vec::new()));
+                Claim {
+                    token,
+                    job: c.job,
+                    stage: c.stage,
+                    attempt,
+                    pipeline: c.pipeline,
+                    config_hash: c.config_hash,
+                    input,
+                    outputs,
+                    priority: c.priority,
+                }
+            })
+            .collect())
+    }
+
+    /// Records what the attempt was granted. False when its token is no longer current.
+    pub async fn record_grant(&self, token: i64, grant: &Value) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "UPDATE attempts a SET grant_json = $2 FROM leases l WHERE l.token = $1 AND l.agent_id = $3 AND a.token = l.token",
+        )
+        .bind(token)
+        .bind(grant.to_string())
+        .bind(&self.agent)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The attempt's final write, fenced by its token: refused when the lease was lost.
+    pub async fn finish(
+        &self,
+        token: i64,
+        job: &str,
+        end: SharedEnd,
+        details: &AttemptDetails,
+        retry: &RetryPolicy,
+    ) -> StoreResult<Finish> {
+        let mut tx = self.pool.begin().await?;
+        let (stages, ending) = lock_job(&mut tx, job).await?;
+        let lease: Option<(i64, i64)> = sqlx::query_as(
+            "DELETE FROM leases WHERE token = $1 AND agent_id = $2 AND job_id = $3 RETURNING stage_idx, attempt",
+        )
+        .bind(token)
+        .bind(&self.agent)
+        .bind(job)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((stage, attempt)) = lease else {
+            tx.rollback().await?;
+            return Ok(Finish::Fenced);
+        };
+        let t = cluster::attempt_ended(&stages, ending, stage as usize, end, retry);
+        apply(&mut tx, job, stage as usize, attempt as u32, &t, details).await?;
+        tx.commit().await?;
+        Ok(Finish::Applied { job_finished: t.finished })
+    }
+
+    /// Asks a job to stop: what has not started is cancelled now; running stages are stopped
+    /// by the agents that hold them, which see the job's `ending`.
+    pub async fn cancel_shared(&self, job: &str) -> StoreResult<SharedCancel> {
+        let mut tx = self.pool.begin().await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1").bind(job).fetch_optional(&mut *tx).await?;
+        let Some(state) = state else { return Ok(SharedCancel::NotFound) };
+        if JobState::parse(&state).is_some_and(|s| s.is_final()) {
+            return Ok(SharedCancel::AlreadyFinished(state));
+        }
+        let (stages, ending) = lock_job(&mut tx, job).await?;
+        let Some(t) = cluster::cancel(&stages, ending) else {
+            return Ok(SharedCancel::AlreadyFinished(state));
+        };
+        apply(&mut tx, job, 0, 0, &t, &AttemptDetails::default()).await?;
+        tx.commit().await?;
+        Ok(SharedCancel::Accepted(if t.finished.is_some() { "cancelled" } else { "cancelling" }))
+    }
+
+    /// This agent's leases whose job is ending (cancelled, or failed on another stage).
+    pub async fn leases_to_stop(&self) -> StoreResult<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT l.token FROM leases l JOIN jobs j ON j.id = l.job_id WHERE l.agent_id = $1 AND j.ending IS NOT NULL",
+        )
+        .bind(&self.agent)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+/// Whose leases to re-queue.
+#[derive(Clone, Copy)]
+enum Requeue {
+    /// Those of the given agents (stopped, or replaced by a restart).
+    OfAgents,
+    /// Those past their expiry, whoever holds them.
+    Expired,
+}
+
+/// How the attempt's process ended, for the attempt and stage rows.
+#[derive(Clone, Debug, Default)]
+pub struct AttemptDetails {
+    pub output: Option<Value>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+async fn notify(tx: &mut Transaction<'static, Postgres>) -> StoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, '')").bind(QUEUE_CHANNEL).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Locks a job's stages (by index) and then the job, and reads them as the transitions see them.
+async fn lock_job(
+    tx: &mut Transaction<'static, Postgres>,
+    job: &str,
+) -> StoreResult<(Vec<SharedStage>, Option<JobState>)> {
+    let rows = sqlx::query(
+        "SELECT idx, name, deps, state, failures, interruptions FROM stages WHERE job_id = $1 ORDER BY idx FOR UPDATE",
+    )
+    .bind(job)
+    .fetch_all(&mut **tx)
+    .await?;
+    let stages = rows
+        .iter()
+        .map(|r| {
+            let deps: Vec<usize> = serde_json::from_value(r.json("deps")?.unwrap_or(Value::Null))
+                .map_err(|e| StoreError::Corrupt(format!("deps: {e}")))?;
+            Ok(SharedStage {
+                name: r.required_text("name")?,
+                state: shared_state(&r.required_text("state")?),
+                deps,
+                failures: r.required_int("failures")? as u32,
+                interruptions: r.required_int("interruptions")? as u32,
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    let ending: Option<String> =
+        sqlx::query_scalar("SELECT ending FROM jobs WHERE id = $1 FOR UPDATE").bind(job).fetch_one(&mut **tx).await?;
+    Ok((stages, ending.as_deref().and_then(JobState::parse)))
+}
+
+/// Writes a transition: the attempt, each changed stage, the job's end; then wakes the agents.
+async fn apply(
+    tx: &mut Transaction<'static, Postgres>,
+    job: &str,
+    stage: usize,
+    attempt: u32,
+    t: &Transition,
+    details: &AttemptDetails,
+) -> StoreResult<()> {
+    let error = t.attempt.as_ref().and_then(|(_, e)| e.clone());
+    if let Some((result, _)) = &t.attempt {
+        sqlx::query(
+            "UPDATE attempts SET state = $4, finished_at = gpuflow_now_ms(), exit_code = $5, signal = $6, error = $7 WHERE job_id = $1 AND stage_idx = $2 AND attempt = $3",
+        )
+        .bind(job)
+        .bind(stage as i64)
+        .bind(attempt as i64)
+        .bind(result.as_str())
+        .bind(details.exit_code.map(i64::from))
+        .bind(details.signal.map(i64::from))
+        .bind(&error)
+        .execute(&mut **tx)
+        .await?;
+    }
+    for (idx, change) in &t.changes {
+        let ended_here = t.attempt.is_some() && *idx == stage;
+        let (state, not_before_delay) = match change {
+            StageChange::Succeeded => ("succeeded", None),
+            StageChange::Retry { delay_ms: 0 } => ("queued", None),
+            StageChange::Retry { delay_ms } => ("backoff", Some(*delay_ms as i64)),
+            StageChange::Failed => ("failed", None),
+            StageChange::Cancelled => ("cancelled", None),
+            StageChange::Ready => ("queued", None),
+        };
+        let finished = matches!(change, StageChange::Succeeded | StageChange::Failed | StageChange::Cancelled);
+        if ended_here {
+            let output = (*change == StageChange::Succeeded).then(|| details.output.as_ref().map(Value::to_string));
+            sqlx::query(
+                "UPDATE stages SET state = $3, not_before = gpuflow_now_ms() + $4, error = $5, output = $6, exit_code = $7, failures = $8, interruptions = $9, \
+                 finished_at = CASE WHEN $10 THEN gpuflow_now_ms() END WHERE job_id = $1 AND idx = $2",
+            )
+            .bind(job)
+            .bind(*idx as i64)
+            .bind(state)
+            .bind(not_before_delay)
+            .bind(&error)
+            .bind(output.flatten())
+            .bind(details.exit_code.map(i64::from))
+            .bind(t.failures as i64)
+            .bind(t.interruptions as i64)
+            .bind(finished)
+            .execute(&mut **tx)
+            .await?;
+        } else {
+            sqlx::query(
+                "UPDATE stages SET state = $3, not_before = NULL, finished_at = CASE WHEN $4 THEN gpuflow_now_ms() END WHERE job_id = $1 AND idx = $2",
+            )
+            .bind(job)
+            .bind(*idx as i64)
+            .bind(state)
+            .bind(finished)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    if let Some((state, reason)) = &t.ending {
+        sqlx::query("UPDATE jobs SET ending = $2, error = $3 WHERE id = $1")
+            .bind(job)
+            .bind(state.as_str())
+            .bind(reason)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if let Some(state) = t.finished {
+        let output = if state == JobState::Succeeded { job_output(tx, job).await? } else { None };
+        sqlx::query("UPDATE jobs SET state = $2, output = $3, finished_at = gpuflow_now_ms() WHERE id = $1")
+            .bind(job)
+            .bind(state.as_str())
+            .bind(output.map(|o| o.to_string()))
+            .execute(&mut **tx)
+            .await?;
+    }
+    notify(tx).await
+}
+
+/// The job's output: its one final stage's output, or an object of all final stages' outputs.
+async fn job_output(tx: &mut Transaction<'static, Postgres>, job: &str) -> StoreResult<Option<Value>> {
+    let rows = sqlx::query("SELECT name, deps, output FROM stages WHERE job_id = $1 ORDER BY idx")
+        .bind(job)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut stages = Vec::new();
+    let mut outputs = Vec::new();
+    for r in &rows {
+        let deps: Vec<usize> = serde_json::from_value(r.json("deps")?.unwrap_or(Value::Null))
+            .map_err(|e| StoreError::Corrupt(format!("deps: {e}")))?;
+        let name = r.required_text("name")?;
+        stages.push(SharedStage {
+            name: name.clone(),
+            state: SharedStageState::Succeeded,
+            deps,
+            failures: 0,
+            interruptions: 0,
+        });
+        outputs.push((name, r.json("output")?));
+    }
+    let sinks = cluster::sinks(&stages);
+    if let [only] = sinks.as_slice() {
+        return Ok(outputs[*only].1.clone());
+    }
+    let map: serde_json::Map<String, Value> =
+        sinks.iter().map(|i| (outputs[*i].0.clone(), outputs[*i].1.clone().unwrap_or(Value::Null))).collect();
+    Ok(Some(Value::Object(map)))
+}
+
+impl PgStore {
+    async fn write_one(tx: &mut Transaction<'static, Postgres>, w: &Write) -> StoreResult<()> {
+        match w {
+            Write::AttemptStarted { job, stage, attempt, grant, at } => {
+                sqlx::query("INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at) VALUES ($1, $2, $3, 'running', $4, $5)")
+                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(grant.to_string()).bind(at)
+                    .execute(&mut **tx).await?;
+                sqlx::query("UPDATE stages SET state = 'running', attempts = $3, not_before = NULL, started_at = $4, finished_at = NULL, error = NULL, exit_code = NULL WHERE job_id = $1 AND idx = $2")
+                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(at)
+                    .execute(&mut **tx).await?;
+                sqlx::query("UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, $2) WHERE id = $1")
+                    .bind(job)
+                    .bind(at)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Write::AttemptEnded {
+                job,
+                stage,
+                attempt,
+                result,
+                stage_state,
+                not_before,
+                error,
+                output,
+                exit_code,
+                signal,
+                failures,
+                interruptions,
+                at,
+            } => {
+                let updated = sqlx::query("UPDATE attempts SET state = $4, finished_at = $5, exit_code = $6, signal = $7, error = $8 WHERE job_id = $1 AND stage_idx = $2 AND attempt = $3 AND state = 'running'")
+                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(*result).bind(at)
+                    .bind(exit_code.map(i64::from)).bind(signal.map(i64::from)).bind(error)
+                    .execute(&mut **tx).await?;
+                if updated.rows_affected() != 1 {
+                    return Err(StoreError::Corrupt(format!("attempt {job}/{stage}/{attempt} was not running")));
+                }
+                let finished = matches!(*stage_state, "succeeded" | "failed" | "cancelled").then_some(*at);
+                sqlx::query("UPDATE stages SET state = $3, not_before = $4, error = $5, output = $6, exit_code = $7, failures = $8, interruptions = $9, finished_at = $10 WHERE job_id = $1 AND idx = $2")
+                    .bind(job).bind(*stage as i64).bind(*stage_state).bind(not_before).bind(error)
+                    .bind(output.as_ref().map(Value::to_string)).bind(exit_code.map(i64::from)).bind(*failures as i64).bind(*interruptions as i64).bind(finished)
+                    .execute(&mut **tx).await?;
+            }
+            Write::StageCancelled { job, stage, at } => {
+                sqlx::query("UPDATE stages SET state = 'cancelled', not_before = NULL, finished_at = $3 WHERE job_id = $1 AND idx = $2")
+                    .bind(job).bind(*stage as i64).bind(at)
+                    .execute(&mut **tx).await?;
+            }
+            Write::JobFinished { job, state, error, output, at } => {
+                sqlx::query("UPDATE jobs SET state = $2, error = $3, output = $4, finished_at = $5 WHERE id = $1")
+                    .bind(job)
+                    .bind(*state)
+                    .bind(error)
+                    .bind(output.as_ref().map(Value::to_string))
+                    .bind(at)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store for PgStore {
+    async fn insert_job(&self, job: &NewJob) -> StoreResult<i64> {
+        self.insert(job, false).await
+    }
+
+    async fn job_by_idempotency_key(&self, key: &str) -> StoreResult<Option<JobRecord>> {
+        let row =
+            sqlx::query("SELECT * FROM jobs WHERE idempotency_key = $1").bind(key).fetch_optional(&self.pool).await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn write(&self, batch: &[Write]) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for w in batch {
+            Self::write_one(&mut tx, w).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn job(&self, id: &str) -> StoreResult<Option<JobDetail>> {
+        let Some(row) = sqlx::query("SELECT * FROM jobs WHERE id = $1").bind(id).fetch_optional(&self.pool).await?
+        else {
+            return Ok(None);
+        };
+        let job = job_from_row(&row)?;
+        let stages = sqlx::query("SELECT * FROM stages WHERE job_id = $1 ORDER BY idx")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(stage_from_row)
+            .collect::<StoreResult<_>>()?;
+        let attempts = sqlx::query("SELECT * FROM attempts WHERE job_id = $1 ORDER BY stage_idx, attempt")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(attempt_from_row)
+            .collect::<StoreResult<_>>()?;
+        Ok(Some(JobDetail { job, stages, attempts }))
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR pipeline = $2) AND seq < $3 ORDER BY seq DESC LIMIT $4",
+        )
+        .bind(&filter.state)
+        .bind(&filter.pipeline)
+        .bind(filter.before_seq.unwrap_or(i64::MAX))
+        .bind(filter.limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn unfinished_jobs(&self) -> StoreResult<Vec<UnfinishedJob>> {
+        let rows = sqlx::query("SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        let stage_rows = sqlx::query(
+            "SELECT stages.* FROM stages JOIN jobs ON jobs.id = stages.job_id WHERE jobs.state IN ('queued', 'running') ORDER BY jobs.seq, stages.idx",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stages_by_job: std::collections::HashMap<String, Vec<StageRecord>> = std::collections::HashMap::new();
+        for row in &stage_rows {
+            stages_by_job.entry(row.try_get("job_id")?).or_default().push(stage_from_row(row)?);
+        }
+        rows.iter()
+            .map(|row| {
+                let job = job_from_row(row)?;
+                let stages = stages_by_job.remove(&job.id).unwrap_or_default();
+                Ok(UnfinishedJob { job, stages })
+            })
+            .collect()
+    }
+
+    async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT text FROM config_snapshots WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn open_finding(&self, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO findings (agent_id, kind, subject, summary, evidence, cause, fix, opened_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id",
+        )
+        .bind(&self.agent)
+        .bind(f.kind.as_str())
+        .bind(&f.subject)
+        .bind(&f.summary)
+        .bind(serde_json::to_string(&f.evidence).expect("serializable"))
+        .bind(&f.cause)
+        .bind(&f.fix)
+        .bind(at)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn update_finding(&self, id: i64, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE findings SET summary = $2, evidence = $3, updated_at = $4 WHERE id = $1")
+            .bind(id)
+            .bind(&f.summary)
+            .bind(serde_json::to_string(&f.evidence).expect("serializable"))
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn close_finding(&self, id: i64, at: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE findings SET closed_at = $2, updated_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn close_open_findings(&self, at: i64) -> StoreResult<u64> {
+        // Only this agent's: other agents' findings are theirs to close.
+        let r = sqlx::query("UPDATE findings SET closed_at = $2, updated_at = $2 WHERE closed_at IS NULL AND agent_id = $1")
+            .bind(&self.agent)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn findings(&self, limit: u32) -> StoreResult<Vec<FindingRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM findings ORDER BY closed_at IS NOT NULL, COALESCE(closed_at, opened_at) DESC LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(finding_from_row).collect()
+    }
+
+    async fn running_attempts(&self) -> StoreResult<Vec<(String, AttemptRecord)>> {
+        let rows = sqlx::query("SELECT * FROM attempts WHERE state = 'running'").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((r.try_get("job_id")?, attempt_from_row(r)?))).collect()
+    }
+}
