@@ -147,6 +147,13 @@ pub struct Reservation {
     counters: BTreeMap<String, u64>,
 }
 
+impl Reservation {
+    /// A default reservation blocks nothing, whatever the device count.
+    fn blocked(&self, device: usize) -> bool {
+        self.blocked_devices.get(device).copied().unwrap_or(false)
+    }
+}
+
 /// Free and used capacity. The only place where leases are taken and returned.
 #[derive(Clone, Debug)]
 pub struct Inventory {
@@ -216,11 +223,11 @@ impl Inventory {
         !self.gpu_exclusive[d]
             && self.gpu_memory_used[d] == 0
             && self.gpu_foreign[d] == 0
-            && !reserved.blocked_devices[d]
+            && !reserved.blocked(d)
     }
 
     fn device_memory_free(&self, d: usize, reserved: &Reservation) -> Option<u64> {
-        if self.gpu_exclusive[d] || reserved.blocked_devices[d] {
+        if self.gpu_exclusive[d] || reserved.blocked(d) {
             return None;
         }
         Some(self.capacity.gpus[d].memory.saturating_sub(self.gpu_memory_used[d] + self.gpu_foreign[d]))

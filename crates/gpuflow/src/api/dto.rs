@@ -311,3 +311,29 @@ pub struct Health {
     pub status: String,
     pub version: String,
 }
+
+/// One engine sharing the PostgreSQL queue.
+#[derive(Serialize, ToSchema)]
+pub struct AgentView {
+    pub id: String,
+    pub name: String,
+    pub host: String,
+    pub pid: i64,
+    /// Where its API listens.
+    pub api: String,
+    /// running, unresponsive (no heartbeat within one lease TTL), stopped or replaced.
+    pub state: String,
+    pub started_at: String,
+    pub last_heartbeat: String,
+    pub heartbeat_age_ms: i64,
+    /// Leases it holds now.
+    pub leases: i64,
+    /// Capacity and usage as of its last heartbeat.
+    #[schema(value_type = Object)]
+    pub resources: serde_json::Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AgentsView {
+    pub agents: Vec<AgentView>,
+}

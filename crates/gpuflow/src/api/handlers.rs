@@ -244,6 +244,32 @@ pub async fn cancel_job(
     Ok(Json(CancelResponse { id, state }))
 }
 
+/// The agents sharing this engine's PostgreSQL queue, newest first (409 `not_clustered` on
+/// an engine with the embedded store).
+#[utoipa::path(get, path = "/v1/agents", responses((status = 200, body = AgentsView), (status = 409, body = ErrorBody)))]
+pub async fn agents(State(app): State<AppState>) -> Result<Json<AgentsView>, ApiError> {
+    let agents = app
+        .engine
+        .agents()
+        .await?
+        .into_iter()
+        .map(|a| AgentView {
+            id: a.id,
+            name: a.name,
+            host: a.host,
+            pid: a.pid,
+            api: a.api,
+            state: a.state,
+            started_at: time(a.started_at),
+            last_heartbeat: time(a.heartbeat_at),
+            heartbeat_age_ms: a.heartbeat_age_ms,
+            leases: a.leases,
+            resources: a.resources,
+        })
+        .collect();
+    Ok(Json(AgentsView { agents }))
+}
+
 /// Capacity, the leases held now, and the waiting queue in order.
 #[utoipa::path(get, path = "/v1/resources", responses((status = 200, body = ResourcesView)))]
 pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView>, ApiError> {

@@ -79,6 +79,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::submit_workflow))
         .routes(routes!(handlers::cancel_job))
         .routes(routes!(handlers::resources))
+        .routes(routes!(handlers::agents))
         .routes(routes!(handlers::reload))
         .routes(routes!(handlers::diagnosis))
         .routes(routes!(handlers::metrics))

@@ -68,6 +68,10 @@ impl Client {
         self.send(self.http.post(format!("{}/v1/reload", self.base))).await
     }
 
+    pub async fn agents(&self) -> Result<Value> {
+        self.send(self.http.get(format!("{}/v1/agents", self.base))).await
+    }
+
     pub async fn resources(&self) -> Result<Value> {
         self.send(self.http.get(format!("{}/v1/resources", self.base))).await
     }

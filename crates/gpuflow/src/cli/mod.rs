@@ -73,6 +73,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the agents sharing a PostgreSQL queue: state, last heartbeat, leases, resources.
+    Agents {
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-read the engine's pipeline file (as SIGHUP does).
     Reload,
     /// What is wrong now, with evidence, likely cause and fix.
@@ -161,6 +166,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 submit::print_resources(&r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents { json } => {
+            let r = client()?.agents().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                submit::print_agents(&r);
             }
             Ok(ExitCode::SUCCESS)
         }

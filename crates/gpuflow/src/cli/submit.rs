@@ -96,6 +96,24 @@ pub fn print_job(job: &Value) {
     }
 }
 
+pub fn print_agents(r: &Value) {
+    for a in r["agents"].as_array().into_iter().flatten() {
+        let res = &a["resources"];
+        println!(
+            "{} {} [{}] heartbeat {} ms ago, {} leases, {} GPUs, cpu {}/{} used, api {}",
+            s(&a["name"]),
+            s(&a["id"]),
+            s(&a["state"]),
+            s(&a["heartbeat_age_ms"]),
+            s(&a["leases"]),
+            res["gpus"].as_array().map(|g| g.len()).unwrap_or(0),
+            s(&res["cpu_used"]),
+            s(&res["cpu"]),
+            s(&a["api"]),
+        );
+    }
+}
+
 pub fn print_resources(r: &Value) {
     for g in r["gpus"].as_array().into_iter().flatten() {
         println!(

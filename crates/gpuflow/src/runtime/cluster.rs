@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpuflow_core::cluster::SharedEnd;
-use gpuflow_core::resources::Reservation;
 use gpuflow_core::{Action, AttemptResult, Event, JobId, RestoredStage, RestoredStatus, RetryPolicy};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -233,6 +232,7 @@ impl<S: Store> Runtime<S> {
         for _ in 0..8 {
             let Some(agent) = &mut self.cluster else { return };
             let mut inventory = self.state.inventory().clone();
+            let no_reservation = inventory.new_reservation();
             let mut missing: HashSet<String> = HashSet::new();
             let configs = &agent.configs;
             let claimed = agent
@@ -247,7 +247,7 @@ impl<S: Store> Runtime<S> {
                         def.core
                             .stages
                             .get(c.stage)
-                            .is_some_and(|s| inventory.try_grant(&s.needs, &Reservation::default()).is_some())
+                            .is_some_and(|s| inventory.try_grant(&s.needs, &no_reservation).is_some())
                     }),
                 })
                 .await;
