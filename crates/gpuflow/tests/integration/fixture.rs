@@ -259,3 +259,72 @@ impl Engine {
         }
     }
 }
+
+/// A fresh PostgreSQL database for one test, dropped afterwards. The server is
+/// `GPUFLOW_TEST_PG` (default: the local one, trust auth). Without a server the test is
+/// skipped, except under CI, where it fails.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+    admin: String,
+}
+
+impl TestDb {
+    pub fn create() -> Option<TestDb> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let admin =
+            std::env::var("GPUFLOW_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("gpuflow_test_{}_{n}", std::process::id());
+        let ok = Command::new("psql")
+            .args([admin.as_str(), "-qc", &format!("CREATE DATABASE {name}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !ok {
+            assert!(std::env::var_os("CI").is_none(), "CI must run the PostgreSQL tests, but {admin} is unreachable");
+            eprintln!("skipped: no PostgreSQL at {admin} (set GPUFLOW_TEST_PG)");
+            return None;
+        }
+        let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin.clone());
+        Some(TestDb { url: format!("{base}/{name}"), name, admin })
+    }
+
+    /// Runs SQL in this database and returns psql's unaligned output.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = Command::new("psql").args([self.url.as_str(), "-AtXqc", sql]).output().expect("psql");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Kills every connection to this database (what a server restart does to clients).
+    pub fn terminate_connections(&self) -> usize {
+        let out = Command::new("psql")
+            .args([
+                self.admin.as_str(),
+                "-AtXqc",
+                &format!(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                    self.name
+                ),
+            ])
+            .output()
+            .expect("psql");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([self.admin.as_str(), "-qc", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
+            .output();
+    }
+}
+
+impl Engine {
+    /// Sends a signal to the engine process (SIGSTOP freezes it, SIGCONT resumes it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+}

@@ -12,3 +12,4 @@ mod pools;
 mod processes;
 mod reload;
 mod scheduling;
+mod store_suite;
