@@ -202,18 +202,48 @@ impl<S: Store> Runtime<S> {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                Some(msg) = self.internal_rx.recv() => self.on_internal(msg).await?,
-                Some(cmd) = self.commands.recv() => self.on_command(cmd).await?,
-                _ = sleep_until(wake) => self.step(Event::Tick).await?,
-                _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await?,
-                _ = diagnosis.tick() => self.diagnose().await?,
+                Some(msg) = self.internal_rx.recv() => {
+                    let r = self.on_internal(msg).await;
+                    self.tolerate(r)?
+                }
+                Some(cmd) = self.commands.recv() => {
+                    let r = self.on_command(cmd).await;
+                    self.tolerate(r)?
+                }
+                _ = sleep_until(wake) => {
+                    let r = self.step(Event::Tick).await;
+                    self.tolerate(r)?
+                }
+                _ = watchdog.tick(), if !self.pools.is_empty() => {
+                    let r = self.watch_pools().await;
+                    self.tolerate(r)?
+                }
+                _ = diagnosis.tick() => {
+                    let r = self.diagnose().await;
+                    self.tolerate(r)?
+                }
                 _ = notified(&cluster_wake) => self.claim_work().await,
-                _ = cluster_tick.tick(), if self.cluster.is_some() => self.cluster_tick().await?,
+                _ = cluster_tick.tick(), if self.cluster.is_some() => {
+                    let r = self.cluster_tick().await;
+                    self.tolerate(r)?
+                }
             }
         }
         self.stop_all().await;
         self.leave_cluster().await;
         Ok(())
+    }
+
+    /// An agent rides out a lost database connection: its job state lives in the database,
+    /// and what it could not write is retried. The embedded store failing stays fatal.
+    fn tolerate(&self, result: Result<(), RuntimeError>) -> Result<(), RuntimeError> {
+        match result {
+            Err(RuntimeError::Store(e)) if self.cluster.is_some() && e.is_transient() => {
+                tracing::warn!("database unavailable, continuing: {e}");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Applies one event and everything it leads to, committing each step before acting.

@@ -1,0 +1,315 @@
+//! Several agents share one PostgreSQL queue: real engines, a real database, virtual GPUs.
+//! Each stage appends `STAGE JOB ATTEMPT start|end NANOS JOB_DIR PID` to one log; the job
+//! dir names the agent that ran it. From that log and the database the tests check that
+//! every job finishes, no stage that succeeded runs again, and no agent ever runs more than
+//! its capacity at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::fixture::{Engine, TestDb, alive};
+
+const TTL_MS: u64 = 2_000;
+
+fn stage_command(log: &Path, seconds: &str) -> String {
+    let log = log.display();
+    format!(
+        "[sh, -c, 'echo \"$GPUFLOW_STAGE $GPUFLOW_JOB_ID $GPUFLOW_ATTEMPT start $(date +%s%N) $GPUFLOW_JOB_DIR $$\" >> {log}; sleep {seconds}; echo \"$GPUFLOW_STAGE $GPUFLOW_JOB_ID $GPUFLOW_ATTEMPT end $(date +%s%N) $GPUFLOW_JOB_DIR $$\" >> {log}']"
+    )
+}
+
+/// The same file for every agent (jobs carry the submitter's copy to whoever claims them).
+fn agent_config(db: &TestDb, log: &Path, gpu_seconds: &str) -> String {
+    format!(
+        r#"
+store: {url}
+cluster: {{lease_ttl: {TTL_MS}ms, poll_interval: 200ms}}
+limits: {{kill_grace: 1s}}
+resources:
+  gpus: [{{memory: 16GiB}}]
+  cpu: 2
+pipelines:
+  chain:
+    max_queued: 1000
+    stages:
+      - {{name: prep, command: {prep}, needs: {{cpu: 1}}}}
+      - {{name: infer, command: {infer}, needs: {{gpu: 1}}}}
+      - {{name: post, command: {post}, needs: {{cpu: 1}}}}
+  long:
+    stages:
+      - {{name: only, command: {long}, needs: {{cpu: 1}}}}
+  short:
+    stages:
+      - {{name: only, command: {short}, needs: {{cpu: 1}}}}
+"#,
+        url = db.url,
+        prep = stage_command(log, "0.2"),
+        infer = stage_command(log, gpu_seconds),
+        post = stage_command(log, "0.2"),
+        long = stage_command(log, "10"),
+        short = stage_command(log, "1"),
+    )
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    stage: String,
+    job: String,
+    attempt: u32,
+    start: u128,
+    end: Option<u128>,
+    /// The temp dir of the agent that ran it.
+    agent: String,
+    pid: i32,
+}
+
+fn runs(log: &Path, agents: &[&Engine]) -> Vec<Run> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut out: Vec<Run> = Vec::new();
+    for line in text.lines() {
+        let p: Vec<&str> = line.split_whitespace().collect();
+        let (stage, job, attempt, kind, t, dir, pid) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
+        let agent = agents
+            .iter()
+            .find(|a| dir.starts_with(&a.dir.path().display().to_string()))
+            .map(|a| a.dir.path().display().to_string())
+            .unwrap_or_else(|| panic!("job dir {dir} belongs to no agent"));
+        let (attempt, t) = (attempt.parse().unwrap(), t.parse().unwrap());
+        if kind == "start" {
+            out.push(Run { stage: stage.into(), job: job.into(), attempt, start: t, end: None, agent, pid: pid.parse().unwrap() });
+        } else if let Some(r) = out.iter_mut().find(|r| r.stage == stage && r.job == job && r.attempt == attempt) {
+            r.end = Some(t);
+        }
+    }
+    out
+}
+
+/// On each agent, replays every start and end in time order and checks the agent's
+/// capacity (2 CPU slots, 1 GPU) was never exceeded.
+fn assert_no_overcommit(runs: &[Run]) {
+    let mut by_agent: BTreeMap<&str, Vec<(u128, i32, i32)>> = BTreeMap::new();
+    for r in runs {
+        let (cpu, gpu) = if r.stage == "infer" { (0, 1) } else { (1, 0) };
+        let events = by_agent.entry(&r.agent).or_default();
+        events.push((r.start, cpu, gpu));
+        events.push((r.end.unwrap_or(u128::MAX), -cpu, -gpu));
+    }
+    for (agent, mut events) in by_agent {
+        // Ends before starts at the same instant: a release precedes the grant it enables.
+        events.sort_by_key(|(t, cpu, gpu)| (*t, *cpu + *gpu));
+        let (mut cpu, mut gpu) = (0, 0);
+        for (t, dc, dg) in events {
+            cpu += dc;
+            gpu += dg;
+            assert!(cpu <= 2 && gpu <= 1, "agent {agent} over-committed at {t}: cpu {cpu}, gpu {gpu}");
+        }
+    }
+}
+
+/// Every stage succeeded exactly once, its last attempt, and nothing ran after it.
+fn assert_each_stage_succeeded_once(db: &TestDb, runs: &[Run]) {
+    let rows = db.sql("SELECT job_id, stage_idx, attempt, state FROM attempts ORDER BY job_id, stage_idx, attempt");
+    let mut attempts: BTreeMap<(String, String), Vec<(u32, String)>> = BTreeMap::new();
+    for line in rows.lines() {
+        let p: Vec<&str> = line.split('|').collect();
+        attempts.entry((p[0].into(), p[1].into())).or_default().push((p[2].parse().unwrap(), p[3].into()));
+    }
+    let stage_names = ["prep", "infer", "post"];
+    for ((job, idx), list) in &attempts {
+        let succeeded: Vec<u32> = list.iter().filter(|(_, s)| s == "succeeded").map(|(a, _)| *a).collect();
+        assert_eq!(succeeded.len(), 1, "{job}/{idx}: {list:?}");
+        let last = list.iter().map(|(a, _)| *a).max().unwrap();
+        assert_eq!(succeeded[0], last, "{job}/{idx} ran again after it succeeded: {list:?}");
+        let name = stage_names.get(idx.parse::<usize>().unwrap()).copied().unwrap_or("only");
+        let later: Vec<&Run> = runs.iter().filter(|r| &r.job == job && r.stage == name && r.attempt > last).collect();
+        assert!(later.is_empty(), "{job}/{name} started after its successful attempt: {later:?}");
+    }
+}
+
+async fn start_agents(db: &TestDb, log: &Path, n: usize, gpu_seconds: &str) -> Vec<Engine> {
+    let config = agent_config(db, log, gpu_seconds);
+    let mut agents = Vec::new();
+    for _ in 0..n {
+        agents.push(Engine::start(&config).await);
+    }
+    agents
+}
+
+async fn wait_all_final(agent: &Engine, ids: &[String], within: Duration) -> Vec<Value> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(agent.wait_final(id, within).await);
+    }
+    out
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+}
+
+#[tokio::test]
+async fn killed_agent_work_is_rerun_by_the_others() {
+    let Some(db) = TestDb::create() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let log = shared.path().join("runs.log");
+    let mut agents = start_agents(&db, &log, 3, "1.5").await;
+
+    // Any agent takes submissions and answers for every job.
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(agents[i % 3].submit("chain", json!({})).await);
+    }
+    let (status, body) = agents[2].get("/v1/agents").await;
+    assert_eq!(status, 200, "{body}");
+    let listed = body["agents"].as_array().unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|a| a["state"] == "running"), "{body:#}");
+
+    // Kill agent 1 while it runs something.
+    agents[1]
+        .wait_until("agent 1 to hold a lease", Duration::from_secs(30), async |a| {
+            a.resources().await["leases"].as_array().is_some_and(|l| !l.is_empty())
+        })
+        .await;
+    let victim_dir = agents[1].dir.path().display().to_string();
+    let killed_at = now_ns();
+    agents[1].kill9();
+    let t0 = Instant::now();
+
+    let jobs = wait_all_final(&agents[0], &ids, Duration::from_secs(90)).await;
+    for job in &jobs {
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+    }
+    let all = runs(&log, &[&agents[0], &agents[1], &agents[2]]);
+    assert_no_overcommit(&all);
+    assert_each_stage_succeeded_once(&db, &all);
+
+    // The stages the dead agent held were re-run by the others, after its lease expired.
+    let interrupted = db.sql("SELECT count(*) FROM attempts WHERE state = 'interrupted'");
+    assert!(interrupted.parse::<u32>().unwrap() >= 1, "the kill hit no running stage");
+    let rerun: Vec<&Run> = all
+        .iter()
+        .filter(|r| r.start > killed_at && r.agent != victim_dir)
+        .filter(|r| all.iter().any(|v| v.agent == victim_dir && v.job == r.job && v.stage == r.stage && v.attempt < r.attempt))
+        .collect();
+    assert!(!rerun.is_empty(), "nothing of the dead agent was re-dispatched");
+    let redispatch_ms = rerun.iter().map(|r| (r.start - killed_at) / 1_000_000).min().unwrap();
+    eprintln!(
+        "agent death -> re-dispatch: {redispatch_ms} ms with lease_ttl {TTL_MS} ms ({} stages re-run; all jobs final {:?} after the kill)",
+        rerun.len(),
+        t0.elapsed()
+    );
+    assert!(redispatch_ms as u64 >= TTL_MS - 300, "re-dispatched before the lease could have expired");
+    assert!(redispatch_ms as u64 <= TTL_MS + 2_000, "re-dispatch took {redispatch_ms} ms");
+    let (_, body) = agents[0].get("/v1/agents").await;
+    let dead = body["agents"].as_array().unwrap().iter().find(|a| a["api"] != agents[0].base && a["api"] != agents[2].base).cloned();
+    assert_eq!(dead.map(|d| d["state"].clone()), Some(json!("unresponsive")), "{body:#}");
+    assert_eq!(db.sql("SELECT count(*) FROM leases"), "0");
+}
+
+#[tokio::test]
+async fn frozen_agent_is_fenced_and_its_processes_killed() {
+    let Some(db) = TestDb::create() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let log = shared.path().join("runs.log");
+    let config = agent_config(&db, &log, "1");
+    let frozen = Engine::start(&config).await;
+    let long = frozen.submit("long", json!({})).await;
+    let short = frozen.submit("short", json!({})).await;
+    frozen
+        .wait_until("both stages to run on the first agent", Duration::from_secs(20), async |_| {
+            std::fs::read_to_string(&log).unwrap_or_default().matches(" start ").count() == 2
+        })
+        .await;
+    // Only now does a second agent join, so both stages are the first agent's.
+    let other = Engine::start(&config).await;
+    let first_runs = runs(&log, &[&frozen, &other]);
+    assert!(first_runs.iter().all(|r| r.agent == frozen.dir.path().display().to_string() && r.attempt == 1));
+    let long_pid = first_runs.iter().find(|r| r.job == long).unwrap().pid;
+
+    frozen.signal(Signal::SIGSTOP);
+    // Past the lease, the other agent re-queues and re-runs both; the short one's first run
+    // ends meanwhile, with its agent unable to report it.
+    other
+        .wait_until("the other agent to re-run both", Duration::from_secs(20), async |o| {
+            runs(&log, &[&frozen, o]).iter().filter(|r| r.attempt == 2).count() == 2
+        })
+        .await;
+    frozen.signal(Signal::SIGCONT);
+
+    for id in [&short, &long] {
+        let job = other.wait_final(id, Duration::from_secs(40)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+    }
+    // The late report of the short stage's first run was refused ...
+    let text = frozen.log();
+    assert!(text.contains("late write refused"), "{text}");
+    // ... and the long stage's first run was killed when its agent saw the lease gone.
+    assert!(text.contains("lease lost"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(long_pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alive(long_pid), "the stale agent's process still runs");
+    let all = runs(&log, &[&frozen, &other]);
+    let long_first = all.iter().find(|r| r.job == long && r.attempt == 1).unwrap();
+    assert!(long_first.end.is_none(), "the stale run was not cut short: {long_first:?}");
+
+    // The store kept the current holder's results: attempt 1 interrupted, attempt 2 succeeded.
+    for id in [&short, &long] {
+        let states = db.sql(&format!("SELECT string_agg(state, ',' ORDER BY attempt) FROM attempts WHERE job_id = '{id}'"));
+        assert_eq!(states, "interrupted,succeeded", "job {id}");
+    }
+    let fenced_agent = db.sql(&format!(
+        "SELECT count(*) FROM attempts WHERE state = 'succeeded' AND agent_id IN (SELECT id FROM agents WHERE api = '{}')",
+        frozen.base
+    ));
+    assert_eq!(fenced_agent, "0", "a success from the stale agent was recorded");
+}
+
+#[tokio::test]
+async fn agents_ride_out_killed_database_connections() {
+    let Some(db) = TestDb::create() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let log = shared.path().join("runs.log");
+    let agents = start_agents(&db, &log, 3, "0.3").await;
+    let mut ids = Vec::new();
+    for i in 0..15 {
+        ids.push(agents[i % 3].submit("chain", json!({})).await);
+    }
+    let mut killed = 0;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        killed += db.terminate_connections();
+    }
+    assert!(killed >= 3, "connections were killed: {killed}");
+    // Submissions keep working once the agents have reconnected.
+    let mut late = None;
+    for _ in 0..50 {
+        let (status, body) = agents[1].post("/v1/jobs", json!({"pipeline": "chain", "input": {}})).await;
+        if status == 201 {
+            late = Some(body["id"].as_str().unwrap().to_string());
+            break;
+        }
+        assert_eq!(status, 503, "a lost connection is reported as unavailable: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ids.push(late.expect("the agent reconnected"));
+    let jobs = wait_all_final(&agents[2], &ids, Duration::from_secs(90)).await;
+    let states: HashMap<String, usize> = jobs.iter().fold(HashMap::new(), |mut m, j| {
+        *m.entry(j["state"].as_str().unwrap().to_string()).or_default() += 1;
+        m
+    });
+    assert_eq!(states.get("succeeded"), Some(&ids.len()), "{states:?}");
+    let all = runs(&log, &[&agents[0], &agents[1], &agents[2]]);
+    assert_no_overcommit(&all);
+    assert_each_stage_succeeded_once(&db, &all);
+    assert_eq!(db.sql("SELECT count(*) FROM leases"), "0");
+    for a in &agents {
+        assert!(a.log().contains("gpuflow") && !a.log().contains("panicked"), "{}", a.log());
+    }
+}
