@@ -41,9 +41,15 @@ pub struct SharedStage {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SharedEnd {
     Succeeded,
-    Failed { error: String, retryable: bool, timed_out: bool },
+    Failed {
+        error: String,
+        retryable: bool,
+        timed_out: bool,
+    },
     /// Stopped because its job was cancelled or failed elsewhere.
-    Cancelled { error: String },
+    Cancelled {
+        error: String,
+    },
     /// Its lease expired: the agent died, froze or lost the database.
     LeaseLost,
 }
@@ -53,7 +59,9 @@ pub enum SharedEnd {
 pub enum StageChange {
     Succeeded,
     /// Claimable again after `delay_ms`.
-    Retry { delay_ms: u64 },
+    Retry {
+        delay_ms: u64,
+    },
     Failed,
     Cancelled,
     /// A pending stage whose predecessors have all succeeded.

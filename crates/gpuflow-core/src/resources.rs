@@ -220,10 +220,7 @@ impl Inventory {
     }
 
     fn device_fully_free(&self, d: usize, reserved: &Reservation) -> bool {
-        !self.gpu_exclusive[d]
-            && self.gpu_memory_used[d] == 0
-            && self.gpu_foreign[d] == 0
-            && !reserved.blocked(d)
+        !self.gpu_exclusive[d] && self.gpu_memory_used[d] == 0 && self.gpu_foreign[d] == 0 && !reserved.blocked(d)
     }
 
     fn device_memory_free(&self, d: usize, reserved: &Reservation) -> Option<u64> {

@@ -10,9 +10,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
+use crate::config::StoreSetting;
 use crate::config::{Config, SharedConfig};
 use crate::runtime::Runtime;
-use crate::config::StoreSetting;
 use crate::store::{PgStore, SqliteStore, Store};
 use crate::supervisor::{self, ChildRegistry};
 

@@ -152,7 +152,11 @@ impl<S: Store> Runtime<S> {
                 let held: HashSet<i64> = held.into_iter().collect();
                 for (local, c) in &agent.claims {
                     if !c.settled && !held.contains(&c.token) && !agent.stopping.contains(local) {
-                        stop.push((*local, "lease lost: it expired and the stage was re-queued to another agent; this run was stopped".into()));
+                        stop.push((
+                            *local,
+                            "lease lost: it expired and the stage was re-queued to another agent; this run was stopped"
+                                .into(),
+                        ));
                     }
                 }
             }
@@ -216,7 +220,9 @@ impl<S: Store> Runtime<S> {
         let job = self.jobs.get(&local).map(|j| j.id.clone()).unwrap_or_default();
         tracing::warn!(%job, "{error}");
         match running {
-            Some((stage, attempt)) if lease_lost => self.step(Event::StopAttempt { job: local, stage, attempt, error }).await,
+            Some((stage, attempt)) if lease_lost => {
+                self.step(Event::StopAttempt { job: local, stage, attempt, error }).await
+            }
             Some(_) => self.step(Event::CancelRequested { job: local }).await,
             None => {
                 self.step(Event::CancelRequested { job: local }).await?;
@@ -296,8 +302,15 @@ impl<S: Store> Runtime<S> {
             Ok(def) => def,
             Err(e) => {
                 // Cannot happen for a stage the fit check accepted; give it back as failed.
-                let end = SharedEnd::Failed { error: format!("cannot run on this agent: {e}"), retryable: false, timed_out: false };
-                let _ = agent.store.finish(claim.token, &claim.job, end, &AttemptDetails::default(), &RetryPolicy::no_retry()).await;
+                let end = SharedEnd::Failed {
+                    error: format!("cannot run on this agent: {e}"),
+                    retryable: false,
+                    timed_out: false,
+                };
+                let _ = agent
+                    .store
+                    .finish(claim.token, &claim.job, end, &AttemptDetails::default(), &RetryPolicy::no_retry())
+                    .await;
                 return Ok(());
             }
         };

@@ -57,7 +57,9 @@ pub struct Claim {
 /// What became of an attempt's final write.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Finish {
-    Applied { job_finished: Option<JobState> },
+    Applied {
+        job_finished: Option<JobState>,
+    },
     /// The token is no longer current: the lease expired and the stage was re-queued.
     Fenced,
 }
@@ -140,9 +142,11 @@ impl PgStore {
     async fn migrate(&self) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(70707070)").execute(&mut *tx).await?;
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
         for (version, sql) in MIGRATIONS {
             let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
                 .bind(version)
@@ -228,10 +232,11 @@ impl PgStore {
 
     /// Unfinished jobs of a pipeline, across every agent (for `max_queued`).
     pub async fn unfinished_count(&self, pipeline: &str) -> StoreResult<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE pipeline = $1 AND state IN ('queued', 'running')")
-            .bind(pipeline)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE pipeline = $1 AND state IN ('queued', 'running')")
+                .bind(pipeline)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(n as u64)
     }
 
@@ -342,18 +347,14 @@ impl PgStore {
                 "DELETE FROM leases WHERE token = $2 AND expires_at < gpuflow_now_ms() AND $1::text[] IS NOT NULL RETURNING agent_id, stage_idx, attempt, gpuflow_now_ms() - expires_at",
             ),
         };
-        let candidates: Vec<(i64, String)> =
-            sqlx::query_as(select).bind(agents).fetch_all(&self.pool).await?;
+        let candidates: Vec<(i64, String)> = sqlx::query_as(select).bind(agents).fetch_all(&self.pool).await?;
         let mut lost = Vec::new();
         for (token, job) in candidates {
             let mut tx = self.pool.begin().await?;
             let (stages, ending) = lock_job(&mut tx, &job).await?;
             // Re-checked under the locks: a heartbeat or a finish may have come first.
-            let row: Option<(String, i64, i64, i64)> = sqlx::query_as(delete)
-            .bind(agents)
-            .bind(token)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let row: Option<(String, i64, i64, i64)> =
+                sqlx::query_as(delete).bind(agents).bind(token).fetch_optional(&mut *tx).await?;
             let Some((agent, stage, attempt, late_ms)) = row else { continue };
             let (stage, attempt) = (stage as usize, attempt as u32);
             let t = cluster::attempt_ended(&stages, ending, stage, SharedEnd::LeaseLost, &RetryPolicy::no_retry());
@@ -422,8 +423,7 @@ impl PgStore {
             Ok(((r.try_get("job_id")?, r.try_get("stage_idx")?), r.try_get("token")?))
         })
         .collect::<StoreResult<BTreeMap<_, _>>>()?
-        .into_iter()
-        .map(|(_, t)| t)
+        .into_values()
         .collect();
         // `tokens` is ordered by (job, stage); order the claims the same way.
         chosen.sort_by(|a, b| (&a.0.job, a.0.stage).cmp(&(&b.0.job, b.0.stage)));
@@ -468,10 +468,7 @@ impl PgStore {
         for r in &details {
             let raw: Vec<Option<String>> = serde_json::from_value(r.json("outputs")?.unwrap_or(Value::Null))
                 .map_err(|e| StoreError::Corrupt(format!("outputs: {e}")))?;
-            let outputs = raw
-                .into_iter()
-                .map(|o| o.map(|t| serde_json::from_str(&t).unwrap_or(Value::Null)))
-                .collect();
+            let outputs = raw.into_iter().map(|o| o.map(|t| serde_json::from_str(&t).unwrap_or(Value::Null))).collect();
             by_job.insert(r.try_get("id")?, (r.json("input")?.unwrap_or(Value::Null), outputs));
         }
         tx.commit().await?;
@@ -924,11 +921,13 @@ impl Store for PgStore {
 
     async fn close_open_findings(&self, at: i64) -> StoreResult<u64> {
         // Only this agent's: other agents' findings are theirs to close.
-        let r = sqlx::query("UPDATE findings SET closed_at = $2, updated_at = $2 WHERE closed_at IS NULL AND agent_id = $1")
-            .bind(&self.agent)
-            .bind(at)
-            .execute(&self.pool)
-            .await?;
+        let r = sqlx::query(
+            "UPDATE findings SET closed_at = $2, updated_at = $2 WHERE closed_at IS NULL AND agent_id = $1",
+        )
+        .bind(&self.agent)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected())
     }
 

@@ -80,7 +80,15 @@ fn runs(log: &Path, agents: &[&Engine]) -> Vec<Run> {
             .unwrap_or_else(|| panic!("job dir {dir} belongs to no agent"));
         let (attempt, t) = (attempt.parse().unwrap(), t.parse().unwrap());
         if kind == "start" {
-            out.push(Run { stage: stage.into(), job: job.into(), attempt, start: t, end: None, agent, pid: pid.parse().unwrap() });
+            out.push(Run {
+                stage: stage.into(),
+                job: job.into(),
+                attempt,
+                start: t,
+                end: None,
+                agent,
+                pid: pid.parse().unwrap(),
+            });
         } else if let Some(r) = out.iter_mut().find(|r| r.stage == stage && r.job == job && r.attempt == attempt) {
             r.end = Some(t);
         }
@@ -194,7 +202,9 @@ async fn killed_agent_work_is_rerun_by_the_others() {
     let rerun: Vec<&Run> = all
         .iter()
         .filter(|r| r.start > killed_at && r.agent != victim_dir)
-        .filter(|r| all.iter().any(|v| v.agent == victim_dir && v.job == r.job && v.stage == r.stage && v.attempt < r.attempt))
+        .filter(|r| {
+            all.iter().any(|v| v.agent == victim_dir && v.job == r.job && v.stage == r.stage && v.attempt < r.attempt)
+        })
         .collect();
     assert!(!rerun.is_empty(), "nothing of the dead agent was re-dispatched");
     let redispatch_ms = rerun.iter().map(|r| (r.start - killed_at) / 1_000_000).min().unwrap();
@@ -206,7 +216,12 @@ async fn killed_agent_work_is_rerun_by_the_others() {
     assert!(redispatch_ms as u64 >= TTL_MS - 300, "re-dispatched before the lease could have expired");
     assert!(redispatch_ms as u64 <= TTL_MS + 2_000, "re-dispatch took {redispatch_ms} ms");
     let (_, body) = agents[0].get("/v1/agents").await;
-    let dead = body["agents"].as_array().unwrap().iter().find(|a| a["api"] != agents[0].base && a["api"] != agents[2].base).cloned();
+    let dead = body["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["api"] != agents[0].base && a["api"] != agents[2].base)
+        .cloned();
     assert_eq!(dead.map(|d| d["state"].clone()), Some(json!("unresponsive")), "{body:#}");
     assert_eq!(db.sql("SELECT count(*) FROM leases"), "0");
 }
@@ -261,7 +276,8 @@ async fn frozen_agent_is_fenced_and_its_processes_killed() {
 
     // The store kept the current holder's results: attempt 1 interrupted, attempt 2 succeeded.
     for id in [&short, &long] {
-        let states = db.sql(&format!("SELECT string_agg(state, ',' ORDER BY attempt) FROM attempts WHERE job_id = '{id}'"));
+        let states =
+            db.sql(&format!("SELECT string_agg(state, ',' ORDER BY attempt) FROM attempts WHERE job_id = '{id}'"));
         assert_eq!(states, "interrupted,succeeded", "job {id}");
     }
     let fenced_agent = db.sql(&format!(

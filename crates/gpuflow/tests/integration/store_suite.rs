@@ -67,7 +67,10 @@ async fn conformance<S: Store>(store: S) {
 
     // A running attempt is a held lease; its end releases it.
     let grant = json!({"gpus": [0], "cpu": 1});
-    store.write(&[Write::AttemptStarted { job: "j1".into(), stage: 0, attempt: 1, grant: grant.clone(), at: 1_500 }]).await.unwrap();
+    store
+        .write(&[Write::AttemptStarted { job: "j1".into(), stage: 0, attempt: 1, grant: grant.clone(), at: 1_500 }])
+        .await
+        .unwrap();
     let running = store.running_attempts().await.unwrap();
     assert_eq!(running.len(), 1);
     assert_eq!(running[0].0, "j1");
@@ -95,7 +98,13 @@ async fn conformance<S: Store>(store: S) {
 
     // Finishing, listing and paging.
     store
-        .write(&[Write::JobFinished { job: "j2".into(), state: "failed", error: Some("x".into()), output: None, at: 4_000 }])
+        .write(&[Write::JobFinished {
+            job: "j2".into(),
+            state: "failed",
+            error: Some("x".into()),
+            output: None,
+            at: 4_000,
+        }])
         .await
         .unwrap();
     let unfinished: Vec<String> = store.unfinished_jobs().await.unwrap().into_iter().map(|u| u.job.id).collect();
@@ -105,9 +114,11 @@ async fn conformance<S: Store>(store: S) {
     let failed =
         store.list_jobs(&JobFilter { state: Some("failed".into()), limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(failed.len(), 1);
-    let page2 = store.list_jobs(&JobFilter { before_seq: Some(all[0].seq), limit: 10, ..Default::default() }).await.unwrap();
+    let page2 =
+        store.list_jobs(&JobFilter { before_seq: Some(all[0].seq), limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(page2.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["j1"]);
-    let other = store.list_jobs(&JobFilter { pipeline: Some("q".into()), limit: 10, ..Default::default() }).await.unwrap();
+    let other =
+        store.list_jobs(&JobFilter { pipeline: Some("q".into()), limit: 10, ..Default::default() }).await.unwrap();
     assert!(other.is_empty());
 
     // Findings open, update, close, and list open ones first.
@@ -207,7 +218,8 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
 
     // The current holder's success readies the next stage; the last one finishes the job.
     let output = AttemptDetails { output: Some(json!({"v": 1})), exit_code: Some(0), signal: None };
-    let done = b.finish(retaken[0].token, "high", SharedEnd::Succeeded, &output, &RetryPolicy::default()).await.unwrap();
+    let done =
+        b.finish(retaken[0].token, "high", SharedEnd::Succeeded, &output, &RetryPolicy::default()).await.unwrap();
     assert_eq!(done, Finish::Applied { job_finished: None });
     let next = a.claim(10, 60_000, claim_all).await.unwrap();
     assert_eq!((next[0].job.as_str(), next[0].stage), ("high", 1));
