@@ -3,6 +3,7 @@
 
 mod clock;
 mod commands;
+mod journal;
 mod metrics;
 mod pools;
 mod recover;
@@ -29,6 +30,7 @@ pub use commands::{
     Command, DeviceReading, DiagnosisSnapshot, EngineError, EngineHandle, LeaseView, ResourcesSnapshot, SubmitRequest,
     Submitted, WaitingView,
 };
+pub use journal::{EngineEvent, Journal, LeaseInterval, PoolTransition, Published};
 pub use pools::{InstanceView, PoolView};
 pub use watchdog::OpenFinding;
 
@@ -120,6 +122,9 @@ pub struct Runtime<S: Store> {
     worker_tasks: HashMap<AttemptKey, (String, usize)>,
     watchdog: watchdog::Watchdog,
     metrics: metrics::Metrics,
+    /// The dashboard's live feed and histories (read by the API through `EngineHandle`).
+    journal: Journal,
+    journal_state: journal::JournalState,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     commands: mpsc::Receiver<Command>,
@@ -136,6 +141,7 @@ impl<S: Store> Runtime<S> {
         let (cmd_tx, commands) = mpsc::channel(1024);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let data_dir = std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+        let journal = Journal::default();
         let runtime = Runtime {
             state: State::new(config.capacity.clone(), config.scheduler.clone()),
             config_hash: crate::store::content_hash(&config.source),
@@ -153,11 +159,13 @@ impl<S: Store> Runtime<S> {
             worker_tasks: HashMap::new(),
             watchdog: watchdog::Watchdog::default(),
             metrics: metrics::Metrics::default(),
+            journal: journal.clone(),
+            journal_state: journal::JournalState::default(),
             internal_tx,
             internal_rx,
             commands,
         };
-        (runtime, EngineHandle::new(cmd_tx))
+        (runtime, EngineHandle::new(cmd_tx, journal))
     }
 
     /// Recovers, then runs until `shutdown` resolves; then stops every attempt.
@@ -187,6 +195,7 @@ impl<S: Store> Runtime<S> {
                 _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await?,
                 _ = diagnosis.tick() => self.diagnose().await?,
             }
+            self.journal_observe();
         }
         self.stop_all().await;
         Ok(())
@@ -206,9 +215,11 @@ impl<S: Store> Runtime<S> {
             };
             let writes: Vec<Write> = actions.iter().filter_map(|a| self.write_for(a, now)).collect();
             self.store.write(&writes).await?;
+            self.journal_actions(&actions, now);
             for action in actions {
                 self.perform(action, &mut pending);
             }
+            self.journal_workers(now);
         }
         Ok(())
     }
