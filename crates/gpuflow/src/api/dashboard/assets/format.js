@@ -25,6 +25,12 @@ export function s(tag, attrs, ...children) {
   return build(document.createElementNS(SVG, tag), attrs, children);
 }
 
+// Replaces an element's children, skipping null/false (conditional parts).
+export function fill(element, ...children) {
+  element.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+  return element;
+}
+
 export function shortId(id) {
   return id ? id.slice(-8) : '';
 }

@@ -4,10 +4,13 @@
 // without a reload.
 
 import { get } from './api.js';
-import { bytes, clock, duration, empty, h, hue, jobLink, s, shortId } from './format.js';
+import { bytes, fill, clock, duration, empty, h, hue, jobLink, s, shortId } from './format.js';
 
 const WINDOWS = [[300, '5 min'], [900, '15 min'], [3600, '1 h']];
-let windowS = 900;
+
+let windowS = 300;
+// Readings seen on the feed, kept across reloads (the engine returns only its latest ones).
+const kept = new Map();
 let reload = () => {};
 
 const LANE_H = 96;
@@ -38,6 +41,12 @@ export const gpusView = {
   async load() {
     const data = await get(`/v1/gpus/timeline?window_s=${windowS}`);
     data.offset = data.now_ms - Date.now();
+    for (const d of data.devices) {
+      const first = d.samples.length ? d.samples[0][0] : Infinity;
+      const older = (kept.get(d.index) || []).filter((p) => p[0] < first && p[0] >= data.since_ms);
+      d.samples = older.concat(d.samples);
+      kept.set(d.index, d.samples);
+    }
     return data;
   },
   wants: (e) => e.type === 'lease' || e.type === 'findings',
@@ -47,23 +56,28 @@ export const gpusView = {
       const d = data.devices[i];
       if (!d || !r) return;
       d.samples.push([e.at_ms, r[0], r[1]]);
+      kept.set(d.index, d.samples);
       d.telemetry = true;
     });
     return true;
   },
   render(root, data) {
     const now = Date.now() + data.offset;
-    const since = now - windowS * 1000;
+    // An engine that started recently fills the lane instead of its right edge.
+    const earliest = Math.min(...data.devices.flatMap((d) => [d.samples[0]?.[0], d.leases[0]?.start_ms])
+      .filter((t) => t !== undefined));
+    let since = now - windowS * 1000;
+    if (Number.isFinite(earliest)) since = Math.max(since, Math.min(earliest - 5_000, now - 60_000));
     const lanes = root.querySelector('.lanes');
     if (!data.devices.length) {
-      lanes.replaceChildren(empty('This engine has no GPUs (resources.gpus is empty).'));
-      root.querySelector('.held').replaceChildren();
+      fill(lanes, empty('This engine has no GPUs (resources.gpus is empty).'));
+      fill(root.querySelector('.held'));
       return;
     }
     const width = Math.max(480, Math.floor(lanes.clientWidth || 900) - 2);
-    lanes.replaceChildren(...data.devices.map((d) => lane(d, data, since, now, width)));
+    fill(lanes, ...data.devices.map((d) => lane(d, data, since, now, width)));
     const held = data.devices.flatMap((d) => d.leases.filter((l) => l.end_ms === null).map((l) => ({ d, l })));
-    root.querySelector('.held').replaceChildren(
+    fill(root.querySelector('.held'),
       h('h3', {}, 'Held now'),
       held.length
         ? h('table', { class: 'grid' },
@@ -76,7 +90,7 @@ export const gpusView = {
         : empty('No GPU is leased now.'));
   },
   tick(root, data) {
-    this.render(root, data);
+    gpusView.render(root, data);
   },
 };
 
@@ -92,10 +106,11 @@ function lane(d, data, since, now, width) {
     s('rect', { width: 6, height: 6, class: 'hatch-bg' }), s('line', { x1: 0, y1: 0, x2: 0, y2: 6, class: 'hatch-line' }))));
   parts.push(s('rect', { x: 0, y: 0, width, height: plotH, class: 'lane-bg' }));
   // Minute grid and labels.
-  const step = windowS <= 300 ? 60_000 : windowS <= 900 ? 120_000 : 600_000;
+  const span = now - since;
+  const step = [10_000, 30_000, 60_000, 120_000, 300_000, 600_000].find((st) => span / st <= 10) || 900_000;
   for (let t = Math.ceil(since / step) * step; t <= now; t += step) {
     parts.push(s('line', { x1: x(t), x2: x(t), y1: 0, y2: plotH, class: 'grid-line' }));
-    parts.push(s('text', { x: x(t) + 3, y: LANE_H - 5, class: 'axis-label' }, clock(t).slice(0, 5)));
+    parts.push(s('text', { x: x(t) + 3, y: LANE_H - 5, class: 'axis-label' }, step < 60_000 ? clock(t) : clock(t).slice(0, 5)));
   }
   // Leases.
   for (const l of d.leases) {
@@ -108,7 +123,9 @@ function lane(d, data, since, now, width) {
     const link = s('a', { href: `#/jobs/${l.job}`, class: `lease ${l.end_ms === null ? 'open' : 'closed'}`, dataset: { job: l.job, stage: l.stage } },
       s('title', {}, title),
       s('rect', { x: x0, y: BAR_TOP, width: w, height: BAR_H, rx: 3, fill: `hsl(${color} 55% 62%)`, class: 'lease-bar' }));
-    if (w > 70) link.append(s('text', { x: x0 + 5, y: BAR_TOP + 17, class: 'lease-label' }, label));
+    // Only a label that fits: the full one, else the stage alone.
+    const fitting = [label, `${l.stage}#${l.attempt}`].find((t) => t.length * 6.6 + 10 <= w);
+    if (fitting) link.append(s('text', { x: x0 + 5, y: BAR_TOP + 17, class: 'lease-label' }, fitting));
     parts.push(link);
     // Idle stretches of this lease, from the readings.
     if (d.telemetry) {

@@ -2,7 +2,7 @@
 // the tails of its logs, and a cancel button.
 
 import { get, post } from './api.js';
-import { badge, between, bytes, duration, empty, h, s, when } from './format.js';
+import { badge, fill, between, bytes, duration, empty, h, s, when } from './format.js';
 
 const LOG_TAIL = 8192;
 let reload = () => {};
@@ -37,7 +37,7 @@ export const jobView = {
         }
         reload();
       } }, active ? 'Cancel job' : 'Cancel job');
-    root.replaceChildren(
+    fill(root,
       h('div', { class: 'toolbar' },
         h('h2', {}, 'Job ', h('span', { class: 'mono' }, job.id)), h('span', { id: 'job-state' }, badge(job.state)), cancel),
       h('dl', { class: 'facts' },
@@ -51,12 +51,12 @@ export const jobView = {
       h('div', { class: 'stages' }, job.stages.map((st, i) => stageCard(job, st, logs[i]))),
       h('div', { class: 'io' },
         h('section', { class: 'card' }, h('h3', {}, 'Input'), json(job.input)),
-        h('section', { class: 'card' }, h('h3', {}, 'Output'), job.output ? json(job.output) : empty('No output yet.'))));
+        h('section', { class: 'card' }, h('h3', {}, 'Output'), job.output ? json(job.output) : empty(active ? 'No output yet.' : 'No output.'))));
   },
 };
 
 function fact(label, value) {
-  return [h('dt', {}, label), h('dd', {}, value)];
+  return h('div', { class: 'fact' }, h('dt', {}, label), h('dd', {}, value));
 }
 
 function json(value) {

@@ -2,7 +2,7 @@
 // { title, load, render, wants(event) [, mount, tick, apply] }.
 
 import { get } from './api.js';
-import { badge, bytes, clock, duration, empty, h, jobLink, plural, s, shortId, when } from './format.js';
+import { badge, fill, bytes, clock, duration, empty, h, jobLink, plural, s, shortId, when } from './format.js';
 
 // ---------------------------------------------------------------- overview
 
@@ -63,7 +63,7 @@ export const overviewView = {
           h('div', { class: 'rate' }, h('strong', {}, perMin.toFixed(perMin < 10 ? 1 : 0)), ' jobs/min',
             h('br'), h('span', { class: 'muted' }, `last 5 of ${overview.minutes} min`))));
     });
-    root.replaceChildren(
+    fill(root,
       h('h2', {}, 'Now'), summary,
       h('h2', {}, 'Pipelines'),
       cards.length ? h('div', { class: 'cards pipelines' }, cards) : empty('No pipelines configured.'));
@@ -130,7 +130,7 @@ export const queueView = {
       h('td', { class: 'num' }, w.priority),
       h('td', { class: 'num waited', dataset: { waited: w.waited_ms } }, duration(w.waited_ms)),
       h('td', { class: 'reason' }, waitingFor(w, res, i))));
-    root.replaceChildren(
+    fill(root,
       h('h2', {}, 'Waiting queue ', h('span', { class: 'muted' }, '(in the order they will be served)')),
       rows.length
         ? h('table', { class: 'grid' },
@@ -186,7 +186,7 @@ export const jobsView = {
     const more = list.next_cursor && jobsFilter.limit < 500
       ? h('button', { type: 'button', class: 'quiet', onclick: () => { jobsFilter.limit = Math.min(500, jobsFilter.limit + 50); reloadJobs(); } }, 'Show more')
       : null;
-    root.querySelector('.list').replaceChildren(rows.length
+    fill(root.querySelector('.list'), rows.length
       ? h('table', { class: 'grid' },
         h('thead', {}, h('tr', {}, ['job', 'pipeline', 'state', 'priority', 'created', 'finished', 'error'].map((c) => h('th', {}, c)))),
         h('tbody', {}, rows))
@@ -205,11 +205,11 @@ export const poolsView = {
   wants: (e) => e.type === 'pool_instance' || e.type === 'attempt_started' || e.type === 'attempt_ended',
   render(root, { pools, history }) {
     if (!pools.length) {
-      root.replaceChildren(h('h2', {}, 'Worker pools'),
+      fill(root, h('h2', {}, 'Worker pools'),
         empty('No worker pools are configured (declare them under `workers:` in the pipeline file).'));
       return;
     }
-    root.replaceChildren(h('h2', {}, 'Worker pools'), pools.map((p) => {
+    fill(root, h('h2', {}, 'Worker pools'), pools.map((p) => {
       const rows = p.instances.map((i) => h('tr', {},
         h('td', { class: 'num' }, `#${i.index}`),
         h('td', {}, badge(i.state)),
@@ -254,7 +254,7 @@ export const findingsView = {
   load: () => get('/v1/diagnosis'),
   wants: (e) => e.type === 'findings',
   render(root, d) {
-    root.replaceChildren(
+    fill(root,
       h('h2', {}, 'Findings ', h('span', { class: 'muted' }, `(gpuflow doctor · checked ${when(d.checked_at)})`)),
       d.open.length ? h('div', { class: 'findings' }, d.open.map(finding)) : empty('Nothing is wrong now.'),
       d.recent.length ? h('details', {}, h('summary', {}, `Recently closed (${d.recent.length})`), h('div', { class: 'findings' }, d.recent.map(finding))) : null);
