@@ -190,11 +190,15 @@ pub(super) struct JournalState {
 
 impl<S: Store> Runtime<S> {
     pub(super) fn publish(&mut self, event: EngineEvent) {
+        self.publish_at(event, self.clock.now_ms());
+    }
+
+    fn publish_at(&mut self, event: EngineEvent, at_ms: u64) {
         self.journal_state.seq += 1;
         if self.journal.feed.receiver_count() == 0 {
             return;
         }
-        let published = Published { seq: self.journal_state.seq, at_ms: self.clock.now_ms(), event };
+        let published = Published { seq: self.journal_state.seq, at_ms, event };
         let _ = self.journal.feed.send(Arc::new(published));
     }
 
@@ -286,7 +290,7 @@ impl<S: Store> Runtime<S> {
                 Action::Kill { .. } => vec![],
             };
             for e in events {
-                self.publish(e);
+                self.publish_at(e, now);
             }
         }
     }

@@ -5,6 +5,7 @@ mod fixture;
 mod api;
 mod chaos;
 mod cli;
+mod dashboard;
 mod diagnosis;
 mod durability;
 mod failures;
