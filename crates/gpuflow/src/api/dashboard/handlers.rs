@@ -11,7 +11,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt};
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::dto::*;
@@ -38,25 +41,30 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     // The token itself was checked by the auth middleware; this only refuses unknown keys.
     let Query(_) = query?;
-    let rx = app.engine.journal().subscribe();
-    let hello = sse(&EventView { kind: "hello".into(), ..Default::default() });
-    let stream = futures_util::stream::unfold((rx, Some(hello)), |(mut rx, first)| async move {
-        if let Some(hello) = first {
-            return Some((Ok::<_, Infallible>(hello), (rx, None)));
-        }
-        let event = match rx.recv().await {
-            Ok(published) => sse(&event_view(&published)),
-            Err(RecvError::Lagged(missed)) => {
-                sse(&EventView { kind: "resync".into(), missed: Some(missed), ..Default::default() })
-            }
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Ok(event), (rx, None)))
-    });
+    let stream = feed(app.engine.journal().subscribe()).map(|view| Ok::<_, Infallible>(sse(&view)));
     let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEPALIVE)).into_response();
     // Tell buffering proxies (nginx) to pass messages through at once.
     response.headers_mut().insert("x-accel-buffering", axum::http::HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// `hello`, then one view per published event; `resync` in place of what a lagging
+/// subscriber missed. Ends when the engine is gone.
+fn feed(rx: broadcast::Receiver<Arc<Published>>) -> impl Stream<Item = EventView> {
+    let hello = EventView { kind: "hello".into(), ..Default::default() };
+    futures_util::stream::unfold((rx, Some(hello)), |(mut rx, first)| async move {
+        if let Some(hello) = first {
+            return Some((hello, (rx, None)));
+        }
+        let view = match rx.recv().await {
+            Ok(published) => event_view(&published),
+            Err(RecvError::Lagged(missed)) => {
+                EventView { kind: "resync".into(), missed: Some(missed), ..Default::default() }
+            }
+            Err(RecvError::Closed) => return None,
+        };
+        Some((view, (rx, None)))
+    })
 }
 
 fn sse(view: &EventView) -> Event {
@@ -357,4 +365,34 @@ pub async fn pool_history(
         })
         .collect();
     Ok(Json(PoolHistoryView { transitions }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::EngineEvent;
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_is_told_to_resync_instead_of_missing_events_silently() {
+        let (tx, rx) = broadcast::channel(4);
+        for seq in 1..=10 {
+            let event = EngineEvent::Findings { open: seq as usize };
+            tx.send(Arc::new(Published { seq, at_ms: 0, event })).unwrap();
+        }
+        drop(tx);
+        let views: Vec<EventView> = feed(rx).collect().await;
+        let kinds: Vec<(&str, Option<u64>, Option<u64>)> =
+            views.iter().map(|v| (v.kind.as_str(), v.seq, v.missed)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("hello", None, None),
+                ("resync", None, Some(6)),
+                ("findings", Some(7), None),
+                ("findings", Some(8), None),
+                ("findings", Some(9), None),
+                ("findings", Some(10), None),
+            ]
+        );
+    }
 }
