@@ -74,7 +74,8 @@ export const gpusView = {
       fill(root.querySelector('.held'));
       return;
     }
-    const width = Math.max(480, Math.floor(lanes.clientWidth || 900) - 2);
+    // The lane card's padding and border take 26 px of the container's width.
+    const width = Math.max(480, Math.floor(lanes.clientWidth || 900) - 26);
     fill(lanes, ...data.devices.map((d) => lane(d, data, since, now, width)));
     const held = data.devices.flatMap((d) => d.leases.filter((l) => l.end_ms === null).map((l) => ({ d, l })));
     fill(root.querySelector('.held'),
