@@ -2,6 +2,7 @@
 //! loop; they never change state themselves. The OpenAPI spec is generated from these
 //! handlers and types, so it cannot drift from them.
 
+pub mod dashboard;
 pub mod dto;
 pub mod error;
 mod handlers;
@@ -23,7 +24,7 @@ use utoipa_axum::routes;
 
 use crate::config::SharedConfig;
 use crate::runtime::EngineHandle;
-use crate::store::{FindingRecord, JobDetail, JobFilter, JobRecord, Store, StoreResult};
+use crate::store::{FindingRecord, JobDetail, JobFilter, JobRecord, JobStats, Store, StoreResult};
 pub use error::ApiError;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -33,6 +34,7 @@ pub trait Reads: Send + Sync {
     fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<JobDetail>>>;
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>>;
     fn findings(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<FindingRecord>>>;
+    fn job_stats(&self, since_ms: i64) -> BoxFuture<'_, StoreResult<JobStats>>;
 }
 
 impl<S: Store> Reads for S {
@@ -44,6 +46,9 @@ impl<S: Store> Reads for S {
     }
     fn findings(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<FindingRecord>>> {
         Box::pin(Store::findings(self, limit))
+    }
+    fn job_stats(&self, since_ms: i64) -> BoxFuture<'_, StoreResult<JobStats>> {
+        Box::pin(Store::job_stats(self, since_ms))
     }
 }
 
@@ -84,6 +89,11 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::diagnosis))
         .routes(routes!(handlers::metrics))
         .routes(routes!(handlers::healthz))
+        .routes(routes!(dashboard::handlers::events))
+        .routes(routes!(dashboard::handlers::gpu_timeline))
+        .routes(routes!(dashboard::handlers::stage_log))
+        .routes(routes!(dashboard::handlers::overview))
+        .routes(routes!(dashboard::handlers::pool_history))
         .split_for_parts()
 }
 
@@ -99,20 +109,36 @@ pub fn router(state: AppState) -> Router {
     let limit = state.config.get().limits.max_request_body;
     router
         .route("/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
+        .merge(dashboard::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
-/// Bearer-token check when `auth` is configured. `/healthz` stays open for probes.
+/// Bearer-token check when `auth` is configured. `/healthz` stays open for probes, and the
+/// dashboard's static files too (they hold no data; the page asks for the token). The live
+/// feed also takes the token as `?access_token=`, since a browser's EventSource cannot set
+/// headers; no other endpoint does, so tokens stay out of URLs elsewhere.
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
     let config = state.config.get();
     let Some(expected) = config.auth_token.as_deref() else { return Ok(next.run(request).await) };
-    if request.uri().path() == "/healthz" {
+    let path = request.uri().path();
+    if path == "/healthz" || dashboard::is_public(path) {
         return Ok(next.run(request).await);
     }
-    let presented =
-        request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let from_query = (path == "/v1/events")
+        .then(|| request.uri().query())
+        .flatten()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")))
+        .map(percent_decode);
+    let presented = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+        .or(from_query);
+    let presented = presented.as_deref();
     match presented {
         Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(next.run(request).await),
         _ => Err(ApiError::new(
@@ -121,6 +147,34 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
             "missing or wrong bearer token; send `Authorization: Bearer TOKEN` (the CLI reads GPUFLOW_TOKEN)",
         )),
     }
+}
+
+/// Decodes `%XX` escapes (and `+`) in a query value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -145,11 +145,17 @@ impl From<StoreError> for EngineError {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    journal: Journal,
 }
 
 impl EngineHandle {
-    pub(super) fn new(tx: mpsc::Sender<Command>) -> Self {
-        EngineHandle { tx }
+    pub(super) fn new(tx: mpsc::Sender<Command>, journal: Journal) -> Self {
+        EngineHandle { tx, journal }
+    }
+
+    /// The live feed and recent histories, for the dashboard.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, EngineError> {
@@ -205,8 +211,12 @@ impl<S: Store> Runtime<S> {
                 Ok(())
             }
             Command::Submit { request, reply } => {
+                let pipeline = request.pipeline.clone();
                 match self.admit(request).await {
                     Ok((submitted, event)) => {
+                        if submitted.created {
+                            self.publish(EngineEvent::JobSubmitted { job: submitted.id.clone(), pipeline });
+                        }
                         let _ = reply.send(Ok(submitted));
                         if let Some(event) = event {
                             self.step(event).await?;

@@ -4,6 +4,7 @@
 mod clock;
 mod cluster;
 mod commands;
+mod journal;
 mod metrics;
 mod pools;
 mod recover;
@@ -30,6 +31,7 @@ pub use commands::{
     Command, DeviceReading, DiagnosisSnapshot, EngineError, EngineHandle, LeaseView, ResourcesSnapshot, SubmitRequest,
     Submitted, WaitingView,
 };
+pub use journal::{EngineEvent, Journal, LeaseInterval, PoolTransition, Published};
 pub use pools::{InstanceView, PoolView};
 pub use watchdog::OpenFinding;
 
@@ -121,6 +123,9 @@ pub struct Runtime<S: Store> {
     worker_tasks: HashMap<AttemptKey, (String, usize)>,
     watchdog: watchdog::Watchdog,
     metrics: metrics::Metrics,
+    /// The dashboard's live feed and histories (read by the API through `EngineHandle`).
+    journal: Journal,
+    journal_state: journal::JournalState,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     commands: mpsc::Receiver<Command>,
@@ -141,6 +146,7 @@ impl<S: Store> Runtime<S> {
         let (cmd_tx, commands) = mpsc::channel(1024);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let data_dir = std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+        let journal = Journal::default();
         let runtime = Runtime {
             state: State::new(config.capacity.clone(), config.scheduler.clone()),
             config_hash: crate::store::content_hash(&config.source),
@@ -158,13 +164,15 @@ impl<S: Store> Runtime<S> {
             worker_tasks: HashMap::new(),
             watchdog: watchdog::Watchdog::default(),
             metrics: metrics::Metrics::default(),
+            journal: journal.clone(),
+            journal_state: journal::JournalState::default(),
             internal_tx,
             internal_rx,
             commands,
             cluster: None,
             api_address: String::new(),
         };
-        (runtime, EngineHandle::new(cmd_tx))
+        (runtime, EngineHandle::new(cmd_tx, journal))
     }
 
     /// The address this engine's API listens on (agents advertise it in `/v1/agents`).
@@ -228,6 +236,7 @@ impl<S: Store> Runtime<S> {
                     self.tolerate(r)?
                 }
             }
+            self.journal_observe();
         }
         self.stop_all().await;
         self.leave_cluster().await;
@@ -264,9 +273,11 @@ impl<S: Store> Runtime<S> {
                 let writes: Vec<Write> = actions.iter().filter_map(|a| self.write_for(a, now)).collect();
                 self.store.write(&writes).await?;
             }
+            self.journal_actions(&actions, now);
             for action in actions {
                 self.perform(action, &mut pending);
             }
+            self.journal_workers(now);
         }
         Ok(())
     }

@@ -763,6 +763,25 @@ impl<S: Store> Runtime<S> {
             .collect()
     }
 
+    /// `(pool, index, state, restarts, last error)` of every live instance, for the journal.
+    pub(super) fn instance_states(&self) -> Vec<(&str, usize, &'static str, u32, Option<&str>)> {
+        self.pools
+            .iter()
+            .flat_map(|(name, p)| p.instances.iter().map(move |i| (name.as_str(), i)))
+            .filter(|(_, i)| i.state != InstanceState::Retired)
+            .map(|(name, i)| {
+                let state = i.state.as_str(i.consecutive_failures >= CRASH_LOOP);
+                (name, i.index, state, i.restarts, i.last_error.as_deref())
+            })
+            .collect()
+    }
+
+    /// The devices an instance holds (its standing lease).
+    pub(super) fn instance_devices(&self, pool: &str, index: usize) -> Vec<u32> {
+        let Some(i) = self.pools.get(pool).and_then(|p| p.instances.get(index)) else { return Vec::new() };
+        i.grant.as_ref().map(|g| g.devices()).unwrap_or_default()
+    }
+
     /// The pool a stage runs on, if it is a worker stage.
     pub(super) fn pool_of(&self, job: JobId, stage: usize) -> Option<String> {
         match &self.jobs.get(&job)?.pipeline.stages[stage] {

@@ -214,6 +214,17 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn findings(&self, limit: u32) -> impl Future<Output = StoreResult<Vec<FindingRecord>>> + Send;
     /// Attempts recorded as running: held leases. Empty whenever the engine is idle.
     fn running_attempts(&self) -> impl Future<Output = StoreResult<Vec<(String, AttemptRecord)>>> + Send;
+    /// Job counts by pipeline and state, and jobs finished per minute since `since_ms`.
+    fn job_stats(&self, since_ms: i64) -> impl Future<Output = StoreResult<JobStats>> + Send;
+}
+
+/// What the dashboard's overview shows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobStats {
+    /// `(pipeline, state, jobs)`.
+    pub counts: Vec<(String, String, u64)>,
+    /// `(pipeline, final state, minute start in unix ms, jobs)`, oldest first.
+    pub finished: Vec<(String, String, i64, u64)>,
 }
 
 /// Typed column access shared by the backends, so each record is decoded in one place.

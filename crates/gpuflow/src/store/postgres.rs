@@ -945,4 +945,26 @@ impl Store for PgStore {
         let rows = sqlx::query("SELECT * FROM attempts WHERE state = 'running'").fetch_all(&self.pool).await?;
         rows.iter().map(|r| Ok((r.try_get("job_id")?, attempt_from_row(r)?))).collect()
     }
+
+    async fn job_stats(&self, since_ms: i64) -> StoreResult<JobStats> {
+        let counts = sqlx::query("SELECT pipeline, state, count(*) AS n FROM jobs GROUP BY pipeline, state")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("pipeline")?, r.try_get("state")?, r.try_get::<i64, _>("n")? as u64)))
+            .collect::<StoreResult<_>>()?;
+        let finished = sqlx::query(
+            "SELECT pipeline, state, (finished_at / 60000) * 60000 AS minute, count(*) AS n FROM jobs \
+             WHERE finished_at >= $1 GROUP BY pipeline, state, minute ORDER BY minute",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((r.try_get("pipeline")?, r.try_get("state")?, r.try_get("minute")?, r.try_get::<i64, _>("n")? as u64))
+        })
+        .collect::<StoreResult<_>>()?;
+        Ok(JobStats { counts, finished })
+    }
 }

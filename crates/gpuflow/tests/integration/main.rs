@@ -6,6 +6,7 @@ mod api;
 mod chaos;
 mod cli;
 mod cluster;
+mod dashboard;
 mod diagnosis;
 mod durability;
 mod failures;

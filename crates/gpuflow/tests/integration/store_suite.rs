@@ -121,6 +121,14 @@ async fn conformance<S: Store>(store: S) {
         store.list_jobs(&JobFilter { pipeline: Some("q".into()), limit: 10, ..Default::default() }).await.unwrap();
     assert!(other.is_empty());
 
+    // Counts per pipeline and state, and jobs finished per minute (the dashboard's overview).
+    let stats = store.job_stats(0).await.unwrap();
+    let mut counts = stats.counts.clone();
+    counts.sort();
+    assert_eq!(counts, vec![("p".to_string(), "failed".to_string(), 1), ("p".to_string(), "running".to_string(), 1)]);
+    assert_eq!(stats.finished, vec![("p".to_string(), "failed".to_string(), 0, 1)]);
+    assert!(store.job_stats(60_000).await.unwrap().finished.is_empty());
+
     // Findings open, update, close, and list open ones first.
     let finding = Finding {
         kind: FindingKind::QueueStalled,

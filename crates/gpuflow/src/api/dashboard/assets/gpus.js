@@ -1,0 +1,173 @@
+// GPUs: one lane per device on a timeline. Bars are leases (which job and stage held the
+// device, and when); the line is utilisation and the shaded area memory in use; hatching
+// marks a leased device that was idle. New readings arrive on the feed and are appended
+// without a reload.
+
+import { get } from './api.js';
+import { bytes, fill, clock, duration, empty, h, hue, jobLink, s, shortId } from './format.js';
+
+const WINDOWS = [[300, '5 min'], [900, '15 min'], [3600, '1 h']];
+
+let windowS = 300;
+// Readings seen on the feed, kept across reloads (the engine returns only its latest ones).
+const kept = new Map();
+let reload = () => {};
+
+const LANE_H = 96;
+const BAR_TOP = 20;
+const BAR_H = 44;
+const AXIS_H = 18;
+
+export const gpusView = {
+  title: () => 'GPUs',
+  mount(root, params, { refresh }) {
+    reload = refresh;
+    const buttons = WINDOWS.map(([sec, label]) => h('button', {
+      type: 'button', class: sec === windowS ? 'seg active' : 'seg', dataset: { window: sec },
+      onclick: (e) => {
+        windowS = sec;
+        for (const b of root.querySelectorAll('.seg')) b.classList.toggle('active', b === e.target);
+        reload();
+      },
+    }, label));
+    root.append(
+      h('div', { class: 'toolbar' }, h('h2', {}, 'GPUs'), h('div', { class: 'segmented' }, buttons),
+        h('span', { class: 'legend' },
+          h('span', { class: 'key lease-key' }), 'lease ', h('span', { class: 'key util-key' }), 'utilisation ',
+          h('span', { class: 'key mem-key' }), 'memory used ', h('span', { class: 'key idle-key' }), 'idle under lease')),
+      h('div', { class: 'lanes' }),
+      h('div', { class: 'held' }));
+  },
+  async load() {
+    const data = await get(`/v1/gpus/timeline?window_s=${windowS}`);
+    data.offset = data.now_ms - Date.now();
+    for (const d of data.devices) {
+      const first = d.samples.length ? d.samples[0][0] : Infinity;
+      const older = (kept.get(d.index) || []).filter((p) => p[0] < first && p[0] >= data.since_ms);
+      d.samples = older.concat(d.samples);
+      kept.set(d.index, d.samples);
+    }
+    return data;
+  },
+  wants: (e) => e.type === 'lease' || e.type === 'findings',
+  apply(data, e) {
+    if (e.type !== 'gpu_samples') return false;
+    e.samples.forEach((r, i) => {
+      const d = data.devices[i];
+      if (!d || !r) return;
+      d.samples.push([e.at_ms, r[0], r[1]]);
+      kept.set(d.index, d.samples);
+      d.telemetry = true;
+    });
+    return true;
+  },
+  render(root, data) {
+    const now = Date.now() + data.offset;
+    // An engine that started recently fills the lane instead of its right edge.
+    const earliest = Math.min(...data.devices.flatMap((d) => [d.samples[0]?.[0], d.leases[0]?.start_ms])
+      .filter((t) => t !== undefined));
+    let since = now - windowS * 1000;
+    if (Number.isFinite(earliest)) since = Math.max(since, Math.min(earliest - 5_000, now - 60_000));
+    const lanes = root.querySelector('.lanes');
+    if (!data.devices.length) {
+      fill(lanes, empty('This engine has no GPUs (resources.gpus is empty).'));
+      fill(root.querySelector('.held'));
+      return;
+    }
+    // The lane card's padding and border take 26 px of the container's width.
+    const width = Math.max(480, Math.floor(lanes.clientWidth || 900) - 26);
+    fill(lanes, ...data.devices.map((d) => lane(d, data, since, now, width)));
+    const held = data.devices.flatMap((d) => d.leases.filter((l) => l.end_ms === null).map((l) => ({ d, l })));
+    fill(root.querySelector('.held'),
+      h('h3', {}, 'Held now'),
+      held.length
+        ? h('table', { class: 'grid' },
+          h('thead', {}, h('tr', {}, ['device', 'job', 'pipeline', 'stage', 'attempt', 'share', 'held for'].map((c) => h('th', {}, c)))),
+          h('tbody', {}, held.map(({ d, l }) => h('tr', { dataset: { job: l.job } },
+            h('td', {}, `GPU ${d.index} · ${d.name}`), h('td', {}, jobLink(l.job)), h('td', {}, l.pipeline),
+            h('td', {}, l.stage), h('td', { class: 'num' }, l.attempt),
+            h('td', {}, l.memory_bytes ? bytes(l.memory_bytes) : 'whole device'),
+            h('td', { class: 'num' }, duration(now - l.start_ms))))))
+        : empty('No GPU is leased now.'));
+  },
+  tick(root, data) {
+    gpusView.render(root, data);
+  },
+};
+
+function lane(d, data, since, now, width) {
+  const x = (t) => ((Math.max(t, since) - since) / (now - since)) * width;
+  const plotH = LANE_H - AXIS_H;
+  const samples = d.samples.filter((p) => p[0] >= since);
+  const held = d.leases.find((l) => l.end_ms === null);
+  const idle = d.idle_under_lease;
+  const parts = [];
+  const hatch = `hatch-${d.index}`;
+  parts.push(s('defs', {}, s('pattern', { id: hatch, width: 6, height: 6, patternUnits: 'userSpaceOnUse', patternTransform: 'rotate(45)' },
+    s('rect', { width: 6, height: 6, class: 'hatch-bg' }), s('line', { x1: 0, y1: 0, x2: 0, y2: 6, class: 'hatch-line' }))));
+  parts.push(s('rect', { x: 0, y: 0, width, height: plotH, class: 'lane-bg' }));
+  // Minute grid and labels.
+  const span = now - since;
+  const step = [10_000, 30_000, 60_000, 120_000, 300_000, 600_000].find((st) => span / st <= 10) || 900_000;
+  for (let t = Math.ceil(since / step) * step; t <= now; t += step) {
+    parts.push(s('line', { x1: x(t), x2: x(t), y1: 0, y2: plotH, class: 'grid-line' }));
+    parts.push(s('text', { x: x(t) + 3, y: LANE_H - 5, class: 'axis-label' }, step < 60_000 ? clock(t) : clock(t).slice(0, 5)));
+  }
+  // Leases.
+  for (const l of d.leases) {
+    const x0 = x(l.start_ms);
+    const x1 = x(l.end_ms === null ? now : l.end_ms);
+    const w = Math.max(2, x1 - x0);
+    const color = hue(`${l.pipeline}/${l.stage}`);
+    const label = `${shortId(l.job)} ${l.stage}#${l.attempt}${l.memory_bytes ? ` · ${bytes(l.memory_bytes)}` : ''}`;
+    const title = `job ${l.job}\n${l.pipeline} / ${l.stage} attempt ${l.attempt}\n${clock(l.start_ms)} → ${l.end_ms === null ? 'now' : clock(l.end_ms)} (${duration((l.end_ms ?? now) - l.start_ms)})${l.result ? `\n${l.result}` : ''}`;
+    const link = s('a', { href: `#/jobs/${l.job}`, class: `lease ${l.end_ms === null ? 'open' : 'closed'}`, dataset: { job: l.job, stage: l.stage } },
+      s('title', {}, title),
+      s('rect', { x: x0, y: BAR_TOP, width: w, height: BAR_H, rx: 3, fill: `hsl(${color} 55% 62%)`, class: 'lease-bar' }));
+    // Only a label that fits: the full one, else the stage alone.
+    const fitting = [label, `${l.stage}#${l.attempt}`].find((t) => t.length * 6.6 + 10 <= w);
+    if (fitting) link.append(s('text', { x: x0 + 5, y: BAR_TOP + 17, class: 'lease-label' }, fitting));
+    parts.push(link);
+    // Idle stretches of this lease, from the readings.
+    if (d.telemetry) {
+      const end = l.end_ms === null ? now : l.end_ms;
+      let runStart = null;
+      const inLease = samples.filter((p) => p[0] >= l.start_ms && p[0] <= end);
+      inLease.forEach((p, i) => {
+        const isIdle = p[1] <= data.idle_utilization_pct;
+        if (isIdle && runStart === null) runStart = p[0];
+        const last = i === inLease.length - 1;
+        if (runStart !== null && (!isIdle || last)) {
+          const stop = isIdle ? (l.end_ms === null ? now : p[0]) : p[0];
+          if (stop > runStart) {
+            parts.push(s('rect', { x: x(runStart), y: BAR_TOP + BAR_H - 12, width: Math.max(2, x(stop) - x(runStart)), height: 12,
+              fill: `url(#${hatch})`, class: 'idle-mark' }, s('title', {}, `idle under lease: ${duration(stop - runStart)}`)));
+          }
+          runStart = null;
+        }
+      });
+    }
+  }
+  // Curves: memory as an area, utilisation as a line, both over the lane height.
+  if (samples.length) {
+    const y = (frac) => plotH - 2 - frac * (plotH - 4);
+    const mem = samples.map((p) => `${x(p[0]).toFixed(1)},${y(d.memory_bytes ? p[2] / d.memory_bytes : 0).toFixed(1)}`);
+    parts.push(s('polygon', { points: `${x(samples[0][0])},${plotH} ${mem.join(' ')} ${x(samples.at(-1)[0])},${plotH}`, class: 'mem-area' }));
+    parts.push(s('polyline', { points: samples.map((p) => `${x(p[0]).toFixed(1)},${y(p[1] / 100).toFixed(1)}`).join(' '), class: 'util-line' }));
+  } else {
+    parts.push(s('text', { x: width - 8, y: 14, class: 'note', 'text-anchor': 'end' },
+      d.source === 'virtual' ? 'virtual device: no telemetry, no curves' : 'no readings'));
+  }
+  parts.push(s('line', { x1: width - 0.5, x2: width - 0.5, y1: 0, y2: plotH, class: 'now-line' }));
+  const latest = samples.at(-1);
+  return h('article', { class: `lane${idle ? ' idle' : ''}`, dataset: { device: d.index, held: held ? 'true' : 'false' } },
+    h('header', {},
+      h('h3', {}, `GPU ${d.index}`), h('span', { class: 'device-name' }, d.name),
+      d.source === 'virtual' ? h('span', { class: 'badge virtual', title: 'Declared in the pipeline file; no physical device behind it' }, 'virtual') : null,
+      h('span', { class: 'muted' }, bytes(d.memory_bytes)),
+      latest ? h('span', { class: 'reading' }, `${latest[1]}% · ${bytes(latest[2])} used`) : null,
+      held ? h('span', { class: 'badge state-running' }, `leased by ${shortId(held.job)}/${held.stage}`) : h('span', { class: 'badge state-free' }, 'free'),
+      idle ? h('span', { class: 'badge idle-badge' }, `idle under lease ${duration(d.idle_ms)}`) : null),
+    s('svg', { width, height: LANE_H, viewBox: `0 0 ${width} ${LANE_H}`, class: 'timeline', role: 'img',
+      'aria-label': `GPU ${d.index} timeline` }, parts));
+}

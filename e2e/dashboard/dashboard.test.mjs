@@ -1,0 +1,249 @@
+// End-to-end test of the dashboard: a real `gpuflow serve` on the quickstart pipeline, and
+// headless Chromium (Debian's `chromium` package) driven by playwright-core.
+//
+//   node e2e/dashboard/dashboard.test.mjs [path/to/gpuflow]     (default: target/debug/gpuflow)
+//
+// Checks: the page loads with no console errors (and nothing from another origin); a job
+// submitted through the API shows up and moves through its states live; the GPU lane shows
+// the lease; the waiting queue says what an entry waits for; cancel works from the page.
+// Screenshots go to target/dashboard-e2e/.
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { chromium } from 'playwright-core';
+
+const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const bin = path.resolve(process.argv[2] || process.env.GPUFLOW_BIN || path.join(repo, 'target/debug/gpuflow'));
+const chromiumPath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const shots = path.join(repo, 'target/dashboard-e2e');
+const STEP_TIMEOUT = 30_000;
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'gpuflow-dashboard-e2e-'));
+const telemetry = path.join(tmp, 'gpu0.json');
+const engineLog = path.join(tmp, 'engine.log');
+let engine = null;
+let context = null;
+let telemetryTimer = null;
+
+function log(message) {
+  console.log(`[e2e] ${message}`);
+}
+
+// The quickstart pipeline as shipped, with a free port, a temp data dir, telemetry for its
+// virtual GPU (so the lane has curves) and a longer GPU stage (so a lease can be watched).
+function writeConfig() {
+  const original = fs.readFileSync(path.join(repo, 'examples/quickstart.yaml'), 'utf8');
+  const edits = [
+    [/^listen: .*$/m, 'listen: 127.0.0.1:0'],
+    [/^data_dir: .*$/m, `data_dir: ${path.join(tmp, 'data')}`],
+    [/gpus: \[\{memory: 16GiB, name: virtual-gpu-0\}\]/, `gpus: [{memory: 16GiB, name: virtual-gpu-0, telemetry: ${telemetry}}]`],
+    [/(\n {6}- name: infer[^\n]*\n)/, '$1        env: {QUICKSTART_INFER_SECONDS: "4"}\n'],
+  ];
+  let text = original;
+  for (const [pattern, replacement] of edits) {
+    const next = text.replace(pattern, replacement);
+    assert.notEqual(next, text, `examples/quickstart.yaml changed shape: ${pattern} no longer matches`);
+    text = next;
+  }
+  const file = path.join(tmp, 'quickstart.yaml');
+  fs.writeFileSync(file, text);
+  return file;
+}
+
+// A made-up but plausible reading every 400 ms, written atomically.
+function startTelemetry() {
+  const write = () => {
+    const t = Date.now() / 1000;
+    const utilization = Math.max(0, Math.round(45 + 55 * Math.sin(t / 4)));
+    const memory = Math.round((3 + 2 * Math.sin(t / 7)) * 2 ** 30);
+    fs.writeFileSync(`${telemetry}.tmp`, JSON.stringify({ utilization, memory_used: memory }));
+    fs.renameSync(`${telemetry}.tmp`, telemetry);
+  };
+  write();
+  telemetryTimer = setInterval(write, 400);
+}
+
+async function startEngine(config) {
+  const out = fs.openSync(engineLog, 'a');
+  // The quickstart's stage commands are relative to the repository root.
+  engine = spawn(bin, ['serve', '--config', config], { cwd: repo, stdio: ['ignore', out, out] });
+  const addrFile = path.join(tmp, 'data/listen.addr');
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    if (engine.exitCode !== null) throw new Error(`engine exited with ${engine.exitCode}`);
+    if (fs.existsSync(addrFile)) {
+      const base = `http://${fs.readFileSync(addrFile, 'utf8').trim()}`;
+      const ok = await fetch(`${base}/healthz`).then((r) => r.ok, () => false);
+      if (ok) return base;
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error('engine did not come up in 30 s');
+}
+
+async function api(base, method, route, body) {
+  const response = await fetch(`${base}${route}`, {
+    method,
+    headers: body ? { 'content-type': 'application/json' } : {},
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const json = await response.json();
+  assert.ok(response.ok, `${method} ${route}: ${response.status} ${JSON.stringify(json)}`);
+  return json;
+}
+
+const submit = (base, text) => api(base, 'POST', '/v1/jobs', { pipeline: 'quickstart', input: { text } }).then((j) => j.id);
+
+async function main() {
+  assert.ok(fs.existsSync(bin), `no gpuflow binary at ${bin}; build it (cargo build -p gpuflow) or pass its path`);
+  assert.ok(fs.existsSync(chromiumPath), `no Chromium at ${chromiumPath}; apt-get install -y chromium`);
+  fs.mkdirSync(shots, { recursive: true });
+  startTelemetry();
+  const base = await startEngine(writeConfig());
+  const origin = new URL(base).origin;
+  log(`engine at ${base}, data in ${tmp}`);
+
+  context = await chromium.launchPersistentContext(path.join(tmp, 'profile'), {
+    executablePath: chromiumPath,
+    headless: true,
+    viewport: { width: 1360, height: 900 },
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const page = context.pages()[0] || await context.newPage();
+  page.setDefaultTimeout(STEP_TIMEOUT);
+  const consoleErrors = [];
+  const foreign = [];
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
+  page.on('pageerror', (e) => consoleErrors.push(`uncaught: ${e.message}`));
+  page.on('request', (r) => {
+    const url = new URL(r.url());
+    if (url.protocol.startsWith('http') && url.origin !== origin) foreign.push(r.url());
+  });
+
+  // 1. The page loads, connects to the live feed, and logs no error.
+  await page.goto(`${base}/`);
+  await page.waitForSelector('.view-overview[data-loaded="true"]');
+  await page.waitForSelector('#live[data-state="live"]');
+  await page.waitForSelector('.card.pipeline[data-pipeline="quickstart"]');
+  assert.deepEqual(consoleErrors, [], 'console errors on load');
+  log('page loaded, live feed connected, no console errors');
+
+  // 2. A job submitted through the API shows up in the list, then moves through its states
+  //    on its page without a reload.
+  await page.goto(`${base}/#/jobs`);
+  await page.waitForSelector('.view-jobs[data-loaded="true"]');
+  await page.evaluate(() => { window.__notReloaded = true; });
+  const jobA = await submit(base, 'the quick brown fox');
+  await page.waitForSelector(`.view-jobs tr[data-job="${jobA}"]`);
+  log(`job ${jobA} appeared in the list without a reload`);
+  await page.click(`.view-jobs tr[data-job="${jobA}"] a`);
+  await page.waitForSelector('.view-job[data-loaded="true"] #job-state');
+  await page.evaluate(() => {
+    window.__states = [];
+    const note = () => {
+      const s = document.querySelector('#job-state')?.textContent;
+      if (s && window.__states.at(-1) !== s) window.__states.push(s);
+    };
+    note();
+    new MutationObserver(note).observe(document.getElementById('main'), { childList: true, subtree: true, characterData: true });
+  });
+  await page.waitForFunction(() => document.querySelector('#job-state')?.textContent === 'succeeded', null, { timeout: 60_000 });
+  const states = await page.evaluate(() => window.__states);
+  assert.ok(await page.evaluate(() => window.__notReloaded === true), 'the page was reloaded');
+  assert.ok(states.includes('running'), `job page never showed running: ${states}`);
+  assert.equal(states.at(-1), 'succeeded', `states seen: ${states}`);
+  assert.ok(states.indexOf('running') < states.indexOf('succeeded'), `states out of order: ${states}`);
+  for (const stage of ['prepare', 'infer', 'summarize']) {
+    await page.waitForSelector(`.node[data-stage="${stage}"][data-state="succeeded"]`);
+  }
+  await page.waitForSelector('pre.log[data-stage="infer"]');
+  const inferLog = await page.textContent('pre.log[data-stage="infer"]');
+  assert.match(inferLog, /scored \d+ tokens on device 0/, 'the infer stage log tail');
+  log(`job page followed the job live: ${states.join(' -> ')}`);
+  await page.screenshot({ path: path.join(shots, 'job.png'), fullPage: true });
+
+  // 3. The GPU lane shows the lease while it is held (and the inventory is labelled virtual).
+  await page.goto(`${base}/#/gpus`);
+  await page.waitForSelector('.view-gpus[data-loaded="true"]');
+  await page.waitForSelector('.lane[data-device="0"] .badge.virtual');
+  const jobB = await submit(base, 'subtitle frames to text');
+  await page.waitForSelector(`.lane[data-device="0"][data-held="true"] a.lease.open[data-job="${jobB}"][data-stage="infer"]`);
+  const header = await page.textContent('.lane[data-device="0"] header');
+  assert.match(header, new RegExp(`leased by ${jobB.slice(-8)}/infer`), `lane header: ${header}`);
+  assert.ok(await page.$(`.lane[data-device="0"] a.lease.closed[data-job="${jobA}"]`), 'the earlier lease of job A is on the lane');
+  log(`GPU 0 lane shows job ${jobB}'s lease on infer`);
+
+  // 4. The waiting queue says what a waiting stage needs and who holds it.
+  const jobC = await submit(base, 'gpus should never idle');
+  await page.goto(`${base}/#/queue`);
+  await page.waitForSelector(`.view-queue tr[data-job="${jobC}"]`);
+  const reason = await page.textContent(`.view-queue tr[data-job="${jobC}"] .reason`);
+  assert.match(reason, /needs 1 GPU, the only one is held by/, `queue reason: ${reason}`);
+  log(`queue: ${jobC.slice(-8)} ${reason}`);
+  await page.goto(`${base}/#/gpus`);
+  await page.waitForSelector(`.lane[data-device="0"] a.lease.open[data-job="${jobB}"]`);
+  await page.waitForTimeout(600);
+  await page.screenshot({ path: path.join(shots, 'gpus.png'), fullPage: true });
+
+  // 5. Cancel works from the page.
+  const jobD = await submit(base, 'cancel me');
+  await page.goto(`${base}/#/jobs/${jobD}`);
+  await page.waitForSelector('.view-job[data-loaded="true"] #cancel-job:not([disabled])');
+  await page.click('#cancel-job');
+  await page.waitForFunction(() => document.querySelector('#job-state')?.textContent === 'cancelled');
+  const cancelled = await api(base, 'GET', `/v1/jobs/${jobD}`);
+  assert.equal(cancelled.state, 'cancelled', 'the engine did not cancel the job');
+  assert.ok(await page.$('#cancel-job[disabled]'), 'cancel button still enabled after cancel');
+  log(`job ${jobD} cancelled from its page`);
+  await page.screenshot({ path: path.join(shots, 'job-cancelled.png'), fullPage: true });
+
+  // Overview, with jobs in several states.
+  await page.goto(`${base}/#/`);
+  await page.waitForSelector('.view-overview[data-loaded="true"]');
+  await page.waitForFunction(() => {
+    const card = document.querySelector('.card.pipeline[data-pipeline="quickstart"]');
+    return card && Number(card.querySelector('.stat.succeeded .value').textContent) >= 1;
+  });
+  await page.waitForTimeout(300);
+  await page.screenshot({ path: path.join(shots, 'overview.png'), fullPage: true });
+
+  // The other views render too.
+  for (const view of ['pools', 'findings']) {
+    await page.goto(`${base}/#/${view}`);
+    await page.waitForSelector(`.view-${view}[data-loaded="true"]`);
+  }
+
+  assert.deepEqual(consoleErrors, [], 'console errors');
+  assert.deepEqual(foreign, [], 'requests to other origins');
+  log(`screenshots in ${path.relative(repo, shots)}/: overview.png, job.png, gpus.png, job-cancelled.png`);
+}
+
+let failed = false;
+try {
+  await main();
+  log('PASS');
+} catch (e) {
+  failed = true;
+  console.error(`[e2e] FAIL: ${e.stack || e}`);
+  if (context) {
+    const page = context.pages()[0];
+    if (page) await page.screenshot({ path: path.join(shots, 'failure.png'), fullPage: true }).catch(() => {});
+  }
+  const text = fs.existsSync(engineLog) ? fs.readFileSync(engineLog, 'utf8') : '';
+  console.error(`---- engine log (last 4000 chars) ----\n${text.slice(-4000)}`);
+} finally {
+  clearInterval(telemetryTimer);
+  if (context) await context.close().catch(() => {});
+  if (engine && engine.exitCode === null) {
+    engine.kill('SIGTERM');
+    await new Promise((r) => { engine.once('exit', r); setTimeout(r, 10_000); });
+  }
+  if (!failed) fs.rmSync(tmp, { recursive: true, force: true });
+}
+process.exit(failed ? 1 : 0);
