@@ -441,8 +441,17 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
     Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
 }
 
-/// Liveness. Not behind auth.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)), security(()))]
-pub async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+/// Readiness. 503 `starting` until start-up (the sweep of a dead engine's processes and
+/// recovery) is done, then 200 `ok`. Not behind auth.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health), (status = 503, body = Health)), security(()))]
+pub async fn healthz(State(app): State<AppState>) -> (StatusCode, Json<Health>) {
+    let ready = app.engine.is_ready();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        status,
+        Json(Health {
+            status: if ready { "ok" } else { "starting" }.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+    )
 }

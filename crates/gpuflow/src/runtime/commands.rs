@@ -146,11 +146,18 @@ impl From<StoreError> for EngineError {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     journal: Journal,
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EngineHandle {
-    pub(super) fn new(tx: mpsc::Sender<Command>, journal: Journal) -> Self {
-        EngineHandle { tx, journal }
+    pub(super) fn new(tx: mpsc::Sender<Command>, journal: Journal, ready: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        EngineHandle { tx, journal, ready }
+    }
+
+    /// True once start-up is done: a dead engine's processes swept, unfinished jobs recovered
+    /// (or the agent joined its cluster). Until then `/healthz` answers 503.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The live feed and recent histories, for the dashboard.

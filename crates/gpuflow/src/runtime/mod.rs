@@ -133,6 +133,8 @@ pub struct Runtime<S: Store> {
     cluster: Option<cluster::Agent>,
     /// The API's address, as agents advertise it.
     api_address: String,
+    /// Set once start-up (sweep, recovery) is done; read by `/healthz`.
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn job_id_of(id: &str) -> Option<JobId> {
@@ -171,8 +173,10 @@ impl<S: Store> Runtime<S> {
             commands,
             cluster: None,
             api_address: String::new(),
+            ready: Arc::default(),
         };
-        (runtime, EngineHandle::new(cmd_tx, journal))
+        let ready = runtime.ready.clone();
+        (runtime, EngineHandle::new(cmd_tx, journal, ready))
     }
 
     /// The address this engine's API listens on (agents advertise it in `/v1/agents`).
@@ -195,6 +199,7 @@ impl<S: Store> Runtime<S> {
             self.recover().await?;
         }
         self.start_gpu_sampler();
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
         tokio::pin!(shutdown);
         let cluster_wake = self.cluster.as_ref().map(|a| a.wake());
         let mut cluster_tick =

@@ -72,7 +72,8 @@ impl Engine {
         loop {
             if let Ok(addr) = std::fs::read_to_string(&addr_file) {
                 self.base = format!("http://{}", addr.trim());
-                if self.http.get(format!("{}/healthz", self.base)).send().await.is_ok() {
+                // 200 only once start-up (sweep, recovery) is done.
+                if self.http.get(format!("{}/healthz", self.base)).send().await.is_ok_and(|r| r.status().is_success()) {
                     return;
                 }
             }
