@@ -35,8 +35,6 @@ pub(super) struct Agent {
     configs: HashMap<String, Result<Arc<Config>, String>>,
     wake: Arc<Notify>,
     last_renewal: tokio::time::Instant,
-    pub(super) fenced_writes: u64,
-    pub(super) leases_expired: u64,
 }
 
 struct ClaimedStage {
@@ -59,8 +57,6 @@ impl Agent {
             configs: HashMap::new(),
             wake: Arc::new(Notify::new()),
             last_renewal: tokio::time::Instant::now(),
-            fenced_writes: 0,
-            leases_expired: 0,
         }
     }
 
@@ -176,7 +172,7 @@ impl<S: Store> Runtime<S> {
         match agent.store.expire_leases().await {
             Ok(lost) => {
                 for l in lost {
-                    agent.leases_expired += 1;
+                    self.metrics.leases_expired.inc();
                     tracing::warn!(agent = %l.agent, job = %l.job, stage = l.stage, attempt = l.attempt, late_ms = l.late_ms, "lease expired; stage re-queued");
                 }
             }
@@ -360,7 +356,7 @@ impl<S: Store> Runtime<S> {
                     match agent.store.record_grant(c.token, &grant).await {
                         Ok(true) => {}
                         Ok(false) => {
-                            agent.fenced_writes += 1;
+                            self.metrics.fenced_writes.inc();
                             tracing::warn!(job = %c.job, token = c.token, "write refused: lease no longer current");
                         }
                         Err(e) => tracing::warn!("cannot record a grant: {e}"),
@@ -401,7 +397,7 @@ impl<S: Store> Runtime<S> {
             }
             Ok(Finish::Fenced) => {
                 c.settled = true;
-                agent.fenced_writes += 1;
+                self.metrics.fenced_writes.inc();
                 tracing::warn!(job = %c.job, token = c.token, "late write refused: the lease expired and the stage was re-queued; this outcome is discarded");
             }
             Err(e) => {

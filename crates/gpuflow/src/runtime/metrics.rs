@@ -42,6 +42,10 @@ pub(super) struct Metrics {
     pool_instances: Family<Labels, Gauge>,
     findings_open: Family<Labels, Gauge>,
     findings_opened: Family<Labels, Counter>,
+    /// Agent mode: writes refused because the claim's lease was no longer current.
+    pub(super) fenced_writes: Counter,
+    /// Agent mode: leases this agent found expired and re-queued (any agent's).
+    pub(super) leases_expired: Counter,
 }
 
 impl Default for Metrics {
@@ -63,9 +67,21 @@ impl Default for Metrics {
             pool_instances: Family::default(),
             findings_open: Family::default(),
             findings_opened: Family::default(),
+            fenced_writes: Counter::default(),
+            leases_expired: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("gpuflow_jobs_submitted", "Jobs accepted", m.jobs_submitted.clone());
+        registry.register(
+            "gpuflow_fenced_writes",
+            "Agent mode: writes refused because the claim's lease had expired (a stale agent)",
+            m.fenced_writes.clone(),
+        );
+        registry.register(
+            "gpuflow_leases_expired",
+            "Agent mode: expired leases this agent re-queued, whichever agent held them",
+            m.leases_expired.clone(),
+        );
         registry.register(
             "gpuflow_jobs_finished",
             "Jobs that reached a final state, by state",

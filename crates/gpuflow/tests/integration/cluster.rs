@@ -263,6 +263,13 @@ async fn frozen_agent_is_fenced_and_its_processes_killed() {
     // The late report of the short stage's first run was refused ...
     let text = frozen.log();
     assert!(text.contains("late write refused"), "{text}");
+    let metrics = frozen.http.get(format!("{}/metrics", frozen.base)).send().await.unwrap().text().await.unwrap();
+    let fenced: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gpuflow_fenced_writes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fenced-writes counter in:\n{metrics}"));
+    assert!(fenced >= 1.0, "refused writes are counted: {fenced}");
     // ... and the long stage's first run was killed when its agent saw the lease gone.
     assert!(text.contains("lease lost"), "{text}");
     let deadline = Instant::now() + Duration::from_secs(5);
