@@ -350,17 +350,22 @@ impl<S: Store> Runtime<S> {
         for action in actions {
             match action {
                 Action::Start { job, grant, .. } => {
-                    let Some(agent) = &mut self.cluster else { return Ok(()) };
+                    let Some(agent) = &self.cluster else { return Ok(()) };
                     let Some(c) = agent.claims.get(job) else { continue };
+                    // Off the loop: the grant is for display, and a refusal (the lease is gone)
+                    // is acted on by the next renewal, which stops the attempt.
                     let grant = serde_json::to_value(LeaseRecord::from(grant)).expect("serializable");
-                    match agent.store.record_grant(c.token, &grant).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            self.metrics.fenced_writes.inc();
-                            tracing::warn!(job = %c.job, token = c.token, "write refused: lease no longer current");
+                    let (store, token, job, fenced) = (agent.store.clone(), c.token, c.job.clone(), self.metrics.fenced_writes.clone());
+                    tokio::spawn(async move {
+                        match store.record_grant(token, &grant).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                fenced.inc();
+                                tracing::warn!(%job, token, "write refused: lease no longer current");
+                            }
+                            Err(e) => tracing::warn!("cannot record a grant: {e}"),
                         }
-                        Err(e) => tracing::warn!("cannot record a grant: {e}"),
-                    }
+                    });
                 }
                 Action::AttemptEnded { job, stage, attempt, result, error, retryable, .. } => {
                     let error = error.clone().unwrap_or_default();

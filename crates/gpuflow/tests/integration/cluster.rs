@@ -223,6 +223,17 @@ async fn killed_agent_work_is_rerun_by_the_others() {
         .find(|a| a["api"] != agents[0].base && a["api"] != agents[2].base)
         .cloned();
     assert_eq!(dead.map(|d| d["state"].clone()), Some(json!("unresponsive")), "{body:#}");
+    // The CLI lists the same.
+    let out = std::process::Command::new(crate::fixture::bin())
+        .arg("agents")
+        .env("GPUFLOW_SERVER", &agents[2].base)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert_eq!(text.matches("[unresponsive]").count(), 1, "{text}");
+    assert_eq!(text.matches("[running]").count(), 2, "{text}");
     assert_eq!(db.sql("SELECT count(*) FROM leases"), "0");
 }
 
