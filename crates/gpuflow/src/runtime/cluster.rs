@@ -355,7 +355,8 @@ impl<S: Store> Runtime<S> {
                     // Off the loop: the grant is for display, and a refusal (the lease is gone)
                     // is acted on by the next renewal, which stops the attempt.
                     let grant = serde_json::to_value(LeaseRecord::from(grant)).expect("serializable");
-                    let (store, token, job, fenced) = (agent.store.clone(), c.token, c.job.clone(), self.metrics.fenced_writes.clone());
+                    let (store, token, job, fenced) =
+                        (agent.store.clone(), c.token, c.job.clone(), self.metrics.fenced_writes.clone());
                     tokio::spawn(async move {
                         match store.record_grant(token, &grant).await {
                             Ok(true) => {}
