@@ -46,10 +46,10 @@ def stop(engine):
     engine.wait()
 
 
-def wait_drained(base):
+def wait_drained(base, interval=0.01):
     """Waits until no job is queued or running."""
     while any(call(base, "GET", f"/v1/jobs?state={s}&limit=1")["jobs"] for s in ("queued", "running")):
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 def submit_many(base, pipeline, n, threads=8, input_of=None):

@@ -61,6 +61,15 @@ def rows_pool(r):
     ]
 
 
+def rows_noop(r):
+    return [
+        ("built-in no-op, 1 stage, drain (engine alone): jobs/s", r["drain_1_stage_jobs_per_s"], ge(r["goal_per_s"])),
+        ("built-in no-op, 3 stages, drain: jobs/s", r["drain_3_stage_jobs_per_s"], {}),
+        ("built-in no-op, 1 stage, over HTTP end to end: jobs/s", r["end_to_end_1_stage_jobs_per_s"], {}),
+        ("built-in no-op, 3 stages, over HTTP end to end: jobs/s", r["end_to_end_3_stage_jobs_per_s"], {}),
+    ]
+
+
 def rows_dispatch(r):
     rows = []
     for x in r["results"]:
@@ -100,6 +109,7 @@ BENCHES = {
     "mixed": ("mixed_bound.py", ["--scale", "0.1"], ["--scale", "0.02"], rows_mixed),
     "throughput": ("quick_throughput.py", ["--jobs", "2000"], ["--jobs", "300"], rows_throughput),
     "submit": ("submit_rate.py", ["--jobs", "1000"], ["--jobs", "200"], rows_submit),
+    "noop": ("noop_throughput.py", ["--jobs", "20000"], ["--jobs", "2000"], rows_noop),
     "pool": ("pool_throughput.py", ["--jobs", "2000"], ["--jobs", "300"], rows_pool),
     "dispatch": ("dispatch_latency.py", ["--rates", "1000,500,200", "--seconds", "5"], ["--rates", "1000,200", "--seconds", "1"], rows_dispatch),
     "recovery": ("worker_recovery.py", ["--crashes", "5", "--hangs", "3", "--heartbeat", "2"], ["--crashes", "2", "--hangs", "1", "--heartbeat", "1"], rows_recovery),

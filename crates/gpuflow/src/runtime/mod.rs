@@ -32,6 +32,9 @@ pub use commands::{
 pub use pools::{InstanceView, PoolView};
 pub use watchdog::OpenFinding;
 
+/// `command: [gpuflow:noop]`: a built-in stage that succeeds at once without spawning.
+pub const NOOP_COMMAND: &str = "gpuflow:noop";
+
 /// Why the loop stopped on its own. The store failing is fatal by design: the engine must
 /// not act on a change it could not record, and a restart recovers from what was recorded.
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +354,13 @@ impl<S: Store> Runtime<S> {
             .map(|t| t.render(&ctx))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cannot build the command: {e}"))?;
+        if argv.len() == 1 && argv[0] == NOOP_COMMAND {
+            // Succeeds at once, with no process and no file: every durable transition still
+            // happens, so benchmarks can measure the scheduler and the store alone.
+            let report = AttemptReport { status: ExitStatus::Code(0), output: Ok(None), stderr_tail: String::new() };
+            let _ = self.internal_tx.send(Internal::Exited { key: (job, stage, attempt), report });
+            return Ok(());
+        }
         // Logs and outputs live in the job's `.gpuflow` directory. The attempt's own task
         // creates it (directory creation is a measurable cost that must not stall this loop).
         let internal = active.dir.join(".gpuflow");

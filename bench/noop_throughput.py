@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""The engine alone: jobs/s with the built-in no-op executor (`command: [gpuflow:noop]`: no
+process, no file, every transition committed: SQLite WAL, synchronous=FULL). Goal: >= 30,000
+one-stage jobs/s completed on this 2-core machine.
+
+Two readings per pipeline shape (1 stage, 3 stages):
+  - drain: N jobs wait behind a counter held by `--gate` holder jobs; the holders are cancelled
+    and the time until every job is final is measured. That is the scheduler and the store with
+    no HTTP in the way (the rate the goal is about).
+  - end to end: N jobs submitted over HTTP by 8 client threads until all are final (bounded by
+    admission: one HTTP request and one insert commit per job).
+Usage: python3 bench/noop_throughput.py [--jobs 20000] [--gate 8] [--bin target/release/gpuflow]"""
+import argparse
+import tempfile
+import time
+
+from engine import call, start, stop, submit_many, wait_drained, write_config, write_result
+
+GOAL = 30000.0
+
+
+def drain(binary, n, stages, gate):
+    with tempfile.TemporaryDirectory() as d:
+        rest = "".join(f", {{name: s{i}, command: [\"gpuflow:noop\"], needs: {{}}}}" for i in range(1, stages))
+        cfg = write_config(d, f"""resources: {{gpus: none, cpu: 2, counters: {{gate: {gate}}}}}
+diagnosis: {{sample_interval: 1h}}
+pipelines:
+  hold: {{max_queued: {gate}, stages: [{{name: s, needs: {{counters: {{gate: 1}}}}, command: [sleep, "3600"]}}]}}
+  p: {{max_queued: {n + 10}, stages: [{{name: s0, command: ["gpuflow:noop"], needs: {{counters: {{gate: 1}}}}}}{rest}]}}
+""")
+        engine, base = start(binary, cfg, d)
+        try:
+            holders = submit_many(base, "hold", gate, 1)
+            while len(call(base, "GET", "/v1/resources")["leases"]) < gate:
+                time.sleep(0.01)
+            t = time.perf_counter()
+            submit_many(base, "p", n, 8)
+            admitted = n / (time.perf_counter() - t)
+            t0 = time.perf_counter()
+            for h in holders:
+                call(base, "POST", f"/v1/jobs/{h}/cancel", {})
+            wait_drained(base, interval=0.05)
+            elapsed = time.perf_counter() - t0
+            assert not call(base, "GET", "/v1/jobs?state=failed&limit=1")["jobs"]
+        finally:
+            stop(engine)
+    return n / elapsed, admitted
+
+
+def end_to_end(binary, n, stages):
+    with tempfile.TemporaryDirectory() as d:
+        rest = "".join(f", {{name: s{i}, command: [\"gpuflow:noop\"], needs: {{}}}}" for i in range(1, stages))
+        cfg = write_config(d, f"""resources: {{gpus: none, cpu: 2}}
+diagnosis: {{sample_interval: 1h}}
+pipelines:
+  p: {{max_queued: {n + 10}, stages: [{{name: s0, command: ["gpuflow:noop"], needs: {{}}}}{rest}]}}
+""")
+        engine, base = start(binary, cfg, d)
+        try:
+            t = time.perf_counter()
+            submit_many(base, "p", n, 8)
+            wait_drained(base, interval=0.05)
+            elapsed = time.perf_counter() - t
+            assert not call(base, "GET", "/v1/jobs?state=failed&limit=1")["jobs"]
+        finally:
+            stop(engine)
+    return n / elapsed
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--gate", type=int, default=8, help="holder jobs (and concurrent no-op stages)")
+    ap.add_argument("--bin", default="target/release/gpuflow")
+    args = ap.parse_args(argv)
+    result = {"jobs": args.jobs, "goal_per_s": GOAL}
+    for stages in (1, 3):
+        rate, admitted = drain(args.bin, args.jobs, stages, args.gate)
+        result[f"drain_{stages}_stage_jobs_per_s"] = round(rate, 1)
+        result[f"drain_{stages}_stage_stages_per_s"] = round(rate * stages, 1)
+        result[f"admission_{stages}_stage_jobs_per_s"] = round(admitted, 1)
+        result[f"end_to_end_{stages}_stage_jobs_per_s"] = round(end_to_end(args.bin, args.jobs // 4, stages), 1)
+    result["ratio_to_goal_1_stage"] = round(result["drain_1_stage_jobs_per_s"] / GOAL, 4)
+    for k, v in result.items():
+        print(f"{k:<36} {v}")
+    return write_result("noop_throughput", result)
+
+
+if __name__ == "__main__":
+    main()
