@@ -47,9 +47,10 @@ async fn burst(engine: &Engine, n: u64, clients: u64) -> Tally {
                     429 => {
                         assert_eq!(body["error"]["code"], "queue_full", "{body}");
                         assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("max_queued")), "{body}");
-                        let secs: u64 = retry_after.as_deref().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-                            panic!("429 without a numeric Retry-After: {retry_after:?}")
-                        });
+                        let secs: u64 = retry_after
+                            .as_deref()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or_else(|| panic!("429 without a numeric Retry-After: {retry_after:?}"));
                         assert!((1..=60).contains(&secs), "Retry-After {secs}");
                         tally.refused += 1;
                     }
@@ -96,7 +97,7 @@ pipelines:
             "load burst {b}: {} accepted, {} refused (429), engine RSS {} KiB",
             tally.accepted.len(),
             tally.refused,
-            rss[rss.len() - 1]
+            rss.last().unwrap()
         );
         assert!(tally.refused > 0, "a burst of {size} against max_queued {MAX_QUEUED} must be refused in part");
         assert!(!tally.accepted.is_empty(), "the queue drains between bursts, so some are accepted");

@@ -78,12 +78,8 @@ fn idle_instances(r: &Value) -> usize {
 
 /// The parts of `/v1/resources` that say what is free: they must read the same at the end.
 fn capacity(r: &Value) -> Value {
-    let gpus: Vec<Value> = r["gpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| json!([g["memory_leased_bytes"], g["exclusive"]]))
-        .collect();
+    let gpus: Vec<Value> =
+        r["gpus"].as_array().unwrap().iter().map(|g| json!([g["memory_leased_bytes"], g["exclusive"]])).collect();
     json!({"cpu": r["cpu"], "gpus": gpus, "leases": r["leases"], "waiting": r["waiting"], "idle": idle_instances(r)})
 }
 
@@ -114,8 +110,11 @@ pipelines:
         &[("worker.py", WORKER)],
     )
     .await;
-    let ready = async |e: &Engine| idle_instances(&e.resources().await) == 2;
-    engine.wait_until("both instances ready", Duration::from_secs(30), ready).await;
+    engine
+        .wait_until("both instances ready", Duration::from_secs(30), async |e| {
+            idle_instances(&e.resources().await) == 2
+        })
+        .await;
     let before = capacity(&engine.resources().await);
 
     // Every fault at least once, in a random order, then random ones.
@@ -149,7 +148,11 @@ pipelines:
         }
     }
 
-    engine.wait_until("both instances ready again", Duration::from_secs(90), ready).await;
+    engine
+        .wait_until("both instances ready again", Duration::from_secs(90), async |e| {
+            idle_instances(&e.resources().await) == 2
+        })
+        .await;
     assert_eq!(capacity(&engine.resources().await), before, "seed {seed}: capacity changed");
     assert!(zombie_children_of(engine.pid()).is_empty(), "seed {seed}: zombies under the engine");
     for (_, fault, n) in &submitted {
