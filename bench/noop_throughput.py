@@ -9,14 +9,38 @@ Two readings per pipeline shape (1 stage, 3 stages):
     no HTTP in the way (the rate the goal is about).
   - end to end: N jobs submitted over HTTP by 8 client threads until all are final (bounded by
     admission: one HTTP request and one insert commit per job).
-Usage: python3 bench/noop_throughput.py [--jobs 20000] [--gate 8] [--bin target/release/gpuflow]"""
+Baseline in the same run, on the same file system: SQLite itself (Python's sqlite3, WAL,
+synchronous=FULL) committing one small row per transaction, and 100 rows per transaction.
+A drained one-stage job costs the engine two commits (its start, then its end with the job's
+end), so half the single-row commit rate is the bound of one commit per step.
+Usage: python3 bench/noop_throughput.py [--jobs 10000] [--gate 8] [--bin target/release/gpuflow]"""
 import argparse
+import os
+import sqlite3
 import tempfile
 import time
 
 from engine import call, start, stop, submit_many, wait_drained, write_config, write_result
 
 GOAL = 30000.0
+
+
+def sqlite_commits(n=2000, batch=1):
+    """Rows/s committed by SQLite alone, `batch` rows per transaction (WAL, synchronous=FULL)."""
+    with tempfile.TemporaryDirectory() as d:
+        db = sqlite3.connect(os.path.join(d, "b.db"), isolation_level=None)
+        db.execute("pragma journal_mode=wal")
+        db.execute("pragma synchronous=full")
+        db.execute("create table t (id integer primary key, job text, state text, at integer)")
+        t = time.perf_counter()
+        for i in range(n // batch):
+            db.execute("begin")
+            for k in range(batch):
+                db.execute("insert into t (job, state, at) values (?, 'running', ?)", (f"job-{i}-{k}", i))
+            db.execute("commit")
+        rate = (n // batch) * batch / (time.perf_counter() - t)
+        db.close()
+    return rate
 
 
 def drain(binary, n, stages, gate):
@@ -69,7 +93,7 @@ pipelines:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--jobs", type=int, default=10000)
     ap.add_argument("--gate", type=int, default=8, help="holder jobs (and concurrent no-op stages)")
     ap.add_argument("--bin", default="target/release/gpuflow")
     args = ap.parse_args(argv)
@@ -80,7 +104,12 @@ def main(argv=None):
         result[f"drain_{stages}_stage_stages_per_s"] = round(rate * stages, 1)
         result[f"admission_{stages}_stage_jobs_per_s"] = round(admitted, 1)
         result[f"end_to_end_{stages}_stage_jobs_per_s"] = round(end_to_end(args.bin, args.jobs // 4, stages), 1)
+    single, batched = sqlite_commits(2000, 1), sqlite_commits(50000, 100)
+    result["sqlite_single_row_commits_per_s"] = round(single, 1)
+    result["sqlite_rows_per_s_batched_100"] = round(batched, 1)
     result["ratio_to_goal_1_stage"] = round(result["drain_1_stage_jobs_per_s"] / GOAL, 4)
+    # Two commits per one-stage job at one commit per step.
+    result["ratio_to_commit_per_step_bound_1_stage"] = round(result["drain_1_stage_jobs_per_s"] / (single / 2), 3)
     for k, v in result.items():
         print(f"{k:<36} {v}")
     return write_result("noop_throughput", result)

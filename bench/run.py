@@ -65,6 +65,9 @@ def rows_noop(r):
     return [
         ("built-in no-op, 1 stage, drain (engine alone): jobs/s", r["drain_1_stage_jobs_per_s"], ge(r["goal_per_s"])),
         ("built-in no-op, 3 stages, drain: jobs/s", r["drain_3_stage_jobs_per_s"], {}),
+        ("SQLite alone, same run: single-row commits/s (WAL, FULL)", r["sqlite_single_row_commits_per_s"], {}),
+        ("SQLite alone, same run: rows/s at 100 rows per commit", r["sqlite_rows_per_s_batched_100"], {}),
+        ("no-op 1 stage / (single-row commits/s / 2 commits per job)", r["ratio_to_commit_per_step_bound_1_stage"], {}),
         ("built-in no-op, 1 stage, over HTTP end to end: jobs/s", r["end_to_end_1_stage_jobs_per_s"], {}),
         ("built-in no-op, 3 stages, over HTTP end to end: jobs/s", r["end_to_end_3_stage_jobs_per_s"], {}),
     ]
@@ -75,6 +78,9 @@ def rows_dispatch(r):
     for x in r["results"]:
         at = f"at {x['offered_per_s']:.0f}/s offered ({x['achieved_submit_per_s']:.0f}/s achieved)"
         goal = le(5.0) if x["offered_per_s"] == 1000 else {}
+        if goal and x["achieved_submit_per_s"] < 0.95 * x["offered_per_s"]:
+            # The clients could not offer the load: the latency goal was not tested at 1,000/s.
+            goal = {**goal, "load_not_reached": True}
         rows.append((f"dispatch p50 ms {at}", x["dispatch_p50_ms"], {}))
         rows.append((f"dispatch p99 ms {at}", x["dispatch_p99_ms"], goal))
         rows.append((f"runnable -> process running p99 ms {at}", x["process_start_p99_ms"], {}))
@@ -109,7 +115,7 @@ BENCHES = {
     "mixed": ("mixed_bound.py", ["--scale", "0.1"], ["--scale", "0.02"], rows_mixed),
     "throughput": ("quick_throughput.py", ["--jobs", "2000"], ["--jobs", "300"], rows_throughput),
     "submit": ("submit_rate.py", ["--jobs", "1000"], ["--jobs", "200"], rows_submit),
-    "noop": ("noop_throughput.py", ["--jobs", "20000"], ["--jobs", "2000"], rows_noop),
+    "noop": ("noop_throughput.py", ["--jobs", "10000"], ["--jobs", "2000"], rows_noop),
     "pool": ("pool_throughput.py", ["--jobs", "2000"], ["--jobs", "300"], rows_pool),
     "dispatch": ("dispatch_latency.py", ["--rates", "1000,500,200", "--seconds", "5"], ["--rates", "1000,200", "--seconds", "1"], rows_dispatch),
     "recovery": ("worker_recovery.py", ["--crashes", "5", "--hangs", "3", "--heartbeat", "2"], ["--crashes", "2", "--hangs", "1", "--heartbeat", "1"], rows_recovery),
@@ -129,6 +135,8 @@ def judge(value, goal):
         return None, ""
     ratio = value / goal["goal"]
     met = value <= goal["goal"] if goal["better"] == "lower" else value >= goal["goal"]
+    if goal.get("load_not_reached"):
+        return round(ratio, 3), "NOT TESTED (offered load not reached)"
     return round(ratio, 3), "met" if met else "MISSED"
 
 
@@ -157,9 +165,15 @@ def main():
         script, full, quick, rows = BENCHES[name]
         argv = [sys.executable, os.path.join(HERE, script), *(quick if args.quick else full), "--bin", args.bin]
         print(f"\n==> {name}: {' '.join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in argv[1:])}", flush=True)
-        began = time.perf_counter()
+        began, load_before = time.perf_counter(), os.getloadavg()[0]
         proc = subprocess.run(argv, cwd=HERE)
-        entry = {"command": " ".join(argv[1:]), "seconds": round(time.perf_counter() - began, 1), "exit_status": proc.returncode}
+        entry = {
+            "command": " ".join(argv[1:]),
+            "seconds": round(time.perf_counter() - began, 1),
+            "exit_status": proc.returncode,
+            # The machine may be shared: the 1-minute load average before and after the run.
+            "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        }
         if proc.returncode == 0:
             result = json.load(open(os.path.join(HERE, script.replace(".py", ".json"))))
             entry["result"] = result
@@ -183,6 +197,8 @@ def main():
         v = "—" if value is None else f"{value:g}"
         r = "" if ratio is None else f"{ratio:g}"
         print(f"{name:<11} {figure:<{w}} {v:>10} {g:>8} {r:>7} {verdict}")
+    for name, entry in report["benches"].items():
+        print(f"load average during {name}: {entry['loadavg_1m'][0]} -> {entry['loadavg_1m'][1]} ({os.cpu_count()} cores)")
     print(f"\nwritten: {os.path.relpath(args.out, ROOT)}")
     return 1 if any(t[5] == "FAILED" for t in table) else 0
 
