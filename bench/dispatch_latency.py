@@ -102,7 +102,7 @@ def main(argv=None):
     ap.add_argument("--rates", default="1000,500,200", help="offered jobs/s, comma-separated")
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--slots", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--bin", default="target/release/gpuflow")
     args = ap.parse_args(argv)
     results = [run(args.bin, float(r), args.seconds, args.slots, args.threads) for r in args.rates.split(",")]

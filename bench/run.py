@@ -84,7 +84,8 @@ def rows_dispatch(r):
         rows.append((f"dispatch p50 ms {at}", x["dispatch_p50_ms"], {}))
         rows.append((f"dispatch p99 ms {at}", x["dispatch_p99_ms"], goal))
         rows.append((f"runnable -> process running p99 ms {at}", x["process_start_p99_ms"], {}))
-        rows.append((f"starts within 5 ms (engine histogram) {at}", x["queue_wait_within_5ms"], ge(0.99) if goal else {}))
+        share_goal = {**ge(0.99), **{k: v for k, v in goal.items() if k == "load_not_reached"}} if goal else {}
+        rows.append((f"starts within 5 ms (engine histogram) {at}", x["queue_wait_within_5ms"], share_goal))
     return rows
 
 

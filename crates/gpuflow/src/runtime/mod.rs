@@ -181,8 +181,10 @@ impl<S: Store> Runtime<S> {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self.state.next_wakeup().map(|t| self.clock.instant_at(t));
+            // Not `biased`: with internal events first, a steady stream of child exits (each
+            // step may start the next attempt) starved API commands and timers until the queue
+            // drained: a cancel or GET /v1/resources waited out the whole backlog.
             tokio::select! {
-                biased;
                 _ = &mut shutdown => break,
                 Some(msg) = self.internal_rx.recv() => self.on_internal(msg).await?,
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await?,
