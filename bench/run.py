@@ -67,7 +67,7 @@ def rows_noop(r):
         ("built-in no-op, 3 stages, drain: jobs/s", r["drain_3_stage_jobs_per_s"], {}),
         ("SQLite alone, same run: single-row commits/s (WAL, FULL)", r["sqlite_single_row_commits_per_s"], {}),
         ("SQLite alone, same run: rows/s at 100 rows per commit", r["sqlite_rows_per_s_batched_100"], {}),
-        ("no-op 1 stage / (single-row commits/s / 2 commits per job)", r["ratio_to_commit_per_step_bound_1_stage"], {}),
+        ("no-op 1 stage drain / single-row commits/s (one commit per step)", r["ratio_to_commit_per_step_bound_1_stage"], {}),
         ("built-in no-op, 1 stage, over HTTP end to end: jobs/s", r["end_to_end_1_stage_jobs_per_s"], {}),
         ("built-in no-op, 3 stages, over HTTP end to end: jobs/s", r["end_to_end_3_stage_jobs_per_s"], {}),
     ]
