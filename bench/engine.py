@@ -46,7 +46,51 @@ def stop(engine):
     engine.wait()
 
 
-def wait_drained(base):
+def wait_drained(base, interval=0.01):
     """Waits until no job is queued or running."""
     while any(call(base, "GET", f"/v1/jobs?state={s}&limit=1")["jobs"] for s in ("queued", "running")):
-        time.sleep(0.01)
+        time.sleep(interval)
+
+
+def submit_many(base, pipeline, n, threads=8, input_of=None):
+    """Submits n jobs from `threads` client threads; returns their ids in order."""
+    import concurrent.futures
+
+    def one(i):
+        body = {"pipeline": pipeline}
+        if input_of is not None:
+            body["input"] = input_of(i)
+        return call(base, "POST", "/v1/jobs", body)["id"]
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def ts_ms(iso):
+    """An API timestamp (RFC 3339) as epoch milliseconds."""
+    import datetime
+
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000.0
+
+
+def percentile(values, p):
+    """Nearest-rank percentile, p in [0, 100]."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def with_sdk_on_path():
+    """Worker scripts import the SDK from the source tree, as the integration tests do."""
+    sdk = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "python"))
+    os.environ["PYTHONPATH"] = sdk + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    return sdk
+
+
+def write_result(name, result):
+    """Writes bench/NAME.json (each script's own output) and returns the result."""
+    with open(os.path.join(os.path.dirname(__file__), f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result

@@ -8,7 +8,7 @@ import concurrent.futures
 import tempfile
 import time
 
-from engine import call, start, stop, write_config
+from engine import call, start, stop, write_config, write_result
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/release/gpuflow")
@@ -22,11 +22,15 @@ pipelines:
   p: {max_queued: 1000000, stages: [{name: s, needs: {counters: {slot: 1}}, command: [sleep, "600"]}]}
 """)
     engine, base = start(args.bin, cfg, d)
+    result = {"jobs": args.jobs}
     try:
         for threads in (1, 8):
             t = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
                 list(pool.map(lambda _: call(base, "POST", "/v1/jobs", {"pipeline": "p"}), range(args.jobs)))
-            print(f"{threads} client threads: {args.jobs / (time.perf_counter() - t):.0f} submits/s (queued, nothing runs)")
+            rate = args.jobs / (time.perf_counter() - t)
+            result[f"submits_per_s_{threads}_threads"] = round(rate, 1)
+            print(f"{threads} client threads: {rate:.0f} submits/s (queued, nothing runs)")
     finally:
         stop(engine)
+write_result("submit_rate", result)

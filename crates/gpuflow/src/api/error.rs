@@ -17,7 +17,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable, machine-readable: `invalid_request`, `invalid_input`, `unknown_pipeline`,
     /// `unknown_stage`, `payload_too_large`, `queue_full`, `not_found`, `already_finished`,
-    /// `idempotency_conflict`, `reload_refused`, `unauthorized`, `shutting_down`, `internal`.
+    /// `idempotency_conflict`, `reload_refused`, `unauthorized`, `method_not_allowed`, `shutting_down`,
+    /// `internal`.
     pub code: String,
     pub message: String,
 }

@@ -110,9 +110,29 @@ pub fn router(state: AppState) -> Router {
     router
         .route("/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
         .merge(dashboard::routes())
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Unknown paths and methods answer in the API's error shape too (axum's defaults send an
+/// empty body, which clients cannot parse as an error; found by the API fuzz).
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no endpoint at `{}`; the endpoints are listed in /openapi.json", uri.path()),
+    )
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("`{}` does not accept {method}; the endpoints are listed in /openapi.json", uri.path()),
+    )
 }
 
 /// Bearer-token check when `auth` is configured. `/healthz` stays open for probes, and the

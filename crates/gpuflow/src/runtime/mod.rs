@@ -35,6 +35,9 @@ pub use journal::{EngineEvent, Journal, LeaseInterval, PoolTransition, Published
 pub use pools::{InstanceView, PoolView};
 pub use watchdog::OpenFinding;
 
+/// `command: [gpuflow:noop]`: a built-in stage that succeeds at once without spawning.
+pub const NOOP_COMMAND: &str = "gpuflow:noop";
+
 /// Why the loop stopped on its own. The store failing is fatal by design: the engine must
 /// not act on a change it could not record, and a restart recovers from what was recorded.
 #[derive(Debug, thiserror::Error)]
@@ -212,8 +215,10 @@ impl<S: Store> Runtime<S> {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self.state.next_wakeup().map(|t| self.clock.instant_at(t));
+            // Not `biased`: with internal events first, a steady stream of child exits (each
+            // step may start the next attempt) starved API commands and timers until the queue
+            // drained: a cancel or GET /v1/resources waited out the whole backlog.
             tokio::select! {
-                biased;
                 _ = &mut shutdown => break,
                 Some(msg) = self.internal_rx.recv() => {
                     let r = self.on_internal(msg).await;
@@ -425,6 +430,13 @@ impl<S: Store> Runtime<S> {
             .map(|t| t.render(&ctx))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cannot build the command: {e}"))?;
+        if argv.len() == 1 && argv[0] == NOOP_COMMAND {
+            // Succeeds at once, with no process and no file: every durable transition still
+            // happens, so benchmarks can measure the scheduler and the store alone.
+            let report = AttemptReport { status: ExitStatus::Code(0), output: Ok(None), stderr_tail: String::new() };
+            let _ = self.internal_tx.send(Internal::Exited { key: (job, stage, attempt), report });
+            return Ok(());
+        }
         // Logs and outputs live in the job's `.gpuflow` directory. The attempt's own task
         // creates it (directory creation is a measurable cost that must not stall this loop).
         let internal = active.dir.join(".gpuflow");

@@ -15,21 +15,31 @@ use crate::fixture::*;
 use gpuflow::store::{SqliteStore, Store};
 
 /// A small deterministic generator, so a failing run can be replayed from its seed.
-struct Lcg(u64);
+pub struct Lcg(pub u64);
 
 impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
+    pub fn next(&mut self, below: u64) -> u64 {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (self.0 >> 33) % below
     }
 }
 
+/// `GPUFLOW_CHAOS_SEED`, or a fresh one (printed by each test, so a failure can be replayed).
+pub fn seed() -> u64 {
+    std::env::var("GPUFLOW_CHAOS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    })
+}
+
+/// A count from the environment (the long form of a chaos run), or the CI default.
+pub fn env_count(var: &str, default: u64) -> u64 {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 #[tokio::test]
 async fn random_kill9_loop_loses_nothing_and_reruns_no_committed_success() {
-    let iterations: u64 = std::env::var("GPUFLOW_CHAOS_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let seed: u64 = std::env::var("GPUFLOW_CHAOS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let iterations = env_count("GPUFLOW_CHAOS_ITERATIONS", 200);
+    let seed = seed();
     eprintln!("chaos: {iterations} kills, seed {seed} (GPUFLOW_CHAOS_SEED={seed} replays it)");
     let mut rng = Lcg(seed);
     let stage =

@@ -4,6 +4,9 @@ mod fixture;
 
 mod api;
 mod chaos;
+mod chaos_fuzz;
+mod chaos_load;
+mod chaos_workers;
 mod cli;
 mod cluster;
 mod dashboard;

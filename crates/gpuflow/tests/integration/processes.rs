@@ -96,3 +96,42 @@ pipelines:
     );
     assert!(job_dir.join(".gpuflow/first.1.output.json").is_file(), "outputs are kept beside the logs");
 }
+
+/// `command: [gpuflow:noop]` (for benchmarks of the engine alone) runs no process, yet each of
+/// its transitions is recorded like any other attempt's, in DAG order.
+#[tokio::test]
+async fn a_builtin_noop_stage_spawns_nothing_and_is_recorded_like_any_attempt() {
+    let engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 1}
+pipelines:
+  p:
+    stages:
+      - {name: a, command: ["gpuflow:noop"]}
+      - {name: b, command: ["gpuflow:noop"]}
+      - {name: c, command: [sh, -c, "echo ran > {job.dir}/c"]}
+"#,
+    )
+    .await;
+    let id = engine.submit("p", json!({})).await;
+    let job = engine.wait_final(&id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let stages = job["stages"].as_array().unwrap();
+    for s in &stages[..2] {
+        let attempts = s["attempt_history"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "{s:#}");
+        assert_eq!(attempts[0]["state"], "succeeded", "{s:#}");
+        assert_eq!(attempts[0]["exit_code"], 0, "{s:#}");
+        assert!(attempts[0]["finished_at"].is_string(), "{s:#}");
+    }
+    assert!(stages[0]["finished_at"].as_str() <= stages[1]["started_at"].as_str(), "b after a: {job:#}");
+    let internal = engine.path(&format!("data/jobs/{id}/.gpuflow"));
+    let logs: Vec<String> = std::fs::read_dir(&internal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("a.") || n.starts_with("b."))
+        .collect();
+    assert!(logs.is_empty(), "a no-op stage writes no log or output file: {logs:?}");
+    assert!(engine.path(&format!("data/jobs/{id}/c")).exists(), "the real stage after them ran");
+    engine.assert_all_capacity_free().await;
+}

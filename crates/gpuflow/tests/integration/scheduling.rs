@@ -96,3 +96,65 @@ pipelines:
     assert_eq!(max_concurrent, 2, "{all:#?}");
     engine.assert_all_capacity_free().await;
 }
+
+/// Regression (found by the no-op benchmark): the loop served its internal events first, so
+/// while finished attempts kept starting new ones, API commands waited until the whole queue
+/// had drained. Here a cancel and a resources read must be answered while jobs still wait.
+#[tokio::test]
+async fn api_commands_are_served_while_a_backlog_drains() {
+    let engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 1, counters: {gate: 1}}
+diagnosis: {sample_interval: 1h}
+pipelines:
+  hold: {stages: [{name: s, needs: {counters: {gate: 1}}, command: [sleep, "600"]}]}
+  p:
+    max_queued: 100000
+    stages:
+      - {name: a, command: ["gpuflow:noop"], needs: {counters: {gate: 1}}}
+      - {name: b, command: ["gpuflow:noop"], needs: {}}
+      - {name: c, command: ["gpuflow:noop"], needs: {}}
+"#,
+    )
+    .await;
+    let holder = engine.submit("hold", json!({})).await;
+    engine
+        .wait_until("the holder runs", Duration::from_secs(10), async |e| {
+            !e.resources().await["leases"].as_array().unwrap().is_empty()
+        })
+        .await;
+    let n = 800;
+    let mut tasks = Vec::new();
+    for k in 0..8 {
+        let (http, url) = (engine.http.clone(), format!("{}/v1/jobs", engine.base));
+        tasks.push(tokio::spawn(async move {
+            for _ in (k..n).step_by(8) {
+                let r = http.post(&url).json(&json!({"pipeline": "p"})).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 201);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Releasing the gate starts a chain of steps, each starting the next job. Once the first
+    // job is done (read from the store, not through the loop), the drain is under way.
+    let (status, _) = engine.post(&format!("/v1/jobs/{holder}/cancel"), json!({})).await;
+    assert_eq!(status, 200);
+    engine
+        .wait_until("the drain starts", Duration::from_secs(30), async |e| {
+            !e.get("/v1/jobs?state=succeeded&pipeline=p&limit=1").await.1["jobs"].as_array().unwrap().is_empty()
+        })
+        .await;
+    let (status, r) = engine.get("/v1/resources").await;
+    assert_eq!(status, 200);
+    let waiting = r["waiting"].as_array().unwrap().len();
+    assert!(waiting > 0, "the resources read was answered only after the backlog of {n} jobs drained");
+    engine
+        .wait_until("the backlog drains", Duration::from_secs(120), async |e| {
+            e.get("/v1/jobs?state=queued&limit=1").await.1["jobs"].as_array().unwrap().is_empty()
+                && e.get("/v1/jobs?state=running&limit=1").await.1["jobs"].as_array().unwrap().is_empty()
+        })
+        .await;
+    engine.assert_all_capacity_free().await;
+}
