@@ -41,9 +41,16 @@ struct DataDirLock(#[allow(dead_code)] std::fs::File);
 fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServeError> {
     let path = dir.join("engine.lock");
     let mut file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    // After a `kill -9` the lock can outlive the engine by a moment: a child forked just before
+    // the kill holds a copy of the descriptor until it execs (or dies). Wait that out briefly;
+    // a live engine still holding it after that is a real conflict.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(ServeError::Locked(dir.to_path_buf()));
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() >= deadline {
+            return Err(ServeError::Locked(dir.to_path_buf()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     file.set_len(0)?;
     writeln!(file, "{}", std::process::id())?;
