@@ -7,7 +7,9 @@ finish, read from the database's own timestamps. Each stage is a real process (`
 the bound is the same spawn loop as `quick_throughput.py`; the ratio printed is agents(3) /
 agents(1).
 
-    python3 bench/cluster_claims.py [--jobs 2000] [--binary target/release/gpuflow]
+    python3 bench/cluster_claims.py [--jobs 2000] [--bin target/release/gpuflow]
+
+Writes bench/cluster_claims.json (read by `bench/run.py cluster`).
 """
 import argparse
 import json
@@ -86,18 +88,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--cpu", type=int, default=4, help="CPU slots per agent")
-    ap.add_argument("--binary", default="target/release/gpuflow")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--bin", default="target/release/gpuflow")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cluster_claims.json"))
     args = ap.parse_args()
-    results = [run(args.binary, n, args.jobs, args.cpu) for n in (1, 3)]
+    results = [run(args.bin, n, args.jobs, args.cpu) for n in (1, 3)]
     print(f"{'agents':>6} {'stages':>7} {'seconds':>8} {'stages/s':>9}")
     for r in results:
         print(f"{r['agents']:>6} {r['stages']:>7} {r['seconds']:>8.2f} {r['stages_per_s']:>9.0f}")
     ratio = results[1]["stages_per_s"] / results[0]["stages_per_s"]
     print(f"3 agents / 1 agent: {ratio:.2f} (2 cores: the agents and their processes share them)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"runs": results, "ratio_3_to_1": ratio}, f, indent=2)
+    with open(args.json, "w") as f:
+        json.dump({"runs": results, "ratio_3_to_1": ratio}, f, indent=2)
 
 
 if __name__ == "__main__":

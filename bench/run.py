@@ -111,6 +111,15 @@ def rows_scale(r):
     ]
 
 
+def rows_cluster(r):
+    one, three = r["runs"]
+    return [
+        ("shared queue, 1 agent: no-op stages/s (a process each)", round(one["stages_per_s"], 1), {}),
+        ("shared queue, 3 agents: no-op stages/s", round(three["stages_per_s"], 1), {}),
+        ("shared queue: 3 agents / 1 agent", round(r["ratio_3_to_1"], 3), {}),
+    ]
+
+
 # name: (script, full-size args, --quick args, rows)
 BENCHES = {
     "mixed": ("mixed_bound.py", ["--scale", "0.1"], ["--scale", "0.02"], rows_mixed),
@@ -122,6 +131,8 @@ BENCHES = {
     "recovery": ("worker_recovery.py", ["--crashes", "5", "--hangs", "3", "--heartbeat", "2"], ["--crashes", "2", "--hangs", "1", "--heartbeat", "1"], rows_recovery),
     "watchdog": ("watchdog_overhead.py", ["--tasks", "100", "--seconds", "20"], ["--tasks", "20", "--seconds", "3"], rows_watchdog),
     "scale": ("scale_100k.py", ["--jobs", "100000"], ["--jobs", "5000"], rows_scale),
+    # Needs PostgreSQL (GPUFLOW_TEST_PG, default the local server).
+    "cluster": ("cluster_claims.py", ["--jobs", "2000"], ["--jobs", "300"], rows_cluster),
 }
 
 
