@@ -63,8 +63,8 @@ def run(binary, agents, jobs, cpu):
             psql(url, f"""
                 INSERT INTO jobs (id, pipeline, input, priority, state, config_hash, created_at)
                 SELECT 'job-' || g, 'noop', '{{}}', 0, 'queued', 'bench', 0 FROM generate_series(1, {jobs}) g;
-                INSERT INTO stages (job_id, idx, name, deps, state)
-                SELECT 'job-' || g, 0, 'only', '[]', 'queued' FROM generate_series(1, {jobs}) g;""")
+                INSERT INTO stages (job_id, idx, name, deps, state, priority, job_seq)
+                SELECT 'job-' || g, 0, 'only', '[]', 'queued', 0, g FROM generate_series(1, {jobs}) g;""")
             for i in range(agents):
                 d = os.path.join(tmp, f"a{i}")
                 os.makedirs(d, exist_ok=True)

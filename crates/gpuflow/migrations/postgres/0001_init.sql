@@ -45,10 +45,14 @@ CREATE TABLE stages (
     exit_code     BIGINT,
     error         TEXT,
     output        TEXT,
+    -- The job's priority and arrival, copied here so claims walk one index in claim order.
+    priority      BIGINT NOT NULL DEFAULT 0,
+    job_seq       BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, idx)
 );
--- What agents claim from: small, because claimable stages leave it as soon as they run.
-CREATE INDEX stages_claimable ON stages(job_id, idx) WHERE state IN ('queued', 'backoff');
+-- What agents claim from, in claim order: small, because claimable stages leave it as soon as
+-- they run, and a claim reads only its first rows instead of sorting every queued stage.
+CREATE INDEX stages_claimable ON stages(priority DESC, job_seq, idx) WHERE state IN ('queued', 'backoff');
 
 CREATE TABLE attempts (
     job_id      TEXT NOT NULL,

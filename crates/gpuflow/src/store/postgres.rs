@@ -210,12 +210,14 @@ impl PgStore {
         let states: Vec<&str> =
             job.stages.iter().map(|(_, d)| if shared && d.is_empty() { "queued" } else { "pending" }).collect();
         sqlx::query(
-            "INSERT INTO stages (job_id, idx, name, deps, state) SELECT $1, ord - 1, name, deps, state FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(name, deps, state, ord)",
+            "INSERT INTO stages (job_id, idx, name, deps, state, priority, job_seq) SELECT $1, ord - 1, name, deps, state, $5, $6 FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(name, deps, state, ord)",
         )
         .bind(&job.id)
         .bind(&names)
         .bind(&deps)
         .bind(&states)
+        .bind(job.priority as i64)
+        .bind(seq)
         .execute(&mut *tx)
         .await?;
         if shared {
@@ -380,7 +382,7 @@ impl PgStore {
         let rows = sqlx::query(
             "SELECT s.job_id, s.idx, s.attempts, j.pipeline, j.config_hash, j.priority FROM stages s JOIN jobs j ON j.id = s.job_id \
              WHERE s.state IN ('queued', 'backoff') AND COALESCE(s.not_before, 0) <= gpuflow_now_ms() AND j.ending IS NULL \
-             ORDER BY j.priority DESC, j.seq, s.idx LIMIT $1 FOR UPDATE OF s SKIP LOCKED",
+             ORDER BY s.priority DESC, s.job_seq, s.idx LIMIT $1 FOR UPDATE OF s SKIP LOCKED",
         )
         .bind(limit as i64)
         .fetch_all(&mut *tx)
