@@ -172,10 +172,6 @@ impl PgStore {
         Ok(listener)
     }
 
-    pub async fn now_ms(&self) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar("SELECT gpuflow_now_ms()").fetch_one(&self.pool).await?)
-    }
-
     async fn insert(&self, job: &NewJob, shared: bool) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO config_snapshots (hash, text, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
