@@ -5,8 +5,8 @@
 //! and has not exited, and nothing is half-written: the store holds exactly the jobs that got a
 //! 201, each with all of its stages, and passes SQLite's integrity check.
 //!
-//! `GPUFLOW_FUZZ_CASES` sets the number of requests (default 300); `PROPTEST_RNG_SEED`-style
-//! replay is by `GPUFLOW_CHAOS_SEED`.
+//! `GPUFLOW_FUZZ_CASES` sets the number of requests (default 300); `GPUFLOW_CHAOS_SEED` replays
+//! a run (it seeds proptest's generator).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
