@@ -12,7 +12,6 @@ agents(1).
 Writes bench/cluster_claims.json (read by `bench/run.py cluster`).
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -89,7 +88,6 @@ def main():
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--cpu", type=int, default=4, help="CPU slots per agent")
     ap.add_argument("--bin", default="target/release/gpuflow")
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cluster_claims.json"))
     args = ap.parse_args()
     results = [run(args.bin, n, args.jobs, args.cpu) for n in (1, 3)]
     print(f"{'agents':>6} {'stages':>7} {'seconds':>8} {'stages/s':>9}")
@@ -97,8 +95,7 @@ def main():
         print(f"{r['agents']:>6} {r['stages']:>7} {r['seconds']:>8.2f} {r['stages_per_s']:>9.0f}")
     ratio = results[1]["stages_per_s"] / results[0]["stages_per_s"]
     print(f"3 agents / 1 agent: {ratio:.2f} (2 cores: the agents and their processes share them)")
-    with open(args.json, "w") as f:
-        json.dump({"runs": results, "ratio_3_to_1": ratio}, f, indent=2)
+    eng.write_result("cluster_claims", {"runs": results, "ratio_3_to_1": ratio})
 
 
 if __name__ == "__main__":

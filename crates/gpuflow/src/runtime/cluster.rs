@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use super::*;
 use crate::config::{ClusterSettings, Config};
-use crate::store::{AgentRecord, AttemptDetails, Claim, Finish, NewJob, PgStore, SharedCancel};
+use crate::store::{AgentRecord, AttemptDetails, Claim, Finish, PgStore, SharedCancel};
 
 /// Claims are made this many candidates at a time.
 const CLAIM_BATCH: u32 = 32;
@@ -178,29 +178,32 @@ impl<S: Store> Runtime<S> {
             }
             Err(e) => tracing::warn!("cannot check for expired leases: {e}"),
         }
-        let mut cancel: Vec<JobId> = Vec::new();
-        match agent.store.leases_to_stop().await {
-            Ok(tokens) => {
-                for t in tokens {
-                    let local = local_id(t);
-                    if agent.claims.contains_key(&local) && agent.stopping.insert(local) {
-                        cancel.push(local);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("cannot check for cancelled jobs: {e}"),
-        }
         for (local, _) in &stop {
             agent.stopping.insert(*local);
         }
         for (local, error) in stop {
             self.stop_claim(local, error, true).await?;
         }
-        for local in cancel {
-            self.stop_claim(local, "its job is ending (cancelled, or failed on another stage)".into(), false).await?;
+        if let Err(e) = self.stop_ending_claims().await {
+            tracing::warn!("cannot check for cancelled jobs: {e}");
         }
         self.resend_unsent().await;
         self.claim_work().await;
+        Ok(())
+    }
+
+    /// Stops this agent's claims whose job is ending (cancelled, or failed on another stage).
+    async fn stop_ending_claims(&mut self) -> Result<(), RuntimeError> {
+        let Some(agent) = &mut self.cluster else { return Ok(()) };
+        let tokens = agent.store.leases_to_stop().await?;
+        let ending: Vec<JobId> = tokens
+            .into_iter()
+            .map(local_id)
+            .filter(|local| agent.claims.contains_key(local) && agent.stopping.insert(*local))
+            .collect();
+        for local in ending {
+            self.stop_claim(local, "its job is ending (cancelled, or failed on another stage)".into(), false).await?;
+        }
         Ok(())
     }
 
@@ -426,40 +429,18 @@ impl<S: Store> Runtime<S> {
 
     /// Admission in agent mode: the job goes into the shared queue for any agent to claim.
     pub(super) async fn admit_shared(&mut self, request: SubmitRequest) -> Result<Submitted, EngineError> {
-        let def = self.config.pipeline(&request.pipeline).map_err(|_| EngineError::UnknownPipeline {
-            name: request.pipeline.clone(),
-            known: self.config.pipelines.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
-        let Some(agent) = &self.cluster else { return Err(EngineError::Internal("not an agent".into())) };
-        if let Some(key) = &request.idempotency_key
-            && let Some(existing) = self.store.job_by_idempotency_key(key).await?
-        {
-            if existing.pipeline == request.pipeline
-                && existing.input == request.input
-                && existing.priority == request.priority
-            {
-                return Ok(Submitted { id: existing.id, state: existing.state, created: false });
-            }
-            return Err(EngineError::IdempotencyConflict { key: key.clone(), existing: existing.id });
+        let def = self.pipeline_for(&request.pipeline)?;
+        if let Some(earlier) = self.earlier_submission(&request).await? {
+            return Ok(earlier);
         }
+        let Some(agent) = &self.cluster else { return Err(EngineError::Internal("not an agent".into())) };
         // Counted across agents; two agents admitting at the same moment may pass the bound
         // by one each.
         if agent.store.unfinished_count(&request.pipeline).await? >= def.max_queued as u64 {
             return Err(EngineError::QueueFull { pipeline: request.pipeline, max: def.max_queued });
         }
         let id = uuid::Uuid::now_v7().to_string();
-        let new = NewJob {
-            id: id.clone(),
-            pipeline: request.pipeline.clone(),
-            input: request.input,
-            priority: request.priority,
-            idempotency_key: request.idempotency_key.clone(),
-            config_hash: self.config_hash.clone(),
-            config_text: self.config.source.clone(),
-            stages: def.core.stages.iter().map(|s| (s.name.clone(), s.after.clone())).collect(),
-            created_at: self.clock.now_ms() as i64,
-        };
-        match agent.store.insert_shared_job(&new).await {
+        match agent.store.insert_shared_job(&self.new_job(&id, &request, &def)).await {
             Ok(_) => {}
             Err(StoreError::DuplicateKey(key)) => {
                 return Err(EngineError::IdempotencyConflict { key, existing: "another submission".into() });
@@ -474,9 +455,11 @@ impl<S: Store> Runtime<S> {
         let Some(agent) = &self.cluster else { return Err(EngineError::Internal("not an agent".into())) };
         match agent.store.cancel_shared(&id).await? {
             SharedCancel::Accepted(state) => {
-                // Stop our own share of it now rather than at the next tick.
-                agent.wake.notify_one();
-                let _ = self.cluster_tick().await;
+                // Stop our own share of it now; other agents see it at their next tick.
+                // The cancel is recorded; a failure here only delays the stop to the next tick.
+                if let Err(e) = self.stop_ending_claims().await {
+                    tracing::warn!("cancel recorded, stopping this agent's share deferred: {e}");
+                }
                 Ok(state.to_string())
             }
             SharedCancel::AlreadyFinished(state) => Err(EngineError::AlreadyFinished { id, state }),

@@ -281,23 +281,9 @@ impl<S: Store> Runtime<S> {
     /// Admission: known pipeline, idempotency, queue bound, then a durable insert. The job is
     /// acknowledged only once it is committed.
     async fn admit(&mut self, request: SubmitRequest) -> Result<(Submitted, Option<Event>), AdmitError> {
-        let Ok(def) = self.config.pipeline(&request.pipeline) else {
-            let known = self.config.pipelines.keys().cloned().collect::<Vec<_>>().join(", ");
-            return Err(AdmitError::Refused(EngineError::UnknownPipeline { name: request.pipeline, known }));
-        };
-        if let Some(key) = &request.idempotency_key
-            && let Some(existing) = self.store.job_by_idempotency_key(key).await?
-        {
-            if existing.pipeline == request.pipeline
-                && existing.input == request.input
-                && existing.priority == request.priority
-            {
-                return Ok((Submitted { id: existing.id, state: existing.state, created: false }, None));
-            }
-            return Err(AdmitError::Refused(EngineError::IdempotencyConflict {
-                key: key.clone(),
-                existing: existing.id,
-            }));
+        let def = self.pipeline_for(&request.pipeline).map_err(AdmitError::Refused)?;
+        if let Some(earlier) = self.earlier_submission(&request).await? {
+            return Ok((earlier, None));
         }
         let active = self.active_per_pipeline.get(&request.pipeline).copied().unwrap_or(0);
         if active >= def.max_queued {
@@ -308,8 +294,40 @@ impl<S: Store> Runtime<S> {
         }
         let uuid = uuid::Uuid::now_v7();
         let id = uuid.to_string();
-        let new = NewJob {
-            id: id.clone(),
+        let seq = self.store.insert_job(&self.new_job(&id, &request, &def)).await?;
+        self.metrics.submitted(&request.pipeline);
+        let job = JobId(uuid.as_u128());
+        self.track(job, id.clone(), request.pipeline, def.clone(), request.input, vec![None; def.core.stages.len()]);
+        let event = Event::Submitted { job, seq: seq as u64, priority: request.priority, pipeline: def.core.clone() };
+        Ok((Submitted { id, state: JobState::Queued.as_str().to_string(), created: true }, Some(event)))
+    }
+
+    /// The pipeline a submission names, or an error listing the known ones.
+    pub(super) fn pipeline_for(&self, name: &str) -> Result<Arc<PipelineDef>, EngineError> {
+        self.config.pipeline(name).map_err(|_| EngineError::UnknownPipeline {
+            name: name.to_string(),
+            known: self.config.pipelines.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// The job an earlier submission with the same idempotency key created, when it was the
+    /// same request; a conflict when it was a different one.
+    pub(super) async fn earlier_submission(&self, request: &SubmitRequest) -> Result<Option<Submitted>, AdmitError> {
+        let Some(key) = &request.idempotency_key else { return Ok(None) };
+        let Some(existing) = self.store.job_by_idempotency_key(key).await? else { return Ok(None) };
+        if existing.pipeline == request.pipeline
+            && existing.input == request.input
+            && existing.priority == request.priority
+        {
+            return Ok(Some(Submitted { id: existing.id, state: existing.state, created: false }));
+        }
+        Err(AdmitError::Refused(EngineError::IdempotencyConflict { key: key.clone(), existing: existing.id }))
+    }
+
+    /// The row to insert for an admitted request, with the pipeline file it is accepted under.
+    pub(super) fn new_job(&self, id: &str, request: &SubmitRequest, def: &PipelineDef) -> NewJob {
+        NewJob {
+            id: id.to_string(),
             pipeline: request.pipeline.clone(),
             input: request.input.clone(),
             priority: request.priority,
@@ -318,13 +336,7 @@ impl<S: Store> Runtime<S> {
             config_text: self.config.source.clone(),
             stages: def.core.stages.iter().map(|s| (s.name.clone(), s.after.clone())).collect(),
             created_at: self.clock.now_ms() as i64,
-        };
-        let seq = self.store.insert_job(&new).await?;
-        self.metrics.submitted(&request.pipeline);
-        let job = JobId(uuid.as_u128());
-        self.track(job, id.clone(), request.pipeline, def.clone(), request.input, vec![None; def.core.stages.len()]);
-        let event = Event::Submitted { job, seq: seq as u64, priority: request.priority, pipeline: def.core.clone() };
-        Ok((Submitted { id, state: JobState::Queued.as_str().to_string(), created: true }, Some(event)))
+        }
     }
 
     pub(super) fn track(
@@ -389,9 +401,18 @@ impl<S: Store> Runtime<S> {
     }
 }
 
-enum AdmitError {
+pub(super) enum AdmitError {
     Refused(EngineError),
     Store(StoreError),
+}
+
+impl From<AdmitError> for EngineError {
+    fn from(e: AdmitError) -> Self {
+        match e {
+            AdmitError::Refused(e) => e,
+            AdmitError::Store(e) => e.into(),
+        }
+    }
 }
 
 impl From<StoreError> for AdmitError {
