@@ -441,7 +441,16 @@ impl State {
         self.timers.first().map(|(at, _, _)| *at)
     }
 
+    /// Applies one event, then runs a scheduling pass.
     pub fn apply(&mut self, event: Event, now: u64) -> Result<Vec<Action>, ApplyError> {
+        let mut actions = self.handle(event, now)?;
+        self.schedule(now, &mut actions);
+        Ok(actions)
+    }
+
+    /// Applies one event without scheduling. A caller that applies many events at once (the
+    /// runtime's turn) calls `schedule_pass` once after them instead of once per event.
+    pub fn handle(&mut self, event: Event, now: u64) -> Result<Vec<Action>, ApplyError> {
         let mut actions = Vec::new();
         match event {
             Event::Submitted { job, seq, priority, pipeline } => {
@@ -494,8 +503,14 @@ impl State {
                 }
             }
         }
-        self.schedule(now, &mut actions);
         Ok(actions)
+    }
+
+    /// Starts whatever fits now (see `schedule`).
+    pub fn schedule_pass(&mut self, now: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.schedule(now, &mut actions);
+        actions
     }
 
     #[allow(clippy::too_many_arguments)]

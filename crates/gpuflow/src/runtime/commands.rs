@@ -7,6 +7,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::*;
 use crate::store::{NewJob, StoreError};
 
+/// The most submissions one batch may carry.
+pub const MAX_BATCH: usize = 1_000;
+
 #[derive(Clone, Debug)]
 pub struct SubmitRequest {
     pub pipeline: String,
@@ -58,13 +61,34 @@ pub struct ResourcesSnapshot {
 }
 
 pub enum Command {
-    Submit { request: SubmitRequest, reply: oneshot::Sender<Result<Submitted, EngineError>> },
-    Cancel { id: String, reply: oneshot::Sender<Result<String, EngineError>> },
-    Resources { reply: oneshot::Sender<ResourcesSnapshot> },
-    Reload { reply: oneshot::Sender<Result<Vec<String>, EngineError>> },
-    Diagnosis { reply: oneshot::Sender<DiagnosisSnapshot> },
-    Metrics { reply: oneshot::Sender<String> },
-    Agents { reply: oneshot::Sender<Result<Vec<crate::store::AgentRecord>, EngineError>> },
+    Submit {
+        request: SubmitRequest,
+        reply: oneshot::Sender<Result<Submitted, EngineError>>,
+    },
+    /// Several submissions admitted in one turn; one answer per request, in order.
+    SubmitBatch {
+        requests: Vec<SubmitRequest>,
+        reply: oneshot::Sender<Vec<Result<Submitted, EngineError>>>,
+    },
+    Cancel {
+        id: String,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
+    Resources {
+        reply: oneshot::Sender<ResourcesSnapshot>,
+    },
+    Reload {
+        reply: oneshot::Sender<Result<Vec<String>, EngineError>>,
+    },
+    Diagnosis {
+        reply: oneshot::Sender<DiagnosisSnapshot>,
+    },
+    Metrics {
+        reply: oneshot::Sender<String>,
+    },
+    Agents {
+        reply: oneshot::Sender<Result<Vec<crate::store::AgentRecord>, EngineError>>,
+    },
 }
 
 /// One device's latest reading and recent history.
@@ -175,6 +199,15 @@ impl EngineHandle {
         self.ask(|reply| Command::Submit { request, reply }).await?
     }
 
+    /// Admits up to `MAX_BATCH` submissions together (one transaction in the engine). Each
+    /// request gets its own answer, in order: a refused one does not sink the others.
+    pub async fn submit_batch(
+        &self,
+        requests: Vec<SubmitRequest>,
+    ) -> Result<Vec<Result<Submitted, EngineError>>, EngineError> {
+        self.ask(|reply| Command::SubmitBatch { requests, reply }).await
+    }
+
     pub async fn cancel(&self, id: String) -> Result<String, EngineError> {
         self.ask(|reply| Command::Cancel { id, reply }).await?
     }
@@ -211,6 +244,16 @@ impl<S: Store> Runtime<S> {
             }
             Command::Cancel { id, reply } if self.cluster.is_some() => {
                 let _ = reply.send(self.cancel_shared(id).await);
+                Ok(())
+            }
+            Command::SubmitBatch { requests, reply } => {
+                let mut answers = Vec::with_capacity(requests.len());
+                for request in requests {
+                    let (tx, rx) = oneshot::channel();
+                    Box::pin(self.on_command(Command::Submit { request, reply: tx })).await?;
+                    answers.push(rx.await.unwrap_or(Err(EngineError::ShuttingDown)));
+                }
+                let _ = reply.send(answers);
                 Ok(())
             }
             Command::Agents { reply } => {

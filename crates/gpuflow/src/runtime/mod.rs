@@ -28,8 +28,8 @@ use crate::supervisor::{self, AttemptReport, AttemptSpec, ChildRegistry, ExitSta
 
 pub use clock::Clock;
 pub use commands::{
-    Command, DeviceReading, DiagnosisSnapshot, EngineError, EngineHandle, LeaseView, ResourcesSnapshot, SubmitRequest,
-    Submitted, WaitingView,
+    Command, DeviceReading, DiagnosisSnapshot, EngineError, EngineHandle, LeaseView, MAX_BATCH, ResourcesSnapshot,
+    SubmitRequest, Submitted, WaitingView,
 };
 pub use journal::{EngineEvent, Journal, LeaseInterval, PoolTransition, Published};
 pub use pools::{InstanceView, PoolView};
