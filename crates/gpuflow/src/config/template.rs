@@ -79,6 +79,14 @@ impl Template {
         })
     }
 
+    /// The text, when the template has no references.
+    pub fn as_literal(&self) -> Option<&str> {
+        match self.segments.as_slice() {
+            [Segment::Literal(s)] => Some(s),
+            _ => None,
+        }
+    }
+
     pub fn render(&self, ctx: &RenderContext) -> Result<String, String> {
         let mut out = String::new();
         for segment in &self.segments {

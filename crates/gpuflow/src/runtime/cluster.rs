@@ -220,11 +220,15 @@ impl<S: Store> Runtime<S> {
         tracing::warn!(%job, "{error}");
         match running {
             Some((stage, attempt)) if lease_lost => {
-                self.step(Event::StopAttempt { job: local, stage, attempt, error }).await
+                self.step(Event::StopAttempt { job: local, stage, attempt, error });
+                Ok(())
             }
-            Some(_) => self.step(Event::CancelRequested { job: local }).await,
+            Some(_) => {
+                self.step(Event::CancelRequested { job: local });
+                Ok(())
+            }
             None => {
-                self.step(Event::CancelRequested { job: local }).await?;
+                self.step(Event::CancelRequested { job: local });
                 let end = if lease_lost { SharedEnd::LeaseLost } else { SharedEnd::Cancelled { error } };
                 self.send_end(local, end, AttemptDetails::default()).await;
                 Ok(())
@@ -343,8 +347,8 @@ impl<S: Store> Runtime<S> {
             priority: claim.priority,
             pipeline: Arc::new(core),
             stages,
-        })
-        .await
+        });
+        Ok(())
     }
 
     /// Agent mode's counterpart of the store write: starts record their grant, ends write

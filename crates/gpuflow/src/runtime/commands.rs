@@ -246,12 +246,11 @@ impl<S: Store> Runtime<S> {
                 let _ = reply.send(self.cancel_shared(id).await);
                 Ok(())
             }
-            Command::SubmitBatch { requests, reply } => {
+            Command::SubmitBatch { requests, reply } if self.cluster.is_some() => {
+                // Agents admit into the shared queue, one transaction per job for now.
                 let mut answers = Vec::with_capacity(requests.len());
                 for request in requests {
-                    let (tx, rx) = oneshot::channel();
-                    Box::pin(self.on_command(Command::Submit { request, reply: tx })).await?;
-                    answers.push(rx.await.unwrap_or(Err(EngineError::ShuttingDown)));
+                    answers.push(self.admit_shared(request).await);
                 }
                 let _ = reply.send(answers);
                 Ok(())
@@ -261,17 +260,10 @@ impl<S: Store> Runtime<S> {
                 Ok(())
             }
             Command::Submit { request, reply } => {
-                let pipeline = request.pipeline.clone();
                 match self.admit(request).await {
-                    Ok((submitted, event)) => {
-                        if submitted.created {
-                            self.publish(EngineEvent::JobSubmitted { job: submitted.id.clone(), pipeline });
-                        }
-                        let _ = reply.send(Ok(submitted));
-                        if let Some(event) = event {
-                            self.step(event).await?;
-                        }
-                    }
+                    Ok(submitted) => self.turn.replies.push(Box::new(move |_, committed| {
+                        let _ = reply.send(committed.map(|()| submitted).map_err(|e| EngineError::Internal(e.into())));
+                    })),
                     Err(AdmitError::Refused(e)) => {
                         let _ = reply.send(Err(e));
                     }
@@ -282,15 +274,41 @@ impl<S: Store> Runtime<S> {
                 }
                 Ok(())
             }
+            Command::SubmitBatch { requests, reply } => {
+                let mut answers = Vec::with_capacity(requests.len());
+                for request in requests {
+                    match self.admit(request).await {
+                        Ok(submitted) => answers.push(Ok(submitted)),
+                        Err(AdmitError::Refused(e)) => answers.push(Err(e)),
+                        Err(AdmitError::Store(e)) => {
+                            let _ = reply.send(vec![Err(EngineError::Internal(e.to_string()))]);
+                            return Err(e.into());
+                        }
+                    }
+                }
+                self.turn.replies.push(Box::new(move |_, committed| {
+                    let answers = match committed {
+                        Ok(()) => answers,
+                        Err(e) => answers.into_iter().map(|a| a.and(Err(EngineError::Internal(e.into())))).collect(),
+                    };
+                    let _ = reply.send(answers);
+                }));
+                Ok(())
+            }
             Command::Cancel { id, reply } => {
                 let job = job_id_of(&id);
-                match job.filter(|j| self.jobs.contains_key(j)) {
+                match job.filter(|j| self.state.job(*j).is_some()) {
                     Some(job) => {
-                        self.step(Event::CancelRequested { job }).await?;
-                        let state = if self.jobs.contains_key(&job) { "cancelling" } else { "cancelled" };
-                        let _ = reply.send(Ok(state.to_string()));
+                        self.step(Event::CancelRequested { job });
+                        self.turn.replies.push(Box::new(move |state, committed| {
+                            let answer = committed
+                                .map(|()| if state.job(job).is_some() { "cancelling" } else { "cancelled" }.to_string())
+                                .map_err(|e| EngineError::Internal(e.into()));
+                            let _ = reply.send(answer);
+                        }));
                     }
                     None => {
+                        // Finished: committed by an earlier turn, so the store has its state.
                         let answer = match self.store.job(&id).await {
                             Ok(Some(detail)) => Err(EngineError::AlreadyFinished { id, state: detail.job.state }),
                             Ok(None) => Err(EngineError::NotFound(id)),
@@ -316,17 +334,33 @@ impl<S: Store> Runtime<S> {
             Command::Reload { reply } => {
                 let _ = reply.send(self.reload());
                 // Resized pools and a new scheduling setting may let waiting work start.
-                self.step(Event::Tick).await
+                self.step(Event::Tick);
+                Ok(())
             }
         }
     }
 
-    /// Admission: known pipeline, idempotency, queue bound, then a durable insert. The job is
-    /// acknowledged only once it is committed.
-    async fn admit(&mut self, request: SubmitRequest) -> Result<(Submitted, Option<Event>), AdmitError> {
+    /// Admission: known pipeline, idempotency, queue bound; then the job joins the turn. It
+    /// is acknowledged only once the turn has committed it.
+    async fn admit(&mut self, request: SubmitRequest) -> Result<Submitted, AdmitError> {
         let def = self.pipeline_for(&request.pipeline).map_err(AdmitError::Refused)?;
+        if let Some(key) = &request.idempotency_key
+            && let Some((earlier, first)) = self.turn.keys.get(key)
+        {
+            return if first.pipeline == request.pipeline
+                && first.input == request.input
+                && first.priority == request.priority
+            {
+                Ok(Submitted { created: false, ..earlier.clone() })
+            } else {
+                Err(AdmitError::Refused(EngineError::IdempotencyConflict {
+                    key: key.clone(),
+                    existing: earlier.id.clone(),
+                }))
+            };
+        }
         if let Some(earlier) = self.earlier_submission(&request).await? {
-            return Ok((earlier, None));
+            return Ok(earlier);
         }
         let active = self.active_per_pipeline.get(&request.pipeline).copied().unwrap_or(0);
         if active >= def.max_queued {
@@ -337,12 +371,21 @@ impl<S: Store> Runtime<S> {
         }
         let uuid = uuid::Uuid::now_v7();
         let id = uuid.to_string();
-        let seq = self.store.insert_job(&self.new_job(&id, &request, &def)).await?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut new_job = self.new_job(&id, &request, &def);
+        new_job.seq = Some(seq as i64);
+        self.turn.jobs.push(new_job);
         self.metrics.submitted(&request.pipeline);
         let job = JobId(uuid.as_u128());
-        self.track(job, id.clone(), request.pipeline, def.clone(), request.input, vec![None; def.core.stages.len()]);
-        let event = Event::Submitted { job, seq: seq as u64, priority: request.priority, pipeline: def.core.clone() };
-        Ok((Submitted { id, state: JobState::Queued.as_str().to_string(), created: true }, Some(event)))
+        let submitted = Submitted { id: id.clone(), state: JobState::Queued.as_str().to_string(), created: true };
+        if let Some(key) = &request.idempotency_key {
+            self.turn.keys.insert(key.clone(), (submitted.clone(), request.clone()));
+        }
+        self.turn.submitted.push(EngineEvent::JobSubmitted { job: id.clone(), pipeline: request.pipeline.clone() });
+        self.step(Event::Submitted { job, seq, priority: request.priority, pipeline: def.core.clone() });
+        self.track(job, id, request.pipeline, def.clone(), request.input, vec![None; def.core.stages.len()]);
+        Ok(submitted)
     }
 
     /// The pipeline a submission names, or an error listing the known ones.
@@ -370,13 +413,14 @@ impl<S: Store> Runtime<S> {
     /// The row to insert for an admitted request, with the pipeline file it is accepted under.
     pub(super) fn new_job(&self, id: &str, request: &SubmitRequest, def: &PipelineDef) -> NewJob {
         NewJob {
+            seq: None,
             id: id.to_string(),
             pipeline: request.pipeline.clone(),
             input: request.input.clone(),
             priority: request.priority,
             idempotency_key: request.idempotency_key.clone(),
             config_hash: self.config_hash.clone(),
-            config_text: self.config.source.clone(),
+            config_text: self.config_text.clone(),
             stages: def.core.stages.iter().map(|s| (s.name.clone(), s.after.clone())).collect(),
             created_at: self.clock.now_ms() as i64,
         }

@@ -11,7 +11,7 @@ mod recover;
 mod reload;
 mod watchdog;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::template::RenderContext;
 use crate::config::{Config, PipelineDef, SharedConfig, StageExec};
-use crate::store::{Store, StoreError, Write};
+use crate::store::{NewJob, Store, StoreError, Write};
 use crate::supervisor::{self, AttemptReport, AttemptSpec, ChildRegistry, ExitStatus, InstanceEvent, StopRequest};
 
 pub use clock::Clock;
@@ -107,6 +107,40 @@ enum Internal {
     GpuSamples { samples: Vec<Option<crate::gpu::DeviceSample>>, at: u64 },
 }
 
+/// An answer to an API caller, sent once its turn has committed (`Ok`), or with the reason
+/// when the commit failed. It reads the scheduler's state as the turn left it.
+type Reply = Box<dyn FnOnce(&State, Result<(), &str>) + Send>;
+
+/// What one turn decided. Nothing in it is acted on before `Store::write_turn` (or, for an
+/// agent, the fenced writes) committed it; a failed commit performs none of it.
+#[derive(Default)]
+struct Turn {
+    /// Jobs admitted in this turn.
+    jobs: Vec<NewJob>,
+    writes: Vec<Write>,
+    /// Decided actions, performed after the commit, in order.
+    actions: Vec<Action>,
+    replies: Vec<Reply>,
+    /// Feed events of this turn's admissions (the others follow from `actions`).
+    submitted: Vec<EngineEvent>,
+    /// Built-in no-op attempts that started and ended within the turn: nothing to spawn.
+    completed_inline: HashSet<AttemptKey>,
+    /// Idempotency keys admitted in this turn (not yet readable from the store).
+    keys: HashMap<String, (Submitted, SubmitRequest)>,
+}
+
+impl Turn {
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.writes.is_empty() && self.actions.is_empty() && self.replies.is_empty()
+    }
+}
+
+/// A turn takes at most this many ready inputs before it decides...
+const TURN_INPUTS: usize = 1_024;
+/// ...and decides at most this many actions; what is left goes to the next turn, so API
+/// replies and timers are never held up by a long backlog.
+const TURN_ACTIONS: usize = 2_048;
+
 pub struct Runtime<S: Store> {
     config: Arc<Config>,
     /// What the API reads; replaced together with `config` on reload.
@@ -116,6 +150,16 @@ pub struct Runtime<S: Store> {
     clock: Clock,
     registry: ChildRegistry,
     config_hash: String,
+    /// The pipeline file's text, shared by every job admitted under it.
+    config_text: Arc<str>,
+    /// The arrival number of the next admitted job.
+    next_seq: u64,
+    /// The turn being gathered.
+    turn: Turn,
+    /// Events to apply in the next turn (inputs gathered, or the rest of a turn cut short).
+    pending: VecDeque<Event>,
+    /// Events were applied since the last scheduling pass (a full turn can stop between).
+    schedule_owed: bool,
     engine_marker: String,
     jobs: HashMap<JobId, ActiveJob>,
     processes: HashMap<AttemptKey, RunningProcess>,
@@ -155,6 +199,11 @@ impl<S: Store> Runtime<S> {
         let runtime = Runtime {
             state: State::new(config.capacity.clone(), config.scheduler.clone()),
             config_hash: crate::store::content_hash(&config.source),
+            config_text: Arc::from(config.source.as_str()),
+            next_seq: 1,
+            turn: Turn::default(),
+            pending: VecDeque::new(),
+            schedule_owed: false,
             engine_marker: data_dir.display().to_string(),
             config: config.clone(),
             shared,
@@ -196,12 +245,18 @@ impl<S: Store> Runtime<S> {
             tracing::info!(closed, "closed findings left open by the previous run; they are re-checked now");
         }
         self.start_pools();
+        if self.cluster.is_none() {
+            self.next_seq = self.store.next_job_seq().await? as u64;
+        }
         if self.cluster.is_some() {
             self.join_cluster(self.api_address.clone()).await?;
         } else {
             self.recover().await?;
         }
         self.start_gpu_sampler();
+        // Recovery's events make the first turn; it is committed before anything is started.
+        let r = self.run_turn().await;
+        self.tolerate(r)?;
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         tokio::pin!(shutdown);
         let cluster_wake = self.cluster.as_ref().map(|a| a.wake());
@@ -214,38 +269,28 @@ impl<S: Store> Runtime<S> {
         let mut watchdog = tokio::time::interval(Duration::from_millis(200));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A turn: await one input (none when a cut-short turn left events), drain what else
+            // is ready, decide it all, commit once, then act.
             let wake = self.state.next_wakeup().map(|t| self.clock.instant_at(t));
-            // Not `biased`: with internal events first, a steady stream of child exits (each
-            // step may start the next attempt) starved API commands and timers until the queue
-            // drained: a cancel or GET /v1/resources waited out the whole backlog.
-            tokio::select! {
+            let backlog = !self.pending.is_empty() || self.schedule_owed;
+            // Not `biased`: with internal events first, a steady stream of child exits starved
+            // API commands and timers until the queue drained.
+            let r = tokio::select! {
                 _ = &mut shutdown => break,
-                Some(msg) = self.internal_rx.recv() => {
-                    let r = self.on_internal(msg).await;
-                    self.tolerate(r)?
-                }
-                Some(cmd) = self.commands.recv() => {
-                    let r = self.on_command(cmd).await;
-                    self.tolerate(r)?
-                }
-                _ = sleep_until(wake) => {
-                    let r = self.step(Event::Tick).await;
-                    self.tolerate(r)?
-                }
-                _ = watchdog.tick(), if !self.pools.is_empty() => {
-                    let r = self.watch_pools().await;
-                    self.tolerate(r)?
-                }
-                _ = diagnosis.tick() => {
-                    let r = self.diagnose().await;
-                    self.tolerate(r)?
-                }
-                _ = notified(&cluster_wake) => self.claim_work().await,
-                _ = cluster_tick.tick(), if self.cluster.is_some() => {
-                    let r = self.cluster_tick().await;
-                    self.tolerate(r)?
-                }
-            }
+                _ = std::future::ready(()), if backlog => Ok(()),
+                Some(msg) = self.internal_rx.recv() => self.on_internal(msg).await,
+                Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
+                _ = sleep_until(wake) => { self.step(Event::Tick); Ok(()) }
+                _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await,
+                _ = diagnosis.tick() => self.diagnose().await,
+                _ = notified(&cluster_wake) => { self.claim_work().await; Ok(()) }
+                _ = cluster_tick.tick(), if self.cluster.is_some() => self.cluster_tick().await,
+            };
+            self.tolerate(r)?;
+            let r = self.drain_ready().await;
+            self.tolerate(r)?;
+            let r = self.run_turn().await;
+            self.tolerate(r)?;
             self.journal_observe();
         }
         self.stop_all().await;
@@ -265,31 +310,131 @@ impl<S: Store> Runtime<S> {
         }
     }
 
-    /// Applies one event and everything it leads to, committing each step before acting.
-    async fn step(&mut self, event: Event) -> Result<(), RuntimeError> {
-        let mut pending = VecDeque::from([event]);
-        while let Some(event) = pending.pop_front() {
-            let now = self.clock.now_ms();
-            let actions = match self.state.apply(event, now) {
-                Ok(actions) => actions,
-                Err(e) => {
-                    tracing::error!("scheduler refused an event: {e}");
-                    continue;
-                }
-            };
-            if self.cluster.is_some() {
-                self.cluster_writes(&actions).await?;
-            } else {
-                let writes: Vec<Write> = actions.iter().filter_map(|a| self.write_for(a, now)).collect();
-                self.store.write(&writes).await?;
+    /// Queues an event for the current turn. Handlers only push; `run_turn` decides.
+    fn step(&mut self, event: Event) {
+        self.pending.push_back(event);
+    }
+
+    /// Takes the inputs that are ready now, alternating between API commands and internal
+    /// messages so neither starves the other, up to `TURN_INPUTS`.
+    async fn drain_ready(&mut self) -> Result<(), RuntimeError> {
+        for _ in 0..TURN_INPUTS {
+            let mut took = false;
+            if let Ok(cmd) = self.commands.try_recv() {
+                let r = self.on_command(cmd).await;
+                self.tolerate(r)?;
+                took = true;
             }
-            self.journal_actions(&actions, now);
-            for action in actions {
-                self.perform(action, &mut pending);
+            if let Ok(msg) = self.internal_rx.try_recv() {
+                let r = self.on_internal(msg).await;
+                self.tolerate(r)?;
+                took = true;
             }
-            self.journal_workers(now);
+            if !took {
+                break;
+            }
         }
         Ok(())
+    }
+
+    /// One turn: apply the pending events to the core, commit every write they imply in one
+    /// transaction, and only then act and reply.
+    async fn run_turn(&mut self) -> Result<(), RuntimeError> {
+        self.decide();
+        if self.turn.is_empty() {
+            return Ok(());
+        }
+        let turn = std::mem::take(&mut self.turn);
+        let committed = if self.cluster.is_some() {
+            self.cluster_writes(&turn.actions).await
+        } else {
+            self.store.write_turn(&turn.jobs, &turn.writes).await.map_err(RuntimeError::from)
+        };
+        if let Err(e) = committed {
+            let reason = format!("the engine could not record this: {e}");
+            for reply in turn.replies {
+                reply(&self.state, Err(&reason));
+            }
+            return Err(e);
+        }
+        for reply in turn.replies {
+            reply(&self.state, Ok(()));
+        }
+        for event in turn.submitted {
+            self.publish(event);
+        }
+        let now = self.clock.now_ms();
+        self.journal_actions(&turn.actions, now);
+        for action in turn.actions {
+            self.perform(action, &turn.completed_inline);
+        }
+        self.journal_workers(now);
+        Ok(())
+    }
+
+    /// Applies pending events and scheduling passes until nothing more follows or the turn is
+    /// full. A built-in no-op stage ends within the turn that starts it.
+    fn decide(&mut self) {
+        loop {
+            let now = self.clock.now_ms();
+            while let Some(event) = self.pending.pop_front() {
+                match self.state.handle(event, now) {
+                    Ok(actions) => self.take(actions, now),
+                    Err(e) => tracing::error!("scheduler refused an event: {e}"),
+                }
+                self.schedule_owed = true;
+                if self.turn.actions.len() >= TURN_ACTIONS {
+                    return;
+                }
+            }
+            if !std::mem::take(&mut self.schedule_owed) {
+                return;
+            }
+            let started = self.state.schedule_pass(now);
+            if started.is_empty() {
+                return;
+            }
+            self.take(started, now);
+            if self.pending.is_empty() || self.turn.actions.len() >= TURN_ACTIONS {
+                return;
+            }
+        }
+    }
+
+    /// Adds decided actions to the turn: their writes, the bookkeeping later decisions of the
+    /// same turn read (outputs), and the actions to perform after the commit.
+    fn take(&mut self, actions: Vec<Action>, now: u64) {
+        for action in actions {
+            if self.cluster.is_none()
+                && let Some(write) = self.write_for(&action, now)
+            {
+                self.turn.writes.push(write);
+            }
+            match &action {
+                Action::AttemptEnded { job, stage, attempt, result: AttemptResult::Succeeded, .. } => {
+                    let output = self.exits.get(&(*job, *stage, *attempt)).and_then(|d| d.output.clone());
+                    if let Some(active) = self.jobs.get_mut(job) {
+                        active.outputs[*stage] = output;
+                    }
+                }
+                Action::Start { job, stage, attempt, .. } if self.is_noop(*job, *stage) => {
+                    let (job, stage, attempt) = (*job, *stage, *attempt);
+                    self.turn.completed_inline.insert((job, stage, attempt));
+                    self.pending.push_back(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Succeeded });
+                }
+                _ => {}
+            }
+            self.turn.actions.push(action);
+        }
+    }
+
+    /// `command: [gpuflow:noop]`: succeeds at once, with no process and no file, while every
+    /// durable transition still happens, so benchmarks measure the scheduler and the store.
+    fn is_noop(&self, job: JobId, stage: StageIndex) -> bool {
+        self.jobs.get(&job).is_some_and(|active| {
+            matches!(&active.pipeline.stages[stage], StageExec::Command { command, .. }
+                if command.len() == 1 && command[0].as_literal() == Some(NOOP_COMMAND))
+        })
     }
 
     fn write_for(&self, action: &Action, now: u64) -> Option<Write> {
@@ -335,46 +480,39 @@ impl<S: Store> Runtime<S> {
             Action::StageCancelled { job, stage } => Write::StageCancelled { job: job_id(job)?, stage: *stage, at },
             Action::JobFinished { job, state, error } => {
                 let active = self.jobs.get(job)?;
-                let output =
-                    (*state == gpuflow_core::JobState::Succeeded).then(|| self.job_output(job, active)).flatten();
+                let output = (*state == gpuflow_core::JobState::Succeeded).then(|| self.job_output(active)).flatten();
                 Write::JobFinished { job: active.id.clone(), state: state.as_str(), error: error.clone(), output, at }
             }
         })
     }
 
     /// The job's output: its one final stage's output, or an object of all final stages'.
-    fn job_output(&self, job: &JobId, active: &ActiveJob) -> Option<Value> {
+    fn job_output(&self, active: &ActiveJob) -> Option<Value> {
         let sinks = active.pipeline.core.sinks();
-        let output_of = |i: usize| {
-            if let Some(d) = self.exits.iter().find(|((j, s, _), _)| j == job && *s == i).map(|(_, d)| d) {
-                return d.output.clone();
-            }
-            active.outputs[i].clone()
-        };
         if let [only] = sinks.as_slice() {
-            return output_of(*only);
+            return active.outputs[*only].clone();
         }
         let map: serde_json::Map<String, Value> = sinks
             .iter()
-            .map(|i| (active.pipeline.core.stages[*i].name.clone(), output_of(*i).unwrap_or(Value::Null)))
+            .map(|i| (active.pipeline.core.stages[*i].name.clone(), active.outputs[*i].clone().unwrap_or(Value::Null)))
             .collect();
         Some(Value::Object(map))
     }
 
-    fn perform(&mut self, action: Action, pending: &mut VecDeque<Event>) {
+    /// Acts on one committed action.
+    fn perform(&mut self, action: Action, completed_inline: &HashSet<AttemptKey>) {
         match action {
             Action::Start { job, stage, attempt, grant, queued_ms, .. } => {
                 self.note_start(job);
                 if let Some(active) = self.jobs.get(&job) {
                     self.metrics.started(&active.pipeline_name, &active.pipeline.core.stages[stage].name, queued_ms);
                 }
+                if completed_inline.contains(&(job, stage, attempt)) {
+                    return;
+                }
                 if let Err(error) = self.start_attempt(job, stage, attempt, &grant) {
-                    pending.push_back(Event::AttemptExited {
-                        job,
-                        stage,
-                        attempt,
-                        outcome: Outcome::Failed { error, retryable: false },
-                    });
+                    let outcome = Outcome::Failed { error, retryable: false };
+                    self.pending.push_back(Event::AttemptExited { job, stage, attempt, outcome });
                 }
             }
             Action::Kill { job, stage, attempt, reason } if self.worker_tasks.contains_key(&(job, stage, attempt)) => {
@@ -392,17 +530,12 @@ impl<S: Store> Runtime<S> {
                     let spec = &active.pipeline.core.stages[stage];
                     self.metrics.ended(&active.pipeline_name, &spec.name, &spec.needs, result, next, ran_ms);
                 }
-                let details = self.exits.remove(&(job, stage, attempt));
-                if result == AttemptResult::Succeeded
-                    && let Some(active) = self.jobs.get_mut(&job)
-                {
-                    active.outputs[stage] = details.and_then(|d| d.output);
-                }
+                self.exits.remove(&(job, stage, attempt));
             }
             Action::StageCancelled { .. } => {}
             Action::JobFinished { job, state, .. } => {
                 if let Some(active) = self.jobs.remove(&job) {
-                    tracing::info!(job = %active.id, pipeline = %active.pipeline_name, state = state.as_str(), "job finished");
+                    tracing::debug!(job = %active.id, pipeline = %active.pipeline_name, state = state.as_str(), "job finished");
                     self.metrics.finished(&active.pipeline_name, state.as_str());
                     if let Some(n) = self.active_per_pipeline.get_mut(&active.pipeline_name) {
                         *n = n.saturating_sub(1);
@@ -430,13 +563,6 @@ impl<S: Store> Runtime<S> {
             .map(|t| t.render(&ctx))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cannot build the command: {e}"))?;
-        if argv.len() == 1 && argv[0] == NOOP_COMMAND {
-            // Succeeds at once, with no process and no file: every durable transition still
-            // happens, so benchmarks can measure the scheduler and the store alone.
-            let report = AttemptReport { status: ExitStatus::Code(0), output: Ok(None), stderr_tail: String::new() };
-            let _ = self.internal_tx.send(Internal::Exited { key: (job, stage, attempt), report });
-            return Ok(());
-        }
         // Logs and outputs live in the job's `.gpuflow` directory. The attempt's own task
         // creates it (directory creation is a measurable cost that must not stall this loop).
         let internal = active.dir.join(".gpuflow");
@@ -468,7 +594,7 @@ impl<S: Store> Runtime<S> {
             output_max: self.config.limits.output_max,
             kill_grace_ms: self.config.limits.kill_grace_ms,
         };
-        tracing::info!(job = %active.id, stage = %name, attempt, devices = %cuda.join(","), "starting attempt");
+        tracing::debug!(job = %active.id, stage = %name, attempt, devices = %cuda.join(","), "starting attempt");
         let key = (job, stage, attempt);
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let (pid_tx, pid_rx) = oneshot::channel();
@@ -508,7 +634,8 @@ impl<S: Store> Runtime<S> {
                 let (outcome, details) = outcome_of(report);
                 self.exits.insert(key, details);
                 let (job, stage, attempt) = key;
-                self.step(Event::AttemptExited { job, stage, attempt, outcome }).await
+                self.step(Event::AttemptExited { job, stage, attempt, outcome });
+                Ok(())
             }
         }
     }

@@ -404,7 +404,8 @@ impl<S: Store> Runtime<S> {
         self.exits.insert(key, ExitDetails { output, ..Default::default() });
         self.sync_availability(pool).await?;
         let (job, stage, attempt) = key;
-        self.step(Event::AttemptExited { job, stage, attempt, outcome }).await
+        self.step(Event::AttemptExited { job, stage, attempt, outcome });
+        Ok(())
     }
 
     /// A malformed or unexpected message: the task it holds fails (retryable) and the
@@ -494,7 +495,7 @@ impl<S: Store> Runtime<S> {
             self.worker_tasks.remove(&key);
             let (job, stage, attempt) = key;
             let outcome = Outcome::Failed { error: cause, retryable: true };
-            self.step(Event::AttemptExited { job, stage, attempt, outcome }).await?;
+            self.step(Event::AttemptExited { job, stage, attempt, outcome });
         }
         self.check_pools_now();
         Ok(())
@@ -508,7 +509,8 @@ impl<S: Store> Runtime<S> {
             return Ok(());
         }
         p.available = ready;
-        self.step(Event::CounterAvailable { name: pool_counter(pool), available: ready }).await
+        self.step(Event::CounterAvailable { name: pool_counter(pool), available: ready });
+        Ok(())
     }
 
     /// The pools' watchdog: startup timeouts, hangs (no heartbeat), and due restarts.

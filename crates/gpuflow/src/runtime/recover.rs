@@ -102,8 +102,8 @@ impl<S: Store> Runtime<S> {
             priority: job.job.priority,
             pipeline: def.core.clone(),
             stages,
-        })
-        .await
+        });
+        Ok(())
     }
 
     /// Fails a job that cannot be recovered, releasing what it held in the store.

@@ -126,6 +126,7 @@ impl<S: Store> Runtime<S> {
         self.state.set_config(new.scheduler.clone());
         let new = Arc::new(new);
         self.config_hash = crate::store::content_hash(&new.source);
+        self.config_text = Arc::from(new.source.as_str());
         self.shared.set(new.clone());
         self.config = new;
         tracing::info!(changes = ?applied, "configuration reloaded");

@@ -373,7 +373,7 @@ impl<S: Store> Runtime<S> {
         let observation = Observation { now_ms: now, holders, devices, queues, zombies, shm_bytes: shm_bytes() };
         for (device, bytes) in foreign_bytes.into_iter().enumerate() {
             if self.state.inventory().foreign().get(device) != Some(&bytes) {
-                self.step(Event::GpuForeign { device: device as u32, bytes }).await?;
+                self.step(Event::GpuForeign { device: device as u32, bytes });
             }
         }
         let findings = diagnosis::evaluate(&observation, &self.config.diagnosis.thresholds);
@@ -385,7 +385,7 @@ impl<S: Store> Runtime<S> {
             {
                 let (job, stage, attempt) = *key;
                 let error = format!("gpu_check: fail: {}", f.summary);
-                self.step(Event::StopAttempt { job, stage, attempt, error }).await?;
+                self.step(Event::StopAttempt { job, stage, attempt, error });
             }
         }
         self.watchdog.stopped.retain(|k| self.processes.contains_key(k));

@@ -6,6 +6,7 @@ mod postgres;
 mod sqlite;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -46,13 +47,17 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// A job to insert, with its stages.
 #[derive(Clone, Debug)]
 pub struct NewJob {
+    /// Its arrival number when the engine assigns it (a turn's admissions); `None` lets the
+    /// store assign the next one.
+    pub seq: Option<i64>,
     pub id: String,
     pub pipeline: String,
     pub input: Value,
     pub priority: i32,
     pub idempotency_key: Option<String>,
     pub config_hash: String,
-    pub config_text: String,
+    /// The pipeline file's text, shared by every job accepted under it (stored once per hash).
+    pub config_text: Arc<str>,
     /// `(name, predecessor positions)` per stage.
     pub stages: Vec<(String, Vec<usize>)>,
     pub created_at: i64,
@@ -189,6 +194,12 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn insert_job(&self, job: &NewJob) -> impl Future<Output = StoreResult<i64>> + Send;
     fn job_by_idempotency_key(&self, key: &str) -> impl Future<Output = StoreResult<Option<JobRecord>>> + Send;
     fn write(&self, batch: &[Write]) -> impl Future<Output = StoreResult<()>> + Send;
+    /// One turn of the engine: the jobs it admitted and every state change it decided, in
+    /// one transaction, all or nothing. Rows a turn touches several times (a job admitted,
+    /// started and finished in the same turn) are written once, in their final state.
+    fn write_turn(&self, jobs: &[NewJob], batch: &[Write]) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The arrival number the next admitted job gets (one past every number ever used).
+    fn next_job_seq(&self) -> impl Future<Output = StoreResult<i64>> + Send;
     fn job(&self, id: &str) -> impl Future<Output = StoreResult<Option<JobDetail>>> + Send;
     fn list_jobs(&self, filter: &JobFilter) -> impl Future<Output = StoreResult<Vec<JobRecord>>> + Send;
     fn unfinished_jobs(&self) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;

@@ -174,11 +174,20 @@ impl PgStore {
 
     async fn insert(&self, job: &NewJob, shared: bool) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await?;
+        let seq = Self::insert_in(&mut tx, job, shared).await?;
+        if shared {
+            notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn insert_in(tx: &mut Transaction<'static, Postgres>, job: &NewJob, shared: bool) -> StoreResult<i64> {
         sqlx::query("INSERT INTO config_snapshots (hash, text, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(&job.config_hash)
-            .bind(&job.config_text)
+            .bind(&*job.config_text)
             .bind(job.created_at)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, pipeline, input, priority, state, idempotency_key, config_hash, created_at) VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7) RETURNING seq",
@@ -190,7 +199,7 @@ impl PgStore {
         .bind(&job.idempotency_key)
         .bind(&job.config_hash)
         .bind(job.created_at)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await;
         let seq: i64 = match inserted {
             Ok(row) => row.try_get("seq")?,
@@ -214,12 +223,8 @@ impl PgStore {
         .bind(&states)
         .bind(job.priority as i64)
         .bind(seq)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        if shared {
-            notify(&mut tx).await?;
-        }
-        tx.commit().await?;
         Ok(seq)
     }
 
@@ -814,6 +819,25 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Agents admit into the shared queue instead (`insert_shared_job`); this serves the
+    /// store suite. The arrival number is the database's (`NewJob::seq` is not used).
+    async fn write_turn(&self, jobs: &[NewJob], batch: &[Write]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for job in jobs {
+            Self::insert_in(&mut tx, job, false).await?;
+        }
+        for w in batch {
+            Self::write_one(&mut tx, w).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn next_job_seq(&self) -> StoreResult<i64> {
+        let max: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM jobs").fetch_one(&self.pool).await?;
+        Ok(max.unwrap_or(0) + 1)
     }
 
     async fn job(&self, id: &str) -> StoreResult<Option<JobDetail>> {

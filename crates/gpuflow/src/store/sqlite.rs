@@ -8,7 +8,9 @@ use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use std::collections::HashMap;
+
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::*;
 
@@ -151,7 +153,7 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("INSERT OR IGNORE INTO config_snapshots (hash, text, created_at) VALUES (?1, ?2, ?3)")
             .bind(&job.config_hash)
-            .bind(&job.config_text)
+            .bind(&*job.config_text)
             .bind(job.created_at)
             .execute(&mut *tx)
             .await?;
@@ -203,6 +205,27 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn write_turn(&self, jobs: &[NewJob], batch: &[Write]) -> StoreResult<()> {
+        if jobs.is_empty() && batch.is_empty() {
+            return Ok(());
+        }
+        let rows = TurnRows::build(jobs, batch);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Self::write_turn_rows(&mut tx, jobs, &rows).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn next_job_seq(&self) -> StoreResult<i64> {
+        // AUTOINCREMENT's counter never goes back, even when rows are deleted.
+        let used: Option<i64> = sqlx::query_scalar(
+            "SELECT max(n) FROM (SELECT max(seq) AS n FROM jobs UNION ALL SELECT seq AS n FROM sqlite_sequence WHERE name = 'jobs')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(used.unwrap_or(0) + 1)
     }
 
     async fn job(&self, id: &str) -> StoreResult<Option<JobDetail>> {
@@ -353,5 +376,360 @@ impl Store for SqliteStore {
         })
         .collect::<StoreResult<_>>()?;
         Ok(JobStats { counts, finished })
+    }
+}
+
+/// Stage columns a turn sets; `None` leaves a column as stored.
+#[derive(Clone, Default)]
+struct StageCols<'a> {
+    state: Option<&'a str>,
+    attempts: Option<i64>,
+    failures: Option<i64>,
+    interruptions: Option<i64>,
+    not_before: Option<Option<i64>>,
+    started_at: Option<Option<i64>>,
+    finished_at: Option<Option<i64>>,
+    exit_code: Option<Option<i32>>,
+    error: Option<Option<&'a str>>,
+    output: Option<Option<String>>,
+}
+
+impl<'a> StageCols<'a> {
+    /// A stage row as `insert_job` creates it.
+    fn fresh() -> Self {
+        StageCols {
+            state: Some("pending"),
+            attempts: Some(0),
+            failures: Some(0),
+            interruptions: Some(0),
+            not_before: Some(None),
+            started_at: Some(None),
+            finished_at: Some(None),
+            exit_code: Some(None),
+            error: Some(None),
+            output: Some(None),
+        }
+    }
+}
+
+/// Job columns a turn sets.
+#[derive(Default)]
+struct JobCols<'a> {
+    state: Option<&'a str>,
+    /// Set when still unset (the first attempt's start).
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    error: Option<Option<&'a str>>,
+    output: Option<Option<String>>,
+}
+
+/// An attempt row started in this turn, in its final state.
+struct AttemptRow<'a> {
+    job: &'a str,
+    stage: i64,
+    attempt: i64,
+    state: &'a str,
+    grant: String,
+    started_at: i64,
+    finished_at: Option<i64>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    error: Option<&'a str>,
+}
+
+/// Every row one turn touches, merged to its final state, in first-touched order.
+#[derive(Default)]
+struct TurnRows<'a> {
+    new_jobs: HashMap<&'a str, JobCols<'a>>,
+    job_patches: Vec<(&'a str, JobCols<'a>)>,
+    job_patch_at: HashMap<&'a str, usize>,
+    stages: Vec<((&'a str, i64), StageCols<'a>)>,
+    stage_at: HashMap<(&'a str, i64), usize>,
+    new_attempts: Vec<AttemptRow<'a>>,
+    attempt_at: HashMap<(&'a str, i64, i64), usize>,
+    /// Ends of attempts started in an earlier turn.
+    ended_earlier: Vec<&'a Write>,
+}
+
+impl<'a> TurnRows<'a> {
+    fn build(jobs: &'a [NewJob], writes: &'a [Write]) -> Self {
+        let mut rows = TurnRows::default();
+        for job in jobs {
+            rows.new_jobs.insert(&job.id, JobCols::default());
+            for idx in 0..job.stages.len() {
+                rows.stage(&job.id, idx as i64, StageCols::fresh());
+            }
+        }
+        for w in writes {
+            rows.apply(w);
+        }
+        rows
+    }
+
+    fn stage(&mut self, job: &'a str, idx: i64, initial: StageCols<'a>) -> &mut StageCols<'a> {
+        let at = *self.stage_at.entry((job, idx)).or_insert_with(|| {
+            self.stages.push(((job, idx), initial));
+            self.stages.len() - 1
+        });
+        &mut self.stages[at].1
+    }
+
+    fn job(&mut self, job: &'a str) -> &mut JobCols<'a> {
+        if self.new_jobs.contains_key(job) {
+            return self.new_jobs.get_mut(job).expect("checked");
+        }
+        let at = *self.job_patch_at.entry(job).or_insert_with(|| {
+            self.job_patches.push((job, JobCols::default()));
+            self.job_patches.len() - 1
+        });
+        &mut self.job_patches[at].1
+    }
+
+    fn apply(&mut self, w: &'a Write) {
+        match w {
+            Write::AttemptStarted { job, stage, attempt, grant, at } => {
+                let key = (job.as_str(), *stage as i64, *attempt as i64);
+                self.attempt_at.insert(key, self.new_attempts.len());
+                self.new_attempts.push(AttemptRow {
+                    job,
+                    stage: key.1,
+                    attempt: key.2,
+                    state: "running",
+                    grant: grant.to_string(),
+                    started_at: *at,
+                    finished_at: None,
+                    exit_code: None,
+                    signal: None,
+                    error: None,
+                });
+                let s = self.stage(job, key.1, StageCols::default());
+                s.state = Some("running");
+                s.attempts = Some(key.2);
+                s.not_before = Some(None);
+                s.started_at = Some(Some(*at));
+                s.finished_at = Some(None);
+                s.error = Some(None);
+                s.exit_code = Some(None);
+                let j = self.job(job);
+                j.state = Some("running");
+                j.started_at = j.started_at.or(Some(*at));
+            }
+            Write::AttemptEnded {
+                job,
+                stage,
+                attempt,
+                result,
+                stage_state,
+                not_before,
+                error,
+                output,
+                exit_code,
+                signal,
+                failures,
+                interruptions,
+                at,
+            } => {
+                match self.attempt_at.get(&(job.as_str(), *stage as i64, *attempt as i64)) {
+                    Some(&i) => {
+                        let a = &mut self.new_attempts[i];
+                        a.state = result;
+                        a.finished_at = Some(*at);
+                        a.exit_code = *exit_code;
+                        a.signal = *signal;
+                        a.error = error.as_deref();
+                    }
+                    None => self.ended_earlier.push(w),
+                }
+                let finished = matches!(*stage_state, "succeeded" | "failed" | "cancelled").then_some(*at);
+                let s = self.stage(job, *stage as i64, StageCols::default());
+                s.state = Some(stage_state);
+                s.not_before = Some(*not_before);
+                s.error = Some(error.as_deref());
+                s.output = Some(output.as_ref().map(Value::to_string));
+                s.exit_code = Some(*exit_code);
+                s.failures = Some(*failures as i64);
+                s.interruptions = Some(*interruptions as i64);
+                s.finished_at = Some(finished);
+            }
+            Write::StageCancelled { job, stage, at } => {
+                let s = self.stage(job, *stage as i64, StageCols::default());
+                s.state = Some("cancelled");
+                s.not_before = Some(None);
+                s.finished_at = Some(Some(*at));
+            }
+            Write::JobFinished { job, state, error, output, at } => {
+                let j = self.job(job);
+                j.state = Some(state);
+                j.error = Some(error.as_deref());
+                j.output = Some(output.as_ref().map(Value::to_string));
+                j.finished_at = Some(*at);
+            }
+        }
+    }
+}
+
+/// Rows per multi-row INSERT: one statement instead of one per row, well under SQLite's
+/// limit on bound parameters.
+const INSERT_CHUNK: usize = 64;
+
+impl SqliteStore {
+    async fn write_turn_rows(
+        tx: &mut Transaction<'static, Sqlite>,
+        jobs: &[NewJob],
+        rows: &TurnRows<'_>,
+    ) -> StoreResult<()> {
+        let mut snapshots: Vec<(&str, &str, i64)> = Vec::new();
+        for job in jobs {
+            if !snapshots.iter().any(|(h, _, _)| *h == job.config_hash) {
+                snapshots.push((&job.config_hash, &job.config_text, job.created_at));
+            }
+        }
+        for (hash, text, at) in snapshots {
+            sqlx::query("INSERT OR IGNORE INTO config_snapshots (hash, text, created_at) VALUES (?1, ?2, ?3)")
+                .bind(hash)
+                .bind(text)
+                .bind(at)
+                .execute(&mut **tx)
+                .await?;
+        }
+        for chunk in jobs.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO jobs (seq, id, pipeline, input, priority, state, idempotency_key, config_hash, created_at, started_at, finished_at, error, output) ",
+            );
+            q.push_values(chunk, |mut b, job| {
+                let cols = &rows.new_jobs[job.id.as_str()];
+                b.push_bind(job.seq)
+                    .push_bind(&job.id)
+                    .push_bind(&job.pipeline)
+                    .push_bind(job.input.to_string())
+                    .push_bind(job.priority)
+                    .push_bind(cols.state.unwrap_or("queued"))
+                    .push_bind(&job.idempotency_key)
+                    .push_bind(&job.config_hash)
+                    .push_bind(job.created_at)
+                    .push_bind(cols.started_at)
+                    .push_bind(cols.finished_at)
+                    .push_bind(cols.error.flatten())
+                    .push_bind(cols.output.clone().flatten());
+            });
+            match q.build().execute(&mut **tx).await {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    return Err(StoreError::DuplicateKey(e.message().to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Stages of the turn's new jobs are inserted whole; others are updated.
+        let (new_stages, patched): (Vec<_>, Vec<_>) =
+            rows.stages.iter().partition(|((job, _), _)| rows.new_jobs.contains_key(job));
+        let deps: HashMap<(&str, i64), String> = jobs
+            .iter()
+            .flat_map(|j| {
+                j.stages.iter().enumerate().map(move |(i, (_, d))| {
+                    ((j.id.as_str(), i as i64), serde_json::to_string(d).expect("serializable"))
+                })
+            })
+            .collect();
+        let names: HashMap<(&str, i64), &str> = jobs
+            .iter()
+            .flat_map(|j| j.stages.iter().enumerate().map(move |(i, (n, _))| ((j.id.as_str(), i as i64), n.as_str())))
+            .collect();
+        for chunk in new_stages.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO stages (job_id, idx, name, deps, state, attempts, failures, interruptions, not_before, started_at, finished_at, exit_code, error, output) ",
+            );
+            q.push_values(chunk, |mut b, (key, s)| {
+                b.push_bind(key.0)
+                    .push_bind(key.1)
+                    .push_bind(names[key])
+                    .push_bind(&deps[key])
+                    .push_bind(s.state.unwrap_or("pending"))
+                    .push_bind(s.attempts.unwrap_or(0))
+                    .push_bind(s.failures.unwrap_or(0))
+                    .push_bind(s.interruptions.unwrap_or(0))
+                    .push_bind(s.not_before.flatten())
+                    .push_bind(s.started_at.flatten())
+                    .push_bind(s.finished_at.flatten())
+                    .push_bind(s.exit_code.flatten())
+                    .push_bind(s.error.flatten())
+                    .push_bind(s.output.clone().flatten());
+            });
+            q.build().execute(&mut **tx).await?;
+        }
+        for ((job, idx), s) in patched {
+            let mut q = QueryBuilder::<Sqlite>::new("UPDATE stages SET ");
+            let mut set = q.separated(", ");
+            macro_rules! column {
+                ($name:literal, $value:expr) => {
+                    if let Some(v) = $value {
+                        set.push(concat!($name, " = ")).push_bind_unseparated(v);
+                    }
+                };
+            }
+            column!("state", s.state);
+            column!("attempts", s.attempts);
+            column!("failures", s.failures);
+            column!("interruptions", s.interruptions);
+            column!("not_before", s.not_before);
+            column!("started_at", s.started_at);
+            column!("finished_at", s.finished_at);
+            column!("exit_code", s.exit_code);
+            column!("error", s.error);
+            column!("output", s.output.clone());
+            q.push(" WHERE job_id = ").push_bind(*job).push(" AND idx = ").push_bind(*idx);
+            q.build().execute(&mut **tx).await?;
+        }
+        for chunk in rows.new_attempts.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at, finished_at, exit_code, signal, error) ",
+            );
+            q.push_values(chunk, |mut b, a| {
+                b.push_bind(a.job)
+                    .push_bind(a.stage)
+                    .push_bind(a.attempt)
+                    .push_bind(a.state)
+                    .push_bind(&a.grant)
+                    .push_bind(a.started_at)
+                    .push_bind(a.finished_at)
+                    .push_bind(a.exit_code)
+                    .push_bind(a.signal)
+                    .push_bind(a.error);
+            });
+            q.build().execute(&mut **tx).await?;
+        }
+        for w in &rows.ended_earlier {
+            let Write::AttemptEnded { job, stage, attempt, result, error, exit_code, signal, at, .. } = w else {
+                continue;
+            };
+            let updated = sqlx::query("UPDATE attempts SET state = ?4, finished_at = ?5, exit_code = ?6, signal = ?7, error = ?8 WHERE job_id = ?1 AND stage_idx = ?2 AND attempt = ?3 AND state = 'running'")
+                .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(*result).bind(at).bind(exit_code).bind(signal).bind(error)
+                .execute(&mut **tx).await?;
+            if updated.rows_affected() != 1 {
+                return Err(StoreError::Corrupt(format!("attempt {job}/{stage}/{attempt} was not running")));
+            }
+        }
+        for (job, j) in &rows.job_patches {
+            let mut q = QueryBuilder::<Sqlite>::new("UPDATE jobs SET ");
+            let mut set = q.separated(", ");
+            if let Some(state) = j.state {
+                set.push("state = ").push_bind_unseparated(state);
+            }
+            if let Some(at) = j.started_at {
+                set.push("started_at = COALESCE(started_at, ").push_bind_unseparated(at).push_unseparated(")");
+            }
+            if let Some(at) = j.finished_at {
+                set.push("finished_at = ").push_bind_unseparated(at);
+            }
+            if let Some(error) = j.error {
+                set.push("error = ").push_bind_unseparated(error);
+            }
+            if let Some(output) = &j.output {
+                set.push("output = ").push_bind_unseparated(output.clone());
+            }
+            q.push(" WHERE id = ").push_bind(*job);
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 }

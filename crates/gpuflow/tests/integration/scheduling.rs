@@ -123,7 +123,9 @@ pipelines:
             !e.resources().await["leases"].as_array().unwrap().is_empty()
         })
         .await;
-    let n = 800;
+    // Enough jobs that the drain takes many turns (a turn decides at most a few thousand
+    // actions), so the read below lands in the middle of it.
+    let n = 4_000;
     let mut tasks = Vec::new();
     for k in 0..8 {
         let (http, url) = (engine.http.clone(), format!("{}/v1/jobs", engine.base));

@@ -15,6 +15,7 @@ use crate::fixture::TestDb;
 
 fn new_job(id: &str, key: Option<&str>, stages: Vec<(&str, Vec<usize>)>) -> NewJob {
     NewJob {
+        seq: None,
         id: id.to_string(),
         pipeline: "p".into(),
         input: json!({"text": "héllo ✓", "n": 1}),
