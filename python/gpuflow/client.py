@@ -10,9 +10,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 DEFAULT_SERVER = "http://127.0.0.1:7070"
+
+MAX_BATCH = 1000
+"""The most jobs `Client.submit_batch` may send in one call (the engine's limit)."""
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -91,6 +94,27 @@ class Client:
         if idempotency_key is not None:
             body["idempotency_key"] = idempotency_key
         return self._request("POST", "/v1/jobs", body)
+
+    def submit_batch(self, jobs: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+        """Submit 1 to `MAX_BATCH` (1,000) jobs in one request; returns one entry per job, in order.
+
+        Each job is a mapping shaped like `submit`'s arguments:
+        ``{"pipeline": ..., "input": {...}, "priority": 0, "idempotency_key": ...}``
+        (only ``pipeline`` is required). The engine checks each job on its own, so one bad
+        job does not sink the others. Each entry is either
+
+        - ``{"id", "state", "created"}`` for an accepted job (``created`` is False when an
+          earlier job with the same idempotency key is returned), or
+        - ``{"error": {"code", "message", "status"}}`` for a refused one, with the code and
+          HTTP status `submit` would have raised for it alone (e.g. ``queue_full`` / 429,
+          ``invalid_input`` / 400), so the caller can retry 429 and 503 entries.
+
+        Raises `ApiError` when the request as a whole is refused: 400 for zero or more than
+        1,000 jobs, 413 for a body over the batch limit, 503 while the engine is shutting
+        down or its store is unreachable (then no job was admitted).
+        """
+        body = {"jobs": [dict(job) for job in jobs]}
+        return self._request("POST", "/v1/jobs/batch", body)["jobs"]
 
     def job(self, id: str) -> Dict[str, Any]:
         """The job: state, stages (with attempts, errors and outputs) and output."""

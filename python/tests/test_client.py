@@ -48,6 +48,17 @@ class FakeApi(BaseHTTPRequestHandler):
             if body["pipeline"] == "full":
                 return self._error(429, "queue_full", "pipeline `full` has 100 unfinished jobs", {"Retry-After": "7"})
             return self._reply(201, {"id": "job-1", "state": "queued"})
+        if route == ("POST", "/v1/jobs/batch"):
+            jobs = body["jobs"]
+            if not 1 <= len(jobs) <= 1000:
+                return self._error(400, "invalid_request", f"jobs: {len(jobs)} jobs in one batch; send 1 to 1000")
+            entries = []
+            for i, job in enumerate(jobs):
+                if job["pipeline"] == "full":
+                    entries.append({"error": {"code": "queue_full", "message": "max_queued", "status": 429}})
+                else:
+                    entries.append({"id": f"job-b{i}", "state": "queued", "created": True})
+            return self._reply(201, {"jobs": entries})
         if route == ("GET", "/v1/jobs/job-1"):
             self.server.polls += 1
             state = "running" if self.server.polls < 3 else "succeeded"
@@ -103,6 +114,30 @@ class ClientTest(unittest.TestCase):
         self.client.submit("quickstart")
         body = self.server.requests[-1][3]
         self.assertEqual(body, {"pipeline": "quickstart", "input": {}, "priority": 0})
+
+    def test_submit_batch_sends_the_jobs_and_returns_one_entry_per_job(self):
+        jobs = [
+            {"pipeline": "subtitles", "input": {"video": "/data/a.mp4"}, "idempotency_key": "order-1"},
+            {"pipeline": "full"},
+            {"pipeline": "subtitles", "priority": 3},
+        ]
+        entries = self.client.submit_batch(iter(jobs))
+        method, path, headers, body = self.server.requests[-1]
+        self.assertEqual((method, path), ("POST", "/v1/jobs/batch"))
+        self.assertEqual(headers["Authorization"], f"Bearer {TOKEN}")
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(body, {"jobs": jobs})
+        self.assertEqual(len(entries), 3)
+        self.assertEqual(entries[0], {"id": "job-b0", "state": "queued", "created": True})
+        self.assertEqual(entries[1]["error"]["code"], "queue_full")
+        self.assertEqual(entries[1]["error"]["status"], 429)
+        self.assertEqual(entries[2]["id"], "job-b2")
+
+    def test_submit_batch_refused_as_a_whole_raises(self):
+        with self.assertRaises(gpuflow.ApiError) as caught:
+            self.client.submit_batch([])
+        self.assertEqual((caught.exception.status, caught.exception.code), (400, "invalid_request"))
+        self.assertIn("jobs", caught.exception.message)
 
     def test_job_wait_cancel_resources_and_jobs(self):
         self.assertEqual(self.client.job("job-1")["state"], "running")

@@ -61,6 +61,56 @@ pub struct SubmitJobResponse {
     pub state: String,
 }
 
+/// `POST /v1/jobs/batch`: up to 1,000 submissions in one request.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBatchRequest {
+    /// 1 to 1,000 jobs, each shaped like the body of `POST /v1/jobs`. Each is checked on its
+    /// own: one that is malformed or refused gets an error entry and the others go ahead.
+    #[schema(value_type = Vec<SubmitJobRequest>, min_items = 1, max_items = 1000)]
+    pub jobs: Vec<Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SubmitBatchResponse {
+    /// One entry per submitted job, in the order of the request.
+    pub jobs: Vec<BatchEntry>,
+}
+
+/// What became of one job of a batch: accepted (`id`, `state`, `created`) or refused (`error`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchEntry {
+    Accepted(BatchAccepted),
+    Refused(BatchRefused),
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BatchAccepted {
+    pub id: String,
+    pub state: String,
+    /// False when an earlier job with the same idempotency key is returned (where
+    /// `POST /v1/jobs` would answer 200 rather than 201).
+    pub created: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BatchRefused {
+    pub error: BatchItemError,
+}
+
+/// The error `POST /v1/jobs` would have answered for this job alone.
+#[derive(Serialize, ToSchema)]
+pub struct BatchItemError {
+    /// The same stable codes as the other endpoints: `invalid_request`, `invalid_input`,
+    /// `unknown_pipeline`, `payload_too_large`, `queue_full`, `idempotency_conflict`, ...
+    pub code: String,
+    pub message: String,
+    /// The HTTP status `POST /v1/jobs` would have answered (e.g. 400, 409, 413, 429), so a
+    /// client can retry 429 and 503 entries and give up on the rest.
+    pub status: u16,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct CancelResponse {
     pub id: String,

@@ -9,7 +9,8 @@ use axum::response::IntoResponse;
 use super::dto::*;
 use super::error::{ApiError, ErrorBody};
 use super::{ApiJson, AppState};
-use crate::runtime::{SubmitRequest, job_id_of};
+use crate::config::Config;
+use crate::runtime::{MAX_BATCH, SubmitRequest, job_id_of};
 use crate::store::{JobDetail, JobFilter, JobRecord};
 
 fn time(ms: i64) -> String {
@@ -29,7 +30,16 @@ pub async fn submit_job(
     body: Result<ApiJson<SubmitJobRequest>, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     let ApiJson(body) = body?;
-    let config = app.config.get();
+    let request = check_submission(&app.config.get(), body)?;
+    let submitted = app.engine.submit(request).await?;
+    let status = if submitted.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(SubmitJobResponse { id: submitted.id, state: submitted.state })))
+}
+
+/// The checks `POST /v1/jobs` makes before the engine sees a submission (the batch endpoint
+/// makes the same ones per job): a known pipeline, a sane idempotency key, an input that
+/// matches the pipeline's declared `inputs` and stays inside `allowed_roots`.
+fn check_submission(config: &Config, body: SubmitJobRequest) -> Result<SubmitRequest, ApiError> {
     let Some(def) = config.pipelines.get(&body.pipeline) else {
         let known: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
         return Err(ApiError::new(
@@ -44,17 +54,125 @@ pub async fn submit_job(
     let input = def
         .validate_input(&body.input, &config.allowed_roots)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()))?;
-    let submitted = app
-        .engine
-        .submit(SubmitRequest {
-            pipeline: body.pipeline,
-            input,
-            priority: body.priority,
-            idempotency_key: body.idempotency_key,
+    Ok(SubmitRequest { pipeline: body.pipeline, input, priority: body.priority, idempotency_key: body.idempotency_key })
+}
+
+/// How much larger than `limits.max_request_body` a batch body may be. Each job of a batch
+/// is still held to `max_request_body` on its own; the default 1MiB allows 16MiB batches,
+/// about 16KiB per job at 1,000 jobs.
+pub const BATCH_BODY_FACTOR: usize = 16;
+
+/// Submit up to 1,000 jobs at once. Each job is checked as `POST /v1/jobs` checks it and gets
+/// its own entry, in order: the accepted ones (`id`, `state`, `created`) are admitted
+/// together, the refused ones get the error `POST /v1/jobs` would have answered, and one
+/// refused job does not sink the others. The body may be up to 16 times
+/// `limits.max_request_body`; each job in it, up to `max_request_body`.
+#[utoipa::path(post, path = "/v1/jobs/batch", request_body = SubmitBatchRequest,
+    responses(
+        (status = 201, description = "One entry per job, in order; check each entry: some or all may be refused", body = SubmitBatchResponse),
+        (status = 400, description = "Not 1 to 1,000 jobs, or not a batch at all", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (when `auth` is set)", body = ErrorBody),
+        (status = 413, description = "Body over 16 x limits.max_request_body", body = ErrorBody),
+        (status = 503, description = "Shutting down, or the store is unreachable; nothing was admitted", body = ErrorBody),
+    ))]
+pub async fn submit_batch(
+    State(app): State<AppState>,
+    body: Result<ApiJson<SubmitBatchRequest>, ApiError>,
+) -> Result<impl IntoResponse, ApiError> {
+    let config = app.config.get();
+    let ApiJson(body) = body.map_err(|mut e| {
+        if e.code == "payload_too_large" {
+            e.message = format!(
+                "batch body is larger than {BATCH_BODY_FACTOR} x limits.max_request_body ({} bytes); send fewer jobs per request",
+                config.limits.max_request_body.saturating_mul(BATCH_BODY_FACTOR)
+            );
+        }
+        e
+    })?;
+    let count = body.jobs.len();
+    if !(1..=MAX_BATCH).contains(&count) {
+        return Err(ApiError::bad_request(format!(
+            "jobs: {count} jobs in one batch; send 1 to {MAX_BATCH} per request (split a longer list into several batches)"
+        )));
+    }
+    let mut entries: Vec<Option<BatchEntry>> = Vec::with_capacity(count);
+    let mut requests = Vec::new();
+    let mut slots = Vec::new();
+    for item in body.jobs {
+        match parse_batch_item(item, config.limits.max_request_body).and_then(|job| check_submission(&config, job)) {
+            Ok(request) => {
+                slots.push(entries.len());
+                requests.push(request);
+                entries.push(None);
+            }
+            Err(e) => entries.push(Some(refused(e))),
+        }
+    }
+    if !requests.is_empty() {
+        // A failure of the whole call (shutting down, store unreachable) admitted nothing.
+        let answers = app.engine.submit_batch(requests).await?;
+        for (slot, answer) in slots.into_iter().zip(answers) {
+            entries[slot] = Some(match answer {
+                Ok(s) => BatchEntry::Accepted(BatchAccepted { id: s.id, state: s.state, created: s.created }),
+                Err(e) => refused(e.into()),
+            });
+        }
+    }
+    let jobs = entries
+        .into_iter()
+        .map(|e| {
+            e.unwrap_or_else(|| {
+                refused(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error: the engine gave no answer for this job; look it up before resubmitting",
+                ))
+            })
         })
-        .await?;
-    let status = if submitted.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(SubmitJobResponse { id: submitted.id, state: submitted.state })))
+        .collect();
+    Ok((StatusCode::CREATED, Json(SubmitBatchResponse { jobs })))
+}
+
+/// One job of a batch, read as `POST /v1/jobs` reads its body, and held to the same size limit.
+fn parse_batch_item(item: serde_json::Value, max_bytes: usize) -> Result<SubmitJobRequest, ApiError> {
+    let size = json_size(&item);
+    if size > max_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "this job is {size} bytes, larger than limits.max_request_body ({max_bytes}); send large inputs as file paths"
+            ),
+        ));
+    }
+    serde_path_to_error::deserialize(item).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        ApiError::bad_request(if path == "." { inner.to_string() } else { format!("{path}: {inner}") })
+    })
+}
+
+/// The length of a JSON value serialized compactly, without building the text.
+fn json_size(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+fn refused(e: ApiError) -> BatchEntry {
+    BatchEntry::Refused(BatchRefused {
+        error: BatchItemError { code: e.code.to_string(), message: e.message, status: e.status.as_u16() },
+    })
 }
 
 /// Submit a workflow in report 004's shape: a chain of named stages from `workflows.stages`.

@@ -76,10 +76,15 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The routes, with the OpenAPI document they generate.
-fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+/// The routes, with the OpenAPI document they generate. `max_body` is
+/// `limits.max_request_body`; the batch endpoint alone accepts `BATCH_BODY_FACTOR` times it.
+fn routes(max_body: usize) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (schemas, paths, batch) = routes!(handlers::submit_batch);
+    // The innermost body limit wins, so this one overrides the router-wide one below.
+    let batch = batch.layer(DefaultBodyLimit::max(max_body.saturating_mul(handlers::BATCH_BODY_FACTOR)));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(handlers::submit_job, handlers::list_jobs))
+        .routes((schemas, paths, batch))
         .routes(routes!(handlers::get_job))
         .routes(routes!(handlers::submit_workflow))
         .routes(routes!(handlers::cancel_job))
@@ -99,14 +104,14 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// The OpenAPI document as JSON.
 pub fn openapi_json() -> String {
-    routes().1.to_pretty_json().expect("serializable")
+    routes(0).1.to_pretty_json().expect("serializable")
 }
 
 pub fn router(state: AppState) -> Router {
-    let (router, openapi) = routes();
-    let openapi = Arc::new(openapi);
     // Read once: a reload that changes it is refused (it needs a restart).
     let limit = state.config.get().limits.max_request_body;
+    let (router, openapi) = routes(limit);
+    let openapi = Arc::new(openapi);
     router
         .route("/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
         .merge(dashboard::routes())

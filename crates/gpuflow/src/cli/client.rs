@@ -42,6 +42,11 @@ impl Client {
         self.send(self.http.post(format!("{}/v1/jobs", self.base)).json(&body)).await
     }
 
+    /// `POST /v1/jobs/batch` with up to 1,000 job objects; the answer's `jobs` has one entry per job.
+    pub async fn submit_batch(&self, jobs: &[Value]) -> Result<Value> {
+        self.send(self.http.post(format!("{}/v1/jobs/batch", self.base)).json(&json!({"jobs": jobs}))).await
+    }
+
     pub async fn job(&self, id: &str) -> Result<Value> {
         self.send(self.http.get(format!("{}/v1/jobs/{id}", self.base))).await
     }

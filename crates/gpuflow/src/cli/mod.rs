@@ -1,5 +1,6 @@
 //! The command line: `serve` and `check` run locally; the rest are clients of the HTTP API.
 
+mod batch;
 mod client;
 mod submit;
 
@@ -34,9 +35,11 @@ pub enum Command {
     },
     /// Check a pipeline file and print what it declares.
     Check { file: PathBuf },
-    /// Submit a job.
+    /// Submit a job, or many with `--from FILE.jsonl`.
     Submit {
-        pipeline: String,
+        /// The pipeline to run (not with --from).
+        #[arg(required_unless_present = "from")]
+        pipeline: Option<String>,
         /// `key=value` (a string) or `key:=JSON` (a number, list, object...). Repeatable.
         #[arg(long = "input", short = 'i')]
         inputs: Vec<String>,
@@ -48,6 +51,11 @@ pub enum Command {
         /// (0 succeeded, 1 failed, 3 cancelled).
         #[arg(long)]
         wait: bool,
+        /// Submit the jobs of a JSON Lines file (`-` for stdin), one
+        /// `{"pipeline", "input", "priority", "idempotency_key"}` object per line, in batches of
+        /// 1,000. Prints one line per job in input order; exits 2 if any was refused.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["pipeline", "inputs", "priority", "idempotency_key", "wait"])]
+        from: Option<PathBuf>,
     },
     /// Show a job and its stages.
     Status {
@@ -116,7 +124,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { file } => check(&file),
-        Command::Submit { pipeline, inputs, priority, idempotency_key, wait } => {
+        Command::Submit { from: Some(file), .. } => batch::submit_from(&client()?, &file).await,
+        Command::Submit { pipeline, inputs, priority, idempotency_key, wait, from: None } => {
+            let pipeline = pipeline.context("name a pipeline, or pass --from FILE.jsonl")?;
             let input = parse_inputs(&inputs)?;
             let client = client()?;
             let submitted = client.submit(&pipeline, input, priority, idempotency_key.as_deref()).await?;

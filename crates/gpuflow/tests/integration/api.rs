@@ -141,6 +141,8 @@ pipelines:
     let (status, body) = engine.post("/v1/jobs", json!({"pipeline": "p"})).await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "unauthorized");
+    let (status, body) = engine.post("/v1/jobs/batch", json!({"jobs": [{"pipeline": "p"}]})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{body}");
     let wrong = engine
         .http
         .get(format!("{}/v1/jobs", engine.base))
@@ -169,6 +171,7 @@ async fn openapi_spec_covers_every_route() {
     for (path, method) in [
         ("/v1/jobs", "post"),
         ("/v1/jobs", "get"),
+        ("/v1/jobs/batch", "post"),
         ("/v1/jobs/{id}", "get"),
         ("/v1/jobs/{id}/cancel", "post"),
         ("/v1/resources", "get"),
@@ -177,6 +180,12 @@ async fn openapi_spec_covers_every_route() {
         assert!(spec["paths"][path][method].is_object(), "{method} {path} missing from the spec");
     }
     assert!(spec["components"]["schemas"]["SubmitJobRequest"].is_object());
+    let batch = &spec["paths"]["/v1/jobs/batch"]["post"]["responses"];
+    for status in ["201", "400", "401", "413", "503"] {
+        assert!(batch[status].is_object(), "POST /v1/jobs/batch documents no {status}: {batch}");
+    }
+    assert!(spec["components"]["schemas"]["SubmitBatchRequest"].is_object());
+    assert!(spec["components"]["schemas"]["BatchEntry"].is_object());
 }
 
 #[tokio::test]
@@ -240,4 +249,155 @@ workflows:
         )
         .await;
     assert_eq!((status, err["error"]["code"].as_str()), (400, Some("invalid_input")), "{err}");
+}
+
+const BATCH_PIPELINES: &str = r#"
+resources: {gpus: none, cpu: 2}
+allowed_roots: ["{DIR}/media"]
+limits: {max_request_body: 16KiB}
+pipelines:
+  capped:
+    max_queued: 3
+    stages: [{name: s, command: [sleep, "30"]}]
+  typed:
+    inputs:
+      n: {type: integer}
+      video: {type: path, required: false}
+    stages: [{name: s, command: ["true"]}]
+"#;
+
+fn error_code(entry: &Value) -> Option<&str> {
+    entry["error"]["code"].as_str()
+}
+
+#[tokio::test]
+async fn a_batch_answers_per_job_in_order_and_bad_jobs_do_not_sink_good_ones() {
+    let engine = Engine::start(BATCH_PIPELINES).await;
+    let jobs = json!([
+        {"pipeline": "typed", "input": {"n": 1}},
+        {"pipeline": "nope"},
+        {"pipeline": "typed", "input": {"n": "seven"}},
+        {"pipeline": "typed", "input": {"n": 2}, "idempotency_key": "dup"},
+        {"pipeline": "typed", "input": {"n": 2}, "idempotency_key": "dup"},
+        {"pipeline": "typed", "input": {"n": 3}, "colour": 1},
+        {"pipeline": "typed", "input": {"n": 4}, "idempotency_key": ""},
+        {"pipeline": "typed", "input": {"n": 5, "video": "/etc/passwd"}},
+        {"pipeline": "typed", "input": {"n": 6}, "priority": 3},
+        {"pipeline": "typed", "input": {"n": 7, "pad": "x".repeat(20_000)}},
+        {"pipeline": "typed", "input": {"n": 8}, "idempotency_key": "dup"},
+        {"pipeline": "typed", "priority": "high"},
+        7,
+    ]);
+    let (status, body) = engine.post("/v1/jobs/batch", json!({"jobs": jobs})).await;
+    assert_eq!(status, 201, "{body}");
+    let entries = body["jobs"].as_array().unwrap();
+    assert_eq!(entries.len(), 13, "{body:#}");
+    let expect_error = |i: usize, code: &str, status: u64, needle: &str| {
+        let e = &entries[i];
+        assert_eq!(error_code(e), Some(code), "entry {i}: {e}");
+        assert_eq!(e["error"]["status"], status, "entry {i}: {e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "entry {i}: `{message}` should mention `{needle}`");
+        assert!(e["id"].is_null(), "entry {i}: {e}");
+    };
+    expect_error(1, "unknown_pipeline", 400, "`nope`");
+    expect_error(2, "invalid_input", 400, "input.n");
+    expect_error(5, "invalid_request", 400, "colour");
+    expect_error(6, "invalid_request", 400, "idempotency_key");
+    expect_error(7, "invalid_input", 400, "outside the allowed roots");
+    expect_error(9, "payload_too_large", 413, "max_request_body");
+    expect_error(10, "idempotency_conflict", 409, "dup");
+    expect_error(11, "invalid_request", 400, "priority");
+    expect_error(12, "invalid_request", 400, "");
+
+    let mut good = Vec::new();
+    for i in [0, 3, 8] {
+        let e = &entries[i];
+        assert!(e["error"].is_null(), "entry {i}: {e}");
+        assert_eq!(e["created"], true, "entry {i}: {e}");
+        good.push(e["id"].as_str().unwrap().to_string());
+    }
+    // The repeated key: the engine returns the job accepted under it, or refuses the repeat.
+    let dup = &entries[4];
+    match error_code(dup) {
+        None => assert_eq!((&dup["id"], &dup["created"]), (&entries[3]["id"], &json!(false)), "{dup}"),
+        Some(code) => assert_eq!(code, "idempotency_conflict", "{dup}"),
+    }
+
+    for id in &good {
+        assert_eq!(engine.wait_final(id, Duration::from_secs(30)).await["state"], "succeeded");
+    }
+    assert_eq!(engine.job(&good[2]).await["priority"], 3);
+    let (_, list) = engine.get("/v1/jobs").await;
+    let mut listed: Vec<String> =
+        list["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+    listed.sort();
+    good.sort();
+    assert_eq!(listed, good, "only the accepted jobs were persisted");
+}
+
+#[tokio::test]
+async fn a_batch_over_max_queued_admits_the_first_jobs_and_refuses_the_rest_with_queue_full() {
+    let engine = Engine::start(BATCH_PIPELINES).await;
+    // 1,000 jobs of small inputs fit the batch body (16 x max_request_body).
+    let jobs: Vec<Value> = (0..1000)
+        .map(|i| {
+            json!({"pipeline": "capped", "input": {"clip": format!("/data/videos/clip-{i:04}.mp4")}, "idempotency_key": format!("order-{i:04}")})
+        })
+        .collect();
+    let (status, body) = engine.post("/v1/jobs/batch", json!({"jobs": jobs})).await;
+    assert_eq!(status, 201, "{body}");
+    let entries = body["jobs"].as_array().unwrap();
+    assert_eq!(entries.len(), 1000);
+    let accepted: Vec<&str> = entries[..3].iter().map(|e| e["id"].as_str().expect("accepted")).collect();
+    for (i, e) in entries.iter().enumerate().skip(3) {
+        assert_eq!(error_code(e), Some("queue_full"), "entry {i}: {e}");
+        assert_eq!(e["error"]["status"], 429, "entry {i}: {e}");
+    }
+    assert!(entries[3]["error"]["message"].as_str().unwrap().contains("max_queued"), "{}", entries[3]);
+    let (_, list) = engine.get("/v1/jobs?pipeline=capped").await;
+    let mut listed: Vec<&str> = list["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    listed.sort();
+    let mut expected = accepted.clone();
+    expected.sort();
+    assert_eq!(listed, expected, "the refused jobs were not persisted");
+    // A single submission sees the same bound.
+    let (status, body) = engine.post("/v1/jobs", json!({"pipeline": "capped"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("queue_full")), "{body}");
+    for id in accepted {
+        engine.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    }
+}
+
+#[tokio::test]
+async fn a_batch_must_hold_1_to_1000_jobs_and_fit_the_batch_body_limit() {
+    let engine = Engine::start(BATCH_PIPELINES).await;
+    let job = json!({"pipeline": "typed", "input": {"n": 1}});
+    for count in [0usize, 1001] {
+        let (status, body) = engine.post("/v1/jobs/batch", json!({"jobs": vec![job.clone(); count]})).await;
+        assert_eq!((status, error_code(&body)), (400, Some("invalid_request")), "{count}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("jobs: ")
+                && message.contains(&format!("{count} jobs"))
+                && message.contains("1 to 1000"),
+            "{message}"
+        );
+    }
+    for (what, body) in [
+        ("no jobs field", json!({})),
+        ("unknown field", json!({"jobs": [job.clone()], "colour": 1})),
+        ("jobs not a list", json!({"jobs": job.clone()})),
+    ] {
+        let (status, body) = engine.post("/v1/jobs/batch", body).await;
+        assert_eq!((status, error_code(&body)), (400, Some("invalid_request")), "{what}: {body}");
+    }
+    // Over 16 x max_request_body (256KiB here) as a whole.
+    let big: Vec<Value> =
+        (0..40).map(|_| json!({"pipeline": "typed", "input": {"n": 1, "pad": "x".repeat(8_000)}})).collect();
+    let (status, body) = engine.post("/v1/jobs/batch", json!({"jobs": big})).await;
+    assert_eq!((status, error_code(&body)), (413, Some("payload_too_large")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("16 x limits.max_request_body"), "{body}");
+    let (_, list) = engine.get("/v1/jobs").await;
+    assert_eq!(list["jobs"], json!([]), "nothing was persisted");
 }

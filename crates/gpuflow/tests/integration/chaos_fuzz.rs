@@ -122,6 +122,14 @@ fn submit_body() -> impl Strategy<Value = Value> {
         })
 }
 
+fn batch_body() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        4 => prop::collection::vec(submit_body(), 0..8).prop_map(|jobs| json!({"jobs": jobs})),
+        1 => prop::collection::vec(json_value(), 0..4).prop_map(|jobs| json!({"jobs": jobs})),
+        1 => json_value(),
+    ]
+}
+
 fn workflow_body() -> impl Strategy<Value = Value> {
     let chain = prop_oneof![
         3 => prop::sample::subsequence(vec!["ffmpeg.extract", "ocr.run"], 0..=2)
@@ -185,6 +193,7 @@ fn query() -> impl Strategy<Value = String> {
 fn target() -> impl Strategy<Value = String> {
     let fixed = prop::sample::select(vec![
         "/v1/jobs",
+        "/v1/jobs/batch",
         "/v1/workflows",
         "/v1/resources",
         "/v1/diagnosis",
@@ -219,6 +228,7 @@ fn request() -> impl Strategy<Value = Request> {
     let body = prop_oneof![
         4 => submit_body().prop_map(|v| v.to_string().into_bytes()),
         2 => workflow_body().prop_map(|v| v.to_string().into_bytes()),
+        1 => batch_body().prop_map(|v| v.to_string().into_bytes()),
         1 => json_value().prop_map(|v| v.to_string().into_bytes()),
         1 => any::<Vec<u8>>(),
         1 => (64usize * 1024..80 * 1024).prop_map(|n| json!({"pipeline": "q", "input": {"text": "x".repeat(n)}}).to_string().into_bytes()),
@@ -239,7 +249,13 @@ fn request() -> impl Strategy<Value = Request> {
         json: true,
         body: v.to_string().into_bytes(),
     });
-    prop_oneof![3 => submit, 1 => workflow, 4 => anything]
+    let batch = batch_body().prop_map(|v| Request {
+        method: "POST",
+        target: "/v1/jobs/batch".into(),
+        json: true,
+        body: v.to_string().into_bytes(),
+    });
+    prop_oneof![3 => submit, 1 => workflow, 1 => batch, 4 => anything]
 }
 
 struct Response {
@@ -349,6 +365,29 @@ fn fuzzed_requests_never_get_a_5xx_always_get_the_error_shape_and_write_nothing_
         if resp.status == 201 && req.method == "POST" {
             let body: Value = serde_json::from_slice(&resp.body).unwrap();
             let sent: Value = serde_json::from_slice(&req.body).unwrap();
+            if req.target == "/v1/jobs/batch" {
+                // serde also reads a struct from a list of its fields: `[[job, ...]]`, `["p", {...}]`.
+                let field = |v: &Value, name: &str| v.get(name).or_else(|| v.get(0)).cloned().unwrap_or(Value::Null);
+                let jobs = field(&sent, "jobs").as_array().cloned().unwrap_or_default();
+                let entries = body["jobs"].as_array().cloned().unwrap_or_default();
+                prop_assert_eq!(jobs.len(), entries.len(), "one entry per job: {}", body);
+                for (job, entry) in jobs.iter().zip(&entries) {
+                    if let Some(id) = entry["id"].as_str() {
+                        let stages = if field(job, "pipeline") == "p" { 2 } else { 1 };
+                        created.borrow_mut().entry(id.to_string()).or_insert(stages);
+                    } else {
+                        let e = &entry["error"];
+                        prop_assert!(
+                            e["code"].as_str().is_some_and(|c| !c.is_empty())
+                                && e["message"].is_string()
+                                && e["status"].as_u64().is_some_and(|s| (400..500).contains(&s)),
+                            "batch entry without the error shape or with a 5xx: {}",
+                            entry
+                        );
+                    }
+                }
+                return Ok(());
+            }
             let stages = if req.target == "/v1/workflows" {
                 sent["workflow_config"]["workflow_chain"].as_array().unwrap().len()
             } else if sent["pipeline"] == "p" {
