@@ -359,21 +359,31 @@ impl Inventory {
     /// Withholds, for a request that has waited too long, everything it asks for that is free
     /// now, and stops new grants on every device it could land on. What it needs then only
     /// accumulates as leases return, so it cannot be starved by a stream of smaller requests.
-    pub fn reserve(&self, request: &ResourceRequest, reserved: &mut Reservation) {
-        reserved.cpu += request.cpu.min(self.cpu_free(reserved));
+    ///
+    /// Returns whether it withheld anything that was not withheld already. Within one pass free
+    /// capacity only shrinks, so once reserving a request changes nothing, reserving the same
+    /// request again later in that pass changes nothing either.
+    pub fn reserve(&self, request: &ResourceRequest, reserved: &mut Reservation) -> bool {
+        let mut changed = false;
+        let cpu = request.cpu.min(self.cpu_free(reserved));
+        reserved.cpu += cpu;
+        changed |= cpu > 0;
         for (name, asked) in &request.counters {
             let take = (*asked).min(self.counter_free(name, reserved));
-            *reserved.counters.entry(name.clone()).or_default() += take;
-        }
-        if request.gpus > 0 {
-            reserved.blocked_devices.iter_mut().for_each(|b| *b = true);
-        } else if request.gpu_memory > 0 {
-            for (d, gpu) in self.capacity.gpus.iter().enumerate() {
-                if gpu.memory >= request.gpu_memory {
-                    reserved.blocked_devices[d] = true;
-                }
+            if take > 0 {
+                *reserved.counters.entry(name.clone()).or_default() += take;
+                changed = true;
             }
         }
+        // Whole devices block every device; a memory share blocks each device it could land on.
+        for (gpu, blocked) in self.capacity.gpus.iter().zip(reserved.blocked_devices.iter_mut()) {
+            let block = request.gpus > 0 || (request.gpu_memory > 0 && gpu.memory >= request.gpu_memory);
+            if block && !*blocked {
+                *blocked = true;
+                changed = true;
+            }
+        }
+        changed
     }
 }
 

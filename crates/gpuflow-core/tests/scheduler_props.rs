@@ -1,5 +1,6 @@
 //! Property tests of the scheduler's invariants: all-or-nothing, no over-commit, every lease
-//! returns, dependency order, and no starvation of a large request.
+//! returns, dependency order, and no starvation of a large request; and a differential test:
+//! the shape-indexed scheduling pass decides exactly what the old linear pass decided.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -72,35 +73,118 @@ fn pipeline_strategy(cap: Capacity) -> impl Strategy<Value = Pipeline> {
     })
 }
 
+/// One step of a scenario: an event (every kind of `Event`), or a scheduling pass on its own.
 #[derive(Clone, Debug)]
 enum Op {
-    Submit { pipeline: usize, priority: i32 },
-    Exit { lease: prop::sample::Index, outcome: u8 },
-    Cancel { job: prop::sample::Index },
-    Advance { ms: u64 },
+    Submit {
+        pipeline: usize,
+        priority: i32,
+    },
+    /// A job recovered after a restart; per stage `(kind, interruptions)` (see `restored_stages`).
+    Restore {
+        pipeline: usize,
+        priority: i32,
+        stages: Vec<(u8, u32)>,
+    },
+    Exit {
+        lease: prop::sample::Index,
+        outcome: u8,
+    },
+    /// A policy stop (`Event::StopAttempt`) of a running attempt.
+    Stop {
+        lease: prop::sample::Index,
+    },
+    Cancel {
+        job: prop::sample::Index,
+    },
+    /// Time passes; with `tick` the timers fire (`Event::Tick`), else time just moves on.
+    Advance {
+        ms: u64,
+        tick: bool,
+    },
+    /// The counter's available units change (`Event::CounterAvailable`).
+    Counter {
+        available: u64,
+    },
+    /// Memory held outside any lease on a device (`Event::GpuForeign`).
+    Foreign {
+        device: prop::sample::Index,
+        gib: u64,
+    },
+    /// `State::schedule_pass` on its own, after events that were only handled.
+    Pass,
 }
 
-fn op_strategy(pipelines: usize) -> impl Strategy<Value = Op> {
-    prop_oneof![
-        3 => (0..pipelines, -1i32..=1).prop_map(|(pipeline, priority)| Op::Submit { pipeline, priority }),
-        4 => (any::<prop::sample::Index>(), 0u8..4).prop_map(|(lease, outcome)| Op::Exit { lease, outcome }),
-        1 => any::<prop::sample::Index>().prop_map(|job| Op::Cancel { job }),
-        2 => (1u64..2_000).prop_map(|ms| Op::Advance { ms }),
-    ]
+/// An op, and whether its event is only handled (`State::handle`, as the runtime does for all
+/// but the last event of a turn) instead of applied with a pass.
+type Step = (Op, bool);
+
+fn op_strategy(pipelines: usize) -> impl Strategy<Value = Step> {
+    let op = prop_oneof![
+        6 => (0..pipelines, -1i32..=1).prop_map(|(pipeline, priority)| Op::Submit { pipeline, priority }),
+        1 => (0..pipelines, -1i32..=1, prop::collection::vec((0u8..5, 0u32..=6), 4))
+            .prop_map(|(pipeline, priority, stages)| Op::Restore { pipeline, priority, stages }),
+        8 => (any::<prop::sample::Index>(), 0u8..4).prop_map(|(lease, outcome)| Op::Exit { lease, outcome }),
+        1 => any::<prop::sample::Index>().prop_map(|lease| Op::Stop { lease }),
+        2 => any::<prop::sample::Index>().prop_map(|job| Op::Cancel { job }),
+        4 => (1u64..2_000, any::<bool>()).prop_map(|(ms, tick)| Op::Advance { ms, tick }),
+        1 => (0u64..=4).prop_map(|available| Op::Counter { available }),
+        1 => (any::<prop::sample::Index>(), prop::sample::select(vec![0u64, 4, 30, 90]))
+            .prop_map(|(device, gib)| Op::Foreign { device, gib }),
+        1 => Just(Op::Pass),
+    ];
+    (op, prop::bool::weighted(0.25))
 }
 
-fn scenario() -> impl Strategy<Value = (Capacity, Vec<Pipeline>, Vec<Op>)> {
+fn scenario() -> impl Strategy<Value = (Capacity, Vec<Pipeline>, Vec<Step>)> {
     capacity_strategy().prop_flat_map(|cap| {
         (Just(cap.clone()), prop::collection::vec(pipeline_strategy(cap), 1..=3)).prop_flat_map(|(cap, pipelines)| {
             let n = pipelines.len();
-            (Just(cap), Just(pipelines), prop::collection::vec(op_strategy(n), 1..120))
+            (Just(cap), Just(pipelines), prop::collection::vec(op_strategy(n), 1..160))
         })
     })
+}
+
+/// What a restart recovered, consistent with the pipeline: a stage has succeeded, was running
+/// or waits to retry only if all its predecessors succeeded.
+fn restored_stages(pipeline: &Pipeline, choices: &[(u8, u32)], now: u64) -> Vec<RestoredStage> {
+    let mut stages: Vec<RestoredStage> = Vec::new();
+    for (i, spec) in pipeline.stages.iter().enumerate() {
+        let (kind, interruptions) = choices[i % choices.len()];
+        let ready = spec.after.iter().all(|p| stages[*p].status == RestoredStatus::Succeeded);
+        let not_started =
+            RestoredStage { status: RestoredStatus::NotStarted, attempts: 0, failures: 0, interruptions: 0 };
+        stages.push(match kind {
+            _ if !ready => not_started,
+            1 => RestoredStage { status: RestoredStatus::Succeeded, attempts: 1, failures: 0, interruptions },
+            2 => RestoredStage {
+                status: RestoredStatus::WasRunning { attempt: 2 },
+                attempts: 2,
+                failures: 1,
+                interruptions,
+            },
+            3 => RestoredStage {
+                status: RestoredStatus::Backoff { until: now + 50 * u64::from(interruptions) },
+                attempts: 1,
+                failures: 1,
+                interruptions: 0,
+            },
+            _ => not_started,
+        });
+    }
+    stages
+}
+
+/// The waiting queue as the API shows it.
+fn waiting(state: &State) -> Vec<(JobId, usize, i32, u64)> {
+    state.waiting().map(|w| (w.job, w.stage, w.priority, w.since)).collect()
 }
 
 /// Tracks what the state machine said, and checks every invariant after each step.
 struct Harness {
     state: State,
+    /// The same scenario on the reference (linear) scheduler: it must decide identically.
+    reference: Option<State>,
     now: u64,
     next_id: u128,
     submitted: BTreeSet<JobId>,
@@ -112,7 +196,26 @@ struct Harness {
 
 impl Harness {
     fn apply(&mut self, event: Event) {
-        let actions = self.state.apply(event, self.now).expect("valid event");
+        self.step(Some(event), false);
+    }
+
+    /// Applies an event (only handles it with `defer`), or runs a pass on its own (`None`),
+    /// on the state and on the reference, and checks what they said.
+    fn step(&mut self, event: Option<Event>, defer: bool) {
+        let now = self.now;
+        let run = |state: &mut State, event: Option<Event>| match event {
+            Some(event) if defer => state.handle(event, now).expect("valid event"),
+            Some(event) => state.apply(event, now).expect("valid event"),
+            None => state.schedule_pass(now),
+        };
+        let actions = run(&mut self.state, event.clone());
+        if let Some(reference) = &mut self.reference {
+            let expected = run(reference, event);
+            assert_eq!(actions, expected, "the indexed pass decided differently from the linear pass");
+            assert_eq!(waiting(&self.state), waiting(reference), "the waiting queues differ");
+            assert_eq!(self.state.inventory().usage(), reference.inventory().usage());
+            assert_eq!(self.state.next_wakeup(), reference.next_wakeup());
+        }
         for action in &actions {
             match action {
                 Action::Start { job, stage, grant, .. } => {
@@ -136,7 +239,8 @@ impl Harness {
             }
         }
         self.check_capacity();
-        if self.check_work_conserving {
+        // Work conservation holds after a pass, not between handled events.
+        if self.check_work_conserving && !defer {
             for w in self.state.waiting() {
                 let mut inventory = self.state.inventory().clone();
                 let none = inventory.new_reservation();
@@ -200,6 +304,17 @@ proptest! {
         run_scenario(cap, pipelines, ops, true)?;
     }
 
+    /// The shape-indexed pass against the linear pass it replaced (kept as the reference): the
+    /// same random events, every kind of them, must give identical actions after every event,
+    /// with reservations for starving stages on, off, immediate or late.
+    #[test]
+    fn indexed_queue_matches_the_linear_pass(
+        (cap, pipelines, ops) in scenario(),
+        reserve_after_ms in prop::sample::select(vec![0u64, 200, 1_500, 5_000, u64::MAX]),
+    ) {
+        run_differential(cap, pipelines, ops, reserve_after_ms)?;
+    }
+
     /// A whole-GPU request behind a steady stream of small memory shares starts within the
     /// reservation bound plus the longest small stage.
     #[test]
@@ -253,14 +368,43 @@ proptest! {
 fn run_scenario(
     cap: Capacity,
     pipelines: Vec<Pipeline>,
-    ops: Vec<Op>,
+    ops: Vec<Step>,
     check_work_conserving: bool,
 ) -> Result<(), TestCaseError> {
-    let pipelines: Vec<Arc<Pipeline>> = pipelines.into_iter().map(Arc::new).collect();
     // Reservations hold capacity back on purpose, so work conservation is checked without them.
     let reserve_after_ms = if check_work_conserving { u64::MAX } else { 1_500 };
+    run_ops(cap, pipelines, ops, reserve_after_ms, check_work_conserving, false)
+}
+
+fn run_differential(
+    cap: Capacity,
+    pipelines: Vec<Pipeline>,
+    ops: Vec<Step>,
+    reserve_after_ms: u64,
+) -> Result<(), TestCaseError> {
+    run_ops(cap, pipelines, ops, reserve_after_ms, false, true)
+}
+
+fn run_ops(
+    cap: Capacity,
+    pipelines: Vec<Pipeline>,
+    ops: Vec<Step>,
+    reserve_after_ms: u64,
+    check_work_conserving: bool,
+    differential: bool,
+) -> Result<(), TestCaseError> {
+    let pipelines: Vec<Arc<Pipeline>> = pipelines.into_iter().map(Arc::new).collect();
+    let config = SchedulerConfig { reserve_after_ms };
+    let reference = differential.then(|| {
+        let mut state = State::new(cap.clone(), config.clone());
+        state.set_reference_scheduler(true);
+        state
+    });
+    let devices = cap.gpus.len();
+    let counter = cap.counters["nvenc"];
     let mut h = Harness {
-        state: State::new(cap, SchedulerConfig { reserve_after_ms }),
+        state: State::new(cap, config),
+        reference,
         check_work_conserving,
         now: 1_000,
         next_id: 1,
@@ -268,14 +412,27 @@ fn run_scenario(
         finished: BTreeMap::new(),
         succeeded: BTreeSet::new(),
     };
-    for op in ops {
+    for (op, defer) in ops {
         match op {
             Op::Submit { pipeline, priority } => {
                 let job = JobId(h.next_id);
                 h.next_id += 1;
                 h.submitted.insert(job);
                 let seq = job.0 as u64;
-                h.apply(Event::Submitted { job, seq, priority, pipeline: pipelines[pipeline].clone() });
+                h.step(Some(Event::Submitted { job, seq, priority, pipeline: pipelines[pipeline].clone() }), defer);
+            }
+            Op::Restore { pipeline, priority, stages } => {
+                let job = JobId(h.next_id);
+                h.next_id += 1;
+                h.submitted.insert(job);
+                let pipeline = pipelines[pipeline].clone();
+                let stages = restored_stages(&pipeline, &stages, h.now);
+                for (i, s) in stages.iter().enumerate() {
+                    if s.status == RestoredStatus::Succeeded {
+                        h.succeeded.insert((job, i));
+                    }
+                }
+                h.step(Some(Event::Restored { job, seq: job.0 as u64, priority, pipeline, stages }), defer);
             }
             Op::Exit { lease, outcome } => {
                 let running = h.running();
@@ -288,21 +445,45 @@ fn run_scenario(
                     2 => Outcome::Failed { error: "exit status 1".into(), retryable: true },
                     _ => Outcome::Failed { error: "bad input".into(), retryable: false },
                 };
-                h.apply(Event::AttemptExited { job, stage, attempt, outcome });
+                h.step(Some(Event::AttemptExited { job, stage, attempt, outcome }), defer);
+            }
+            Op::Stop { lease } => {
+                let running = h.running();
+                if running.is_empty() {
+                    continue;
+                }
+                let (job, stage, attempt) = running[lease.index(running.len())];
+                h.step(Some(Event::StopAttempt { job, stage, attempt, error: "gpu_check: fail".into() }), defer);
             }
             Op::Cancel { job } => {
                 let active: Vec<JobId> = h.state.jobs().map(|j| j.id).collect();
                 if active.is_empty() {
                     continue;
                 }
-                h.apply(Event::CancelRequested { job: active[job.index(active.len())] });
+                h.step(Some(Event::CancelRequested { job: active[job.index(active.len())] }), defer);
             }
-            Op::Advance { ms } => {
+            Op::Advance { ms, tick } => {
                 h.now += ms;
-                h.apply(Event::Tick);
+                if tick {
+                    h.step(Some(Event::Tick), defer);
+                }
             }
+            Op::Counter { available } => {
+                h.step(Some(Event::CounterAvailable { name: "nvenc".into(), available }), defer);
+            }
+            Op::Foreign { device, gib } => {
+                let device = if devices == 0 { 0 } else { device.index(devices) as u32 };
+                h.step(Some(Event::GpuForeign { device, bytes: gib * GIB }), defer);
+            }
+            Op::Pass => h.step(None, false),
         }
     }
+    // Whatever was only handled gets its pass; then the devices and the counter come back whole.
+    h.step(None, false);
+    for device in 0..devices as u32 {
+        h.apply(Event::GpuForeign { device, bytes: 0 });
+    }
+    h.apply(Event::CounterAvailable { name: "nvenc".into(), available: counter });
     // Drain: everything that runs exits (killed ones exit as failed), time moves on.
     for _ in 0..2_000 {
         if h.state.jobs().next().is_none() {
@@ -454,4 +635,52 @@ fn higher_priority_goes_first_then_arrival() {
     }
     let order: Vec<JobId> = state.waiting().map(|w| w.job).collect();
     assert_eq!(order, vec![JobId(3), JobId(2), JobId(4)], "job 1 runs; 3 has priority; then arrival order");
+}
+
+/// Drains 50,000 queued single-CPU stages through 2 CPU slots, one exit at a time, and prints
+/// how long it took. Timing only, no assertion: run it with
+/// `cargo test -p gpuflow-core --release -- --ignored drain_timing --nocapture`.
+#[test]
+#[ignore = "timing; run by hand in release"]
+fn drain_timing() {
+    const JOBS: u128 = 50_000;
+    let cap = Capacity { gpus: vec![], cpu: 2, counters: BTreeMap::new() };
+    let mut state = State::new(cap, SchedulerConfig::default());
+    let p = Arc::new(
+        Pipeline::new("p", vec![stage("s", ResourceRequest { cpu: 1, ..Default::default() }, vec![])]).unwrap(),
+    );
+    let mut now = 0;
+    let mut running = std::collections::VecDeque::new();
+    let started_at = std::time::Instant::now();
+    let collect = |actions: Vec<Action>, running: &mut std::collections::VecDeque<(JobId, usize, u32)>| {
+        for a in actions {
+            if let Action::Start { job, stage, attempt, .. } = a {
+                running.push_back((job, stage, attempt));
+            }
+        }
+    };
+    for id in 1..=JOBS {
+        now += 1;
+        let actions = state
+            .apply(Event::Submitted { job: JobId(id), seq: id as u64, priority: 0, pipeline: p.clone() }, now)
+            .unwrap();
+        collect(actions, &mut running);
+    }
+    let submitted = started_at.elapsed();
+    let mut finished = 0;
+    while let Some((job, stage, attempt)) = running.pop_front() {
+        now += 1;
+        let actions =
+            state.apply(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Succeeded }, now).unwrap();
+        finished += actions.iter().filter(|a| matches!(a, Action::JobFinished { .. })).count();
+        collect(actions, &mut running);
+    }
+    assert_eq!(finished as u128, JOBS);
+    assert!(state.inventory().is_idle());
+    println!(
+        "drain_timing: {JOBS} single-CPU stages on 2 slots: submit {:?}, drain {:?}, total {:?}",
+        submitted,
+        started_at.elapsed() - submitted,
+        started_at.elapsed()
+    );
 }
