@@ -168,7 +168,7 @@ impl From<StoreError> for EngineError {
 /// The API's way into the loop.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
+    pub(super) tx: mpsc::Sender<Command>,
     journal: Journal,
     ready: Arc<std::sync::atomic::AtomicBool>,
 }

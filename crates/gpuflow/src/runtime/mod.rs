@@ -160,6 +160,8 @@ pub struct Runtime<S: Store> {
     pending: VecDeque<Event>,
     /// Events were applied since the last scheduling pass (a full turn can stop between).
     schedule_owed: bool,
+    /// Test hook: abort the process right after this many more commits.
+    abort_after_commit: Option<u64>,
     engine_marker: String,
     jobs: HashMap<JobId, ActiveJob>,
     processes: HashMap<AttemptKey, RunningProcess>,
@@ -204,6 +206,7 @@ impl<S: Store> Runtime<S> {
             turn: Turn::default(),
             pending: VecDeque::new(),
             schedule_owed: false,
+            abort_after_commit: std::env::var("GPUFLOW_TEST_ABORT_AFTER_COMMIT").ok().and_then(|v| v.parse().ok()),
             engine_marker: data_dir.display().to_string(),
             config: config.clone(),
             shared,
@@ -345,18 +348,46 @@ impl<S: Store> Runtime<S> {
             return Ok(());
         }
         let turn = std::mem::take(&mut self.turn);
-        let committed = if self.cluster.is_some() {
-            self.cluster_writes(&turn.actions).await
-        } else {
-            self.store.write_turn(&turn.jobs, &turn.writes).await.map_err(RuntimeError::from)
-        };
-        if let Err(e) = committed {
-            let reason = format!("the engine could not record this: {e}");
-            for reply in turn.replies {
-                reply(&self.state, Err(&reason));
+        match self.commit(&turn).await {
+            Ok(()) => {
+                self.act(turn);
+                Ok(())
             }
-            return Err(e);
+            Err(e) => {
+                self.abandon_turn(turn, &e);
+                Err(e)
+            }
         }
+    }
+
+    /// Writes everything a turn decided, in one transaction (an agent: its fenced writes).
+    async fn commit(&mut self, turn: &Turn) -> Result<(), RuntimeError> {
+        if self.cluster.is_some() {
+            return self.cluster_writes(&turn.actions).await;
+        }
+        self.store.write_turn(&turn.jobs, &turn.writes).await?;
+        if let Some(after) = self.abort_after_commit.as_mut() {
+            // Test hook (GPUFLOW_TEST_ABORT_AFTER_COMMIT=N): die like `kill -9` right after
+            // the Nth commit, before any of its effects.
+            *after -= 1;
+            if *after == 0 {
+                std::process::abort();
+            }
+        }
+        Ok(())
+    }
+
+    /// A turn that could not be committed: no effect happens and callers get the reason.
+    /// The loop then stops (the store failing is fatal); a restart recovers what was recorded.
+    fn abandon_turn(&mut self, turn: Turn, error: &RuntimeError) {
+        let reason = format!("the engine could not record this: {error}");
+        for reply in turn.replies {
+            reply(&self.state, Err(&reason));
+        }
+    }
+
+    /// A committed turn's effects: replies, the live feed, then spawns, signals and tasks.
+    fn act(&mut self, turn: Turn) {
         for reply in turn.replies {
             reply(&self.state, Ok(()));
         }
@@ -369,7 +400,6 @@ impl<S: Store> Runtime<S> {
             self.perform(action, &turn.completed_inline);
         }
         self.journal_workers(now);
-        Ok(())
     }
 
     /// Applies pending events and scheduling passes until nothing more follows or the turn is
@@ -420,6 +450,7 @@ impl<S: Store> Runtime<S> {
                 Action::Start { job, stage, attempt, .. } if self.is_noop(*job, *stage) => {
                     let (job, stage, attempt) = (*job, *stage, *attempt);
                     self.turn.completed_inline.insert((job, stage, attempt));
+                    self.exits.insert((job, stage, attempt), ExitDetails { exit_code: Some(0), ..Default::default() });
                     self.pending.push_back(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Succeeded });
                 }
                 _ => {}
@@ -749,3 +780,6 @@ pub fn kill_reason_text(reason: KillReason) -> &'static str {
         KillReason::Policy => "policy",
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,270 @@
+//! The loop in the test process, stepped one phase at a time: gather inputs, decide, commit,
+//! act. A store wrapper injects a failed commit. These prove the turn's rules: nothing is
+//! acted on, replied or published before its commit; a failed commit performs none of its
+//! turn; a reply describes what was committed.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::*;
+use crate::config::Config;
+use crate::gpu::{GpuInfo, GpuProbe};
+use crate::store::{
+    AttemptRecord, FindingRecord, JobDetail, JobFilter, JobRecord, JobStats, SqliteStore, StoreResult, UnfinishedJob,
+};
+
+struct NoGpus;
+
+impl GpuProbe for NoGpus {
+    fn discover(&self) -> Vec<GpuInfo> {
+        Vec::new()
+    }
+}
+
+/// SQLite, with a switch that makes the next turn's commit fail.
+#[derive(Clone)]
+struct FaultyStore {
+    inner: SqliteStore,
+    fail_next_commit: Arc<AtomicBool>,
+    commits: Arc<AtomicUsize>,
+}
+
+impl Store for FaultyStore {
+    async fn write_turn(&self, jobs: &[NewJob], batch: &[Write]) -> StoreResult<()> {
+        if self.fail_next_commit.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("injected commit failure".into()));
+        }
+        self.inner.write_turn(jobs, batch).await?;
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn next_job_seq(&self) -> StoreResult<i64> {
+        self.inner.next_job_seq().await
+    }
+    async fn insert_job(&self, job: &NewJob) -> StoreResult<i64> {
+        self.inner.insert_job(job).await
+    }
+    async fn job_by_idempotency_key(&self, key: &str) -> StoreResult<Option<JobRecord>> {
+        self.inner.job_by_idempotency_key(key).await
+    }
+    async fn write(&self, batch: &[Write]) -> StoreResult<()> {
+        self.inner.write(batch).await
+    }
+    async fn job(&self, id: &str) -> StoreResult<Option<JobDetail>> {
+        self.inner.job(id).await
+    }
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        self.inner.list_jobs(filter).await
+    }
+    async fn unfinished_jobs(&self) -> StoreResult<Vec<UnfinishedJob>> {
+        self.inner.unfinished_jobs().await
+    }
+    async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {
+        self.inner.config_snapshot(hash).await
+    }
+    async fn open_finding(&self, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<i64> {
+        self.inner.open_finding(f, at).await
+    }
+    async fn update_finding(&self, id: i64, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<()> {
+        self.inner.update_finding(id, f, at).await
+    }
+    async fn close_finding(&self, id: i64, at: i64) -> StoreResult<()> {
+        self.inner.close_finding(id, at).await
+    }
+    async fn close_open_findings(&self, at: i64) -> StoreResult<u64> {
+        self.inner.close_open_findings(at).await
+    }
+    async fn findings(&self, limit: u32) -> StoreResult<Vec<FindingRecord>> {
+        self.inner.findings(limit).await
+    }
+    async fn running_attempts(&self) -> StoreResult<Vec<(String, AttemptRecord)>> {
+        self.inner.running_attempts().await
+    }
+    async fn job_stats(&self, since_ms: i64) -> StoreResult<JobStats> {
+        self.inner.job_stats(since_ms).await
+    }
+}
+
+struct Harness {
+    rt: Runtime<FaultyStore>,
+    commands: mpsc::Sender<Command>,
+    store: FaultyStore,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start(resources: &str, pipelines: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let text = format!("data_dir: {}\nresources: {resources}\npipelines:\n{pipelines}", data.display());
+        let config = Config::parse(&text, "test.yaml", &NoGpus).unwrap();
+        let inner = SqliteStore::open(&dir.path().join("gpuflow.db")).await.unwrap();
+        let store = FaultyStore { inner, fail_next_commit: Arc::default(), commits: Arc::default() };
+        let (mut rt, handle) =
+            Runtime::new(SharedConfig::new(Arc::new(config)), store.clone(), ChildRegistry::default());
+        rt.next_seq = store.next_job_seq().await.unwrap() as u64;
+        Harness { rt, commands: handle.tx.clone(), store, dir }
+    }
+
+    fn submit(&self, pipeline: &str) -> oneshot::Receiver<Result<Submitted, EngineError>> {
+        let (reply, rx) = oneshot::channel();
+        let request = SubmitRequest { pipeline: pipeline.into(), input: json(), priority: 0, idempotency_key: None };
+        self.commands.try_send(Command::Submit { request, reply }).unwrap_or_else(|_| panic!("queue full"));
+        rx
+    }
+
+    fn cancel(&self, id: &str) -> oneshot::Receiver<Result<String, EngineError>> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.try_send(Command::Cancel { id: id.into(), reply }).unwrap_or_else(|_| panic!("queue full"));
+        rx
+    }
+
+    /// Gathers the waiting inputs and decides them: the turn is ready to commit.
+    async fn decide(&mut self) -> Turn {
+        self.rt.drain_ready().await.unwrap();
+        self.rt.decide();
+        std::mem::take(&mut self.rt.turn)
+    }
+
+    /// A whole turn, as the loop runs it.
+    async fn turn(&mut self) {
+        self.rt.drain_ready().await.unwrap();
+        self.rt.run_turn().await.unwrap();
+    }
+
+    async fn stored(&self, id: &str) -> Option<JobDetail> {
+        self.store.job(id).await.unwrap()
+    }
+
+    async fn stored_count(&self) -> usize {
+        let filter = JobFilter { limit: 100_000, ..Default::default() };
+        self.store.list_jobs(&filter).await.unwrap().len()
+    }
+}
+
+fn json() -> Value {
+    Value::Object(Default::default())
+}
+
+const SLEEPER: &str = "  sleeper: {stages: [{name: s, needs: {cpu: 1}, command: [sleep, \"30\"]}]}\n";
+const NOOP: &str = "  noop: {max_queued: 100000, stages: [{name: s, command: [\"gpuflow:noop\"]}]}\n";
+
+#[tokio::test]
+async fn effects_reply_and_feed_come_only_after_the_commit() {
+    let mut h = Harness::start("{gpus: none, cpu: 1}", SLEEPER).await;
+    let mut feed = h.rt.journal.subscribe();
+    let mut reply = h.submit("sleeper");
+
+    let turn = h.decide().await;
+    assert_eq!(turn.jobs.len(), 1, "the submission joined the turn");
+    assert!(turn.actions.iter().any(|a| matches!(a, Action::Start { .. })), "the stage was decided to start");
+    assert!(reply.try_recv().is_err(), "replied before the commit");
+    assert!(h.rt.processes.is_empty(), "spawned before the commit");
+    assert!(feed.try_recv().is_err(), "published before the commit");
+    assert_eq!(h.stored_count().await, 0);
+
+    h.rt.commit(&turn).await.unwrap();
+    let id = turn.jobs[0].id.clone();
+    let stored = h.stored(&id).await.expect("committed");
+    assert_eq!(stored.stages[0].state, "running");
+    assert_eq!(stored.attempts[0].state, "running", "the lease is recorded before the process exists");
+    assert!(reply.try_recv().is_err(), "replied before acting");
+    assert!(h.rt.processes.is_empty());
+
+    h.rt.act(turn);
+    let submitted = reply.try_recv().expect("replied once committed").unwrap();
+    assert_eq!(submitted.id, id, "the reply names the committed job");
+    assert_eq!(h.rt.processes.len(), 1, "the attempt was spawned");
+    assert!(feed.try_recv().is_ok(), "the submission was published");
+    h.rt.stop_all().await;
+}
+
+#[tokio::test]
+async fn a_failed_commit_spawns_replies_and_publishes_nothing() {
+    let mut h = Harness::start("{gpus: none, cpu: 2}", &format!("{SLEEPER}{NOOP}")).await;
+    let mut feed = h.rt.journal.subscribe();
+    let first = h.submit("sleeper");
+    let second = h.submit("noop");
+    h.store.fail_next_commit.store(true, Ordering::SeqCst);
+
+    h.rt.drain_ready().await.unwrap();
+    let result = h.rt.run_turn().await;
+    assert!(result.is_err(), "a failed commit stops the loop");
+    for mut reply in [first, second] {
+        let answer = reply.try_recv().expect("the caller is told");
+        let error = answer.expect_err("a job that was not recorded was acknowledged");
+        assert_eq!(error.code(), "internal");
+        assert!(error.to_string().contains("injected commit failure"), "{error}");
+    }
+    assert!(h.rt.processes.is_empty(), "spawned for a turn that was not committed");
+    assert!(feed.try_recv().is_err(), "published a turn that was not committed");
+    assert_eq!(h.stored_count().await, 0);
+    assert!(!h.dir.path().join("data/jobs").exists(), "a job directory was created");
+}
+
+#[tokio::test]
+async fn a_burst_of_ten_thousand_submissions_is_one_commit_then_ten_thousand_replies() {
+    let mut h = Harness::start("{gpus: none, cpu: 2}", NOOP).await;
+    let mut replies = Vec::new();
+    for _ in 0..10 {
+        let (reply, rx) = oneshot::channel();
+        let requests = (0..1_000)
+            .map(|_| SubmitRequest { pipeline: "noop".into(), input: json(), priority: 0, idempotency_key: None })
+            .collect();
+        h.commands.try_send(Command::SubmitBatch { requests, reply }).unwrap_or_else(|_| panic!("queue full"));
+        replies.push(rx);
+    }
+    let commits_before = h.store.commits.load(Ordering::SeqCst);
+    let turn = h.decide().await;
+    assert_eq!(turn.jobs.len(), 10_000, "every submission joined one turn");
+    assert!(replies.iter_mut().all(|r| r.try_recv().is_err()), "replied before the commit");
+    h.rt.commit(&turn).await.unwrap();
+    assert_eq!(h.store.commits.load(Ordering::SeqCst), commits_before + 1, "one transaction");
+    h.rt.act(turn);
+
+    let mut ids = HashSet::new();
+    for mut reply in replies {
+        for answer in reply.try_recv().expect("replied after the commit") {
+            assert!(ids.insert(answer.expect("accepted").id), "an id was given twice");
+        }
+    }
+    assert_eq!(ids.len(), 10_000);
+    // Durable: a fresh connection to the file sees every acknowledged job.
+    let reopened = SqliteStore::open(&h.dir.path().join("gpuflow.db")).await.unwrap();
+    let stored = reopened.list_jobs(&JobFilter { limit: 100_000, ..Default::default() }).await.unwrap();
+    let stored: HashSet<String> = stored.into_iter().map(|j| j.id).collect();
+    assert_eq!(stored, ids);
+
+    // The backlog then drains over further turns, a bounded number of actions each.
+    for _ in 0..100 {
+        if h.rt.jobs.is_empty() {
+            break;
+        }
+        h.turn().await;
+    }
+    assert!(h.rt.jobs.is_empty(), "the no-op jobs did not drain");
+    let stats = reopened.job_stats(0).await.unwrap();
+    assert_eq!(stats.counts, vec![("noop".to_string(), "succeeded".to_string(), 10_000)]);
+}
+
+#[tokio::test]
+async fn a_cancel_reply_describes_the_committed_state() {
+    let mut h = Harness::start("{gpus: none, cpu: 1}", SLEEPER).await;
+    let mut holder = h.submit("sleeper");
+    let mut waiting = h.submit("sleeper");
+    h.turn().await;
+    let holder = holder.try_recv().unwrap().unwrap().id;
+    let waiting = waiting.try_recv().unwrap().unwrap().id;
+
+    // The queued job ends within its turn; the running one must wait for its process.
+    let mut queued_cancel = h.cancel(&waiting);
+    let mut running_cancel = h.cancel(&holder);
+    let turn = h.decide().await;
+    h.rt.commit(&turn).await.unwrap();
+    h.rt.act(turn);
+    assert_eq!(queued_cancel.try_recv().unwrap().unwrap(), "cancelled");
+    assert_eq!(h.stored(&waiting).await.unwrap().job.state, "cancelled");
+    assert_eq!(running_cancel.try_recv().unwrap().unwrap(), "cancelling");
+    assert_eq!(h.stored(&holder).await.unwrap().job.state, "running");
+    h.rt.stop_all().await;
+}
