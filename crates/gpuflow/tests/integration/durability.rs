@@ -134,3 +134,80 @@ pipelines:
     assert!(!alive(orphan), "the restarted engine must kill the orphan (pid {orphan}) before re-leasing its GPU");
     engine.assert_all_capacity_free().await;
 }
+
+/// The engine dies right after a commit and before acting on it (the test hook
+/// `GPUFLOW_TEST_ABORT_AFTER_COMMIT=N` aborts after the Nth commit, as a `kill -9` would):
+/// after a restart every acknowledged job succeeds, and no stage whose success was committed
+/// runs again.
+#[tokio::test]
+async fn a_kill_between_a_commit_and_its_effects_loses_nothing_and_reruns_no_success() {
+    let stage = "[sh, -c, 'echo \"$GPUFLOW_JOB_ID $GPUFLOW_STAGE $GPUFLOW_ATTEMPT\" >> {DIR}/runs; sleep 0.05']";
+    let mut engine = Engine::start(&format!(
+        r#"
+resources: {{gpus: none, cpu: 2}}
+pipelines:
+  chain:
+    stages:
+      - {{name: one, command: {stage}, needs: {{cpu: 1}}}}
+      - {{name: two, command: ["gpuflow:noop"]}}
+      - {{name: three, command: {stage}, needs: {{cpu: 1}}}}
+"#
+    ))
+    .await;
+    let mut acknowledged = Vec::new();
+    let mut aborted = 0;
+    for after in [1, 2, 3, 4, 6, 9] {
+        engine.kill9_if_exited();
+        engine.env = vec![("GPUFLOW_TEST_ABORT_AFTER_COMMIT".into(), format!("{after}"))];
+        if engine.try_boot().await {
+            for _ in 0..3 {
+                let url = format!("{}/v1/jobs", engine.base);
+                let sent = engine.http.post(url).json(&json!({"pipeline": "chain"})).send().await;
+                if let Ok(r) = sent
+                    && r.status().as_u16() == 201
+                {
+                    acknowledged.push(r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !engine.exited() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        aborted += engine.exited() as usize;
+    }
+    assert!(aborted >= 4, "the hook aborted the engine in only {aborted} of 6 rounds");
+    assert!(!acknowledged.is_empty());
+    engine.kill9_if_exited();
+    engine.env.clear();
+    engine.restart().await;
+    for id in &acknowledged {
+        let job = engine.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+    }
+    // Every run was recorded at its start; none came after the stage's committed success.
+    let runs = std::fs::read_to_string(engine.path("runs")).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut last_run: HashMap<(String, String), u64> = HashMap::new();
+    for line in runs.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert!(seen.insert(line.to_string()), "attempt ran twice: {line}");
+        let attempt: u64 = parts[2].parse().unwrap();
+        let last = last_run.entry((parts[0].to_string(), parts[1].to_string())).or_default();
+        *last = (*last).max(attempt);
+    }
+    for id in &acknowledged {
+        for stage in engine.job(id).await["stages"].as_array().unwrap() {
+            let history = stage["attempt_history"].as_array().unwrap();
+            let succeeded: Vec<u64> =
+                history.iter().filter(|a| a["state"] == "succeeded").map(|a| a["attempt"].as_u64().unwrap()).collect();
+            assert_eq!(succeeded.len(), 1, "{stage:#}");
+            assert_eq!(stage["failures"], 0, "an abort counted as a failure: {stage:#}");
+            let name = stage["name"].as_str().unwrap().to_string();
+            if let Some(last) = last_run.get(&(id.clone(), name)) {
+                assert_eq!(*last, succeeded[0], "ran again after its success was committed: {stage:#}");
+            }
+        }
+    }
+    engine.assert_all_capacity_free().await;
+}

@@ -11,6 +11,8 @@ pub struct Engine {
     child: Option<Child>,
     pub base: String,
     pub http: reqwest::Client,
+    /// Extra environment for the engine process, applied at the next (re)start.
+    pub env: Vec<(String, String)>,
 }
 
 pub fn bin() -> &'static str {
@@ -32,7 +34,8 @@ impl Engine {
         for (name, contents) in files {
             std::fs::write(dir.path().join(name), contents).unwrap();
         }
-        let mut engine = Engine { dir, child: None, base: String::new(), http: reqwest::Client::new() };
+        let mut engine =
+            Engine { dir, child: None, base: String::new(), http: reqwest::Client::new(), env: Vec::new() };
         engine.write_config(body);
         engine.boot().await;
         engine
@@ -54,6 +57,13 @@ impl Engine {
     }
 
     async fn boot(&mut self) {
+        if !self.try_boot().await {
+            panic!("engine exited:\n{}", self.log());
+        }
+    }
+
+    /// Starts the engine; false when it exited before it was up.
+    pub async fn try_boot(&mut self) -> bool {
         let addr_file = self.path("data/listen.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path("engine.log")).unwrap();
@@ -61,6 +71,7 @@ impl Engine {
             .args(["serve", "--config"])
             .arg(self.path("gpuflow.yaml"))
             .env("GPUFLOW_LOG", "info,gpuflow=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             // Workers import the SDK from the source tree.
             .env("PYTHONPATH", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python"))
             .stdout(Stdio::null())
@@ -74,11 +85,11 @@ impl Engine {
                 self.base = format!("http://{}", addr.trim());
                 // 200 only once start-up (sweep, recovery) is done.
                 if self.http.get(format!("{}/healthz", self.base)).send().await.is_ok_and(|r| r.status().is_success()) {
-                    return;
+                    return true;
                 }
             }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("engine exited with {status}:\n{}", self.log());
+            if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                return false;
             }
             assert!(Instant::now() < deadline, "engine did not come up:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -252,6 +263,11 @@ pub fn intervals(log: &Path) -> Vec<Interval> {
 }
 
 impl Engine {
+    /// Whether the engine process has exited on its own.
+    pub fn exited(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_some())
+    }
+
     /// Collects an engine that already exited on its own.
     pub fn kill9_if_exited(&mut self) {
         if let Some(mut child) = self.child.take() {
