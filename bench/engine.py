@@ -66,6 +66,22 @@ def submit_many(base, pipeline, n, threads=8, input_of=None):
         return list(pool.map(one, range(n)))
 
 
+def submit_batches(base, pipeline, n, chunk=1000, threads=2):
+    """Submits n jobs through `POST /v1/jobs/batch`, `chunk` per request; returns their ids."""
+    import concurrent.futures
+
+    def one(k):
+        size = min(chunk, n - k)
+        answer = call(base, "POST", "/v1/jobs/batch", {"jobs": [{"pipeline": pipeline}] * size})
+        refused = [e["error"] for e in answer["jobs"] if "error" in e]
+        if refused:
+            raise RuntimeError(f"{len(refused)} of {size} refused, first: {refused[0]}")
+        return [e["id"] for e in answer["jobs"]]
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return [i for ids in pool.map(one, range(0, n, chunk)) for i in ids]
+
+
 def ts_ms(iso):
     """An API timestamp (RFC 3339) as epoch milliseconds."""
     import datetime
