@@ -150,6 +150,24 @@ impl Default for Journal {
 }
 
 impl Journal {
+    /// Closes an attempt's open GPU timeline intervals; returns their devices.
+    fn close_interval(&self, key: (JobId, usize, u32), now: u64, result: &'static str) -> Vec<u32> {
+        let mut gpus = Vec::new();
+        let mut h = self.lock();
+        if let Some(intervals) = h.open.remove(&key) {
+            for mut i in intervals {
+                gpus.push(i.device);
+                i.end_ms = Some(now);
+                i.result = Some(result);
+                h.closed.push_back(i);
+            }
+            while h.closed.len() > INTERVALS_KEPT {
+                h.closed.pop_front();
+            }
+        }
+        gpus
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.feed.subscribe()
     }
@@ -205,8 +223,28 @@ impl<S: Store> Runtime<S> {
     /// Records and publishes what one committed step's actions changed. Called after the
     /// commit and before `perform` (which forgets finished jobs).
     pub(super) fn journal_actions(&mut self, actions: &[Action], now: u64) {
+        // With nobody on the feed, only the GPU timeline's bookkeeping is done: no event is
+        // built, so a no-op job costs no string copies here.
+        let listening = self.journal.feed.receiver_count() > 0;
         for action in actions {
             let Some(active) = self.jobs.get(action_job(action)) else { continue };
+            if !listening {
+                match action {
+                    Action::Start { stage, grant, .. }
+                        if grant.gpus.is_empty()
+                            && grant.gpu_memory.is_none()
+                            && self.pool_of(*action_job(action), *stage).is_none() =>
+                    {
+                        continue;
+                    }
+                    Action::AttemptEnded { job, stage, attempt, result, .. } => {
+                        self.journal.close_interval((*job, *stage, *attempt), now, result.as_str());
+                        continue;
+                    }
+                    Action::Start { .. } => {}
+                    _ => continue,
+                }
+            }
             let (job, pipeline) = (active.id.clone(), active.pipeline_name.clone());
             let stage_name = |stage: usize| active.pipeline.core.stages[stage].name.clone();
             let events = match action {
@@ -254,21 +292,7 @@ impl<S: Store> Runtime<S> {
                 Action::AttemptEnded { job: key_job, stage, attempt, result, next, .. } => {
                     let stage_index = *stage;
                     let stage = stage_name(stage_index);
-                    let mut gpus = Vec::new();
-                    {
-                        let mut h = self.journal.lock();
-                        if let Some(intervals) = h.open.remove(&(*key_job, stage_index, *attempt)) {
-                            for mut i in intervals {
-                                gpus.push(i.device);
-                                i.end_ms = Some(now);
-                                i.result = Some(result.as_str());
-                                h.closed.push_back(i);
-                            }
-                            while h.closed.len() > INTERVALS_KEPT {
-                                h.closed.pop_front();
-                            }
-                        }
-                    }
+                    let gpus = self.journal.close_interval((*key_job, stage_index, *attempt), now, result.as_str());
                     vec![
                         EngineEvent::AttemptEnded {
                             job: job.clone(),

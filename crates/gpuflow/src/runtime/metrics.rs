@@ -46,6 +46,33 @@ pub(super) struct Metrics {
     pub(super) fenced_writes: Counter,
     /// Agent mode: leases this agent found expired and re-queued (any agent's).
     pub(super) leases_expired: Counter,
+    /// Per-pipeline handles into the families above, so a job's updates allocate no labels.
+    handles: HashMap<String, PipelineHandles>,
+}
+
+/// One pipeline's counters and histograms, looked up by name without allocating.
+#[derive(Default)]
+struct PipelineHandles {
+    submitted: Option<Counter>,
+    finished: Vec<(&'static str, Counter)>,
+    stages: HashMap<String, StageHandles>,
+}
+
+#[derive(Default)]
+struct StageHandles {
+    queue_wait: Option<Histogram>,
+    retries: Option<Counter>,
+    duration: Vec<(&'static str, Histogram)>,
+}
+
+/// A handle from `list`, created through `make` on first use.
+fn cached<M: Clone>(list: &mut Vec<(&'static str, M)>, key: &'static str, make: impl FnOnce() -> M) -> M {
+    if let Some((_, m)) = list.iter().find(|(k, _)| *k == key) {
+        return m.clone();
+    }
+    let m = make();
+    list.push((key, m.clone()));
+    m
 }
 
 impl Default for Metrics {
@@ -69,6 +96,7 @@ impl Default for Metrics {
             findings_opened: Family::default(),
             fenced_writes: Counter::default(),
             leases_expired: Counter::default(),
+            handles: HashMap::new(),
             registry: Registry::default(),
         };
         registry.register("gpuflow_jobs_submitted", "Jobs accepted", m.jobs_submitted.clone());
@@ -117,22 +145,50 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub(super) fn submitted(&self, pipeline: &str) {
-        self.jobs_submitted.get_or_create(&labels(&[("pipeline", pipeline)])).inc();
+    fn pipeline(&mut self, pipeline: &str) -> &mut PipelineHandles {
+        if !self.handles.contains_key(pipeline) {
+            self.handles.insert(pipeline.to_string(), PipelineHandles::default());
+        }
+        self.handles.get_mut(pipeline).expect("inserted")
     }
 
-    pub(super) fn finished(&self, pipeline: &str, state: &str) {
-        self.jobs_finished.get_or_create(&labels(&[("pipeline", pipeline), ("state", state)])).inc();
+    fn stage(&mut self, pipeline: &str, stage: &str) -> &mut StageHandles {
+        let p = self.pipeline(pipeline);
+        if !p.stages.contains_key(stage) {
+            p.stages.insert(stage.to_string(), StageHandles::default());
+        }
+        p.stages.get_mut(stage).expect("inserted")
     }
 
-    pub(super) fn started(&self, pipeline: &str, stage: &str, queued_ms: u64) {
-        self.queue_wait
-            .get_or_create(&labels(&[("pipeline", pipeline), ("stage", stage)]))
-            .observe(queued_ms as f64 / 1000.0);
+    pub(super) fn submitted(&mut self, pipeline: &str) {
+        let family = self.jobs_submitted.clone();
+        let handle = self
+            .pipeline(pipeline)
+            .submitted
+            .get_or_insert_with(|| family.get_or_create_owned(&labels(&[("pipeline", pipeline)])));
+        handle.inc();
+    }
+
+    pub(super) fn finished(&mut self, pipeline: &str, state: &'static str) {
+        let family = self.jobs_finished.clone();
+        let p = self.pipeline(pipeline);
+        cached(&mut p.finished, state, || {
+            family.get_or_create_owned(&labels(&[("pipeline", pipeline), ("state", state)]))
+        })
+        .inc();
+    }
+
+    pub(super) fn started(&mut self, pipeline: &str, stage: &str, queued_ms: u64) {
+        let family = self.queue_wait.clone();
+        let handle = self
+            .stage(pipeline, stage)
+            .queue_wait
+            .get_or_insert_with(|| family.get_or_create_owned(&labels(&[("pipeline", pipeline), ("stage", stage)])));
+        handle.observe(queued_ms as f64 / 1000.0);
     }
 
     pub(super) fn ended(
-        &self,
+        &mut self,
         pipeline: &str,
         stage: &str,
         needs: &gpuflow_core::ResourceRequest,
@@ -144,9 +200,21 @@ impl Metrics {
             return;
         }
         let secs = ran_ms as f64 / 1000.0;
-        self.task_duration
-            .get_or_create(&labels(&[("pipeline", pipeline), ("stage", stage), ("outcome", result.as_str())]))
-            .observe(secs);
+        let (durations, retries) = (self.task_duration.clone(), self.retries.clone());
+        let handles = self.stage(pipeline, stage);
+        let outcome = result.as_str();
+        cached(&mut handles.duration, outcome, || {
+            durations.get_or_create_owned(&labels(&[("pipeline", pipeline), ("stage", stage), ("outcome", outcome)]))
+        })
+        .observe(secs);
+        if matches!(next, StageNext::Retry { .. }) {
+            handles
+                .retries
+                .get_or_insert_with(|| {
+                    retries.get_or_create_owned(&labels(&[("pipeline", pipeline), ("stage", stage)]))
+                })
+                .inc();
+        }
         let kinds = [
             ("gpu", needs.gpus > 0),
             ("gpu_memory", needs.gpu_memory > 0),
@@ -157,9 +225,6 @@ impl Metrics {
             if held {
                 self.lease_hold.get_or_create(&labels(&[("resource", kind)])).observe(secs);
             }
-        }
-        if matches!(next, StageNext::Retry { .. }) {
-            self.retries.get_or_create(&labels(&[("pipeline", pipeline), ("stage", stage)])).inc();
         }
     }
 

@@ -201,6 +201,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The arrival number the next admitted job gets (one past every number ever used).
     fn next_job_seq(&self) -> impl Future<Output = StoreResult<i64>> + Send;
     fn job(&self, id: &str) -> impl Future<Output = StoreResult<Option<JobDetail>>> + Send;
+    /// Newest first. Listings carry no input or output (`Value::Null`, `None`): a page of
+    /// large inputs must not be read to show ids and states.
     fn list_jobs(&self, filter: &JobFilter) -> impl Future<Output = StoreResult<Vec<JobRecord>>> + Send;
     fn unfinished_jobs(&self) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;
     /// The text of the pipeline file with this content hash (see `NewJob::config_hash`).
@@ -258,6 +260,16 @@ trait Columns {
         Ok(self.int(column)?.map(|v| v as i32))
     }
 }
+
+/// The columns a job listing reads: every column of `jobs` but the input and the output
+/// (a macro, so statements stay literals: `concat!`).
+macro_rules! listed_job_columns {
+    () => {
+        "seq, id, pipeline, 'null' AS input, priority, state, idempotency_key, config_hash, \
+         created_at, started_at, finished_at, error, NULL AS output"
+    };
+}
+use listed_job_columns;
 
 fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
     Ok(JobRecord {

@@ -865,7 +865,7 @@ impl Store for PgStore {
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
         let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR pipeline = $2) AND seq < $3 ORDER BY seq DESC LIMIT $4",
+            concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR pipeline = $2) AND seq < $3 ORDER BY seq DESC LIMIT $4"),
         )
         .bind(&filter.state)
         .bind(&filter.pipeline)

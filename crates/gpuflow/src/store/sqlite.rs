@@ -248,13 +248,28 @@ impl Store for SqliteStore {
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
         // One statement per filter combination, so SQLite can use the (state, seq) and
         // (pipeline, seq) indexes; `?1 IS NULL OR state = ?1` would scan every job.
+        // The listing leaves out inputs and outputs (see `listed_job_columns`).
         let sql = match (&filter.state, &filter.pipeline) {
-            (None, None) => "SELECT * FROM jobs WHERE seq < ?3 ORDER BY seq DESC LIMIT ?4",
-            (Some(_), None) => "SELECT * FROM jobs WHERE state = ?1 AND seq < ?3 ORDER BY seq DESC LIMIT ?4",
-            (None, Some(_)) => "SELECT * FROM jobs WHERE pipeline = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4",
-            (Some(_), Some(_)) => {
-                "SELECT * FROM jobs WHERE state = ?1 AND pipeline = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
+            (None, None) => {
+                concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE seq < ?3 ORDER BY seq DESC LIMIT ?4")
             }
+            (Some(_), None) => {
+                concat!(
+                    "SELECT ",
+                    listed_job_columns!(),
+                    " FROM jobs WHERE state = ?1 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
+                )
+            }
+            (None, Some(_)) => concat!(
+                "SELECT ",
+                listed_job_columns!(),
+                " FROM jobs WHERE pipeline = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
+            ),
+            (Some(_), Some(_)) => concat!(
+                "SELECT ",
+                listed_job_columns!(),
+                " FROM jobs WHERE state = ?1 AND pipeline = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
+            ),
         };
         let rows = sqlx::query(sql)
             .bind(&filter.state)

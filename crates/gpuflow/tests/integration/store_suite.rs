@@ -112,6 +112,7 @@ async fn conformance<S: Store>(store: S) {
     assert_eq!(unfinished, vec!["j1"]);
     let all = store.list_jobs(&JobFilter { limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(all.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["j2", "j1"], "newest first");
+    assert!(all.iter().all(|j| j.input.is_null() && j.output.is_none()), "a listing read inputs or outputs");
     let failed =
         store.list_jobs(&JobFilter { state: Some("failed".into()), limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(failed.len(), 1);
