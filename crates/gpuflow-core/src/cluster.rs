@@ -1,32 +1,24 @@
-//! Job transitions when several agents share one store. Each agent runs only the stages it has
-//! claimed, so no agent holds a whole job in memory: the store holds the job's stages, and each
-//! change (an attempt ends, a lease expires, a cancel) is decided here from those rows, inside
-//! the transaction that locks them. Same rules as the single-engine scheduler: a stage is ready
-//! when all its predecessors succeeded; a failure spends the retry budget unless the lease was
-//! lost (that is an interruption, capped at `MAX_INTERRUPTIONS`); a job that fails or is
-//! cancelled cancels what has not started and ends once nothing of it runs.
+//! Agent mode: several agents share one store. Each agent runs only the stages it has claimed,
+//! so no agent holds a whole job in memory: the store holds the job's stages, and each change
+//! (an attempt ends, a lease expires, a cancel) is decided from those rows, inside the
+//! transaction that locks them. The decisions are `rules`, the very functions the single
+//! engine's scheduler uses; this module only speaks the shared queue's words (rows, lost
+//! leases) and chooses what an agent claims (`choose_claims`).
 
+use std::cmp::Reverse;
+
+use crate::pipeline::StageIndex;
+use crate::resources::{Inventory, ResourceRequest};
 use crate::retry::RetryPolicy;
-use crate::scheduler::{AttemptResult, JobState, MAX_INTERRUPTIONS};
+use crate::rules::{self, End, Interruption, Stage};
+use crate::scheduler::JobState;
 
-/// A stage as stored, in the words of the shared queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SharedStageState {
-    /// Waiting for predecessors.
-    Pending,
-    /// Claimable (now, or after its backoff delay).
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl SharedStageState {
-    pub fn is_final(self) -> bool {
-        matches!(self, SharedStageState::Succeeded | SharedStageState::Failed | SharedStageState::Cancelled)
-    }
-}
+/// What to write for one stage (`Stop` needs no write: the agent holding it sees the ending).
+pub use crate::rules::Change as StageChange;
+/// A stage as stored, in the rules' words (`Waiting`: queued or backing off, claimable now or
+/// after its delay).
+pub use crate::rules::Status as SharedStageState;
+pub use crate::rules::Transition;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SharedStage {
@@ -54,36 +46,32 @@ pub enum SharedEnd {
     LeaseLost,
 }
 
-/// What to write for one stage.
-#[derive(Clone, Debug, PartialEq)]
-pub enum StageChange {
-    Succeeded,
-    /// Claimable again after `delay_ms`.
-    Retry {
-        delay_ms: u64,
-    },
-    Failed,
-    Cancelled,
-    /// A pending stage whose predecessors have all succeeded.
-    Ready,
+impl From<SharedEnd> for End {
+    fn from(end: SharedEnd) -> End {
+        match end {
+            SharedEnd::Succeeded => End::Succeeded,
+            SharedEnd::Failed { error, retryable, timed_out } => End::Failed { error, retryable, timed_out },
+            SharedEnd::Cancelled { error } => End::Cancelled { error },
+            SharedEnd::LeaseLost => End::Interrupted(Interruption::LeaseLost),
+        }
+    }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Transition {
-    /// How the attempt is recorded (absent for a cancel that ended no attempt).
-    pub attempt: Option<(AttemptResult, Option<String>)>,
-    /// `(stage, change)`, the ended stage first.
-    pub changes: Vec<(usize, StageChange)>,
-    pub failures: u32,
-    pub interruptions: u32,
-    /// Set when this transition makes the job end (fail or cancel).
-    pub ending: Option<(JobState, String)>,
-    /// Set when nothing of the job runs any more: it is final now.
-    pub finished: Option<JobState>,
+fn view(stages: &[SharedStage]) -> Vec<Stage<'_>> {
+    stages
+        .iter()
+        .map(|s| Stage {
+            name: &s.name,
+            after: &s.deps,
+            status: s.state,
+            failures: s.failures,
+            interruptions: s.interruptions,
+        })
+        .collect()
 }
 
 /// An attempt of `stage` ended. `ending` is the job's pending end, if another stage already
-/// failed or the job was cancelled.
+/// failed or the job was cancelled. `retry` is the stage's policy.
 pub fn attempt_ended(
     stages: &[SharedStage],
     ending: Option<JobState>,
@@ -91,131 +79,84 @@ pub fn attempt_ended(
     end: SharedEnd,
     retry: &RetryPolicy,
 ) -> Transition {
-    let s = &stages[stage];
-    let mut failures = s.failures;
-    let mut interruptions = s.interruptions;
-    let (result, error, change) = match end {
-        SharedEnd::Succeeded => (AttemptResult::Succeeded, None, StageChange::Succeeded),
-        SharedEnd::Cancelled { error } => (AttemptResult::Cancelled, Some(error), StageChange::Cancelled),
-        SharedEnd::LeaseLost => {
-            interruptions += 1;
-            let change = if ending.is_some() {
-                StageChange::Cancelled
-            } else if interruptions > MAX_INTERRUPTIONS {
-                StageChange::Failed
-            } else {
-                StageChange::Retry { delay_ms: 0 }
-            };
-            let error = if change == StageChange::Failed {
-                format!("its lease was lost {interruptions} times (agents died or lost the database)")
-            } else {
-                "lease expired: the agent running it stopped renewing (died, froze or lost the database)".to_string()
-            };
-            (AttemptResult::Interrupted, Some(error), change)
-        }
-        SharedEnd::Failed { error, retryable, timed_out } => {
-            failures += 1;
-            let result = if timed_out { AttemptResult::TimedOut } else { AttemptResult::Failed };
-            let change = match ending {
-                Some(_) => StageChange::Cancelled,
-                None if !retryable => StageChange::Failed,
-                None => match retry.backoff_after(failures) {
-                    Some(delay_ms) => StageChange::Retry { delay_ms },
-                    None => StageChange::Failed,
-                },
-            };
-            (result, Some(error), change)
-        }
-    };
+    rules::attempt_ended(&view(stages), ending, stage, end.into(), retry)
+}
 
-    let mut after: Vec<SharedStageState> = stages.iter().map(|s| s.state).collect();
-    let mut changes = vec![(stage, change.clone())];
-    let mut new_ending = None;
-    after[stage] = match change {
-        StageChange::Succeeded => SharedStageState::Succeeded,
-        StageChange::Retry { .. } | StageChange::Ready => SharedStageState::Queued,
-        StageChange::Failed => SharedStageState::Failed,
-        StageChange::Cancelled => SharedStageState::Cancelled,
-    };
-    match change {
-        StageChange::Succeeded if ending.is_none() => {
-            for (j, other) in stages.iter().enumerate() {
-                let ready = after[j] == SharedStageState::Pending
-                    && other.deps.contains(&stage)
-                    && other.deps.iter().all(|d| after[*d] == SharedStageState::Succeeded);
-                if ready {
-                    after[j] = SharedStageState::Queued;
-                    changes.push((j, StageChange::Ready));
-                }
-            }
-        }
-        StageChange::Failed if ending.is_none() => {
-            let tries = if failures > 1 { format!(" after {failures} attempts") } else { String::new() };
-            let reason = format!("stage `{}` failed{tries}: {}", s.name, error.clone().unwrap_or_default());
-            new_ending = Some((JobState::Failed, reason));
-            cancel_unstarted(&mut after, &mut changes);
-        }
-        _ => {}
-    }
-    let ending_now = ending.or(new_ending.as_ref().map(|(state, _)| *state));
-    Transition {
-        attempt: Some((result, error)),
-        changes,
-        failures,
-        interruptions,
-        ending: new_ending,
-        finished: finished(&after, ending_now),
-    }
+/// The lease of `stage`'s attempt expired (its agent died, froze or lost the database): an
+/// interruption, which spends no retry.
+pub fn lease_lost(stages: &[SharedStage], ending: Option<JobState>, stage: usize) -> Transition {
+    attempt_ended(stages, ending, stage, SharedEnd::LeaseLost, &RetryPolicy::no_retry())
 }
 
 /// The job was asked to stop. `None` when it has already finished.
 pub fn cancel(stages: &[SharedStage], ending: Option<JobState>) -> Option<Transition> {
-    let mut after: Vec<SharedStageState> = stages.iter().map(|s| s.state).collect();
-    if ending.is_none() && after.iter().all(|s| s.is_final()) {
-        return None;
-    }
-    let mut changes = Vec::new();
-    cancel_unstarted(&mut after, &mut changes);
-    let new_ending = ending.is_none().then(|| (JobState::Cancelled, "cancelled by request".to_string()));
-    let ending_now = ending.unwrap_or(JobState::Cancelled);
-    Some(Transition {
-        attempt: None,
-        changes,
-        failures: 0,
-        interruptions: 0,
-        ending: new_ending,
-        finished: finished(&after, Some(ending_now)),
-    })
-}
-
-fn cancel_unstarted(after: &mut [SharedStageState], changes: &mut Vec<(usize, StageChange)>) {
-    for (j, state) in after.iter_mut().enumerate() {
-        if matches!(state, SharedStageState::Pending | SharedStageState::Queued) {
-            *state = SharedStageState::Cancelled;
-            changes.push((j, StageChange::Cancelled));
-        }
-    }
-}
-
-fn finished(after: &[SharedStageState], ending: Option<JobState>) -> Option<JobState> {
-    if after.contains(&SharedStageState::Running) {
-        return None;
-    }
-    match ending {
-        Some(state) => Some(state),
-        None if after.iter().all(|s| *s == SharedStageState::Succeeded) => Some(JobState::Succeeded),
-        None => None,
-    }
+    rules::cancel(&view(stages), ending)
 }
 
 /// The stages no other stage depends on: their outputs make the job's output.
 pub fn sinks(stages: &[SharedStage]) -> Vec<usize> {
-    (0..stages.len()).filter(|i| !stages.iter().any(|s| s.deps.contains(i))).collect()
+    rules::sinks(stages.iter().map(|s| s.deps.as_slice()))
+}
+
+/// A claimable stage, as an agent weighs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimCandidate<K> {
+    /// What the caller knows it by.
+    pub key: K,
+    /// Higher first.
+    pub priority: i32,
+    /// The job's arrival number: older first.
+    pub arrival: u64,
+    pub stage: StageIndex,
+    pub request: ResourceRequest,
+    /// How long it has been claimable.
+    pub waited_ms: u64,
+}
+
+/// What an agent may claim from: the candidates (any order) and its free local resources.
+#[derive(Clone, Debug)]
+pub struct ClaimProblem<K> {
+    pub candidates: Vec<ClaimCandidate<K>>,
+    /// The agent's inventory as it stands (capacity and what is in use).
+    pub inventory: Inventory,
+    /// `SchedulerConfig::reserve_after_ms`: a candidate that has waited this long and does not
+    /// fit reserves what it needs, so smaller ones behind it cannot take it.
+    pub reserve_after_ms: u64,
+}
+
+/// The candidates to claim, in claim order: walked by priority (high first), then arrival, then
+/// stage, each taken when it fits what is left. A smaller one may be taken when a larger one
+/// before it does not fit (backfill), except out of capacity reserved by a candidate before it
+/// that has waited past `reserve_after_ms` (the same starvation rule as the single engine's
+/// scheduling pass). A candidate that could never fit this agent's capacity is left for other
+/// agents and reserves nothing here.
+pub fn choose_claims<K: Clone>(problem: &ClaimProblem<K>) -> Vec<K> {
+    let mut order: Vec<&ClaimCandidate<K>> = problem.candidates.iter().collect();
+    order.sort_by_key(|c| (Reverse(c.priority), c.arrival, c.stage));
+    let mut inventory = problem.inventory.clone();
+    let mut reserved = inventory.new_reservation();
+    let mut chosen = Vec::new();
+    for c in order {
+        if c.request.check_fits(inventory.capacity()).is_err() {
+            continue;
+        }
+        match inventory.try_grant(&c.request, &reserved) {
+            Some(_) => chosen.push(c.key.clone()),
+            None if c.waited_ms >= problem.reserve_after_ms => {
+                inventory.reserve(&c.request, &mut reserved);
+            }
+            None => {}
+        }
+    }
+    chosen
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resources::{Capacity, GpuDevice};
+    use crate::rules::MAX_INTERRUPTIONS;
+    use crate::scheduler::AttemptResult;
     use SharedStageState::*;
 
     fn chain(states: &[SharedStageState]) -> Vec<SharedStage> {
@@ -294,7 +235,7 @@ mod tests {
         let mut stages = chain(&[Running, Pending]);
         stages.push(SharedStage { name: "side".into(), state: Running, deps: vec![], failures: 0, interruptions: 0 });
         let t = cancel(&stages, None).unwrap();
-        assert_eq!(t.changes, vec![(1, StageChange::Cancelled)]);
+        assert_eq!(t.changes, vec![(0, StageChange::Stop), (1, StageChange::Cancelled), (2, StageChange::Stop)]);
         assert_eq!(t.finished, None);
         stages[1].state = Cancelled;
         let end = SharedEnd::Cancelled { error: "cancelled".into() };
@@ -316,5 +257,79 @@ mod tests {
         let mut stages = chain(&[Pending, Pending, Pending]);
         stages[2].deps = vec![0];
         assert_eq!(sinks(&stages), vec![1, 2]);
+    }
+
+    fn candidate(
+        key: u32,
+        priority: i32,
+        arrival: u64,
+        request: ResourceRequest,
+        waited_ms: u64,
+    ) -> ClaimCandidate<u32> {
+        ClaimCandidate { key, priority, arrival, stage: 0, request, waited_ms }
+    }
+
+    fn cpu(n: u32) -> ResourceRequest {
+        ResourceRequest { cpu: n, ..Default::default() }
+    }
+
+    fn problem(cpu_slots: u32, candidates: Vec<ClaimCandidate<u32>>) -> ClaimProblem<u32> {
+        let capacity = Capacity { cpu: cpu_slots, ..Default::default() };
+        ClaimProblem { candidates, inventory: Inventory::new(capacity), reserve_after_ms: 1_000 }
+    }
+
+    #[test]
+    fn claims_follow_priority_then_arrival_then_stage() {
+        let mut p = problem(2, vec![candidate(1, 0, 1, cpu(1), 0), candidate(2, 5, 9, cpu(1), 0)]);
+        p.candidates.push(ClaimCandidate { stage: 1, ..candidate(3, 0, 1, cpu(1), 0) });
+        p.candidates.push(candidate(4, 0, 0, cpu(1), 0));
+        assert_eq!(choose_claims(&p), vec![2, 4], "the high priority first, then the oldest");
+        p.inventory = Inventory::new(Capacity { cpu: 4, ..Default::default() });
+        assert_eq!(choose_claims(&p), vec![2, 4, 1, 3], "then by stage within a job");
+    }
+
+    #[test]
+    fn a_smaller_candidate_backfills_past_one_that_does_not_fit() {
+        let mut p = problem(3, vec![candidate(1, 0, 1, cpu(2), 0), candidate(2, 0, 2, cpu(2), 0)]);
+        p.candidates.push(candidate(3, 0, 3, cpu(1), 0));
+        assert_eq!(choose_claims(&p), vec![1, 3]);
+    }
+
+    #[test]
+    fn free_capacity_is_what_the_inventory_has_left() {
+        let mut p = problem(3, vec![candidate(1, 0, 1, cpu(2), 0), candidate(2, 0, 2, cpu(1), 0)]);
+        let none = p.inventory.new_reservation();
+        p.inventory.try_grant(&cpu(2), &none).unwrap();
+        assert_eq!(choose_claims(&p), vec![2]);
+    }
+
+    #[test]
+    fn a_starving_candidate_that_does_not_fit_reserves_so_smaller_ones_cannot_take_it() {
+        // One GPU, busy. A GPU stage has waited past the bound; CPU stages behind it would
+        // take the CPU slot it needs.
+        let capacity = Capacity { gpus: vec![GpuDevice { index: 0, memory: 1 << 30 }], cpu: 2, ..Default::default() };
+        let mut inventory = Inventory::new(capacity);
+        let none = inventory.new_reservation();
+        inventory.try_grant(&ResourceRequest { gpus: 1, ..Default::default() }, &none).unwrap();
+        let gpu = ResourceRequest { gpus: 1, cpu: 2, ..Default::default() };
+        let candidates =
+            vec![candidate(1, 0, 1, gpu, 5_000), candidate(2, 0, 2, cpu(1), 0), candidate(3, 0, 3, cpu(1), 0)];
+        let mut p = ClaimProblem { candidates, inventory, reserve_after_ms: 1_000 };
+        assert_eq!(choose_claims(&p), Vec::<u32>::new(), "the starving stage holds both CPU slots");
+        // Not starving yet (or reservation off): the small ones backfill.
+        p.reserve_after_ms = 10_000;
+        assert_eq!(choose_claims(&p), vec![2, 3]);
+        p.reserve_after_ms = u64::MAX;
+        assert_eq!(choose_claims(&p), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_candidate_that_can_never_fit_here_reserves_nothing() {
+        // Two whole GPUs on a one-GPU agent: other agents' work, not a reason to idle here.
+        let capacity = Capacity { gpus: vec![GpuDevice { index: 0, memory: 1 << 30 }], cpu: 1, ..Default::default() };
+        let big = ResourceRequest { gpus: 2, cpu: 1, ..Default::default() };
+        let candidates = vec![candidate(1, 0, 1, big, 60_000), candidate(2, 0, 2, cpu(1), 0)];
+        let p = ClaimProblem { candidates, inventory: Inventory::new(capacity), reserve_after_ms: 0 };
+        assert_eq!(choose_claims(&p), vec![2]);
     }
 }

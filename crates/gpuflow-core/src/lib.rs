@@ -8,6 +8,7 @@ pub mod diagnosis;
 pub mod pipeline;
 pub mod resources;
 pub mod retry;
+pub mod rules;
 pub mod scheduler;
 
 pub use pipeline::{Pipeline, PipelineError, StageIndex, StageSpec};

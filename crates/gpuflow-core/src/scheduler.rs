@@ -11,15 +11,14 @@ use std::sync::Arc;
 
 use crate::pipeline::{Pipeline, StageIndex};
 use crate::resources::{Capacity, Grant, Inventory, Reservation, ResourceRequest};
+use crate::retry::RetryPolicy;
+use crate::rules::{self, Change, End, Interruption};
 
 /// A job's id. The runtime makes them (UUIDv7); the core only compares them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct JobId(pub u128);
 
-/// How many engine restarts may interrupt one stage before it is failed. Interruptions are not
-/// the stage's fault, so they do not spend its retry budget, but a stage that takes the engine
-/// down with it (say, by exhausting host memory) must not loop forever.
-pub const MAX_INTERRUPTIONS: u32 = 5;
+pub use crate::rules::MAX_INTERRUPTIONS;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobState {
@@ -101,6 +100,18 @@ impl StageStatus {
     pub fn is_final(&self) -> bool {
         matches!(self, StageStatus::Succeeded | StageStatus::Failed | StageStatus::Cancelled)
     }
+
+    /// The status in the words of the transition rules.
+    pub fn rule_status(&self) -> rules::Status {
+        match self {
+            StageStatus::Pending => rules::Status::Pending,
+            StageStatus::Queued { .. } | StageStatus::Backoff { .. } => rules::Status::Waiting,
+            StageStatus::Running(_) => rules::Status::Running,
+            StageStatus::Succeeded => rules::Status::Succeeded,
+            StageStatus::Failed => rules::Status::Failed,
+            StageStatus::Cancelled => rules::Status::Cancelled,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -128,8 +139,28 @@ pub struct JobRun {
 }
 
 impl JobRun {
-    fn running_count(&self) -> usize {
-        self.stages.iter().filter(|s| matches!(s.status, StageStatus::Running(_))).count()
+    /// How the job is bound to end, with its error, once it is failing or cancelled.
+    pub fn ending(&self) -> Option<(JobState, &str)> {
+        self.ending.as_ref().map(|(state, error)| (*state, error.as_str()))
+    }
+
+    /// The job's stages as the transition rules see them.
+    pub fn rules_view(&self) -> Vec<rules::Stage<'_>> {
+        self.stages
+            .iter()
+            .zip(&self.pipeline.stages)
+            .map(|(run, spec)| rules::Stage {
+                name: &spec.name,
+                after: &spec.after,
+                status: run.status.rule_status(),
+                failures: run.failures,
+                interruptions: run.interruptions,
+            })
+            .collect()
+    }
+
+    fn ending_state(&self) -> Option<JobState> {
+        self.ending.as_ref().map(|(state, _)| *state)
     }
 }
 
@@ -562,7 +593,10 @@ impl State {
                 if !self.jobs.contains_key(&job) {
                     return Err(ApplyError::UnknownJob(job));
                 }
-                self.end_job(job, JobState::Cancelled, "cancelled by request".into(), KillReason::Cancel, &mut actions);
+                let run = &self.jobs[&job];
+                if let Some(t) = rules::cancel(&run.rules_view(), run.ending_state()) {
+                    self.carry_out(job, &t.changes, t.ending, KillReason::Cancel, 0, &mut actions);
+                }
                 self.finish_if_done(job, &mut actions);
             }
             Event::Tick => self.fire_timers(now, &mut actions),
@@ -649,28 +683,27 @@ impl State {
         for (i, r) in restored.iter().enumerate() {
             match r.status {
                 RestoredStatus::WasRunning { attempt } => {
+                    let job = &self.jobs[&id];
+                    let mut view = job.rules_view();
+                    view[i].status = rules::Status::Running;
+                    let end = End::Interrupted(Interruption::EngineRestart);
+                    let t = rules::attempt_ended(&view, job.ending_state(), i, end, &RetryPolicy::no_retry());
                     let run = &mut self.jobs.get_mut(&id).expect("inserted").stages[i];
-                    run.interruptions += 1;
+                    run.interruptions = t.interruptions;
                     let counters = StageCounters { failures: run.failures, interruptions: run.interruptions };
-                    let ending = self.jobs[&id].ending.is_some();
-                    let next = if ending {
-                        StageNext::Cancelled
-                    } else if counters.interruptions > MAX_INTERRUPTIONS {
-                        StageNext::Failed
-                    } else {
-                        StageNext::Retry { at: now }
+                    let next = match t.changes[0].1 {
+                        Change::Failed => StageNext::Failed,
+                        Change::Cancelled => StageNext::Cancelled,
+                        _ => StageNext::Retry { at: now },
                     };
-                    let error = match next {
-                        StageNext::Failed => Some(format!("interrupted by {} engine restarts", counters.interruptions)),
-                        _ => Some("interrupted: the engine stopped while this attempt ran".to_string()),
-                    };
+                    let error = t.attempt.as_ref().and_then(|(_, e)| e.clone());
                     actions.push(Action::AttemptEnded {
                         job: id,
                         stage: i,
                         attempt,
                         result: AttemptResult::Interrupted,
                         next,
-                        error: error.clone(),
+                        error,
                         retryable: true,
                         counters,
                         ran_ms: 0,
@@ -678,9 +711,7 @@ impl State {
                     match next {
                         StageNext::Failed => {
                             self.set_status(id, i, StageStatus::Failed);
-                            let error =
-                                format!("stage `{}` failed: {}", pipeline.stages[i].name, error.unwrap_or_default());
-                            self.end_job(id, JobState::Failed, error, KillReason::JobFailed, actions);
+                            self.carry_out(id, &t.changes[1..], t.ending, KillReason::JobFailed, now, actions);
                         }
                         StageNext::Cancelled => self.set_status(id, i, StageStatus::Cancelled),
                         _ => {}
@@ -725,7 +756,6 @@ impl State {
             return Err(not_running);
         }
         let running = running.clone();
-        let ending = job.ending.is_some();
         let spec = job.pipeline.stages[stage].clone();
         self.inventory.release(&running.grant);
         self.capacity_returned = true;
@@ -749,20 +779,25 @@ impl State {
             (Outcome::Failed { error, retryable }, None) => (AttemptResult::Failed, Some(error), retryable),
         };
 
-        let run = &mut self.jobs.get_mut(&id).expect("checked").stages[stage];
-        if !matches!(result, AttemptResult::Succeeded | AttemptResult::Cancelled) {
-            run.failures += 1;
-        }
-        let counters = StageCounters { failures: run.failures, interruptions: run.interruptions };
-        let next = match result {
-            AttemptResult::Succeeded => StageNext::Succeeded,
-            AttemptResult::Cancelled => StageNext::Cancelled,
-            _ if ending => StageNext::Cancelled,
-            _ if !retryable => StageNext::Failed,
-            _ => match spec.retry.backoff_after(counters.failures) {
-                Some(delay) => StageNext::Retry { at: now + delay },
-                None => StageNext::Failed,
+        let end = match result {
+            AttemptResult::Succeeded => End::Succeeded,
+            AttemptResult::Cancelled => End::Cancelled { error: error.clone().unwrap_or_default() },
+            _ => End::Failed {
+                error: error.clone().unwrap_or_default(),
+                retryable,
+                timed_out: result == AttemptResult::TimedOut,
             },
+        };
+        let job = &self.jobs[&id];
+        let t = rules::attempt_ended(&job.rules_view(), job.ending_state(), stage, end, &spec.retry);
+        let run = &mut self.jobs.get_mut(&id).expect("checked").stages[stage];
+        run.failures = t.failures;
+        let counters = StageCounters { failures: run.failures, interruptions: run.interruptions };
+        let next = match t.changes[0].1 {
+            Change::Succeeded => StageNext::Succeeded,
+            Change::Retry { delay_ms } => StageNext::Retry { at: now + delay_ms },
+            Change::Failed => StageNext::Failed,
+            _ => StageNext::Cancelled,
         };
         let ran_ms = now.saturating_sub(running.started_at);
         actions.push(Action::AttemptEnded {
@@ -771,60 +806,66 @@ impl State {
             attempt,
             result,
             next,
-            error: error.clone(),
+            error,
             retryable,
             counters,
             ran_ms,
         });
 
-        match next {
-            StageNext::Succeeded => {
-                self.set_status(id, stage, StageStatus::Succeeded);
-                if !ending {
-                    let pipeline = self.jobs[&id].pipeline.clone();
-                    let successors = (0..pipeline.stages.len()).filter(|j| pipeline.stages[*j].after.contains(&stage));
-                    for j in successors {
-                        self.queue_if_ready(id, j, now);
-                    }
-                }
-            }
-            StageNext::Retry { at } if at <= now => self.set_status(id, stage, StageStatus::Queued { since: now }),
-            StageNext::Retry { at } => self.set_status(id, stage, StageStatus::Backoff { until: at }),
-            StageNext::Cancelled => self.set_status(id, stage, StageStatus::Cancelled),
-            StageNext::Failed => {
-                self.set_status(id, stage, StageStatus::Failed);
-                let tries = if counters.failures > 1 {
-                    format!(" after {} attempts", counters.failures)
-                } else {
-                    String::new()
-                };
-                let error = format!("stage `{}` failed{tries}: {}", spec.name, error.unwrap_or_default());
-                self.end_job(id, JobState::Failed, error, KillReason::JobFailed, actions);
-            }
-        }
+        let status = match next {
+            StageNext::Succeeded => StageStatus::Succeeded,
+            StageNext::Retry { at } if at <= now => StageStatus::Queued { since: now },
+            StageNext::Retry { at } => StageStatus::Backoff { until: at },
+            StageNext::Cancelled => StageStatus::Cancelled,
+            StageNext::Failed => StageStatus::Failed,
+        };
+        self.set_status(id, stage, status);
+        self.carry_out(id, &t.changes[1..], t.ending, KillReason::JobFailed, now, actions);
         self.finish_if_done(id, actions);
         Ok(())
     }
 
     /// Marks the job as ending: cancels what has not started and stops what runs.
     fn end_job(&mut self, id: JobId, state: JobState, error: String, reason: KillReason, actions: &mut Vec<Action>) {
-        let job = self.jobs.get_mut(&id).expect("caller checked");
-        if job.ending.is_some() {
-            return;
+        let job = self.jobs.get(&id).expect("caller checked");
+        let t = rules::end_job(&job.rules_view(), job.ending_state(), state, error);
+        self.carry_out(id, &t.changes, t.ending, reason, 0, actions);
+    }
+
+    /// Carries out a transition's changes to the job's other stages (the ended stage, if any,
+    /// is the caller's): readies, cancels, stops what runs (for `reason`), and records the
+    /// job's ending.
+    fn carry_out(
+        &mut self,
+        id: JobId,
+        changes: &[(StageIndex, Change)],
+        ending: Option<(JobState, String)>,
+        reason: KillReason,
+        now: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        if let Some(ending) = ending {
+            self.jobs.get_mut(&id).expect("caller checked").ending = Some(ending);
         }
-        job.ending = Some((state, error));
-        for i in 0..job.stages.len() {
-            let job = self.jobs.get_mut(&id).expect("caller checked");
-            match &mut job.stages[i].status {
-                StageStatus::Pending | StageStatus::Queued { .. } | StageStatus::Backoff { .. } => {
-                    self.set_status(id, i, StageStatus::Cancelled);
-                    actions.push(Action::StageCancelled { job: id, stage: i });
+        for (i, change) in changes {
+            match change {
+                Change::Ready => self.set_status(id, *i, StageStatus::Queued { since: now }),
+                Change::Cancelled => {
+                    self.set_status(id, *i, StageStatus::Cancelled);
+                    actions.push(Action::StageCancelled { job: id, stage: *i });
                 }
-                StageStatus::Running(running) if running.kill.is_none() => {
-                    running.kill = Some(reason);
-                    actions.push(Action::Kill { job: id, stage: i, attempt: running.attempt, reason });
+                Change::Stop => {
+                    let job = self.jobs.get_mut(&id).expect("caller checked");
+                    if let StageStatus::Running(running) = &mut job.stages[*i].status
+                        && running.kill.is_none()
+                    {
+                        running.kill = Some(reason);
+                        actions.push(Action::Kill { job: id, stage: *i, attempt: running.attempt, reason });
+                    }
                 }
-                _ => {}
+                Change::Succeeded | Change::Retry { .. } | Change::Failed => {
+                    debug_assert!(false, "only the ended stage succeeds, retries or fails")
+                }
             }
         }
     }
@@ -832,14 +873,9 @@ impl State {
     /// Emits `JobFinished` and forgets the job once nothing of it runs any more.
     fn finish_if_done(&mut self, id: JobId, actions: &mut Vec<Action>) {
         let Some(job) = self.jobs.get(&id) else { return };
-        if job.running_count() > 0 {
-            return;
-        }
-        let (state, error) = match &job.ending {
-            Some((state, error)) => (*state, Some(error.clone())),
-            None if job.stages.iter().all(|s| s.status == StageStatus::Succeeded) => (JobState::Succeeded, None),
-            None => return,
-        };
+        let statuses: Vec<rules::Status> = job.stages.iter().map(|s| s.status.rule_status()).collect();
+        let Some(state) = rules::finished(&statuses, job.ending_state()) else { return };
+        let error = job.ending.as_ref().map(|(_, error)| error.clone());
         actions.push(Action::JobFinished { job: id, state, error });
         let job = self.jobs.remove(&id).expect("present");
         for shape in job.shapes {
@@ -878,13 +914,7 @@ impl State {
     }
 
     fn queue_if_ready(&mut self, id: JobId, stage: StageIndex, now: u64) {
-        let job = &self.jobs[&id];
-        if job.stages[stage].status != StageStatus::Pending {
-            return;
-        }
-        let deps_done =
-            job.pipeline.stages[stage].after.iter().all(|p| job.stages[*p].status == StageStatus::Succeeded);
-        if deps_done {
+        if rules::is_ready(&self.jobs[&id].rules_view(), stage) {
             self.set_status(id, stage, StageStatus::Queued { since: now });
         }
     }

@@ -3,13 +3,16 @@
 //! (the claimed stage queued, every other stage marked done), so supervision, timeouts, worker
 //! pools and diagnosis are the single-engine code. What differs is where decisions land: the
 //! stage's outcome goes to the shared store through `PgStore::finish`, fenced by the claim's
-//! token, and retries go back to the shared queue, where any agent may take them.
+//! token, and retries go back to the shared queue, where any agent may take them. The decisions
+//! are the core's: `cluster::choose_claims` picks what to claim, and the job transition rules
+//! (`cluster::attempt_ended`, `lease_lost`, `cancel`, shared with the single engine) are handed
+//! to the store, which applies them to the job's locked rows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuflow_core::cluster::SharedEnd;
+use gpuflow_core::cluster::{self, ClaimCandidate as Candidate, ClaimProblem, SharedEnd};
 use gpuflow_core::{Action, AttemptResult, Event, JobId, RestoredStage, RestoredStatus, RetryPolicy};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -87,7 +90,7 @@ impl<S: Store> Runtime<S> {
         let resources = self.agent_resources();
         let Some(agent) = &mut self.cluster else { return Ok(()) };
         let host = crate::serve::hostname();
-        let requeued = agent.store.register_agent(&agent.name, &host, &api, &resources).await?;
+        let requeued = agent.store.register_agent(&agent.name, &host, &api, &resources, cluster::lease_lost).await?;
         for l in &requeued {
             tracing::warn!(job = %l.job, stage = l.stage, attempt = l.attempt, "re-queued a stage this agent held before it restarted");
         }
@@ -169,7 +172,7 @@ impl<S: Store> Runtime<S> {
                 }
             }
         }
-        match agent.store.expire_leases().await {
+        match agent.store.expire_leases(cluster::lease_lost).await {
             Ok(lost) => {
                 for l in lost {
                     self.metrics.leases_expired.inc();
@@ -240,26 +243,40 @@ impl<S: Store> Runtime<S> {
     pub(super) async fn claim_work(&mut self) {
         for _ in 0..8 {
             let Some(agent) = &mut self.cluster else { return };
-            let mut inventory = self.state.inventory().clone();
-            let no_reservation = inventory.new_reservation();
+            let inventory = self.state.inventory().clone();
+            let reserve_after_ms = self.config.scheduler.reserve_after_ms;
             let mut missing: HashSet<String> = HashSet::new();
             let configs = &agent.configs;
-            let claimed = agent
-                .store
-                .claim(CLAIM_BATCH, agent.settings.lease_ttl_ms, |c| match configs.get(&c.config_hash) {
-                    None => {
-                        missing.insert(c.config_hash.clone());
-                        false
-                    }
-                    Some(Err(_)) => false,
-                    Some(Ok(config)) => config.pipeline(&c.pipeline).ok().is_some_and(|def| {
-                        def.core
-                            .stages
-                            .get(c.stage)
-                            .is_some_and(|s| inventory.try_grant(&s.needs, &no_reservation).is_some())
-                    }),
-                })
-                .await;
+            let choose = |offered: &[crate::store::ClaimCandidate]| {
+                // What this agent can run: the candidates whose pipeline it has loaded.
+                let mut candidates = Vec::new();
+                for (i, c) in offered.iter().enumerate() {
+                    let request = match configs.get(&c.config_hash) {
+                        None => {
+                            missing.insert(c.config_hash.clone());
+                            continue;
+                        }
+                        Some(Err(_)) => continue,
+                        Some(Ok(config)) => match config.pipeline(&c.pipeline) {
+                            Ok(def) => match def.core.stages.get(c.stage) {
+                                Some(s) => s.needs.clone(),
+                                None => continue,
+                            },
+                            Err(_) => continue,
+                        },
+                    };
+                    candidates.push(Candidate {
+                        key: i,
+                        priority: c.priority,
+                        arrival: c.arrival,
+                        stage: c.stage,
+                        request,
+                        waited_ms: c.waited_ms,
+                    });
+                }
+                cluster::choose_claims(&ClaimProblem { candidates, inventory, reserve_after_ms })
+            };
+            let claimed = agent.store.claim(CLAIM_BATCH, agent.settings.lease_ttl_ms, choose).await;
             let claimed = match claimed {
                 Ok(c) => c,
                 Err(e) => {
@@ -310,10 +327,10 @@ impl<S: Store> Runtime<S> {
                     retryable: false,
                     timed_out: false,
                 };
-                let _ = agent
-                    .store
-                    .finish(claim.token, &claim.job, end, &AttemptDetails::default(), &RetryPolicy::no_retry())
-                    .await;
+                let decide = |stages: &_, ending, stage| {
+                    cluster::attempt_ended(stages, ending, stage, end, &RetryPolicy::no_retry())
+                };
+                let _ = agent.store.finish(claim.token, &claim.job, &AttemptDetails::default(), decide).await;
                 return Ok(());
             }
         };
@@ -401,7 +418,9 @@ impl<S: Store> Runtime<S> {
     async fn send_end(&mut self, local: JobId, end: SharedEnd, details: AttemptDetails) {
         let Some(agent) = &mut self.cluster else { return };
         let Some(c) = agent.claims.get_mut(&local) else { return };
-        match agent.store.finish(c.token, &c.job, end.clone(), &details, &c.retry).await {
+        let retry = &c.retry;
+        let decide = |stages: &_, ending, stage| cluster::attempt_ended(stages, ending, stage, end.clone(), retry);
+        match agent.store.finish(c.token, &c.job, &details, decide).await {
             Ok(Finish::Applied { job_finished }) => {
                 c.settled = true;
                 if let Some(state) = job_finished {
@@ -457,7 +476,7 @@ impl<S: Store> Runtime<S> {
 
     pub(super) async fn cancel_shared(&mut self, id: String) -> Result<String, EngineError> {
         let Some(agent) = &self.cluster else { return Err(EngineError::Internal("not an agent".into())) };
-        match agent.store.cancel_shared(&id).await? {
+        match agent.store.cancel_shared(&id, cluster::cancel).await? {
             SharedCancel::Accepted(state) => {
                 // Stop our own share of it now; other agents see it at their next tick.
                 // The cancel is recorded; a failure here only delays the stop to the next tick.
@@ -481,7 +500,7 @@ impl<S: Store> Runtime<S> {
     /// A clean shutdown: what this agent held goes back to the queue at once.
     pub(super) async fn leave_cluster(&mut self) {
         let Some(agent) = &self.cluster else { return };
-        match agent.store.stop_agent().await {
+        match agent.store.stop_agent(cluster::lease_lost).await {
             Ok(requeued) if !requeued.is_empty() => {
                 tracing::info!(stages = requeued.len(), "re-queued the stages this agent was running")
             }

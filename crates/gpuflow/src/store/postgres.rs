@@ -1,15 +1,18 @@
 //! The PostgreSQL store: the same `Store` as SQLite, plus the shared queue that several agents
 //! claim from. Claims take `FOR UPDATE SKIP LOCKED` on claimable stages; every claim is a lease
 //! row with a fencing token and an expiry read against the database's clock; every write about
-//! an attempt is conditional on its token. Lock order, to rule out deadlocks: a job's stage rows
+//! an attempt is conditional on its token. The store decides nothing about a job: each change
+//! locks the job's stage rows, hands them to the caller's rule (`gpuflow_core::cluster`, the
+//! same rules as the single engine) and writes the transition it returns, in one transaction;
+//! which candidates to claim is the caller's choice too (`cluster::choose_claims`). Lock order, to rule out deadlocks: a job's stage rows
 //! (by index) before its job row; several job rows in id order.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use gpuflow_core::cluster::{self, SharedEnd, SharedStage, SharedStageState, StageChange, Transition};
-use gpuflow_core::{JobState, RetryPolicy};
+use gpuflow_core::JobState;
+use gpuflow_core::cluster::{self, SharedStage, SharedStageState, StageChange, Transition};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -29,7 +32,7 @@ pub struct PgStore {
     agent: String,
 }
 
-/// A claimable stage, offered to the agent's fit check.
+/// A claimable stage, offered to the agent's choice.
 #[derive(Clone, Debug)]
 pub struct ClaimCandidate {
     pub job: String,
@@ -37,7 +40,14 @@ pub struct ClaimCandidate {
     pub pipeline: String,
     pub config_hash: String,
     pub priority: i32,
+    /// The job's arrival number.
+    pub arrival: u64,
+    /// How long it has been claimable (by the database's clock).
+    pub waited_ms: u64,
 }
+
+/// The rule that decides what a lost lease does to its job (`cluster::lease_lost`).
+pub type LeaseLostRule = fn(&[SharedStage], Option<JobState>, usize) -> Transition;
 
 /// A stage this agent now holds.
 #[derive(Clone, Debug)]
@@ -111,7 +121,7 @@ impl Columns for PgRow {
 fn shared_state(s: &str) -> SharedStageState {
     match s {
         "pending" => SharedStageState::Pending,
-        "queued" | "backoff" => SharedStageState::Queued,
+        "queued" | "backoff" => SharedStageState::Waiting,
         "running" => SharedStageState::Running,
         "succeeded" => SharedStageState::Succeeded,
         "failed" => SharedStageState::Failed,
@@ -253,6 +263,7 @@ impl PgStore {
         host: &str,
         api: &str,
         resources: &Value,
+        rule: LeaseLostRule,
     ) -> StoreResult<Vec<LostLease>> {
         sqlx::query(
             "INSERT INTO agents (id, name, host, pid, api, resources, started_at, heartbeat_at, state) VALUES ($1, $2, $3, $4, $5, $6, gpuflow_now_ms(), gpuflow_now_ms(), 'running')",
@@ -272,7 +283,7 @@ impl PgStore {
         .bind(&self.agent)
         .fetch_all(&self.pool)
         .await?;
-        self.requeue_leases(Requeue::OfAgents, &previous).await
+        self.requeue_leases(Requeue::OfAgents, &previous, rule).await
     }
 
     /// Renews every lease this agent holds; returns the tokens it still holds. A token missing
@@ -297,17 +308,17 @@ impl PgStore {
 
     /// Marks this agent stopped and re-queues what it held (a clean shutdown stopped those
     /// processes), so other agents need not wait for the leases to expire.
-    pub async fn stop_agent(&self) -> StoreResult<Vec<LostLease>> {
+    pub async fn stop_agent(&self, rule: LeaseLostRule) -> StoreResult<Vec<LostLease>> {
         sqlx::query("UPDATE agents SET state = 'stopped', heartbeat_at = gpuflow_now_ms() WHERE id = $1")
             .bind(&self.agent)
             .execute(&self.pool)
             .await?;
-        self.requeue_leases(Requeue::OfAgents, std::slice::from_ref(&self.agent)).await
+        self.requeue_leases(Requeue::OfAgents, std::slice::from_ref(&self.agent), rule).await
     }
 
     /// Re-queues leases past their expiry, whoever held them.
-    pub async fn expire_leases(&self) -> StoreResult<Vec<LostLease>> {
-        self.requeue_leases(Requeue::Expired, &[]).await
+    pub async fn expire_leases(&self, rule: LeaseLostRule) -> StoreResult<Vec<LostLease>> {
+        self.requeue_leases(Requeue::Expired, &[], rule).await
     }
 
     /// Every agent, newest first, with its state judged against `ttl_ms`.
@@ -339,7 +350,12 @@ impl PgStore {
             .collect()
     }
 
-    async fn requeue_leases(&self, which: Requeue, agents: &[String]) -> StoreResult<Vec<LostLease>> {
+    async fn requeue_leases(
+        &self,
+        which: Requeue,
+        agents: &[String],
+        rule: LeaseLostRule,
+    ) -> StoreResult<Vec<LostLease>> {
         let (select, delete) = match which {
             Requeue::OfAgents => (
                 "SELECT token, job_id FROM leases WHERE agent_id = ANY($1) ORDER BY job_id LIMIT 500",
@@ -360,7 +376,7 @@ impl PgStore {
                 sqlx::query_as(delete).bind(agents).bind(token).fetch_optional(&mut *tx).await?;
             let Some((agent, stage, attempt, late_ms)) = row else { continue };
             let (stage, attempt) = (stage as usize, attempt as u32);
-            let t = cluster::attempt_ended(&stages, ending, stage, SharedEnd::LeaseLost, &RetryPolicy::no_retry());
+            let t = rule(&stages, ending, stage);
             apply(&mut tx, &job, stage, attempt, &t, &AttemptDetails::default()).await?;
             tx.commit().await?;
             lost.push(LostLease { agent, job, stage, attempt, late_ms });
@@ -370,36 +386,47 @@ impl PgStore {
 
     // ---- claims and fenced writes ------------------------------------------------------------
 
-    /// Claims up to `limit` claimable stages, highest priority then oldest first, among those
-    /// `take` accepts (it checks them against the agent's free resources, in order). Stages
-    /// other agents are claiming are skipped, not waited for.
+    /// Claims what `choose` picks (by position) among the first `limit` claimable stages,
+    /// highest priority then oldest first (`cluster::choose_claims` decides against the agent's
+    /// free resources). The window is locked `FOR UPDATE SKIP LOCKED`: stages other agents are
+    /// claiming are skipped, not waited for, and what is not chosen is released at commit.
     pub async fn claim(
         &self,
         limit: u32,
         ttl_ms: u64,
-        mut take: impl FnMut(&ClaimCandidate) -> bool,
+        choose: impl FnOnce(&[ClaimCandidate]) -> Vec<usize>,
     ) -> StoreResult<Vec<Claim>> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT s.job_id, s.idx, s.attempts, j.pipeline, j.config_hash, j.priority FROM stages s JOIN jobs j ON j.id = s.job_id \
+            "SELECT s.job_id, s.idx, s.attempts, j.pipeline, j.config_hash, j.priority, s.job_seq, \
+             gpuflow_now_ms() - COALESCE(s.not_before, j.created_at) AS waited FROM stages s JOIN jobs j ON j.id = s.job_id \
              WHERE s.state IN ('queued', 'backoff') AND COALESCE(s.not_before, 0) <= gpuflow_now_ms() AND j.ending IS NULL \
              ORDER BY s.priority DESC, s.job_seq, s.idx LIMIT $1 FOR UPDATE OF s SKIP LOCKED",
         )
         .bind(limit as i64)
         .fetch_all(&mut *tx)
         .await?;
-        let mut chosen: Vec<(ClaimCandidate, u32)> = Vec::new();
+        let mut candidates = Vec::with_capacity(rows.len());
+        let mut attempts = Vec::with_capacity(rows.len());
         for r in &rows {
-            let candidate = ClaimCandidate {
+            candidates.push(ClaimCandidate {
                 job: r.try_get("job_id")?,
                 stage: r.try_get::<i64, _>("idx")? as usize,
                 pipeline: r.try_get("pipeline")?,
                 config_hash: r.try_get("config_hash")?,
                 priority: r.try_get::<i64, _>("priority")? as i32,
-            };
-            if take(&candidate) {
-                let attempt = r.try_get::<i64, _>("attempts")? as u32 + 1;
-                chosen.push((candidate, attempt));
+                arrival: r.try_get::<i64, _>("job_seq")?.max(0) as u64,
+                waited_ms: r.try_get::<i64, _>("waited")?.max(0) as u64,
+            });
+            attempts.push(r.try_get::<i64, _>("attempts")? as u32 + 1);
+        }
+        let mut picked = choose(&candidates);
+        picked.sort_unstable();
+        picked.dedup();
+        let mut chosen: Vec<(ClaimCandidate, u32)> = Vec::new();
+        for i in picked {
+            if let Some(c) = candidates.get(i) {
+                chosen.push((c.clone(), attempts[i]));
             }
         }
         if chosen.is_empty() {
@@ -508,14 +535,15 @@ impl PgStore {
         Ok(r.rows_affected() == 1)
     }
 
-    /// The attempt's final write, fenced by its token: refused when the lease was lost.
+    /// The attempt's final write, fenced by its token: refused when the lease was lost. Within
+    /// one transaction: locks the job's stages, asks `decide` (the caller's rule, given the
+    /// stages, the job's pending end and the lease's stage) for the transition, and writes it.
     pub async fn finish(
         &self,
         token: i64,
         job: &str,
-        end: SharedEnd,
         details: &AttemptDetails,
-        retry: &RetryPolicy,
+        decide: impl FnOnce(&[SharedStage], Option<JobState>, usize) -> Transition,
     ) -> StoreResult<Finish> {
         let mut tx = self.pool.begin().await?;
         let (stages, ending) = lock_job(&mut tx, job).await?;
@@ -531,7 +559,7 @@ impl PgStore {
             tx.rollback().await?;
             return Ok(Finish::Fenced);
         };
-        let t = cluster::attempt_ended(&stages, ending, stage as usize, end, retry);
+        let t = decide(&stages, ending, stage as usize);
         apply(&mut tx, job, stage as usize, attempt as u32, &t, details).await?;
         tx.commit().await?;
         Ok(Finish::Applied { job_finished: t.finished })
@@ -539,7 +567,12 @@ impl PgStore {
 
     /// Asks a job to stop: what has not started is cancelled now; running stages are stopped
     /// by the agents that hold them, which see the job's `ending`.
-    pub async fn cancel_shared(&self, job: &str) -> StoreResult<SharedCancel> {
+    /// `decide` is the rule (`cluster::cancel`); `None` from it means the job has finished.
+    pub async fn cancel_shared(
+        &self,
+        job: &str,
+        decide: impl FnOnce(&[SharedStage], Option<JobState>) -> Option<Transition>,
+    ) -> StoreResult<SharedCancel> {
         let mut tx = self.pool.begin().await?;
         let state: Option<String> =
             sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1").bind(job).fetch_optional(&mut *tx).await?;
@@ -548,7 +581,7 @@ impl PgStore {
             return Ok(SharedCancel::AlreadyFinished(state));
         }
         let (stages, ending) = lock_job(&mut tx, job).await?;
-        let Some(t) = cluster::cancel(&stages, ending) else {
+        let Some(t) = decide(&stages, ending) else {
             return Ok(SharedCancel::AlreadyFinished(state));
         };
         apply(&mut tx, job, 0, 0, &t, &AttemptDetails::default()).await?;
@@ -645,13 +678,16 @@ async fn apply(
     }
     for (idx, change) in &t.changes {
         let ended_here = t.attempt.is_some() && *idx == stage;
+        // `not_before`: when a waiting stage is claimable (how long it waited, for claims).
         let (state, not_before_delay) = match change {
             StageChange::Succeeded => ("succeeded", None),
-            StageChange::Retry { delay_ms: 0 } => ("queued", None),
+            StageChange::Retry { delay_ms: 0 } => ("queued", Some(0)),
             StageChange::Retry { delay_ms } => ("backoff", Some(*delay_ms as i64)),
             StageChange::Failed => ("failed", None),
             StageChange::Cancelled => ("cancelled", None),
-            StageChange::Ready => ("queued", None),
+            StageChange::Ready => ("queued", Some(0)),
+            // The agent holding it sees the job's ending and stops it.
+            StageChange::Stop => continue,
         };
         let finished = matches!(change, StageChange::Succeeded | StageChange::Failed | StageChange::Cancelled);
         if ended_here {
@@ -674,12 +710,13 @@ async fn apply(
             .await?;
         } else {
             sqlx::query(
-                "UPDATE stages SET state = $3, not_before = NULL, finished_at = CASE WHEN $4 THEN gpuflow_now_ms() END WHERE job_id = $1 AND idx = $2",
+                "UPDATE stages SET state = $3, not_before = gpuflow_now_ms() + $5, finished_at = CASE WHEN $4 THEN gpuflow_now_ms() END WHERE job_id = $1 AND idx = $2",
             )
             .bind(job)
             .bind(*idx as i64)
             .bind(state)
             .bind(finished)
+            .bind(not_before_delay)
             .execute(&mut **tx)
             .await?;
         }

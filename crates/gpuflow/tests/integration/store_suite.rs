@@ -6,7 +6,7 @@ use std::time::Duration;
 use gpuflow::store::{
     AttemptDetails, Finish, JobFilter, NewJob, PgStore, SharedCancel, SqliteStore, Store, StoreError, Write,
 };
-use gpuflow_core::cluster::SharedEnd;
+use gpuflow_core::cluster::{self, SharedEnd, SharedStage, Transition};
 use gpuflow_core::diagnosis::{Finding, FindingKind};
 use gpuflow_core::{JobState, RetryPolicy};
 use serde_json::json;
@@ -164,8 +164,13 @@ async fn postgres_passes_the_store_suite() {
     conformance(PgStore::connect(&db.url, "agent-a").await.unwrap()).await;
 }
 
-fn claim_all(_: &gpuflow::store::ClaimCandidate) -> bool {
-    true
+fn claim_all(offered: &[gpuflow::store::ClaimCandidate]) -> Vec<usize> {
+    (0..offered.len()).collect()
+}
+
+/// The rule `PgStore::finish` applies: the core's, as the agent hands it over.
+fn shared_rule(end: SharedEnd) -> impl FnOnce(&[SharedStage], Option<JobState>, usize) -> Transition {
+    move |stages, ending, stage| cluster::attempt_ended(stages, ending, stage, end, &RetryPolicy::default())
 }
 
 /// Claims go to one agent at a time, in priority order; an agent whose lease expired is
@@ -176,7 +181,7 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     let a = PgStore::connect(&db.url, "agent-a").await.unwrap();
     let b = PgStore::connect(&db.url, "agent-b").await.unwrap();
     for (store, name) in [(&a, "a"), (&b, "b")] {
-        store.register_agent(name, "host", "http://x", &json!({})).await.unwrap();
+        store.register_agent(name, "host", "http://x", &json!({}), cluster::lease_lost).await.unwrap();
     }
     let mut low = new_job("low", None, vec![("only", vec![])]);
     low.priority = 0;
@@ -188,9 +193,9 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     // Priority first; a stage whose predecessor has not succeeded is not claimable.
     let mut seen = Vec::new();
     let claims = a
-        .claim(10, 1_000, |c| {
-            seen.push((c.job.clone(), c.stage));
-            seen.len() == 1
+        .claim(10, 1_000, |offered| {
+            seen.extend(offered.iter().map(|c| (c.job.clone(), c.stage)));
+            vec![0]
         })
         .await
         .unwrap();
@@ -206,7 +211,7 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let held_b = b.heartbeat(60_000, &json!({})).await.unwrap();
     assert_eq!(held_b.len(), 1, "b's own lease is renewed");
-    let lost = b.expire_leases().await.unwrap();
+    let lost = b.expire_leases(cluster::lease_lost).await.unwrap();
     assert_eq!(lost.len(), 1);
     assert_eq!((lost[0].agent.as_str(), lost[0].job.as_str(), lost[0].attempt), ("agent-a", "high", 1));
     let retaken = b.claim(10, 60_000, claim_all).await.unwrap();
@@ -217,10 +222,8 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     // The stale agent: its renewal no longer returns the token, its writes are refused.
     assert!(a.heartbeat(1_000, &json!({})).await.unwrap().is_empty());
     assert!(!a.record_grant(first.token, &json!({"cpu": 1})).await.unwrap());
-    let late = a
-        .finish(first.token, "high", SharedEnd::Succeeded, &AttemptDetails::default(), &RetryPolicy::default())
-        .await
-        .unwrap();
+    let late =
+        a.finish(first.token, "high", &AttemptDetails::default(), shared_rule(SharedEnd::Succeeded)).await.unwrap();
     assert_eq!(late, Finish::Fenced);
     let detail = a.job("high").await.unwrap().unwrap();
     assert_eq!(detail.stages[0].state, "running", "the late success changed nothing");
@@ -228,25 +231,27 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
 
     // The current holder's success readies the next stage; the last one finishes the job.
     let output = AttemptDetails { output: Some(json!({"v": 1})), exit_code: Some(0), signal: None };
-    let done =
-        b.finish(retaken[0].token, "high", SharedEnd::Succeeded, &output, &RetryPolicy::default()).await.unwrap();
+    let done = b.finish(retaken[0].token, "high", &output, shared_rule(SharedEnd::Succeeded)).await.unwrap();
     assert_eq!(done, Finish::Applied { job_finished: None });
     let next = a.claim(10, 60_000, claim_all).await.unwrap();
     assert_eq!((next[0].job.as_str(), next[0].stage), ("high", 1));
     assert_eq!(next[0].outputs[0], Some(json!({"v": 1})), "outputs of earlier stages come with the claim");
-    let done = a.finish(next[0].token, "high", SharedEnd::Succeeded, &output, &RetryPolicy::default()).await.unwrap();
+    let done = a.finish(next[0].token, "high", &output, shared_rule(SharedEnd::Succeeded)).await.unwrap();
     assert_eq!(done, Finish::Applied { job_finished: Some(JobState::Succeeded) });
     let job = a.job("high").await.unwrap().unwrap().job;
     assert_eq!((job.state.as_str(), job.output), ("succeeded", Some(json!({"v": 1}))));
 
     // Cancel: the running stage is reported to its agent, and the job ends when it stops.
-    assert_eq!(b.cancel_shared("low").await.unwrap(), SharedCancel::Accepted("cancelling"));
+    assert_eq!(b.cancel_shared("low", cluster::cancel).await.unwrap(), SharedCancel::Accepted("cancelling"));
     let low_token = other[0].token;
     assert_eq!(b.leases_to_stop().await.unwrap(), vec![low_token]);
     let end = SharedEnd::Cancelled { error: "cancelled".into() };
-    let stopped = b.finish(low_token, "low", end, &AttemptDetails::default(), &RetryPolicy::default()).await.unwrap();
+    let stopped = b.finish(low_token, "low", &AttemptDetails::default(), shared_rule(end)).await.unwrap();
     assert_eq!(stopped, Finish::Applied { job_finished: Some(JobState::Cancelled) });
-    assert_eq!(b.cancel_shared("low").await.unwrap(), SharedCancel::AlreadyFinished("cancelled".into()));
-    assert_eq!(b.cancel_shared("missing").await.unwrap(), SharedCancel::NotFound);
+    assert_eq!(
+        b.cancel_shared("low", cluster::cancel).await.unwrap(),
+        SharedCancel::AlreadyFinished("cancelled".into())
+    );
+    assert_eq!(b.cancel_shared("missing", cluster::cancel).await.unwrap(), SharedCancel::NotFound);
     assert_eq!(db.sql("SELECT count(*) FROM leases"), "0", "no lease left held");
 }
