@@ -5,14 +5,13 @@ after a restart, with that many jobs queued.
 Jobs are one-stage jobs whose counter is held by a job that never ends, so they stay queued.
 Usage: python3 bench/scale_100k.py [--jobs 100000] [--bin target/release/gpuflow]"""
 import argparse
-import concurrent.futures
 import json
 import os
 import signal
 import tempfile
 import time
 
-from engine import call, start, write_config, stop
+from engine import call, start, stop, submit_batches, write_config
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--jobs", type=int, default=100_000)
@@ -38,8 +37,7 @@ pipelines:
     rss_idle = rss_mib(engine.pid)
     call(base, "POST", "/v1/jobs", {"pipeline": "hold"})
     t = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: call(base, "POST", "/v1/jobs", {"pipeline": "queued"}), range(args.jobs)))
+    submit_batches(base, "queued", args.jobs)
     submit_s = time.perf_counter() - t
     time.sleep(1)
     rss_queued = rss_mib(engine.pid)
@@ -50,7 +48,9 @@ pipelines:
     killed_at = time.perf_counter()
     engine, base = start(args.bin, cfg, d)
     try:
-        while not call(base, "GET", "/v1/resources")["leases"]:
+        # A dispatch is a committed start: the job's state turns `running` in the same turn.
+        # (Read from the store: `/v1/resources` would list every waiting stage each poll.)
+        while not call(base, "GET", "/v1/jobs?state=running&limit=1")["jobs"]:
             time.sleep(0.005)
         first_dispatch_s = time.perf_counter() - killed_at
         rss_recovered = rss_mib(engine.pid)
