@@ -583,9 +583,100 @@ impl<'a> TurnRows<'a> {
     }
 }
 
-/// Rows per multi-row INSERT: one statement instead of one per row, well under SQLite's
+/// Rows per multi-row statement: one statement instead of one per row, well under SQLite's
 /// limit on bound parameters.
 const INSERT_CHUNK: usize = 64;
+
+/// A value bound into a multi-row statement.
+#[derive(Clone)]
+enum Val<'a> {
+    Int(Option<i64>),
+    Text(Option<&'a str>),
+    Owned(Option<String>),
+}
+
+fn push_val(b: &mut sqlx::query_builder::Separated<'_, Sqlite, &'static str>, v: Val<'_>) {
+    match v {
+        Val::Int(x) => b.push_bind(x),
+        Val::Text(x) => b.push_bind(x),
+        Val::Owned(x) => b.push_bind(x),
+    };
+}
+
+impl<'a> StageCols<'a> {
+    /// The columns this patch sets, by name, with their values.
+    fn set_columns(&self) -> (Vec<&'static str>, Vec<Val<'a>>) {
+        let mut names = Vec::new();
+        let mut values = Vec::new();
+        let mut set = |name: &'static str, v: Option<Val<'a>>| {
+            if let Some(v) = v {
+                names.push(name);
+                values.push(v);
+            }
+        };
+        set("state", self.state.map(|x| Val::Text(Some(x))));
+        set("attempts", self.attempts.map(|x| Val::Int(Some(x))));
+        set("failures", self.failures.map(|x| Val::Int(Some(x))));
+        set("interruptions", self.interruptions.map(|x| Val::Int(Some(x))));
+        set("not_before", self.not_before.map(Val::Int));
+        set("started_at", self.started_at.map(Val::Int));
+        set("finished_at", self.finished_at.map(Val::Int));
+        set("exit_code", self.exit_code.map(|x| Val::Int(x.map(i64::from))));
+        set("error", self.error.map(Val::Text));
+        set("output", self.output.clone().map(Val::Owned));
+        (names, values)
+    }
+}
+
+impl<'a> JobCols<'a> {
+    fn set_columns(&self) -> (Vec<&'static str>, Vec<Val<'a>>) {
+        let mut names = Vec::new();
+        let mut values = Vec::new();
+        let mut set = |name: &'static str, v: Option<Val<'a>>| {
+            if let Some(v) = v {
+                names.push(name);
+                values.push(v);
+            }
+        };
+        set("state", self.state.map(|x| Val::Text(Some(x))));
+        set("started_at", self.started_at.map(|x| Val::Int(Some(x))));
+        set("finished_at", self.finished_at.map(|x| Val::Int(Some(x))));
+        set("error", self.error.map(Val::Text));
+        set("output", self.output.clone().map(Val::Owned));
+        (names, values)
+    }
+}
+
+/// `UPDATE table SET assignments FROM (VALUES (key1, key2, values...), ...) AS v WHERE
+/// matches`, `INSERT_CHUNK` rows a statement. With `must_match`, a statement that updated
+/// fewer rows than it carried is an error with that text.
+async fn update_from_values<'a>(
+    tx: &mut Transaction<'static, Sqlite>,
+    table: &'static str,
+    assignments: &str,
+    matches: &'static str,
+    rows: Vec<(Val<'a>, Val<'a>, Vec<Val<'a>>)>,
+    must_match: Option<&'static str>,
+) -> StoreResult<()> {
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new(format!("UPDATE {table} SET {assignments} FROM ("));
+        q.push_values(chunk.iter().cloned(), |mut b, (k1, k2, values)| {
+            push_val(&mut b, k1);
+            push_val(&mut b, k2);
+            for v in values {
+                push_val(&mut b, v);
+            }
+        });
+        q.push(format!(") AS v WHERE {matches}"));
+        let updated = q.build().execute(&mut **tx).await?;
+        if let Some(what) = must_match
+            && updated.rows_affected() != chunk.len() as u64
+        {
+            return Err(StoreError::Corrupt(format!("{what} ({} of {} rows)", updated.rows_affected(), chunk.len())));
+        }
+    }
+    Ok(())
+}
 
 impl SqliteStore {
     async fn write_turn_rows(
@@ -672,28 +763,21 @@ impl SqliteStore {
             });
             q.build().execute(&mut **tx).await?;
         }
+        // Updates are grouped by the columns they set; each group goes in statements of up
+        // to `INSERT_CHUNK` rows (`UPDATE ... FROM (VALUES ...)`), not one statement per row.
+        let mut stage_groups: Vec<(Vec<&'static str>, Vec<(Val, Val, Vec<Val>)>)> = Vec::new();
         for ((job, idx), s) in patched {
-            let mut q = QueryBuilder::<Sqlite>::new("UPDATE stages SET ");
-            let mut set = q.separated(", ");
-            macro_rules! column {
-                ($name:literal, $value:expr) => {
-                    if let Some(v) = $value {
-                        set.push(concat!($name, " = ")).push_bind_unseparated(v);
-                    }
-                };
+            let (names, values) = s.set_columns();
+            let row = (Val::Text(Some(job)), Val::Int(Some(*idx)), values);
+            match stage_groups.iter_mut().find(|(n, _)| *n == names) {
+                Some((_, rows)) => rows.push(row),
+                None => stage_groups.push((names, vec![row])),
             }
-            column!("state", s.state);
-            column!("attempts", s.attempts);
-            column!("failures", s.failures);
-            column!("interruptions", s.interruptions);
-            column!("not_before", s.not_before);
-            column!("started_at", s.started_at);
-            column!("finished_at", s.finished_at);
-            column!("exit_code", s.exit_code);
-            column!("error", s.error);
-            column!("output", s.output.clone());
-            q.push(" WHERE job_id = ").push_bind(*job).push(" AND idx = ").push_bind(*idx);
-            q.build().execute(&mut **tx).await?;
+        }
+        for (names, group) in stage_groups {
+            let set: Vec<String> = names.iter().enumerate().map(|(i, n)| format!("{n} = v.column{}", i + 3)).collect();
+            update_from_values(tx, "stages", &set.join(", "), "stages.job_id = v.column1 AND stages.idx = v.column2", group, None)
+                .await?;
         }
         for chunk in rows.new_attempts.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
@@ -713,37 +797,54 @@ impl SqliteStore {
             });
             q.build().execute(&mut **tx).await?;
         }
+        let mut ended: Vec<(Val, Val, Vec<Val>)> = Vec::new();
         for w in &rows.ended_earlier {
             let Write::AttemptEnded { job, stage, attempt, result, error, exit_code, signal, at, .. } = w else {
                 continue;
             };
-            let updated = sqlx::query("UPDATE attempts SET state = ?4, finished_at = ?5, exit_code = ?6, signal = ?7, error = ?8 WHERE job_id = ?1 AND stage_idx = ?2 AND attempt = ?3 AND state = 'running'")
-                .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(*result).bind(at).bind(exit_code).bind(signal).bind(error)
-                .execute(&mut **tx).await?;
-            if updated.rows_affected() != 1 {
-                return Err(StoreError::Corrupt(format!("attempt {job}/{stage}/{attempt} was not running")));
+            let values = vec![
+                Val::Int(Some(*attempt as i64)),
+                Val::Text(Some(result)),
+                Val::Int(Some(*at)),
+                Val::Int(exit_code.map(i64::from)),
+                Val::Int(signal.map(i64::from)),
+                Val::Text(error.as_deref()),
+            ];
+            ended.push((Val::Text(Some(job)), Val::Int(Some(*stage as i64)), values));
+        }
+        if !ended.is_empty() {
+            // Every ended attempt must have been running: a count short of the rows is corrupt.
+            update_from_values(
+                tx,
+                "attempts",
+                "state = v.column4, finished_at = v.column5, exit_code = v.column6, signal = v.column7, error = v.column8",
+                "attempts.job_id = v.column1 AND attempts.stage_idx = v.column2 AND attempts.attempt = v.column3 AND attempts.state = 'running'",
+                ended,
+                Some("an attempt that ended was not recorded as running"),
+            )
+            .await?;
+        }
+        let mut job_groups: Vec<(Vec<&'static str>, Vec<(Val, Val, Vec<Val>)>)> = Vec::new();
+        for (job, j) in &rows.job_patches {
+            let (names, values) = j.set_columns();
+            // The key is one column: the second key slot repeats it, so both tables share the
+            // statement builder.
+            let row = (Val::Text(Some(job)), Val::Text(Some(job)), values);
+            match job_groups.iter_mut().find(|(n, _)| *n == names) {
+                Some((_, rows)) => rows.push(row),
+                None => job_groups.push((names, vec![row])),
             }
         }
-        for (job, j) in &rows.job_patches {
-            let mut q = QueryBuilder::<Sqlite>::new("UPDATE jobs SET ");
-            let mut set = q.separated(", ");
-            if let Some(state) = j.state {
-                set.push("state = ").push_bind_unseparated(state);
-            }
-            if let Some(at) = j.started_at {
-                set.push("started_at = COALESCE(started_at, ").push_bind_unseparated(at).push_unseparated(")");
-            }
-            if let Some(at) = j.finished_at {
-                set.push("finished_at = ").push_bind_unseparated(at);
-            }
-            if let Some(error) = j.error {
-                set.push("error = ").push_bind_unseparated(error);
-            }
-            if let Some(output) = &j.output {
-                set.push("output = ").push_bind_unseparated(output.clone());
-            }
-            q.push(" WHERE id = ").push_bind(*job);
-            q.build().execute(&mut **tx).await?;
+        for (names, group) in job_groups {
+            let set: Vec<String> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| match *n {
+                    "started_at" => format!("started_at = COALESCE(jobs.started_at, v.column{})", i + 3),
+                    n => format!("{n} = v.column{}", i + 3),
+                })
+                .collect();
+            update_from_values(tx, "jobs", &set.join(", "), "jobs.id = v.column1", group, None).await?;
         }
         Ok(())
     }
