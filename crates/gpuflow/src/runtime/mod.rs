@@ -476,7 +476,7 @@ impl<S: Store> Runtime<S> {
                 job: job_id(job)?,
                 stage: *stage,
                 attempt: *attempt,
-                grant: serde_json::to_value(LeaseRecord::from(grant)).expect("serializable"),
+                grant: serde_json::to_string(&LeaseRecord::from(grant)).expect("serializable"),
                 at,
             },
             Action::Kill { .. } => return None,

@@ -70,7 +70,8 @@ pub enum Write {
         job: String,
         stage: usize,
         attempt: u32,
-        grant: Value,
+        /// The lease, as JSON text (`LeaseRecord`).
+        grant: String,
         at: i64,
     },
     AttemptEnded {

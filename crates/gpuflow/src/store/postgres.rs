@@ -776,7 +776,7 @@ impl PgStore {
         match w {
             Write::AttemptStarted { job, stage, attempt, grant, at } => {
                 sqlx::query("INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at) VALUES ($1, $2, $3, 'running', $4, $5)")
-                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(grant.to_string()).bind(at)
+                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(grant).bind(at)
                     .execute(&mut **tx).await?;
                 sqlx::query("UPDATE stages SET state = 'running', attempts = $3, not_before = NULL, started_at = $4, finished_at = NULL, error = NULL, exit_code = NULL WHERE job_id = $1 AND idx = $2")
                     .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(at)

@@ -75,7 +75,7 @@ impl SqliteStore {
         match w {
             Write::AttemptStarted { job, stage, attempt, grant, at } => {
                 sqlx::query("INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5)")
-                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(grant.to_string()).bind(at)
+                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(grant).bind(at)
                     .execute(&mut **tx).await?;
                 sqlx::query("UPDATE stages SET state = 'running', attempts = ?3, not_before = NULL, started_at = ?4, finished_at = NULL, error = NULL, exit_code = NULL WHERE job_id = ?1 AND idx = ?2")
                     .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(at)
@@ -444,7 +444,7 @@ struct AttemptRow<'a> {
     stage: i64,
     attempt: i64,
     state: &'a str,
-    grant: String,
+    grant: &'a str,
     started_at: i64,
     finished_at: Option<i64>,
     exit_code: Option<i32>,
@@ -510,7 +510,7 @@ impl<'a> TurnRows<'a> {
                     stage: key.1,
                     attempt: key.2,
                     state: "running",
-                    grant: grant.to_string(),
+                    grant,
                     started_at: *at,
                     finished_at: None,
                     exit_code: None,
@@ -776,8 +776,15 @@ impl SqliteStore {
         }
         for (names, group) in stage_groups {
             let set: Vec<String> = names.iter().enumerate().map(|(i, n)| format!("{n} = v.column{}", i + 3)).collect();
-            update_from_values(tx, "stages", &set.join(", "), "stages.job_id = v.column1 AND stages.idx = v.column2", group, None)
-                .await?;
+            update_from_values(
+                tx,
+                "stages",
+                &set.join(", "),
+                "stages.job_id = v.column1 AND stages.idx = v.column2",
+                group,
+                None,
+            )
+            .await?;
         }
         for chunk in rows.new_attempts.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
@@ -788,7 +795,7 @@ impl SqliteStore {
                     .push_bind(a.stage)
                     .push_bind(a.attempt)
                     .push_bind(a.state)
-                    .push_bind(&a.grant)
+                    .push_bind(a.grant)
                     .push_bind(a.started_at)
                     .push_bind(a.finished_at)
                     .push_bind(a.exit_code)

@@ -69,7 +69,7 @@ async fn conformance<S: Store>(store: S) {
     // A running attempt is a held lease; its end releases it.
     let grant = json!({"gpus": [0], "cpu": 1});
     store
-        .write(&[Write::AttemptStarted { job: "j1".into(), stage: 0, attempt: 1, grant: grant.clone(), at: 1_500 }])
+        .write(&[Write::AttemptStarted { job: "j1".into(), stage: 0, attempt: 1, grant: grant.to_string(), at: 1_500 }])
         .await
         .unwrap();
     let running = store.running_attempts().await.unwrap();
@@ -88,7 +88,7 @@ async fn conformance<S: Store>(store: S) {
     // A batch is atomic: ending an attempt that is not running fails the whole batch.
     let bad = store
         .write(&[
-            Write::AttemptStarted { job: "j1".into(), stage: 1, attempt: 1, grant: json!({}), at: 3_000 },
+            Write::AttemptStarted { job: "j1".into(), stage: 1, attempt: 1, grant: "{}".into(), at: 3_000 },
             ended("j1", 0, 7, "failed", "failed"),
         ])
         .await;
