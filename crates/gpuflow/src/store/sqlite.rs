@@ -647,6 +647,22 @@ impl<'a> JobCols<'a> {
     }
 }
 
+/// One row of a multi-row update: two key values, then the values of the columns it sets.
+type UpdateRow<'a> = (Val<'a>, Val<'a>, Vec<Val<'a>>);
+
+/// Updates grouped by the columns they set: each group shares one statement text.
+#[derive(Default)]
+struct UpdateGroups<'a>(Vec<(Vec<&'static str>, Vec<UpdateRow<'a>>)>);
+
+impl<'a> UpdateGroups<'a> {
+    fn add(&mut self, names: Vec<&'static str>, row: UpdateRow<'a>) {
+        match self.0.iter_mut().find(|(n, _)| *n == names) {
+            Some((_, rows)) => rows.push(row),
+            None => self.0.push((names, vec![row])),
+        }
+    }
+}
+
 /// `UPDATE table SET assignments FROM (VALUES (key1, key2, values...), ...) AS v WHERE
 /// matches`, `INSERT_CHUNK` rows a statement. With `must_match`, a statement that updated
 /// fewer rows than it carried is an error with that text.
@@ -655,7 +671,7 @@ async fn update_from_values<'a>(
     table: &'static str,
     assignments: &str,
     matches: &'static str,
-    rows: Vec<(Val<'a>, Val<'a>, Vec<Val<'a>>)>,
+    rows: Vec<UpdateRow<'a>>,
     must_match: Option<&'static str>,
 ) -> StoreResult<()> {
     for chunk in rows.chunks(INSERT_CHUNK) {
@@ -765,16 +781,12 @@ impl SqliteStore {
         }
         // Updates are grouped by the columns they set; each group goes in statements of up
         // to `INSERT_CHUNK` rows (`UPDATE ... FROM (VALUES ...)`), not one statement per row.
-        let mut stage_groups: Vec<(Vec<&'static str>, Vec<(Val, Val, Vec<Val>)>)> = Vec::new();
+        let mut stage_groups = UpdateGroups::default();
         for ((job, idx), s) in patched {
             let (names, values) = s.set_columns();
-            let row = (Val::Text(Some(job)), Val::Int(Some(*idx)), values);
-            match stage_groups.iter_mut().find(|(n, _)| *n == names) {
-                Some((_, rows)) => rows.push(row),
-                None => stage_groups.push((names, vec![row])),
-            }
+            stage_groups.add(names, (Val::Text(Some(job)), Val::Int(Some(*idx)), values));
         }
-        for (names, group) in stage_groups {
+        for (names, group) in stage_groups.0 {
             let set: Vec<String> = names.iter().enumerate().map(|(i, n)| format!("{n} = v.column{}", i + 3)).collect();
             update_from_values(
                 tx,
@@ -804,7 +816,7 @@ impl SqliteStore {
             });
             q.build().execute(&mut **tx).await?;
         }
-        let mut ended: Vec<(Val, Val, Vec<Val>)> = Vec::new();
+        let mut ended: Vec<UpdateRow> = Vec::new();
         for w in &rows.ended_earlier {
             let Write::AttemptEnded { job, stage, attempt, result, error, exit_code, signal, at, .. } = w else {
                 continue;
@@ -831,18 +843,14 @@ impl SqliteStore {
             )
             .await?;
         }
-        let mut job_groups: Vec<(Vec<&'static str>, Vec<(Val, Val, Vec<Val>)>)> = Vec::new();
+        let mut job_groups = UpdateGroups::default();
         for (job, j) in &rows.job_patches {
             let (names, values) = j.set_columns();
             // The key is one column: the second key slot repeats it, so both tables share the
             // statement builder.
-            let row = (Val::Text(Some(job)), Val::Text(Some(job)), values);
-            match job_groups.iter_mut().find(|(n, _)| *n == names) {
-                Some((_, rows)) => rows.push(row),
-                None => job_groups.push((names, vec![row])),
-            }
+            job_groups.add(names, (Val::Text(Some(job)), Val::Text(Some(job)), values));
         }
-        for (names, group) in job_groups {
+        for (names, group) in job_groups.0 {
             let set: Vec<String> = names
                 .iter()
                 .enumerate()
