@@ -8,7 +8,20 @@ use gpuflow_core::{Event, RestoredStage, RestoredStatus};
 use super::*;
 use crate::config::Config;
 use crate::gpu::{GpuInfo, GpuProbe};
-use crate::store::UnfinishedJob;
+use crate::store::{RecoveryCursor, UnfinishedJob};
+
+/// Unfinished jobs read and restored per turn at start-up.
+const RECOVERY_PAGE: u32 = 5_000;
+
+/// Hands memory freed after a burst (recovery's pages) back to the system; glibc keeps it
+/// otherwise, and the resident size would stay at the burst's peak.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// Resolves `gpus: auto` in a stored pipeline file to the devices this engine has now.
 struct CurrentGpus(Vec<GpuInfo>);
@@ -38,38 +51,50 @@ impl<S: Store> Runtime<S> {
         })
     }
 
+    /// Restores unfinished jobs a page at a time, in the order they are served, and runs a
+    /// turn after each page: the first dispatch comes after the first page, not after the
+    /// whole queue was read, and only a page of rows is in memory at once.
     pub(super) async fn recover(&mut self) -> Result<(), RuntimeError> {
-        let unfinished = self.store.unfinished_jobs().await?;
-        if !unfinished.is_empty() {
-            tracing::info!(jobs = unfinished.len(), "recovering unfinished jobs");
-        }
         let mut parsed: HashMap<String, Result<Config, String>> = HashMap::new();
-        for job in unfinished {
-            let hash = job.job.config_hash.clone();
-            if !parsed.contains_key(&hash) {
-                let config = self.snapshot_config(&hash).await?;
-                parsed.insert(hash.clone(), config);
-            }
-            let config = &parsed[&hash];
-            let def = match config {
-                Ok(c) => c.pipeline(&job.job.pipeline),
-                Err(e) => Err(e.clone()),
-            }
-            .and_then(|def| {
-                if def.core.stages.len() == job.stages.len() {
-                    Ok(def)
-                } else {
-                    Err("stage list does not match the stored job".to_string())
+        let mut after = None;
+        let mut recovered = 0;
+        loop {
+            let page = self.store.unfinished_jobs(after, RECOVERY_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(RecoveryCursor::of(&last.job));
+            recovered += page.len();
+            for job in page {
+                let hash = job.job.config_hash.clone();
+                if !parsed.contains_key(&hash) {
+                    let config = self.snapshot_config(&hash).await?;
+                    parsed.insert(hash.clone(), config);
                 }
-            });
-            match def {
-                Ok(def) => self.restore(job, def).await?,
-                Err(e) => {
-                    self.abandon(job, format!("cannot recover the job: its pipeline definition is unusable ({e})"))
-                        .await?
+                let config = &parsed[&hash];
+                let def = match config {
+                    Ok(c) => c.pipeline(&job.job.pipeline),
+                    Err(e) => Err(e.clone()),
+                }
+                .and_then(|def| {
+                    if def.core.stages.len() == job.stages.len() {
+                        Ok(def)
+                    } else {
+                        Err("stage list does not match the stored job".to_string())
+                    }
+                });
+                match def {
+                    Ok(def) => self.restore(job, def).await?,
+                    Err(e) => {
+                        self.abandon(job, format!("cannot recover the job: its pipeline definition is unusable ({e})"))
+                            .await?
+                    }
                 }
             }
+            self.run_turn().await?;
         }
+        if recovered > 0 {
+            tracing::info!(jobs = recovered, "recovered unfinished jobs");
+        }
+        release_freed_memory();
         Ok(())
     }
 

@@ -9,7 +9,8 @@ use super::*;
 use crate::config::Config;
 use crate::gpu::{GpuInfo, GpuProbe};
 use crate::store::{
-    AttemptRecord, FindingRecord, JobDetail, JobFilter, JobRecord, JobStats, SqliteStore, StoreResult, UnfinishedJob,
+    AttemptRecord, FindingRecord, JobDetail, JobFilter, JobRecord, JobStats, RecoveryCursor, SqliteStore, StoreResult,
+    UnfinishedJob,
 };
 
 struct NoGpus;
@@ -55,8 +56,8 @@ impl Store for FaultyStore {
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
         self.inner.list_jobs(filter).await
     }
-    async fn unfinished_jobs(&self) -> StoreResult<Vec<UnfinishedJob>> {
-        self.inner.unfinished_jobs().await
+    async fn unfinished_jobs(&self, after: Option<RecoveryCursor>, limit: u32) -> StoreResult<Vec<UnfinishedJob>> {
+        self.inner.unfinished_jobs(after, limit).await
     }
     async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {
         self.inner.config_snapshot(hash).await

@@ -159,6 +159,34 @@ pub struct JobDetail {
     pub attempts: Vec<AttemptRecord>,
 }
 
+/// Where a page of unfinished jobs ends: `(-priority, seq)` of its last job.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RecoveryCursor(i64, i64);
+
+impl RecoveryCursor {
+    pub fn of(job: &JobRecord) -> Self {
+        RecoveryCursor(-(job.priority as i64), job.seq)
+    }
+    /// Before every job.
+    fn start() -> Self {
+        RecoveryCursor(i64::MIN, i64::MIN)
+    }
+}
+
+/// Groups stage rows (ordered by job) under their jobs, keeping the jobs' order.
+fn with_stages(jobs: Vec<JobRecord>, stages: Vec<(String, StageRecord)>) -> Vec<UnfinishedJob> {
+    let mut by_job: std::collections::HashMap<String, Vec<StageRecord>> = std::collections::HashMap::new();
+    for (job, stage) in stages {
+        by_job.entry(job).or_default().push(stage);
+    }
+    jobs.into_iter()
+        .map(|job| {
+            let stages = by_job.remove(&job.id).unwrap_or_default();
+            UnfinishedJob { job, stages }
+        })
+        .collect()
+}
+
 /// An unfinished job and its stages.
 #[derive(Clone, Debug)]
 pub struct UnfinishedJob {
@@ -205,7 +233,14 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Newest first. Listings carry no input or output (`Value::Null`, `None`): a page of
     /// large inputs must not be read to show ids and states.
     fn list_jobs(&self, filter: &JobFilter) -> impl Future<Output = StoreResult<Vec<JobRecord>>> + Send;
-    fn unfinished_jobs(&self) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;
+    /// Unfinished jobs with their stages, in the order they are served (priority, high first,
+    /// then arrival), `limit` at a time: the page after `after`, a previous page's last
+    /// `RecoveryCursor::of` (`None`: the first page).
+    fn unfinished_jobs(
+        &self,
+        after: Option<RecoveryCursor>,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;
     /// The text of the pipeline file with this content hash (see `NewJob::config_hash`).
     fn config_snapshot(&self, hash: &str) -> impl Future<Output = StoreResult<Option<String>>> + Send;
     /// Records a newly opened finding; returns its id.

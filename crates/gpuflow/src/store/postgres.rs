@@ -913,26 +913,30 @@ impl Store for PgStore {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn unfinished_jobs(&self) -> StoreResult<Vec<UnfinishedJob>> {
-        let rows = sqlx::query("SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq")
-            .fetch_all(&self.pool)
-            .await?;
-        let stage_rows = sqlx::query(
-            "SELECT stages.* FROM stages JOIN jobs ON jobs.id = stages.job_id WHERE jobs.state IN ('queued', 'running') ORDER BY jobs.seq, stages.idx",
+    async fn unfinished_jobs(&self, after: Option<RecoveryCursor>, limit: u32) -> StoreResult<Vec<UnfinishedJob>> {
+        let RecoveryCursor(p, s) = after.unwrap_or(RecoveryCursor::start());
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE state IN ('queued', 'running') AND (-priority::bigint, seq) > ($1, $2) ORDER BY -priority::bigint, seq LIMIT $3",
         )
+        .bind(p)
+        .bind(s)
+        .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        let mut stages_by_job: std::collections::HashMap<String, Vec<StageRecord>> = std::collections::HashMap::new();
-        for row in &stage_rows {
-            stages_by_job.entry(row.try_get("job_id")?).or_default().push(stage_from_row(row)?);
-        }
-        rows.iter()
-            .map(|row| {
-                let job = job_from_row(row)?;
-                let stages = stages_by_job.remove(&job.id).unwrap_or_default();
-                Ok(UnfinishedJob { job, stages })
-            })
-            .collect()
+        let stage_rows = sqlx::query(
+            "SELECT stages.* FROM stages WHERE job_id IN (SELECT id FROM jobs WHERE state IN ('queued', 'running') AND (-priority::bigint, seq) > ($1, $2) ORDER BY -priority::bigint, seq LIMIT $3) ORDER BY job_id, idx",
+        )
+        .bind(p)
+        .bind(s)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let jobs = rows.iter().map(job_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let stages = stage_rows
+            .iter()
+            .map(|r| Ok((r.try_get("job_id")?, stage_from_row(r)?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(with_stages(jobs, stages))
     }
 
     async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {

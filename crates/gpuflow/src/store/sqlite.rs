@@ -18,6 +18,7 @@ use super::*;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_findings.sql")),
+    (3, include_str!("../../migrations/sqlite/0003_recovery_order.sql")),
 ];
 
 #[derive(Clone)]
@@ -281,28 +282,31 @@ impl Store for SqliteStore {
         rows.iter().map(job_from_row).collect()
     }
 
-    async fn unfinished_jobs(&self) -> StoreResult<Vec<UnfinishedJob>> {
-        let rows = sqlx::query("SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq")
-            .fetch_all(&self.pool)
-            .await?;
-        // One query for every stage of every unfinished job: recovery time must not grow with
-        // a round trip per job.
-        let stage_rows = sqlx::query(
-            "SELECT stages.* FROM stages JOIN jobs ON jobs.id = stages.job_id WHERE jobs.state IN ('queued', 'running') ORDER BY jobs.seq, stages.idx",
+    async fn unfinished_jobs(&self, after: Option<RecoveryCursor>, limit: u32) -> StoreResult<Vec<UnfinishedJob>> {
+        // `jobs_unfinished_in_order` serves both statements: a page costs its own rows.
+        let RecoveryCursor(p, s) = after.unwrap_or(RecoveryCursor::start());
+        let rows = sqlx::query(
+            "SELECT * FROM jobs WHERE state IN ('queued', 'running') AND (-priority, seq) > (?1, ?2) ORDER BY -priority, seq LIMIT ?3",
         )
+        .bind(p)
+        .bind(s)
+        .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        let mut stages_by_job: std::collections::HashMap<String, Vec<StageRecord>> = std::collections::HashMap::new();
-        for row in &stage_rows {
-            stages_by_job.entry(row.try_get("job_id")?).or_default().push(stage_from_row(row)?);
-        }
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let job = job_from_row(row)?;
-            let stages = stages_by_job.remove(&job.id).unwrap_or_default();
-            out.push(UnfinishedJob { job, stages });
-        }
-        Ok(out)
+        let stage_rows = sqlx::query(
+            "SELECT stages.* FROM stages WHERE job_id IN (SELECT id FROM jobs WHERE state IN ('queued', 'running') AND (-priority, seq) > (?1, ?2) ORDER BY -priority, seq LIMIT ?3) ORDER BY job_id, idx",
+        )
+        .bind(p)
+        .bind(s)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let jobs = rows.iter().map(job_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let stages = stage_rows
+            .iter()
+            .map(|r| Ok((r.try_get("job_id")?, stage_from_row(r)?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(with_stages(jobs, stages))
     }
 
     async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {

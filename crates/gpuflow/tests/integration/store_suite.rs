@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use gpuflow::store::{
-    AttemptDetails, Finish, JobFilter, NewJob, PgStore, SharedCancel, SqliteStore, Store, StoreError, Write,
+    AttemptDetails, Finish, JobFilter, NewJob, PgStore, RecoveryCursor, SharedCancel, SqliteStore, Store, StoreError,
+    Write,
 };
 use gpuflow_core::cluster::{self, SharedEnd, SharedStage, Transition};
 use gpuflow_core::diagnosis::{Finding, FindingKind};
@@ -108,7 +109,8 @@ async fn conformance<S: Store>(store: S) {
         }])
         .await
         .unwrap();
-    let unfinished: Vec<String> = store.unfinished_jobs().await.unwrap().into_iter().map(|u| u.job.id).collect();
+    let unfinished: Vec<String> =
+        store.unfinished_jobs(None, 100).await.unwrap().into_iter().map(|u| u.job.id).collect();
     assert_eq!(unfinished, vec!["j1"]);
     let all = store.list_jobs(&JobFilter { limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(all.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["j2", "j1"], "newest first");
@@ -150,6 +152,26 @@ async fn conformance<S: Store>(store: S) {
     assert_eq!(list[0].evidence, finding.evidence);
     assert_eq!(list[1].closed_at, Some(13));
     assert_eq!(store.close_open_findings(20).await.unwrap(), 1);
+    // Recovery pages come in the order jobs are served: priority (high first), then arrival.
+    for (id, priority) in [("r1", 0), ("r2", 5), ("r3", 0), ("r4", 5)] {
+        store.insert_job(&NewJob { priority, ..new_job(id, None, vec![("a", vec![]), ("b", vec![0])]) }).await.unwrap();
+    }
+    let mut order = Vec::new();
+    let mut after = None;
+    while let Some(last) = store
+        .unfinished_jobs(after, 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .inspect(|u| {
+            assert_eq!(u.stages.len(), 2, "a page carries its jobs' stages");
+            order.push(u.job.id.clone());
+        })
+        .last()
+    {
+        after = Some(RecoveryCursor::of(&last.job));
+    }
+    assert_eq!(order, vec!["r2", "r4", "j1", "r1", "r3"]);
 }
 
 #[tokio::test]
