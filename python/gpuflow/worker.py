@@ -1,4 +1,4 @@
-"""Worker side of the gpuflow worker protocol, version 1.
+"""Worker side of the gpuflow worker protocol, version 1 (with the `prefetch` feature).
 
 The protocol itself is specified in docs/worker-protocol.md. This module implements it so
 that a model worker only writes `load()` and `handle()`:
@@ -17,17 +17,22 @@ that a model worker only writes `load()` and `handle()`:
 
 from __future__ import annotations
 
-import io
+import collections
 import json
 import math
 import os
+import select
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, NoReturn, Optional, Tuple
+from typing import Any, Deque, Dict, List, NoReturn, Optional, Tuple
 
 PROTOCOL_VERSION = 1
+
+# Announced in `ready`: the engine may send tasks ahead while one runs (they wait here, in
+# order), and this worker honours `cancel` for a task it has not started.
+FEATURES = ["prefetch"]
 
 # The engine treats a longer line from a worker as a protocol error and restarts the instance,
 # so an output that would exceed it is turned into a task error here instead.
@@ -373,6 +378,128 @@ def _heartbeat_interval_s() -> float:
     return ms / 1000.0
 
 
+class _Input:
+    """The engine's lines on fd 0, read without Python's buffering, so that whether more lines
+    are already waiting can be asked of the pipe itself (select with a zero timeout)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+        self._eof = False
+
+    def _fill(self, block: bool) -> bool:
+        if self._eof:
+            return False
+        if not block:
+            readable, _, _ = select.select([self._fd], [], [], 0)
+            if not readable:
+                return False
+        data = os.read(self._fd, 64 * 1024)
+        if not data:
+            self._eof = True
+            return False
+        self._buf += data
+        return True
+
+    def _take_line(self) -> Optional[bytes]:
+        end = self._buf.find(b"\n")
+        if end < 0:
+            return None
+        line = bytes(self._buf[: end + 1])
+        del self._buf[: end + 1]
+        return line
+
+    def readline(self) -> bytes:
+        """The next line, waiting for it; b"" at end of input."""
+        while True:
+            line = self._take_line()
+            if line is not None:
+                return line
+            if self._eof:
+                rest = bytes(self._buf)
+                self._buf.clear()
+                return rest
+            self._fill(block=True)
+
+    def ready_lines(self) -> List[bytes]:
+        """Every whole line that has already arrived, without waiting."""
+        while self._fill(block=False):
+            pass
+        lines = []
+        while True:
+            line = self._take_line()
+            if line is None:
+                return lines
+            lines.append(line)
+
+
+def _parse_engine_line(raw: bytes) -> Optional[Dict[str, Any]]:
+    """One engine message; None for a blank line. Exits with status 2 on garbage."""
+    if not raw.strip():
+        return None
+    try:
+        message = json.loads(raw)
+    except ValueError as exc:
+        _log(f"engine sent a line that is not JSON ({exc}): {raw[:200]!r}; exiting")
+        sys.exit(2)
+    if not isinstance(message, dict):
+        _log(f"engine sent JSON that is not an object: {raw[:200]!r}; exiting")
+        sys.exit(2)
+    return message
+
+
+class _Inbox:
+    """Engine messages not yet acted on, in order. Tasks sent ahead wait here; a `cancel`
+    drops the task it names if that task has not started (otherwise it is ignored: the task is
+    unknown, finished, or running, and a running handler cannot be interrupted)."""
+
+    def __init__(self, source: _Input) -> None:
+        self._source = source
+        self._queue: Deque[Dict[str, Any]] = collections.deque()
+
+    def _add(self, message: Dict[str, Any]) -> None:
+        if message.get("type") == "cancel":
+            self.cancel(message.get("task"))
+        else:
+            self._queue.append(message)
+
+    def cancel(self, task_id: Any) -> bool:
+        for message in self._queue:
+            if message.get("type") == "task" and message.get("task") == task_id:
+                self._queue.remove(message)
+                _log(f"task {task_id} was cancelled before it started; skipping it")
+                return True
+        return False
+
+    def take_ready(self) -> None:
+        """Take in what has already arrived, without waiting: cancels apply at once."""
+        for raw in self._source.ready_lines():
+            message = _parse_engine_line(raw)
+            if message is not None:
+                self._add(message)
+
+    def next(self) -> Optional[Dict[str, Any]]:
+        """The next message to act on, waiting for one; None at end of input. Before a task
+        is handed out, lines already waiting are read, so a `cancel` sent after it is seen."""
+        while True:
+            if not self._queue:
+                raw = self._source.readline()
+                if not raw:
+                    return None
+                message = _parse_engine_line(raw)
+                if message is None:
+                    continue
+                self._add(message)
+                continue
+            if self._queue[0].get("type") == "task":
+                self.take_ready()
+                if not self._queue:
+                    continue  # it was cancelled
+                if any(m.get("type") == "shutdown" for m in self._queue):
+                    return {"type": "shutdown"}  # start nothing new
+            return self._queue.popleft()
+
+
 def _run_task(worker: Worker, channel: _Channel, beat: _Heartbeat, message: Dict[str, Any]) -> None:
     task = Task(channel, message)
     channel.begin(task)
@@ -418,7 +545,7 @@ def serve(worker: Worker) -> NoReturn:
     info = dict(info)
     info.setdefault("pid", os.getpid())
     try:
-        ready = _encode({"type": "ready", "protocol": PROTOCOL_VERSION, "info": info})
+        ready = _encode({"type": "ready", "protocol": PROTOCOL_VERSION, "features": FEATURES, "info": info})
     except (TypeError, ValueError) as exc:
         _log(f"the info returned by load() is not JSON-serialisable: {exc}")
         sys.exit(1)
@@ -427,27 +554,17 @@ def serve(worker: Worker) -> NoReturn:
     beat = _Heartbeat(channel, interval_s, threading.get_ident())
     beat.start()
     # Our own reader over fd 0, so user code replacing sys.stdin cannot disturb it.
-    stdin = io.open(0, "rb", closefd=False)
+    inbox = _Inbox(_Input(0))
     try:
         channel.send(ready)
         while True:
-            raw = stdin.readline()
-            if not raw:
+            message = inbox.next()
+            if message is None:
                 sys.exit(0)  # the engine closed our input: nothing more will come
-            if not raw.strip():
-                continue
-            try:
-                message = json.loads(raw)
-            except ValueError as exc:
-                _log(f"engine sent a line that is not JSON ({exc}): {raw[:200]!r}; exiting")
-                sys.exit(2)
-            if not isinstance(message, dict):
-                _log(f"engine sent JSON that is not an object: {raw[:200]!r}; exiting")
-                sys.exit(2)
             kind = message.get("type")
             if kind == "task":
                 if not isinstance(message.get("task"), str) or not message["task"]:
-                    _log(f"engine sent a task message without a task id: {raw[:200]!r}; exiting")
+                    _log(f"engine sent a task message without a task id: {str(message)[:200]}; exiting")
                     sys.exit(2)
                 _run_task(worker, channel, beat, message)
             elif kind == "shutdown":

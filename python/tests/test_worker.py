@@ -325,6 +325,70 @@ class WorkerProtocolTest(unittest.TestCase):
         self.assertEqual(engine.run({"action": "echo"})["type"], "result")
         self.assertIn("reconfigure", engine.stderr())
 
+    def test_ready_announces_the_prefetch_feature(self):
+        engine = FakeEngine(self)
+        self.assertIn("prefetch", engine.ready()["features"])
+
+    def test_tasks_sent_ahead_run_in_order_each_with_its_own_result(self):
+        engine = FakeEngine(self)
+        engine.ready()
+        ids = [engine.task({"action": "echo", "n": n})[0] for n in range(5)]
+        for n, task_id in enumerate(ids):
+            result = engine.until_done(task_id)[-1][1]
+            self.assertEqual((result["type"], result["output"]["input"]["n"]), ("result", n), result)
+
+    def test_cancel_skips_a_task_sent_ahead_that_has_not_started(self):
+        engine = FakeEngine(self)
+        engine.ready()
+        running, _ = engine.task({"action": "compute", "seconds": 0.5})
+        ahead, _ = engine.task({"action": "echo", "n": 2})
+        after, _ = engine.task({"action": "echo", "n": 3})
+        time.sleep(0.1)  # the first task runs; the others wait in the pipe
+        engine.send({"type": "cancel", "task": ahead})
+        engine.send({"type": "cancel", "task": running})  # running: cannot be interrupted, ignored
+        engine.send({"type": "cancel", "task": "never-sent"})  # unknown: ignored
+        self.assertEqual(engine.until_done(running)[-1][1]["type"], "result")
+        result = engine.until_done(after)[-1][1]  # nothing about `ahead` comes in between
+        self.assertEqual(result["output"]["input"]["n"], 3)
+        self.assertEqual(engine.collect(0.3), [], "nothing more, and nothing about the cancelled task")
+        self.assertIn(f"task {ahead} was cancelled before it started", engine.stderr())
+        self.assertIsNone(engine.proc.poll(), "a cancel does not cost the instance")
+
+    def test_cancel_arriving_with_its_task_in_one_write_is_honoured(self):
+        engine = FakeEngine(self)
+        engine.ready()
+        lines = [
+            {"type": "task", "task": "a", "input": {"action": "echo", "n": 1}},
+            {"type": "task", "task": "b", "input": {"action": "echo", "n": 2}},
+            {"type": "cancel", "task": "b"},
+            {"type": "task", "task": "c", "input": {"action": "echo", "n": 3}},
+        ]
+        engine.proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in lines))
+        engine.proc.stdin.flush()
+        self.assertEqual(engine.until_done("a")[-1][1]["type"], "result")
+        self.assertEqual(engine.until_done("c")[-1][1]["output"]["input"]["n"], 3)
+        self.assertEqual(engine.collect(0.2), [])
+
+    def test_cancel_of_a_finished_task_is_ignored(self):
+        engine = FakeEngine(self)
+        engine.ready()
+        first, _ = engine.task({"action": "echo"})
+        self.assertEqual(engine.until_done(first)[-1][1]["type"], "result")
+        engine.send({"type": "cancel", "task": first})
+        self.assertEqual(engine.run({"action": "echo"})["type"], "result")
+        self.assertIsNone(engine.proc.poll())
+
+    def test_shutdown_behind_tasks_sent_ahead_starts_nothing_new(self):
+        engine = FakeEngine(self)
+        engine.ready()
+        running, _ = engine.task({"action": "compute", "seconds": 0.5})
+        time.sleep(0.2)  # it has started the first task
+        engine.task({"action": "echo"})
+        engine.send({"type": "shutdown"})
+        self.assertEqual(engine.until_done(running)[-1][1]["type"], "result")
+        self.assertEqual(engine.wait_exit(), 0)
+        self.assertEqual(engine.collect(0.2), [], "the task sent ahead was not started")
+
     def test_invalid_json_from_engine_exits_two(self):
         engine = FakeEngine(self)
         engine.ready()

@@ -168,7 +168,22 @@ impl JobRun {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Succeeded,
-    Failed { error: String, retryable: bool },
+    Failed {
+        error: String,
+        retryable: bool,
+    },
+    /// It stopped through no fault of its own (the worker instance running it, or holding it
+    /// queued, crashed or was replaced). Like an attempt found running after an engine restart,
+    /// it is re-queued at once without spending the retry budget. If it `ran`, it counts an
+    /// interruption (the stage fails past `MAX_INTERRUPTIONS`, which bounds a task that takes
+    /// its worker down every time); a task that never started cannot have caused it, so it
+    /// counts nothing. If the attempt was being stopped (cancel, job failed, policy, or a
+    /// timeout of one that ran), it ends as that stop says, as `Failed` would; a timeout of
+    /// one that never ran is no verdict on it, so it is re-queued.
+    Interrupted {
+        error: String,
+        ran: bool,
+    },
 }
 
 /// Where a stage stood when the engine last stopped, as recorded in the store.
@@ -760,7 +775,20 @@ impl State {
         self.inventory.release(&running.grant);
         self.capacity_returned = true;
 
+        let outcome = match (outcome, running.kill) {
+            (Outcome::Interrupted { error, ran }, None)
+            | (Outcome::Interrupted { error, ran: ran @ false }, Some(KillReason::Timeout)) => {
+                let ran_ms = now.saturating_sub(running.started_at);
+                self.interrupted(id, stage, attempt, error, ran, ran_ms, now, actions);
+                self.finish_if_done(id, actions);
+                return Ok(());
+            }
+            // Being stopped anyway: the stop decides how it ends.
+            (Outcome::Interrupted { error, .. }, Some(_)) => Outcome::Failed { error, retryable: true },
+            (outcome, _) => outcome,
+        };
         let (result, error, retryable) = match (outcome, running.kill) {
+            (Outcome::Interrupted { .. }, _) => unreachable!("mapped above"),
             (Outcome::Succeeded, _) => (AttemptResult::Succeeded, None, false),
             (Outcome::Failed { .. }, Some(KillReason::Timeout)) => {
                 let limit = spec.timeout_ms.unwrap_or(0);
@@ -823,6 +851,61 @@ impl State {
         self.carry_out(id, &t.changes[1..], t.ending, KillReason::JobFailed, now, actions);
         self.finish_if_done(id, actions);
         Ok(())
+    }
+
+    /// An attempt interrupted through no fault of its own (its lease is already released):
+    /// re-queued now without spending a retry, as restore does for an attempt found running,
+    /// with the same cap on the ones that `ran`. Past the cap the stage fails, and the job.
+    #[allow(clippy::too_many_arguments)]
+    fn interrupted(
+        &mut self,
+        id: JobId,
+        stage: StageIndex,
+        attempt: u32,
+        error: String,
+        ran: bool,
+        ran_ms: u64,
+        now: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let ending = self.jobs[&id].ending.is_some();
+        let run = &mut self.jobs.get_mut(&id).expect("checked").stages[stage];
+        if ran {
+            run.interruptions += 1;
+        }
+        let counters = StageCounters { failures: run.failures, interruptions: run.interruptions };
+        let next = if ending {
+            StageNext::Cancelled
+        } else if counters.interruptions > MAX_INTERRUPTIONS {
+            StageNext::Failed
+        } else {
+            StageNext::Retry { at: now }
+        };
+        let error = match next {
+            StageNext::Failed => format!("interrupted {} times; the last time: {error}", counters.interruptions),
+            _ => error,
+        };
+        actions.push(Action::AttemptEnded {
+            job: id,
+            stage,
+            attempt,
+            result: AttemptResult::Interrupted,
+            next,
+            error: Some(error.clone()),
+            retryable: true,
+            counters,
+            ran_ms,
+        });
+        match next {
+            StageNext::Failed => {
+                self.set_status(id, stage, StageStatus::Failed);
+                let name = self.jobs[&id].pipeline.stages[stage].name.clone();
+                let error = format!("stage `{name}` failed: {error}");
+                self.end_job(id, JobState::Failed, error, KillReason::JobFailed, actions);
+            }
+            StageNext::Cancelled => self.set_status(id, stage, StageStatus::Cancelled),
+            _ => self.set_status(id, stage, StageStatus::Queued { since: now }),
+        }
     }
 
     /// Marks the job as ending: cancels what has not started and stops what runs.
@@ -1288,6 +1371,149 @@ mod tests {
         let actions = pair
             .apply(Event::AttemptExited { job: JobId(1), stage: 0, attempt: 1, outcome: Outcome::Succeeded }, 1_002);
         assert_eq!(started(&actions), vec![2]);
+    }
+
+    fn interrupt(state: &mut State, id: u128, attempt: u32, now: u64) -> Vec<Action> {
+        let outcome = Outcome::Interrupted { error: "worker instance model#0 exited with status 3".into(), ran: true };
+        state.apply(Event::AttemptExited { job: JobId(id), stage: 0, attempt, outcome }, now).unwrap()
+    }
+
+    fn ended(actions: &[Action]) -> Vec<(AttemptResult, StageNext, Option<String>, StageCounters)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::AttemptEnded { result, next, error, counters, .. } => {
+                    Some((*result, *next, error.clone(), *counters))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_interruption_requeues_at_once_without_spending_the_retry_budget() {
+        // One attempt allowed (no retry): a failure would fail the job; an interruption must not.
+        let mut state = State::new(Capacity { cpu: 1, ..Default::default() }, SchedulerConfig::default());
+        let p = pipeline(cpu(1));
+        let submitted = Event::Submitted { job: JobId(1), seq: 1, priority: 0, pipeline: p.clone() };
+        assert_eq!(started(&state.apply(submitted, 0).unwrap()), vec![1]);
+        let actions = interrupt(&mut state, 1, 1, 10);
+        let ends = ended(&actions);
+        assert_eq!(ends.len(), 1);
+        let (result, next, error, counters) = &ends[0];
+        assert_eq!(*result, AttemptResult::Interrupted);
+        assert_eq!(*next, StageNext::Retry { at: 10 }, "re-queued now, no backoff");
+        assert!(error.as_deref().unwrap().contains("exited with status 3"), "the cause is kept: {error:?}");
+        assert_eq!(*counters, StageCounters { failures: 0, interruptions: 1 });
+        // The lease came back and the stage started again in the same step, as attempt 2.
+        assert!(actions.iter().any(|a| matches!(a, Action::Start { job: JobId(1), attempt: 2, .. })), "{actions:?}");
+        let run = &state.job(JobId(1)).unwrap().stages[0];
+        assert_eq!((run.attempts, run.failures, run.interruptions), (2, 0, 1));
+        // It then succeeds: the job succeeds.
+        let actions = state
+            .apply(Event::AttemptExited { job: JobId(1), stage: 0, attempt: 2, outcome: Outcome::Succeeded }, 20)
+            .unwrap();
+        assert!(actions.iter().any(|a| matches!(a, Action::JobFinished { state: JobState::Succeeded, .. })));
+        assert!(state.inventory().is_idle());
+    }
+
+    #[test]
+    fn interruptions_are_capped_like_restores() {
+        let mut state = State::new(Capacity { cpu: 1, ..Default::default() }, SchedulerConfig::default());
+        let p = pipeline(cpu(1));
+        state.apply(Event::Submitted { job: JobId(1), seq: 1, priority: 0, pipeline: p }, 0).unwrap();
+        for attempt in 1..=MAX_INTERRUPTIONS {
+            let actions = interrupt(&mut state, 1, attempt, attempt as u64);
+            assert_eq!(ended(&actions)[0].1, StageNext::Retry { at: attempt as u64 });
+        }
+        // One more than the cap: a poison task that crashes its worker every time fails.
+        let last = MAX_INTERRUPTIONS + 1;
+        let actions = interrupt(&mut state, 1, last, 100);
+        let (result, next, error, counters) = ended(&actions)[0].clone();
+        assert_eq!((result, next), (AttemptResult::Interrupted, StageNext::Failed));
+        assert_eq!(counters, StageCounters { failures: 0, interruptions: last });
+        let error = error.unwrap();
+        assert!(error.starts_with(&format!("interrupted {last} times")) && error.contains("status 3"), "{error}");
+        let finished = actions.iter().find_map(|a| match a {
+            Action::JobFinished { state, error, .. } => Some((*state, error.clone())),
+            _ => None,
+        });
+        let (job_state, job_error) = finished.expect("the job ends");
+        assert_eq!(job_state, JobState::Failed);
+        assert!(job_error.unwrap().contains(&format!("interrupted {last} times")));
+        assert!(state.inventory().is_idle());
+    }
+
+    #[test]
+    fn an_interrupted_task_that_never_started_counts_no_interruption() {
+        // A task sent ahead to a worker that crashed on another task: re-queued any number of
+        // times, it never reaches the cap (it cannot be what crashed the worker).
+        let mut state = State::new(Capacity { cpu: 1, ..Default::default() }, SchedulerConfig::default());
+        state.apply(Event::Submitted { job: JobId(1), seq: 1, priority: 0, pipeline: pipeline(cpu(1)) }, 0).unwrap();
+        for attempt in 1..=3 * MAX_INTERRUPTIONS {
+            let outcome = Outcome::Interrupted { error: "queued on a worker that crashed".into(), ran: false };
+            let event = Event::AttemptExited { job: JobId(1), stage: 0, attempt, outcome };
+            let (result, next, _, counters) = ended(&state.apply(event, attempt as u64).unwrap())[0].clone();
+            assert_eq!((result, next), (AttemptResult::Interrupted, StageNext::Retry { at: attempt as u64 }));
+            assert_eq!(counters, StageCounters { failures: 0, interruptions: 0 });
+        }
+        let run = &state.job(JobId(1)).unwrap().stages[0];
+        assert!(matches!(run.status, StageStatus::Running(_)), "started again: {run:?}");
+    }
+
+    #[test]
+    fn a_task_that_timed_out_before_it_started_is_requeued_not_failed() {
+        let mut state = State::new(Capacity { cpu: 1, ..Default::default() }, SchedulerConfig::default());
+        let stage = StageSpec {
+            name: "s".into(),
+            needs: cpu(1),
+            after: vec![],
+            timeout_ms: Some(100),
+            retry: RetryPolicy::no_retry(),
+        };
+        let p = Arc::new(Pipeline::new("p", vec![stage]).unwrap());
+        state.apply(Event::Submitted { job: JobId(1), seq: 1, priority: 0, pipeline: p }, 0).unwrap();
+        let actions = state.apply(Event::Tick, 100).unwrap();
+        assert!(actions.iter().any(|a| matches!(a, Action::Kill { reason: KillReason::Timeout, .. })));
+        let outcome = Outcome::Interrupted { error: "stopped while queued (not started)".into(), ran: false };
+        let event = Event::AttemptExited { job: JobId(1), stage: 0, attempt: 1, outcome };
+        let actions = state.apply(event, 101).unwrap();
+        let (result, next, _, counters) = ended(&actions)[0].clone();
+        assert_eq!((result, next), (AttemptResult::Interrupted, StageNext::Retry { at: 101 }));
+        assert_eq!(counters, StageCounters { failures: 0, interruptions: 0 });
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Start { attempt: 2, deadline: Some(201), .. })),
+            "{actions:?}"
+        );
+        // One that ran and timed out is timed out, whatever else stopped it.
+        state.apply(Event::Tick, 201).unwrap();
+        let outcome = Outcome::Interrupted { error: "its worker crashed".into(), ran: true };
+        let event = Event::AttemptExited { job: JobId(1), stage: 0, attempt: 2, outcome };
+        let (result, next, _, _) = ended(&state.apply(event, 202).unwrap())[0].clone();
+        assert_eq!((result, next), (AttemptResult::TimedOut, StageNext::Failed));
+    }
+
+    #[test]
+    fn an_interrupted_attempt_that_was_being_stopped_ends_as_the_stop_says() {
+        let mut state = State::new(Capacity { cpu: 2, ..Default::default() }, SchedulerConfig::default());
+        let p = pipeline(cpu(1));
+        for id in [1, 2] {
+            state
+                .apply(Event::Submitted { job: JobId(id), seq: id as u64, priority: 0, pipeline: p.clone() }, 0)
+                .unwrap();
+        }
+        // Job 1 is cancelled: its attempt is being stopped when its worker crashes.
+        let actions = state.apply(Event::CancelRequested { job: JobId(1) }, 1).unwrap();
+        assert!(actions.iter().any(|a| matches!(a, Action::Kill { reason: KillReason::Cancel, .. })));
+        let (result, next, _, counters) = ended(&interrupt(&mut state, 1, 1, 2))[0].clone();
+        assert_eq!((result, next), (AttemptResult::Cancelled, StageNext::Cancelled));
+        assert_eq!(counters.interruptions, 0, "not counted as an interruption");
+        // Job 2 is stopped by policy: it fails, not retried, whatever interrupted it.
+        let stop = Event::StopAttempt { job: JobId(2), stage: 0, attempt: 1, error: "gpu unused".into() };
+        state.apply(stop, 3).unwrap();
+        let (result, next, error, _) = ended(&interrupt(&mut state, 2, 1, 4))[0].clone();
+        assert_eq!((result, next, error.as_deref()), (AttemptResult::Failed, StageNext::Failed, Some("gpu unused")));
+        assert!(state.inventory().is_idle());
     }
 
     #[test]

@@ -124,7 +124,7 @@ fn op_strategy(pipelines: usize) -> impl Strategy<Value = Step> {
         6 => (0..pipelines, -1i32..=1).prop_map(|(pipeline, priority)| Op::Submit { pipeline, priority }),
         1 => (0..pipelines, -1i32..=1, prop::collection::vec((0u8..5, 0u32..=6), 4))
             .prop_map(|(pipeline, priority, stages)| Op::Restore { pipeline, priority, stages }),
-        8 => (any::<prop::sample::Index>(), 0u8..4).prop_map(|(lease, outcome)| Op::Exit { lease, outcome }),
+        8 => (any::<prop::sample::Index>(), 0u8..6).prop_map(|(lease, outcome)| Op::Exit { lease, outcome }),
         1 => any::<prop::sample::Index>().prop_map(|lease| Op::Stop { lease }),
         2 => any::<prop::sample::Index>().prop_map(|job| Op::Cancel { job }),
         4 => (1u64..2_000, any::<bool>()).prop_map(|(ms, tick)| Op::Advance { ms, tick }),
@@ -443,7 +443,9 @@ fn run_ops(
                 let outcome = match outcome {
                     0 | 1 => Outcome::Succeeded,
                     2 => Outcome::Failed { error: "exit status 1".into(), retryable: true },
-                    _ => Outcome::Failed { error: "bad input".into(), retryable: false },
+                    3 => Outcome::Failed { error: "bad input".into(), retryable: false },
+                    4 => Outcome::Interrupted { error: "its worker instance crashed".into(), ran: true },
+                    _ => Outcome::Interrupted { error: "queued on a worker that crashed".into(), ran: false },
                 };
                 h.step(Some(Event::AttemptExited { job, stage, attempt, outcome }), defer);
             }

@@ -284,8 +284,10 @@ pub struct InstanceView {
     pub state: String,
     pub pid: Option<u32>,
     pub devices: Vec<u32>,
-    /// The task it holds, as `JOB/STAGE/ATTEMPT`.
+    /// The task it runs, as `JOB/STAGE/ATTEMPT`.
     pub task: Option<String>,
+    /// Tasks sent ahead to it (the pool's `prefetch`), in the order it will run them.
+    pub queued: Vec<String>,
     /// Tasks finished by this incarnation.
     pub tasks_done: u32,
     pub restarts: u32,

@@ -465,6 +465,7 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
                     pid: i.pid,
                     devices: i.devices,
                     task: i.task,
+                    queued: i.queued,
                     tasks_done: i.tasks_done,
                     restarts: i.restarts,
                     consecutive_failures: i.consecutive_failures,

@@ -128,6 +128,7 @@ struct WorkerFile {
     startup_timeout: Option<Millis>,
     heartbeat_timeout: Option<Millis>,
     max_tasks_per_instance: Option<u32>,
+    prefetch: Option<u32>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     workdir: Option<PathBuf>,
@@ -348,7 +349,11 @@ pub fn pool_counter(pool: &str) -> String {
     format!("pool:{pool}")
 }
 
-/// A worker pool: long-lived instances that load a model once and take one task at a time.
+/// Most tasks an instance may hold queued behind the one it runs (`workers.NAME.prefetch`).
+pub const MAX_PREFETCH: u32 = 64;
+
+/// A worker pool: long-lived instances that load a model once and run one task at a time,
+/// with up to `prefetch` more sent ahead to instances that support it.
 #[derive(Clone, Debug)]
 pub struct WorkerDef {
     pub name: String,
@@ -360,9 +365,21 @@ pub struct WorkerDef {
     pub startup_timeout_ms: u64,
     pub heartbeat_timeout_ms: u64,
     pub max_tasks_per_instance: Option<u32>,
+    /// Tasks sent ahead to an instance while it runs one (only to workers that announce the
+    /// `prefetch` feature); 0 sends the next task only after the previous one's answer.
+    pub prefetch: u32,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
     pub gpu_check: GpuCheck,
+}
+
+impl WorkerDef {
+    /// Units of the pool's counter: every instance with its running task and its prefetch.
+    /// What may be granted at a time is lower while instances are not ready or do not
+    /// support prefetch (the runtime sets it).
+    pub fn units(&self) -> u64 {
+        self.slots.len() as u64 * (1 + self.prefetch as u64)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -691,7 +708,7 @@ impl Config {
                     "the `pool:` prefix is reserved for worker pools",
                 );
             }
-            capacity.counters.insert(pool_counter(name), w.slots.len() as u64);
+            capacity.counters.insert(pool_counter(name), w.units());
         }
         let standing = standing_inventory(&capacity, &workers);
 
@@ -915,6 +932,17 @@ fn compile_workers(
         if w.heartbeat_timeout == Some(Millis(0)) || w.startup_timeout == Some(Millis(0)) {
             errors.at(at, field("heartbeat_timeout"), "timeouts must be more than 0");
         }
+        let prefetch = w.prefetch.unwrap_or(1);
+        if prefetch > MAX_PREFETCH {
+            errors.at(
+                at,
+                field("prefetch"),
+                format!(
+                    "{prefetch} is more than the most an instance may hold queued ({MAX_PREFETCH}); \
+                     a few tasks ahead are enough to keep an instance busy between turns: use e.g. `prefetch: 2`"
+                ),
+            );
+        }
         out.insert(
             name.clone(),
             Arc::new(WorkerDef {
@@ -925,6 +953,7 @@ fn compile_workers(
                 startup_timeout_ms: w.startup_timeout.map(|m| m.0).unwrap_or(120_000),
                 heartbeat_timeout_ms: w.heartbeat_timeout.map(|m| m.0).unwrap_or(30_000),
                 max_tasks_per_instance: w.max_tasks_per_instance.filter(|n| *n > 0),
+                prefetch: prefetch.min(MAX_PREFETCH),
                 env: w.env.clone(),
                 workdir: w.workdir.clone(),
                 gpu_check: w.gpu_check,
@@ -1303,6 +1332,40 @@ fn resolve(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct NoGpus;
+    impl crate::gpu::GpuProbe for NoGpus {
+        fn discover(&self) -> Vec<crate::gpu::GpuInfo> {
+            Vec::new()
+        }
+    }
+
+    fn pool_file(prefetch: &str) -> String {
+        format!(
+            "resources: {{gpus: none, cpu: 1}}\nworkers:\n  m:\n    command: [python3, w.py]\n    instances: 2\n{prefetch}pipelines:\n  p: {{stages: [{{name: s, worker: m}}]}}\n"
+        )
+    }
+
+    #[test]
+    fn prefetch_defaults_to_one_and_sizes_the_pool_counter() {
+        let config = Config::parse(&pool_file(""), "t.yaml", &NoGpus).unwrap();
+        assert_eq!(config.workers["m"].prefetch, 1);
+        assert_eq!(config.capacity.counters[&pool_counter("m")], 4, "2 instances x (1 running + 1 ahead)");
+        let config = Config::parse(&pool_file("    prefetch: 0\n"), "t.yaml", &NoGpus).unwrap();
+        assert_eq!(config.capacity.counters[&pool_counter("m")], 2);
+        let config = Config::parse(&pool_file("    prefetch: 64\n"), "t.yaml", &NoGpus).unwrap();
+        assert_eq!(config.workers["m"].prefetch, 64);
+    }
+
+    #[test]
+    fn too_much_prefetch_is_refused_with_its_position_value_and_fix() {
+        let errors = Config::parse(&pool_file("    prefetch: 65\n"), "t.yaml", &NoGpus).unwrap_err();
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 1, "{text}");
+        assert_eq!(errors.0[0].field, "workers.m.prefetch");
+        assert!(errors.0[0].line > 0, "{text}");
+        assert!(text.contains("65") && text.contains("64") && text.contains("prefetch: 2"), "{text}");
+    }
 
     #[test]
     fn paths_must_resolve_inside_a_root() {

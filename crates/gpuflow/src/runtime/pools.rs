@@ -1,10 +1,18 @@
-//! Worker pools: long-lived instances that load a model once and take one task at a time.
+//! Worker pools: long-lived instances that load a model once and run one task at a time.
 //!
 //! The loop owns every instance's state. The scheduler sees a pool as the counter
-//! `pool:NAME`, whose available units are the instances that are ready (idle or busy), so a
-//! worker stage is granted only when an instance can take it. An instance's own resources
-//! (e.g. GPU memory) are standing leases taken once at start-up.
+//! `pool:NAME`, whose available units are the tasks its ready instances can hold: each one
+//! its running task plus, if it announced the `prefetch` feature, up to the pool's `prefetch`
+//! more sent ahead (they wait in its stdin pipe, so it does not idle while the engine runs the
+//! turn that follows a result). A worker stage is granted only when an instance can take it.
+//! An instance's own resources (e.g. GPU memory) are standing leases taken once at start-up.
+//!
+//! An instance holds its tasks in order; the head is the one it runs. Messages about a task
+//! must name the head; hang detection watches the head only, from when it became the head.
+//! A crash re-queues every task it held as interrupted (not their fault: no retry spent). A
+//! prefetched task that must stop is cancelled with a `cancel` message; the instance stays.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use gpuflow_core::{Event, Grant, Outcome};
@@ -17,6 +25,9 @@ use crate::supervisor::{InstanceEvent, InstanceSpec, InstanceStop};
 
 /// The protocol version this engine speaks (see docs/worker-protocol.md).
 pub const PROTOCOL_VERSION: u64 = 1;
+/// The feature a worker announces in `ready` when it may be sent tasks ahead and honours
+/// `cancel` for a task it has not started.
+pub const FEATURE_PREFETCH: &str = "prefetch";
 /// Consecutive failures after which a pool instance is reported as crash-looping.
 const CRASH_LOOP: u32 = 5;
 
@@ -65,6 +76,16 @@ enum StopReason {
     Retire,
 }
 
+/// A task sent to an instance.
+struct Held {
+    key: AttemptKey,
+    id: String,
+    /// Sent ahead, then cancelled with a `cancel` message: its attempt has ended. Kept in its
+    /// place until the worker's answers pass it, so a late answer (it had already started the
+    /// task when the `cancel` arrived) is dropped rather than taken for a protocol error.
+    cancelled: bool,
+}
+
 pub(super) struct Instance {
     index: usize,
     device: Option<u32>,
@@ -76,8 +97,10 @@ pub(super) struct Instance {
     stop: Option<mpsc::UnboundedSender<InstanceStop>>,
     since_ms: u64,
     last_beat_ms: u64,
-    task: Option<AttemptKey>,
-    task_id: Option<String>,
+    /// The tasks sent to it, in the order it runs them; the first live one is the head.
+    held: VecDeque<Held>,
+    /// It announced the `prefetch` feature in `ready`.
+    prefetch_ok: bool,
     tasks_done: u32,
     consecutive_failures: u32,
     restarts: u32,
@@ -105,8 +128,8 @@ impl Instance {
             stop: None,
             since_ms: now,
             last_beat_ms: now,
-            task: None,
-            task_id: None,
+            held: VecDeque::new(),
+            prefetch_ok: false,
             tasks_done: 0,
             consecutive_failures: 0,
             restarts: 0,
@@ -116,6 +139,45 @@ impl Instance {
             stop_reason: None,
             escalated: false,
             retiring: false,
+        }
+    }
+
+    /// Tasks it holds whose attempts are still running (cancelled ones excluded).
+    fn live(&self) -> impl Iterator<Item = &Held> {
+        self.held.iter().filter(|h| !h.cancelled)
+    }
+
+    fn live_count(&self) -> usize {
+        self.live().count()
+    }
+
+    /// The task it runs (or is about to).
+    fn head(&self) -> Option<&Held> {
+        self.live().next()
+    }
+
+    /// How many tasks it may hold now: 0 unless ready; its running task plus its prefetch
+    /// (0 for a worker that did not announce the feature); no new ones once it is retiring or
+    /// its last task before recycling has been sent.
+    fn depth(&self, def: &WorkerDef) -> u64 {
+        if !is_ready(self.state) {
+            return 0;
+        }
+        let live = self.live_count() as u64;
+        if self.retiring {
+            return live;
+        }
+        let mut depth = 1 + if self.prefetch_ok { def.prefetch as u64 } else { 0 };
+        if let Some(max) = def.max_tasks_per_instance {
+            depth = depth.min(max.saturating_sub(self.tasks_done) as u64);
+        }
+        depth.max(live)
+    }
+
+    /// Idle or busy from what it holds (for a ready instance).
+    fn settle(&mut self) {
+        if is_ready(self.state) {
+            self.state = if self.live_count() == 0 { InstanceState::Idle } else { InstanceState::Busy };
         }
     }
 }
@@ -135,6 +197,8 @@ pub struct InstanceView {
     pub pid: Option<u32>,
     pub devices: Vec<u32>,
     pub task: Option<String>,
+    /// Tasks sent ahead, in the order it will run them.
+    pub queued: Vec<String>,
     pub tasks_done: u32,
     pub restarts: u32,
     pub consecutive_failures: u32,
@@ -224,6 +288,8 @@ impl<S: Store> Runtime<S> {
         inst.stop_reason = None;
         inst.escalated = false;
         inst.tasks_done = 0;
+        inst.prefetch_ok = false;
+        inst.held.clear();
         inst.stdin = Some(stdin_tx);
         inst.stop = Some(stop_tx);
         tracing::info!(pool = %pool_name, index, generation, devices = %cuda.join(","), "starting worker instance");
@@ -234,7 +300,7 @@ impl<S: Store> Runtime<S> {
         tokio::spawn(supervisor::run_instance(registry, spec, report, stdin_rx, stop_rx));
     }
 
-    /// Sends a task to an idle instance of the stage's pool.
+    /// Sends a task to the instance of the stage's pool that holds the fewest (idle first).
     pub(super) fn dispatch_to_pool(&mut self, pool_name: &str, key: AttemptKey) -> Result<(), String> {
         let now = self.clock.now_ms();
         let (job, stage, attempt) = key;
@@ -259,37 +325,91 @@ impl<S: Store> Runtime<S> {
             "stages": stages,
         });
         let dir = active.dir.clone();
-        let pool = self.pools.get_mut(pool_name).ok_or_else(|| format!("unknown pool `{pool_name}`"))?;
-        let inst = pool
-            .instances
-            .iter_mut()
-            .find(|i| i.state == InstanceState::Idle)
-            .ok_or_else(|| format!("no idle instance in pool `{pool_name}`"))?;
         // The job directory is the task's to write into, as for command stages.
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let sent = inst.stdin.as_ref().map(|tx| tx.send(message.to_string()).is_ok()).unwrap_or(false);
-        if !sent {
-            return Err(format!("pool `{pool_name}` instance {} is not accepting tasks", inst.index));
+        let line = message.to_string();
+        let pool = self.pools.get_mut(pool_name).ok_or_else(|| format!("unknown pool `{pool_name}`"))?;
+        let def = pool.def.clone();
+        loop {
+            let Some(inst) = pool
+                .instances
+                .iter_mut()
+                .filter(|i| (i.live_count() as u64) < i.depth(&def))
+                .min_by_key(|i| i.live_count())
+            else {
+                // Every instance that could take it went away since the turn granted it (their
+                // exits are not read yet): not the task's fault, so it is re-queued.
+                tracing::warn!(pool = %pool_name, task = %task_id, "no instance can take the task now; re-queueing it");
+                self.sync_availability(pool_name);
+                let (job, stage, attempt) = key;
+                let error = format!("no instance of pool `{pool_name}` could take it (not started)");
+                self.step(Event::AttemptExited {
+                    job,
+                    stage,
+                    attempt,
+                    outcome: Outcome::Interrupted { error, ran: false },
+                });
+                return Ok(());
+            };
+            if inst.stdin.as_ref().is_none_or(|tx| tx.send(line.clone()).is_err()) {
+                // Its input is closed: the process is gone or going; its exit says why.
+                tracing::warn!(pool = %pool_name, index = inst.index, "worker instance no longer reads its input; stopping it");
+                inst.state = InstanceState::Stopping;
+                if let Some(stop) = &inst.stop {
+                    let _ = stop.send(InstanceStop::Now);
+                }
+                continue;
+            }
+            let ahead = inst.live_count();
+            tracing::info!(pool = %pool_name, index = inst.index, task = %task_id, ahead, "dispatched task to worker");
+            if ahead == 0 {
+                // It becomes the head now: hang detection counts from here.
+                inst.last_beat_ms = now;
+                inst.progress = None;
+            }
+            inst.held.push_back(Held { key, id: task_id, cancelled: false });
+            inst.settle();
+            let index = inst.index;
+            self.worker_tasks.insert(key, (pool_name.to_string(), index));
+            self.sync_availability(pool_name);
+            return Ok(());
         }
-        tracing::info!(pool = %pool_name, index = inst.index, task = %task_id, "dispatched task to worker");
-        inst.state = InstanceState::Busy;
-        inst.task = Some(key);
-        inst.task_id = Some(task_id);
-        inst.last_beat_ms = now;
-        inst.progress = None;
-        self.worker_tasks.insert(key, (pool_name.to_string(), inst.index));
-        Ok(())
     }
 
-    /// The stage's attempt must stop (timeout, cancel, job failed): its instance is stopped,
-    /// since a handler cannot be interrupted any other way. It is restarted at once.
+    /// The stage's attempt must stop (timeout, cancel, job failed). The task the instance
+    /// runs cannot be interrupted any other way than by stopping the instance (it is restarted
+    /// at once; the tasks sent ahead to it are re-queued as interrupted). A task sent ahead
+    /// that has not started is cancelled with a `cancel` message and its attempt ends now.
     pub(super) fn stop_worker_task(&mut self, key: AttemptKey) {
         let Some((pool, index)) = self.worker_tasks.get(&key).cloned() else { return };
         let inst = &mut self.pools.get_mut(&pool).expect("known pool").instances[index];
-        inst.stop_reason = Some(StopReason::TaskStopped);
-        if let Some(stop) = &inst.stop {
-            let _ = stop.send(InstanceStop::Graceful);
-        }
+        let is_head = inst.head().is_none_or(|h| h.key == key);
+        let sent = match inst.held.iter_mut().find(|h| h.key == key && !h.cancelled) {
+            Some(held) if !is_head && inst.prefetch_ok => inst
+                .stdin
+                .as_ref()
+                .is_some_and(|tx| tx.send(json!({"type": "cancel", "task": held.id}).to_string()).is_ok())
+                .then(|| {
+                    held.cancelled = true;
+                    held.id.clone()
+                }),
+            _ => None,
+        };
+        inst.settle();
+        let Some(task_id) = sent else {
+            inst.stop_reason = Some(StopReason::TaskStopped);
+            if let Some(stop) = &inst.stop {
+                let _ = stop.send(InstanceStop::Graceful);
+            }
+            return;
+        };
+        tracing::info!(pool = %pool, index, task = %task_id, "cancelled a task sent ahead before it started");
+        self.worker_tasks.remove(&key);
+        self.sync_availability(&pool);
+        // It never ran: a cancel or a failed job ends it as such; a timeout re-queues it.
+        let (job, stage, attempt) = key;
+        let error = format!("stopped while queued on worker instance {pool}#{index} (not started)");
+        self.step(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Interrupted { error, ran: false } });
     }
 
     pub(super) async fn on_worker_event(
@@ -321,8 +441,6 @@ impl<S: Store> Runtime<S> {
         let now = self.clock.now_ms();
         let inst = &mut self.pools.get_mut(pool).expect("known pool").instances[index];
         let kind = message["type"].as_str().unwrap_or("").to_string();
-        let names_task =
-            |inst: &Instance| inst.task_id.is_some() && message["task"].as_str() == inst.task_id.as_deref();
         match kind.as_str() {
             "ready" if inst.state == InstanceState::Starting => {
                 let version = message["protocol"].as_u64();
@@ -332,40 +450,70 @@ impl<S: Store> Runtime<S> {
                 }
                 inst.state = InstanceState::Idle;
                 inst.info = Some(message["info"].clone());
-                tracing::info!(pool, index, info = %message["info"], "worker instance ready");
-                self.sync_availability(pool).await
-            }
-            "heartbeat" | "progress" if names_task(inst) => {
-                inst.last_beat_ms = now;
-                if kind == "progress" {
-                    inst.progress = Some(json!({"fraction": message["fraction"], "message": message["message"]}));
-                }
+                inst.prefetch_ok = message["features"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|v| v.as_str() == Some(FEATURE_PREFETCH)));
+                tracing::info!(pool, index, info = %message["info"], prefetch = inst.prefetch_ok, "worker instance ready");
+                self.sync_availability(pool);
                 Ok(())
-            }
-            "result" if names_task(inst) => {
-                let output = message.get("output").cloned().filter(|v| !v.is_null());
-                self.finish_task(pool, index, Outcome::Succeeded, output).await
-            }
-            "error" if names_task(inst) => {
-                let error =
-                    message["message"].as_str().unwrap_or("the worker reported an error without a message").to_string();
-                let retryable = message["retryable"].as_bool().unwrap_or(true);
-                self.finish_task(pool, index, Outcome::Failed { error, retryable }, None).await
             }
             "ready" => self.protocol_error(pool, index, "sent `ready` twice".into()).await,
             "heartbeat" | "progress" | "result" | "error" => {
-                let e = format!(
-                    "sent `{kind}` for task {}, but it holds {}",
-                    message["task"],
-                    inst.task_id.as_deref().unwrap_or("no task")
-                );
-                self.protocol_error(pool, index, e).await
+                let named = message["task"].as_str();
+                let Some(at) = named.and_then(|t| inst.held.iter().position(|h| h.id == t)) else {
+                    let e = format!(
+                        "sent `{kind}` for task {}, but it holds {}",
+                        message["task"],
+                        inst.head().map(|h| h.id.as_str()).unwrap_or("no task")
+                    );
+                    return self.protocol_error(pool, index, e).await;
+                };
+                if let Some(head) = inst.held.iter().take(at).find(|h| !h.cancelled) {
+                    let e = format!(
+                        "sent `{kind}` for task {}, which it was sent ahead and has not started: it runs {} first",
+                        message["task"], head.id
+                    );
+                    return self.protocol_error(pool, index, e).await;
+                }
+                // Cancelled tasks ahead of it were skipped by the worker, as `cancel` asked.
+                inst.held.drain(..at);
+                let cancelled = inst.held[0].cancelled;
+                match kind.as_str() {
+                    "heartbeat" | "progress" => {
+                        inst.last_beat_ms = now;
+                        if kind == "progress" && !cancelled {
+                            inst.progress =
+                                Some(json!({"fraction": message["fraction"], "message": message["message"]}));
+                        }
+                        Ok(())
+                    }
+                    _ if cancelled => {
+                        // It had started before the `cancel` arrived; its attempt already ended.
+                        tracing::info!(pool, index, task = %inst.held[0].id, "dropping the answer to a cancelled task");
+                        inst.held.pop_front();
+                        inst.last_beat_ms = now;
+                        Ok(())
+                    }
+                    "result" => {
+                        let output = message.get("output").cloned().filter(|v| !v.is_null());
+                        self.finish_task(pool, index, Outcome::Succeeded, output).await
+                    }
+                    _ => {
+                        let error = message["message"]
+                            .as_str()
+                            .unwrap_or("the worker reported an error without a message")
+                            .to_string();
+                        let retryable = message["retryable"].as_bool().unwrap_or(true);
+                        self.finish_task(pool, index, Outcome::Failed { error, retryable }, None).await
+                    }
+                }
             }
             _ => self.protocol_error(pool, index, format!("unknown message type {}", message["type"])).await,
         }
     }
 
-    /// The held task ended by a `result` or `error` message: the instance is healthy.
+    /// The head task ended by a `result` or `error` message: the instance is healthy. The
+    /// next task it holds becomes the head, and its hang clock starts now.
     async fn finish_task(
         &mut self,
         pool: &str,
@@ -373,28 +521,30 @@ impl<S: Store> Runtime<S> {
         outcome: Outcome,
         output: Option<Value>,
     ) -> Result<(), RuntimeError> {
+        let now = self.clock.now_ms();
         let p = self.pools.get_mut(pool).expect("known pool");
         let max_tasks = p.def.max_tasks_per_instance;
         let inst = &mut p.instances[index];
-        let Some(key) = inst.task.take() else { return Ok(()) };
-        inst.task_id = None;
+        let Some(Held { key, .. }) = inst.held.pop_front() else { return Ok(()) };
         inst.progress = None;
+        inst.last_beat_ms = now;
         inst.tasks_done += 1;
         inst.consecutive_failures = 0;
-        inst.state = InstanceState::Idle;
-        if inst.retiring {
+        inst.settle();
+        let drained = inst.live_count() == 0;
+        if drained && inst.retiring {
             tracing::info!(pool, index, "retiring worker instance (the pool shrank)");
             inst.state = InstanceState::Stopping;
-            inst.since_ms = self.clock.now_ms();
+            inst.since_ms = now;
             inst.stop_reason = Some(StopReason::Retire);
             if let Some(tx) = &inst.stdin {
                 let _ = tx.send(json!({"type": "shutdown"}).to_string());
             }
-        } else if max_tasks.is_some_and(|max| inst.tasks_done >= max) {
+        } else if drained && max_tasks.is_some_and(|max| inst.tasks_done >= max) {
             // Recycle to bound leaks: ask it to exit; it is replaced at once.
             tracing::info!(pool, index, tasks = inst.tasks_done, "recycling worker instance (max_tasks_per_instance)");
             inst.state = InstanceState::Stopping;
-            inst.since_ms = self.clock.now_ms();
+            inst.since_ms = now;
             inst.stop_reason = Some(StopReason::Recycle);
             if let Some(tx) = &inst.stdin {
                 let _ = tx.send(json!({"type": "shutdown"}).to_string());
@@ -402,7 +552,7 @@ impl<S: Store> Runtime<S> {
         }
         self.worker_tasks.remove(&key);
         self.exits.insert(key, ExitDetails { output, ..Default::default() });
-        self.sync_availability(pool).await?;
+        self.sync_availability(pool);
         let (job, stage, attempt) = key;
         self.step(Event::AttemptExited { job, stage, attempt, outcome });
         Ok(())
@@ -421,7 +571,8 @@ impl<S: Store> Runtime<S> {
         if let Some(stop) = &inst.stop {
             let _ = stop.send(InstanceStop::Now);
         }
-        self.sync_availability(pool).await
+        self.sync_availability(pool);
+        Ok(())
     }
 
     async fn instance_exited(
@@ -455,8 +606,9 @@ impl<S: Store> Runtime<S> {
             _ => format!("worker instance {pool}#{index} {how}{stderr}"),
         };
         let planned = matches!(reason, Some(StopReason::Recycle | StopReason::TaskStopped));
-        let held = inst.task.take();
-        inst.task_id = None;
+        // Cancelled tasks' attempts have ended already.
+        let held: Vec<Held> = inst.held.drain(..).filter(|h| !h.cancelled).collect();
+        inst.prefetch_ok = false;
         inst.pid = None;
         inst.stdin = None;
         inst.stop = None;
@@ -490,27 +642,36 @@ impl<S: Store> Runtime<S> {
         if let Some(grant) = released {
             self.state.release_standing(&grant);
         }
-        self.sync_availability(pool).await?;
-        if let Some(key) = held {
+        self.sync_availability(pool);
+        // Every task it held goes back to the queue without spending a retry: the one it ran
+        // counts an interruption (a poison task that kills its worker every time is bounded by
+        // the interruption cap); those sent ahead never started (every line the worker wrote
+        // was read before its exit), so they count nothing. One whose stop caused this
+        // (timeout, cancel) ends as its stop says.
+        for (i, Held { key, .. }) in held.into_iter().enumerate() {
             self.worker_tasks.remove(&key);
             let (job, stage, attempt) = key;
-            let outcome = Outcome::Failed { error: cause, retryable: true };
-            self.step(Event::AttemptExited { job, stage, attempt, outcome });
+            let ran = i == 0;
+            let error = if ran {
+                cause.clone()
+            } else {
+                format!("queued on worker instance {pool}#{index} (not started) when it stopped: {cause}")
+            };
+            self.step(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Interrupted { error, ran } });
         }
         self.check_pools_now();
         Ok(())
     }
 
-    /// Tells the scheduler how many instances of the pool can take a task.
-    async fn sync_availability(&mut self, pool: &str) -> Result<(), RuntimeError> {
+    /// Tells the scheduler how many tasks the pool's instances can hold now.
+    fn sync_availability(&mut self, pool: &str) {
         let p = self.pools.get_mut(pool).expect("known pool");
-        let ready = p.instances.iter().filter(|i| is_ready(i.state)).count() as u64;
-        if ready == p.available {
-            return Ok(());
+        let units: u64 = p.instances.iter().map(|i| i.depth(&p.def)).sum();
+        if units == p.available {
+            return;
         }
-        p.available = ready;
-        self.step(Event::CounterAvailable { name: pool_counter(pool), available: ready });
-        Ok(())
+        p.available = units;
+        self.step(Event::CounterAvailable { name: pool_counter(pool), available: units });
     }
 
     /// The pools' watchdog: startup timeouts, hangs (no heartbeat), and due restarts.
@@ -530,7 +691,8 @@ impl<S: Store> Runtime<S> {
                         }
                     }
                     InstanceState::Busy if now.saturating_sub(inst.last_beat_ms) > def.heartbeat_timeout_ms => {
-                        tracing::error!(pool = %name, index = inst.index, pid = inst.pid, task = ?inst.task_id, "no heartbeat or progress for {} ms: killing the instance's process group", def.heartbeat_timeout_ms);
+                        let task = inst.head().map(|h| h.id.clone());
+                        tracing::error!(pool = %name, index = inst.index, pid = inst.pid, task = ?task, "no heartbeat or progress for {} ms: killing the instance's process group", def.heartbeat_timeout_ms);
                         inst.stop_reason = Some(StopReason::Hung);
                         inst.state = InstanceState::Stopping;
                         if let Some(stop) = &inst.stop {
@@ -565,7 +727,7 @@ impl<S: Store> Runtime<S> {
         self.check_pools_now();
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
-            self.sync_availability(&name).await?;
+            self.sync_availability(&name);
         }
         Ok(())
     }
@@ -609,7 +771,7 @@ impl<S: Store> Runtime<S> {
                 }
             }
         }
-        self.state.set_counter_capacity(&pool_counter(name), new_n as u64);
+        self.state.set_counter_capacity(&pool_counter(name), def.units());
         let pool = self.pools.get_mut(name).expect("checked");
         pool.def = def.clone();
         for (i, grant) in taken {
@@ -650,8 +812,9 @@ impl<S: Store> Runtime<S> {
                 _ => {} // busy or stopping: leaves when its process ends
             }
         }
-        // Other settings (timeouts, max tasks) apply from now on through `pool.def`.
+        // Other settings (timeouts, max tasks, prefetch) apply from now on through `pool.def`.
         self.check_pools_now();
+        self.sync_availability(name);
         Ok((old_n != new_n).then(|| format!("workers.{name}.instances: {old_n} -> {new_n}")))
     }
 }
@@ -752,7 +915,8 @@ impl<S: Store> Runtime<S> {
                             .as_ref()
                             .map(|g| g.devices())
                             .unwrap_or_else(|| i.device.into_iter().collect()),
-                        task: i.task_id.clone(),
+                        task: i.head().map(|h| h.id.clone()),
+                        queued: i.live().skip(1).map(|h| h.id.clone()).collect(),
                         tasks_done: i.tasks_done,
                         restarts: i.restarts,
                         consecutive_failures: i.consecutive_failures,

@@ -88,8 +88,9 @@ impl<S: Store> Runtime<S> {
             if a.startup_timeout_ms != def.startup_timeout_ms
                 || a.heartbeat_timeout_ms != def.heartbeat_timeout_ms
                 || a.max_tasks_per_instance != def.max_tasks_per_instance
+                || a.prefetch != def.prefetch
             {
-                applied.push(format!("workers.{name}: timeouts and max_tasks_per_instance"));
+                applied.push(format!("workers.{name}: timeouts, max_tasks_per_instance and prefetch"));
             }
         }
         for (name, def) in &new.pipelines {

@@ -1,5 +1,7 @@
 //! Worker pools with real Python workers (the SDK in `python/`): exceptions, crashes,
-//! deadlocks, children that outlive their worker, SIGTERM ignored, protocol garbage.
+//! deadlocks, children that outlive their worker, SIGTERM ignored, protocol garbage, and
+//! tasks sent ahead (`prefetch`): re-queued on a crash, cancelled in place, never sent to a
+//! worker that did not announce the feature.
 
 use std::time::Duration;
 
@@ -34,6 +36,15 @@ class Test(gpuflow.Worker):
             with open(task.input["pidfile"], "w") as f:
                 f.write(str(child.pid))
             os._exit(1)
+        if mode == "crash-when-told" and first:
+            while not os.path.exists(task.input["go"]):
+                time.sleep(0.02)
+                task.heartbeat()
+            os._exit(3)
+        if mode == "wait-file":
+            while not os.path.exists(task.input["go"]):
+                time.sleep(0.02)
+                task.heartbeat()
         if mode == "slow":
             for i in range(600):
                 time.sleep(0.05)
@@ -152,7 +163,7 @@ async fn a_crash_retries_the_task_on_a_restarted_instance() {
         engine.wait_final(&engine.submit("infer", json!({"mode": "crash-once"})).await, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let first = &job["stages"][0]["attempt_history"][0];
-    assert_eq!(first["state"], "failed");
+    assert_eq!(first["state"], "interrupted", "a worker crash spends no retry: {first:#}");
     assert!(first["error"].as_str().unwrap().contains("exited with status 3"), "{first:#}");
     assert_eq!(job["output"]["attempt"], 2);
     assert_pool_whole(&engine).await;
@@ -314,4 +325,190 @@ pipelines:
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = engine.resources().await;
     assert_eq!(r["waiting"][0]["job"], id.as_str(), "{r:#}");
+}
+
+/// One instance (so a second task can only be sent ahead to it), prefetch 1 unless given.
+fn one_instance(pool_extra: &str) -> String {
+    format!(
+        r#"
+resources: {{gpus: none, cpu: 2}}
+limits: {{kill_grace: 500ms}}
+workers:
+  model:
+    command: [python3, "{{DIR}}/worker.py"]
+    instances: 1
+    startup_timeout: 20s
+    heartbeat_timeout: 5s
+    {pool_extra}
+pipelines:
+  once:
+    stages:
+      - {{name: infer, worker: model, retry: {{max_attempts: 1}}}}
+"#
+    )
+}
+
+/// Waits until the one instance runs `running` with `queued` sent ahead to it.
+async fn wait_held(engine: &Engine, running: &str, queued: &str) -> Value {
+    let mut seen = Value::Null;
+    engine
+        .wait_until("a task running and one sent ahead", Duration::from_secs(20), async |e| {
+            seen = instances(&e.resources().await)[0].clone();
+            seen["task"].as_str().is_some_and(|t| t.starts_with(running))
+                && seen["queued"].as_array().is_some_and(|q| q.len() == 1 && q[0].as_str().unwrap().starts_with(queued))
+        })
+        .await;
+    seen
+}
+
+#[tokio::test]
+async fn a_crash_with_a_prefetched_task_requeues_both_without_spending_retries() {
+    let engine = Engine::start_with_files(&one_instance("prefetch: 1"), &[("worker.py", WORKER)]).await;
+    wait_ready(&engine, 1).await;
+    let go = engine.path("go").display().to_string();
+    // `once` allows one attempt: a spent retry would fail the job.
+    let crashing = engine.submit("once", json!({"mode": "crash-when-told", "go": go, "n": 1})).await;
+    let waiting = engine.submit("once", json!({"n": 2})).await;
+    let before = wait_held(&engine, &crashing, &waiting).await;
+    std::fs::write(&go, "").unwrap();
+
+    for (id, n) in [(&crashing, 1), (&waiting, 2)] {
+        let job = engine.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["output"]["n"], n, "{job:#}");
+        assert_ne!(job["output"]["pid"], before["pid"], "it ran on the restarted instance: {job:#}");
+        let stage = &job["stages"][0];
+        assert_eq!(stage["attempts"], 2, "{job:#}");
+        let first = &stage["attempt_history"][0];
+        assert_eq!(first["state"], "interrupted", "{job:#}");
+        assert!(first["error"].as_str().unwrap().contains("exited with status 3"), "{first:#}");
+        assert_eq!(stage["attempt_history"][1]["state"], "succeeded", "{job:#}");
+    }
+    let waiting_error = engine.job(&waiting).await["stages"][0]["attempt_history"][0]["error"].clone();
+    assert!(waiting_error.as_str().unwrap().contains("not started"), "{waiting_error}");
+    let inst = &instances(&engine.resources().await)[0];
+    assert_eq!(inst["restarts"], 1, "{inst:#}");
+    wait_ready(&engine, 1).await;
+    engine.assert_all_capacity_free().await;
+}
+
+#[tokio::test]
+async fn a_prefetched_task_is_cancelled_without_restarting_the_instance() {
+    let engine = Engine::start_with_files(&one_instance("prefetch: 1"), &[("worker.py", WORKER)]).await;
+    wait_ready(&engine, 1).await;
+    let go = engine.path("go").display().to_string();
+    let running = engine.submit("once", json!({"mode": "wait-file", "go": go, "n": 1})).await;
+    let ahead = engine.submit("once", json!({"n": 2})).await;
+    let before = wait_held(&engine, &running, &ahead).await;
+
+    let (status, body) = engine.post(&format!("/v1/jobs/{ahead}/cancel"), json!({})).await;
+    assert!(status < 300, "{status} {body}");
+    let cancelled = engine.wait_final(&ahead, Duration::from_secs(10)).await;
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
+    assert_eq!(cancelled["stages"][0]["attempt_history"][0]["state"], "cancelled", "{cancelled:#}");
+    // Its lease returned at once, while the running task still runs on the same process.
+    let inst = instances(&engine.resources().await)[0].clone();
+    assert_eq!(inst["pid"], before["pid"], "the instance was not restarted: {inst:#}");
+    assert_eq!(inst["restarts"], 0, "{inst:#}");
+    assert!(inst["task"].as_str().unwrap().starts_with(&running), "{inst:#}");
+    assert_eq!(inst["queued"], json!([]), "{inst:#}");
+
+    std::fs::write(&go, "").unwrap();
+    let job = engine.wait_final(&running, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["output"]["pid"], before["pid"], "{job:#}");
+    assert_eq!(job["stages"][0]["attempts"], 1, "{job:#}");
+    wait_ready(&engine, 1).await;
+    let inst = instances(&engine.resources().await)[0].clone();
+    assert_eq!((inst["pid"].clone(), inst["restarts"].clone()), (before["pid"].clone(), json!(0)), "{inst:#}");
+    assert_eq!(inst["tasks_done"], 1, "the cancelled task never ran: {inst:#}");
+    let log = std::fs::read_to_string(engine.path("data/workers/model.0.stderr.log")).unwrap_or_default();
+    assert!(log.contains("was cancelled before it started"), "the worker skipped it: {log}");
+    engine.assert_all_capacity_free().await;
+    // The instance still serves.
+    let job = engine.wait_final(&engine.submit("once", json!({"n": 3})).await, Duration::from_secs(20)).await;
+    assert_eq!((job["state"].clone(), job["output"]["pid"].clone()), (json!("succeeded"), before["pid"].clone()));
+}
+
+#[tokio::test]
+async fn a_worker_that_does_not_announce_prefetch_gets_one_task_at_a_time() {
+    // A worker without the SDK, as docs/worker-protocol.md shows: no `features` in `ready`.
+    // It reads stdin itself (no read-ahead), so it can tell whether another line arrived
+    // while it held a task.
+    let raw = r#"
+import json, os, select, sys, time
+proto = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(2, 1)
+buf = b""
+def readline():
+    global buf
+    while b"\n" not in buf:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            return None
+        buf += chunk
+    line, buf = buf.split(b"\n", 1)
+    return line
+proto.write(json.dumps({"type": "ready", "protocol": 1, "info": {"pid": os.getpid()}}) + "\n")
+while True:
+    line = readline()
+    if line is None:
+        break
+    msg = json.loads(line)
+    if msg["type"] == "shutdown":
+        break
+    if msg["type"] != "task":
+        continue
+    time.sleep(0.1)
+    overlap = bool(buf.strip()) or bool(select.select([0], [], [], 0)[0])
+    proto.write(json.dumps({"type": "result", "task": msg["task"], "output": {"n": msg["input"]["n"], "overlap": overlap}}) + "\n")
+"#;
+    let engine = Engine::start_with_files(
+        r#"
+resources: {gpus: none, cpu: 2}
+workers:
+  raw: {command: [python3, "{DIR}/raw.py"], instances: 1, prefetch: 4}
+pipelines:
+  p: {stages: [{name: s, worker: raw, retry: {max_attempts: 1}}]}
+"#,
+        &[("raw.py", raw)],
+    )
+    .await;
+    wait_ready(&engine, 1).await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(engine.submit("p", json!({"n": n})).await);
+    }
+    let r = engine.resources().await;
+    assert!(r["leases"].as_array().unwrap().len() <= 1, "one task at a time holds the pool: {r:#}");
+    assert_eq!(instances(&r)[0]["queued"], json!([]), "{r:#}");
+    for (n, id) in ids.iter().enumerate() {
+        let job = engine.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["output"], json!({"n": n, "overlap": false}), "no task was sent while one ran: {job:#}");
+    }
+    engine.assert_all_capacity_free().await;
+}
+
+#[tokio::test]
+async fn with_prefetch_every_job_gets_its_own_result() {
+    let engine = start_with(&config_with("", "5s", "prefetch: 3")).await;
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        ids.push(engine.submit("once", json!({"n": n})).await);
+    }
+    let mut pids = std::collections::BTreeSet::new();
+    for (n, id) in ids.iter().enumerate() {
+        let job = engine.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["output"]["n"], n, "job {n} got another job's result: {job:#}");
+        assert_eq!(job["stages"][0]["attempts"], 1, "{job:#}");
+        pids.insert(job["output"]["pid"].as_i64().unwrap());
+    }
+    assert_eq!(pids.len(), 2, "both instances served, neither restarted");
+    let r = engine.resources().await;
+    let done: u64 = instances(&r).iter().map(|i| i["tasks_done"].as_u64().unwrap()).sum();
+    assert_eq!(done, 60);
+    assert_eq!(r["counters"]["pool:model"]["capacity"], 8, "2 instances x (1 + prefetch 3): {r:#}");
+    assert_pool_whole(&engine).await;
 }
