@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 
@@ -22,8 +23,9 @@ def write_config(directory, body):
     return path
 
 
-def start(binary, config, directory):
-    """Starts the engine and waits until it answers; returns (process, base URL)."""
+def start(binary, config, directory, ready=True):
+    """Starts the engine and waits until it answers (with `ready`, until start-up, recovery
+    included, is done); returns (process, base URL)."""
     addr = os.path.join(directory, "data", "listen.addr")
     if os.path.exists(addr):
         os.remove(addr)
@@ -36,6 +38,9 @@ def start(binary, config, directory):
             try:
                 call(base, "GET", "/healthz", timeout=1)
                 return engine, base
+            except urllib.error.HTTPError:
+                if not ready:
+                    return engine, base  # it answers: 503 while it is still starting
             except OSError:
                 pass
         time.sleep(0.005)
@@ -44,6 +49,16 @@ def start(binary, config, directory):
 def stop(engine):
     engine.terminate()
     engine.wait()
+
+
+def wait_ready(base):
+    """Waits until `/healthz` answers 200 (start-up and recovery done)."""
+    while True:
+        try:
+            call(base, "GET", "/healthz", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.01)
 
 
 def wait_drained(base, interval=0.01):

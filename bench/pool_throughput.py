@@ -3,7 +3,9 @@
 the protocol's own bound measured in the same run: the same worker processes driven directly
 over their pipes by a tiny Python driver speaking the NDJSON protocol (no engine, no store).
 
-One-stage jobs `{worker: noop}`; every transition durable (SQLite WAL, synchronous=FULL).
+One-stage jobs `{worker: noop}` submitted through the batch endpoint; every transition durable
+(SQLite WAL, synchronous=FULL); the pool's default `prefetch: 1` (each instance holds its next
+task while it runs the current one). The direct driver feeds one task at a time.
 Usage: python3 bench/pool_throughput.py [--jobs 2000] [--instances 2] [--bin target/release/gpuflow]
 Prints a table and writes bench/pool_throughput.json. Standard library only."""
 import argparse
@@ -15,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from engine import call, start, stop, submit_many, wait_drained, with_sdk_on_path, write_config, write_result
+from engine import call, start, stop, submit_batches, wait_drained, with_sdk_on_path, write_config, write_result
 
 GOAL = 5000.0
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_worker.py")
@@ -66,7 +68,7 @@ pipelines:
             while sum(i["state"] == "idle" for i in call(base, "GET", "/v1/resources")["pools"][0]["instances"]) < instances:
                 time.sleep(0.05)
             t = time.perf_counter()
-            ids = submit_many(base, "p", n, threads)
+            ids = submit_batches(base, "p", n, threads=threads)
             submitted = time.perf_counter()
             wait_drained(base)
             done = time.perf_counter()
@@ -80,9 +82,9 @@ pipelines:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--jobs", type=int, default=10000)
     ap.add_argument("--instances", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=8, help="client threads submitting")
+    ap.add_argument("--threads", type=int, default=2, help="client threads submitting batches of 1,000")
     ap.add_argument("--bin", default="target/release/gpuflow")
     args = ap.parse_args(argv)
     with_sdk_on_path()

@@ -57,7 +57,7 @@ def rows_pool(r):
     return [
         ("worker pool (no-op SDK workers): completed jobs/s", r["completed_per_s"], ge(5000.0)),
         ("same workers driven directly over their pipes: tasks/s", r["direct_protocol_per_s"], {}),
-        ("worker pool / direct protocol", r["ratio_to_direct_protocol"], {}),
+        ("worker pool / direct protocol", r["ratio_to_direct_protocol"], ge(0.3)),
     ]
 
 
@@ -108,6 +108,7 @@ def rows_scale(r):
     return [
         (f"RSS with {n} queued jobs, MiB", r["rss_with_queue_mib"], le(100.0) if full else {}),
         (f"kill -9 -> first dispatch with {n} queued, s", r["kill9_to_first_dispatch_s"], le(1.0) if full else {}),
+        (f"kill -9 -> recovery done (healthz 200) with {n} queued, s", r["kill9_to_recovered_s"], {}),
         (f"RSS after recovery with {n} queued, MiB", r["rss_after_recovery_mib"], {}),
     ]
 
@@ -127,7 +128,7 @@ BENCHES = {
     "throughput": ("quick_throughput.py", ["--jobs", "2000"], ["--jobs", "300"], rows_throughput),
     "submit": ("submit_rate.py", ["--jobs", "1000"], ["--jobs", "200"], rows_submit),
     "noop": ("noop_throughput.py", ["--jobs", "50000"], ["--jobs", "5000"], rows_noop),
-    "pool": ("pool_throughput.py", ["--jobs", "2000"], ["--jobs", "300"], rows_pool),
+    "pool": ("pool_throughput.py", ["--jobs", "10000"], ["--jobs", "1000"], rows_pool),
     "dispatch": ("dispatch_latency.py", ["--rates", "1000,500,200", "--seconds", "5"], ["--rates", "1000,200", "--seconds", "1"], rows_dispatch),
     "recovery": ("worker_recovery.py", ["--crashes", "5", "--hangs", "3", "--heartbeat", "2"], ["--crashes", "2", "--hangs", "1", "--heartbeat", "1"], rows_recovery),
     "watchdog": ("watchdog_overhead.py", ["--tasks", "100", "--seconds", "20"], ["--tasks", "20", "--seconds", "3"], rows_watchdog),

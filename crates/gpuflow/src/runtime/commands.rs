@@ -435,10 +435,8 @@ impl<S: Store> Runtime<S> {
         input: Value,
         outputs: Vec<Option<Value>>,
     ) {
-        let dir = self.config.data_dir.join("jobs").join(&id);
-        let dir = std::path::absolute(&dir).unwrap_or(dir);
         *self.active_per_pipeline.entry(pipeline_name.clone()).or_default() += 1;
-        self.jobs.insert(job, ActiveJob { id, pipeline, pipeline_name, input, outputs, dir });
+        self.jobs.insert(job, ActiveJob { id, pipeline, pipeline_name, input, outputs });
     }
 
     fn snapshot(&self) -> ResourcesSnapshot {

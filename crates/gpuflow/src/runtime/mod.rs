@@ -84,7 +84,6 @@ struct ActiveJob {
     pipeline_name: String,
     input: Value,
     outputs: Vec<Option<Value>>,
-    dir: PathBuf,
 }
 
 struct RunningProcess {
@@ -400,6 +399,10 @@ impl<S: Store> Runtime<S> {
             self.perform(action, &turn.completed_inline);
         }
         self.journal_workers(now);
+        // A burst (recovery, a large batch) leaves big buffers behind; do not keep them.
+        if self.pending.is_empty() && self.pending.capacity() > 4 * TURN_INPUTS {
+            self.pending.shrink_to(TURN_INPUTS);
+        }
     }
 
     /// Applies pending events and scheduling passes until nothing more follows or the turn is
@@ -457,6 +460,13 @@ impl<S: Store> Runtime<S> {
             }
             self.turn.actions.push(action);
         }
+    }
+
+    /// A job's directory (computed, not kept per job: 100,000 queued jobs would hold 100,000
+    /// paths).
+    fn job_dir(&self, id: &str) -> PathBuf {
+        let dir = self.config.data_dir.join("jobs").join(id);
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     /// `command: [gpuflow:noop]`: succeeds at once, with no process and no file, while every
@@ -587,7 +597,8 @@ impl<S: Store> Runtime<S> {
             return Err("not a command stage".into());
         };
         let name = &active.pipeline.core.stages[stage].name;
-        let dir = active.dir.display().to_string();
+        let job_dir = self.job_dir(&active.id);
+        let dir = job_dir.display().to_string();
         let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: &dir, job_id: &active.id };
         let argv = command
             .iter()
@@ -596,7 +607,7 @@ impl<S: Store> Runtime<S> {
             .map_err(|e| format!("cannot build the command: {e}"))?;
         // Logs and outputs live in the job's `.gpuflow` directory. The attempt's own task
         // creates it (directory creation is a measurable cost that must not stall this loop).
-        let internal = active.dir.join(".gpuflow");
+        let internal = job_dir.join(".gpuflow");
         let cuda: Vec<String> = grant.devices().iter().map(|d| self.config.gpus[*d as usize].cuda_id(*d)).collect();
         let output_path = internal.join(format!("{name}.{attempt}.output.json"));
         let mut env: Vec<(String, String)> = stage_env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();

@@ -314,17 +314,17 @@ impl<S: Store> Runtime<S> {
             .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
             .collect();
         let task_id = format!("{}/{}/{attempt}", active.id, active.pipeline.core.stages[stage].name);
+        let dir = self.job_dir(&active.id);
         let message = json!({
             "type": "task",
             "task": task_id,
             "job_id": active.id,
-            "job_dir": active.dir.display().to_string(),
+            "job_dir": dir.display().to_string(),
             "stage": active.pipeline.core.stages[stage].name,
             "attempt": attempt,
             "input": active.input,
             "stages": stages,
         });
-        let dir = active.dir.clone();
         // The job directory is the task's to write into, as for command stages.
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let line = message.to_string();
