@@ -643,21 +643,28 @@ impl<S: Store> Runtime<S> {
             self.state.release_standing(&grant);
         }
         self.sync_availability(pool);
-        // Every task it held goes back to the queue without spending a retry: the one it ran
-        // counts an interruption (a poison task that kills its worker every time is bounded by
-        // the interruption cap); those sent ahead never started (every line the worker wrote
-        // was read before its exit), so they count nothing. One whose stop caused this
-        // (timeout, cancel) ends as its stop says.
+        // A crash sends every task it held back to the queue without spending a retry: the
+        // one it ran counts an interruption; those sent ahead never started (every line the
+        // worker wrote was read before its exit), so they count nothing. One whose stop caused
+        // this (timeout, cancel) ends as its stop says. A hang or a protocol error is the
+        // running task's own doing, and so is a second crash while running a task that was
+        // interrupted before: that task fails (retryable, spending a retry), so a task that
+        // kills its worker every time costs one extra restart, not one per interruption.
+        let own_fault = matches!(reason, Some(StopReason::Hung | StopReason::ProtocolError));
         for (i, Held { key, .. }) in held.into_iter().enumerate() {
             self.worker_tasks.remove(&key);
             let (job, stage, attempt) = key;
             let ran = i == 0;
-            let error = if ran {
-                cause.clone()
+            let interrupted_before = self.state.job(job).is_some_and(|j| j.stages[stage].interruptions > 0);
+            let outcome = if ran && (own_fault || interrupted_before) {
+                Outcome::Failed { error: cause.clone(), retryable: true }
+            } else if ran {
+                Outcome::Interrupted { error: cause.clone(), ran }
             } else {
-                format!("queued on worker instance {pool}#{index} (not started) when it stopped: {cause}")
+                let error = format!("queued on worker instance {pool}#{index} (not started) when it stopped: {cause}");
+                Outcome::Interrupted { error, ran }
             };
-            self.step(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Interrupted { error, ran } });
+            self.step(Event::AttemptExited { job, stage, attempt, outcome });
         }
         self.check_pools_now();
         Ok(())

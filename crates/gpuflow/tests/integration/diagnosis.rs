@@ -188,7 +188,8 @@ async fn report_003_a_deadlocked_worker_with_children_is_named_then_killed_and_r
 resources: {{gpus: none, cpu: 2}}
 {THRESHOLDS}
 workers:
-  model: {{command: [python3, "{{DIR}}/worker.py"], heartbeat_timeout: 4s}}
+  # No task sent ahead: the second job must wait in the queue, for `queue_stalled` to see it.
+  model: {{command: [python3, "{{DIR}}/worker.py"], heartbeat_timeout: 4s, prefetch: 0}}
 pipelines:
   p: {{stages: [{{name: s, worker: model, retry: {{max_attempts: 1}}}}]}}
 "#
