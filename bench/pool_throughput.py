@@ -54,12 +54,12 @@ def direct_rate(n, instances):
     return per * instances / elapsed
 
 
-def engine_rate(binary, n, instances, threads):
+def engine_rate(binary, n, instances, threads, prefetch):
     with tempfile.TemporaryDirectory() as d:
         cfg = write_config(d, f"""resources: {{gpus: none, cpu: 2}}
 diagnosis: {{sample_interval: 1h}}
 workers:
-  noop: {{command: [{sys.executable}, {WORKER}], instances: {instances}, needs: {{}}, heartbeat_timeout: 30s}}
+  noop: {{command: [{sys.executable}, {WORKER}], instances: {instances}, prefetch: {prefetch}, needs: {{}}, heartbeat_timeout: 30s}}
 pipelines:
   p: {{max_queued: {n + 10}, stages: [{{name: s, worker: noop}}]}}
 """)
@@ -85,14 +85,16 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=10000)
     ap.add_argument("--instances", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="client threads submitting batches of 1,000")
+    ap.add_argument("--prefetch", type=int, default=1, help="the pool's prefetch (tasks held ahead per instance)")
     ap.add_argument("--bin", default="target/release/gpuflow")
     args = ap.parse_args(argv)
     with_sdk_on_path()
-    submit_rate, completed = engine_rate(args.bin, args.jobs, args.instances, args.threads)
+    submit_rate, completed = engine_rate(args.bin, args.jobs, args.instances, args.threads, args.prefetch)
     bound = direct_rate(args.jobs, args.instances)
     result = {
         "jobs": args.jobs,
         "instances": args.instances,
+        "prefetch": args.prefetch,
         "submitted_per_s": round(submit_rate, 1),
         "completed_per_s": round(completed, 1),
         "goal_per_s": GOAL,

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::config::{StageExec, WorkerDef, pool_counter};
-use crate::supervisor::{InstanceEvent, InstanceSpec, InstanceStop};
+use crate::supervisor::{InstanceEvent, InstanceSpec, InstanceStop, ToWorker};
 
 /// The protocol version this engine speaks (see docs/worker-protocol.md).
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -93,7 +93,7 @@ pub(super) struct Instance {
     generation: u64,
     state: InstanceState,
     pid: Option<u32>,
-    stdin: Option<mpsc::UnboundedSender<String>>,
+    stdin: Option<mpsc::UnboundedSender<ToWorker>>,
     stop: Option<mpsc::UnboundedSender<InstanceStop>>,
     since_ms: u64,
     last_beat_ms: u64,
@@ -325,8 +325,8 @@ impl<S: Store> Runtime<S> {
             "input": active.input,
             "stages": stages,
         });
-        // The job directory is the task's to write into, as for command stages.
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // The job directory is the task's to write into, as for command stages: the
+        // instance's writer creates it before it writes the task (`ToWorker`).
         let line = message.to_string();
         let pool = self.pools.get_mut(pool_name).ok_or_else(|| format!("unknown pool `{pool_name}`"))?;
         let def = pool.def.clone();
@@ -351,7 +351,8 @@ impl<S: Store> Runtime<S> {
                 });
                 return Ok(());
             };
-            if inst.stdin.as_ref().is_none_or(|tx| tx.send(line.clone()).is_err()) {
+            let message = ToWorker { line: line.clone(), job_dir: Some(dir.clone()) };
+            if inst.stdin.as_ref().is_none_or(|tx| tx.send(message).is_err()) {
                 // Its input is closed: the process is gone or going; its exit says why.
                 tracing::warn!(pool = %pool_name, index = inst.index, "worker instance no longer reads its input; stopping it");
                 inst.state = InstanceState::Stopping;
@@ -388,7 +389,9 @@ impl<S: Store> Runtime<S> {
             Some(held) if !is_head && inst.prefetch_ok => inst
                 .stdin
                 .as_ref()
-                .is_some_and(|tx| tx.send(json!({"type": "cancel", "task": held.id}).to_string()).is_ok())
+                .is_some_and(|tx| {
+                    tx.send(ToWorker::line(json!({"type": "cancel", "task": held.id}).to_string())).is_ok()
+                })
                 .then(|| {
                     held.cancelled = true;
                     held.id.clone()
@@ -538,7 +541,7 @@ impl<S: Store> Runtime<S> {
             inst.since_ms = now;
             inst.stop_reason = Some(StopReason::Retire);
             if let Some(tx) = &inst.stdin {
-                let _ = tx.send(json!({"type": "shutdown"}).to_string());
+                let _ = tx.send(ToWorker::line(json!({"type": "shutdown"}).to_string()));
             }
         } else if drained && max_tasks.is_some_and(|max| inst.tasks_done >= max) {
             // Recycle to bound leaks: ask it to exit; it is replaced at once.
@@ -547,7 +550,7 @@ impl<S: Store> Runtime<S> {
             inst.since_ms = now;
             inst.stop_reason = Some(StopReason::Recycle);
             if let Some(tx) = &inst.stdin {
-                let _ = tx.send(json!({"type": "shutdown"}).to_string());
+                let _ = tx.send(ToWorker::line(json!({"type": "shutdown"}).to_string()));
             }
         }
         self.worker_tasks.remove(&key);
@@ -745,7 +748,7 @@ impl<S: Store> Runtime<S> {
             for inst in &mut pool.instances {
                 inst.stop_reason = Some(StopReason::Shutdown);
                 if let Some(tx) = &inst.stdin {
-                    let _ = tx.send(json!({"type": "shutdown"}).to_string());
+                    let _ = tx.send(ToWorker::line(json!({"type": "shutdown"}).to_string()));
                 }
                 if let Some(stop) = &inst.stop {
                     let _ = stop.send(InstanceStop::Graceful);
@@ -806,7 +809,7 @@ impl<S: Store> Runtime<S> {
                     inst.since_ms = now;
                     inst.stop_reason = Some(StopReason::Retire);
                     if let Some(tx) = &inst.stdin {
-                        let _ = tx.send(json!({"type": "shutdown"}).to_string());
+                        let _ = tx.send(ToWorker::line(json!({"type": "shutdown"}).to_string()));
                     }
                 }
                 InstanceState::Restarting { .. } | InstanceState::Failed => {

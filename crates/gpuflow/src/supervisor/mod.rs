@@ -18,7 +18,7 @@ use serde_json::Value;
 pub use kill::{kill_marked, sweep_leftovers};
 pub use reap::{become_subreaper, spawn_reaper};
 pub use spawn::run_attempt;
-pub use worker::{InstanceEvent, InstanceSpec, InstanceStop, run_instance};
+pub use worker::{InstanceEvent, InstanceSpec, InstanceStop, ToWorker, run_instance};
 
 /// Environment variable that tags every process of one attempt, inherited by its descendants,
 /// so leftovers can be found even when they escaped the process group.
