@@ -72,67 +72,6 @@ impl SqliteStore {
         Ok(sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&self.pool).await?)
     }
 
-    async fn write_one(tx: &mut Transaction<'static, Sqlite>, w: &Write) -> StoreResult<()> {
-        match w {
-            Write::AttemptStarted { job, stage, attempt, grant, at } => {
-                sqlx::query("INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5)")
-                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(grant).bind(at)
-                    .execute(&mut **tx).await?;
-                sqlx::query("UPDATE stages SET state = 'running', attempts = ?3, not_before = NULL, started_at = ?4, finished_at = NULL, error = NULL, exit_code = NULL WHERE job_id = ?1 AND idx = ?2")
-                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(at)
-                    .execute(&mut **tx).await?;
-                sqlx::query("UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?2) WHERE id = ?1")
-                    .bind(job)
-                    .bind(at)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            Write::AttemptEnded {
-                job,
-                stage,
-                attempt,
-                result,
-                stage_state,
-                not_before,
-                error,
-                output,
-                exit_code,
-                signal,
-                failures,
-                interruptions,
-                at,
-            } => {
-                let updated = sqlx::query("UPDATE attempts SET state = ?4, finished_at = ?5, exit_code = ?6, signal = ?7, error = ?8 WHERE job_id = ?1 AND stage_idx = ?2 AND attempt = ?3 AND state = 'running'")
-                    .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(*result).bind(at).bind(exit_code).bind(signal).bind(error)
-                    .execute(&mut **tx).await?;
-                if updated.rows_affected() != 1 {
-                    return Err(StoreError::Corrupt(format!("attempt {job}/{stage}/{attempt} was not running")));
-                }
-                let finished = matches!(*stage_state, "succeeded" | "failed" | "cancelled").then_some(*at);
-                sqlx::query("UPDATE stages SET state = ?3, not_before = ?4, error = ?5, output = ?6, exit_code = ?7, failures = ?8, interruptions = ?9, finished_at = ?10 WHERE job_id = ?1 AND idx = ?2")
-                    .bind(job).bind(*stage as i64).bind(*stage_state).bind(not_before).bind(error)
-                    .bind(output.as_ref().map(Value::to_string)).bind(exit_code).bind(*failures as i64).bind(*interruptions as i64).bind(finished)
-                    .execute(&mut **tx).await?;
-            }
-            Write::StageCancelled { job, stage, at } => {
-                sqlx::query("UPDATE stages SET state = 'cancelled', not_before = NULL, finished_at = ?3 WHERE job_id = ?1 AND idx = ?2")
-                    .bind(job).bind(*stage as i64).bind(at)
-                    .execute(&mut **tx).await?;
-            }
-            Write::JobFinished { job, state, error, output, at } => {
-                sqlx::query("UPDATE jobs SET state = ?2, error = ?3, output = ?4, finished_at = ?5 WHERE id = ?1")
-                    .bind(job)
-                    .bind(*state)
-                    .bind(error)
-                    .bind(output.as_ref().map(Value::to_string))
-                    .bind(at)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
     async fn stages_of(&self, job: &str) -> StoreResult<Vec<StageRecord>> {
         let rows =
             sqlx::query("SELECT * FROM stages WHERE job_id = ?1 ORDER BY idx").bind(job).fetch_all(&self.pool).await?;
@@ -197,15 +136,7 @@ impl Store for SqliteStore {
     }
 
     async fn write(&self, batch: &[Write]) -> StoreResult<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for w in batch {
-            Self::write_one(&mut tx, w).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.write_turn(&[], batch).await
     }
 
     async fn write_turn(&self, jobs: &[NewJob], batch: &[Write]) -> StoreResult<()> {
