@@ -90,7 +90,9 @@ pub enum StageStatus {
     Backoff {
         until: u64,
     },
-    Running(RunningAttempt),
+    /// Boxed: most stages of a long queue are not running, and a queued stage should not
+    /// carry the size of a running attempt.
+    Running(Box<RunningAttempt>),
     Succeeded,
     Failed,
     Cancelled,
@@ -1195,7 +1197,7 @@ impl State {
             queued_ms: now.saturating_sub(since),
         });
         let running = RunningAttempt { attempt, grant, started_at: now, deadline, kill: None, kill_detail: None };
-        self.set_status(key.job, key.stage, StageStatus::Running(running));
+        self.set_status(key.job, key.stage, StageStatus::Running(Box::new(running)));
     }
 
     /// The latest queue time at which a stage counts as starving at `now`, if any: a stage
@@ -1257,7 +1259,7 @@ impl State {
             StageStatus::Backoff { until } => {
                 self.timers.insert((*until, id, stage));
             }
-            StageStatus::Running(RunningAttempt { deadline: Some(d), .. }) => {
+            StageStatus::Running(r) if let Some(d) = &r.deadline => {
                 self.timers.insert((*d, id, stage));
             }
             _ => {}

@@ -219,7 +219,7 @@ impl<S: Store> Runtime<S> {
                 _ => None,
             })
         });
-        let job = self.jobs.get(&local).map(|j| j.id.clone()).unwrap_or_default();
+        let job = self.jobs.get(&local).map(|j| j.id()).unwrap_or_default();
         tracing::warn!(%job, "{error}");
         match running {
             Some((stage, attempt)) if lease_lost => {

@@ -384,7 +384,7 @@ impl<S: Store> Runtime<S> {
         }
         self.turn.submitted.push(EngineEvent::JobSubmitted { job: id.clone(), pipeline: request.pipeline.clone() });
         self.step(Event::Submitted { job, seq, priority: request.priority, pipeline: def.core.clone() });
-        self.track(job, id, request.pipeline, def.clone(), request.input, vec![None; def.core.stages.len()]);
+        self.track(job, id, request.pipeline, def.clone(), request.input, Vec::new());
         Ok(submitted)
     }
 
@@ -435,8 +435,25 @@ impl<S: Store> Runtime<S> {
         input: Value,
         outputs: Vec<Option<Value>>,
     ) {
-        *self.active_per_pipeline.entry(pipeline_name.clone()).or_default() += 1;
-        self.jobs.insert(job, ActiveJob { id, pipeline, pipeline_name, input, outputs });
+        let pipeline_name = match self.pipeline_names.get(pipeline_name.as_str()) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(pipeline_name.as_str());
+                self.pipeline_names.insert(pipeline_name, name.clone());
+                name
+            }
+        };
+        // `entry` would allocate the key for every job: look up first.
+        match self.active_per_pipeline.get_mut(&*pipeline_name) {
+            Some(n) => *n += 1,
+            None => {
+                self.active_per_pipeline.insert(pipeline_name.to_string(), 1);
+            }
+        }
+        // Job ids are UUIDs (admission makes them; recovery refuses others). An agent's local key is
+        // not the job's id, so the id is parsed, not derived from the key.
+        let uuid = uuid::Uuid::parse_str(&id).unwrap_or_else(|_| uuid::Uuid::from_u128(job.0));
+        self.jobs.insert(job, ActiveJob { uuid, pipeline, pipeline_name, input, outputs });
     }
 
     fn snapshot(&self) -> ResourcesSnapshot {
@@ -447,8 +464,8 @@ impl<S: Store> Runtime<S> {
                 let active = self.jobs.get(&l.job)?;
                 let a = l.attempt;
                 Some(LeaseView {
-                    job: active.id.clone(),
-                    pipeline: active.pipeline_name.clone(),
+                    job: active.id(),
+                    pipeline: active.pipeline_name.to_string(),
                     stage: l.pipeline.stages[l.stage].name.clone(),
                     attempt: a.attempt,
                     since_ms: a.started_at,
@@ -464,8 +481,8 @@ impl<S: Store> Runtime<S> {
             .filter_map(|w| {
                 let active = self.jobs.get(&w.job)?;
                 Some(WaitingView {
-                    job: active.id.clone(),
-                    pipeline: active.pipeline_name.clone(),
+                    job: active.id(),
+                    pipeline: active.pipeline_name.to_string(),
                     stage: w.pipeline.stages[w.stage].name.clone(),
                     priority: w.priority,
                     since_ms: w.since,

@@ -245,7 +245,7 @@ impl<S: Store> Runtime<S> {
                     _ => continue,
                 }
             }
-            let (job, pipeline) = (active.id.clone(), active.pipeline_name.clone());
+            let (job, pipeline) = (active.id(), active.pipeline_name.to_string());
             let stage_name = |stage: usize| active.pipeline.core.stages[stage].name.clone();
             let events = match action {
                 Action::Start { stage, attempt, grant, .. } => {

@@ -79,11 +79,34 @@ type AttemptKey = (JobId, StageIndex, u32);
 
 /// What the loop knows about a job beyond the core's view.
 struct ActiveJob {
-    id: String,
+    /// The job's UUID; its text form is made when needed (`id`), not kept per job.
+    uuid: uuid::Uuid,
     pipeline: Arc<PipelineDef>,
-    pipeline_name: String,
+    /// Shared by every job of the pipeline (`Runtime::pipeline_names`).
+    pipeline_name: Arc<str>,
     input: Value,
+    /// Stage outputs by position; shorter than the stage list (empty at first) until outputs
+    /// arrive, so a queued job holds no allocation for them.
     outputs: Vec<Option<Value>>,
+}
+
+impl ActiveJob {
+    fn id(&self) -> String {
+        self.uuid.to_string()
+    }
+
+    fn output(&self, stage: StageIndex) -> Option<&Value> {
+        self.outputs.get(stage).and_then(Option::as_ref)
+    }
+
+    fn set_output(&mut self, stage: StageIndex, output: Option<Value>) {
+        if output.is_some() && self.outputs.len() <= stage {
+            self.outputs.resize(stage + 1, None);
+        }
+        if let Some(slot) = self.outputs.get_mut(stage) {
+            *slot = output;
+        }
+    }
 }
 
 struct RunningProcess {
@@ -181,6 +204,8 @@ pub struct Runtime<S: Store> {
     cluster: Option<cluster::Agent>,
     /// The API's address, as agents advertise it.
     api_address: String,
+    /// Pipeline names, shared by the jobs that name them.
+    pipeline_names: HashMap<String, Arc<str>>,
     /// Set once start-up (sweep, recovery) is done; read by `/healthz`.
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -228,6 +253,7 @@ impl<S: Store> Runtime<S> {
             cluster: None,
             api_address: String::new(),
             ready: Arc::default(),
+            pipeline_names: HashMap::new(),
         };
         let ready = runtime.ready.clone();
         (runtime, EngineHandle::new(cmd_tx, journal, ready))
@@ -447,7 +473,7 @@ impl<S: Store> Runtime<S> {
                 Action::AttemptEnded { job, stage, attempt, result: AttemptResult::Succeeded, .. } => {
                     let output = self.exits.get(&(*job, *stage, *attempt)).and_then(|d| d.output.clone());
                     if let Some(active) = self.jobs.get_mut(job) {
-                        active.outputs[*stage] = output;
+                        active.set_output(*stage, output);
                     }
                 }
                 Action::Start { job, stage, attempt, .. } if self.is_noop(*job, *stage) => {
@@ -480,7 +506,7 @@ impl<S: Store> Runtime<S> {
 
     fn write_for(&self, action: &Action, now: u64) -> Option<Write> {
         let at = now as i64;
-        let job_id = |job: &JobId| self.jobs.get(job).map(|j| j.id.clone());
+        let job_id = |job: &JobId| self.jobs.get(job).map(|j| j.id());
         Some(match action {
             Action::Start { job, stage, attempt, grant, .. } => Write::AttemptStarted {
                 job: job_id(job)?,
@@ -522,7 +548,7 @@ impl<S: Store> Runtime<S> {
             Action::JobFinished { job, state, error } => {
                 let active = self.jobs.get(job)?;
                 let output = (*state == gpuflow_core::JobState::Succeeded).then(|| self.job_output(active)).flatten();
-                Write::JobFinished { job: active.id.clone(), state: state.as_str(), error: error.clone(), output, at }
+                Write::JobFinished { job: active.id(), state: state.as_str(), error: error.clone(), output, at }
             }
         })
     }
@@ -531,11 +557,11 @@ impl<S: Store> Runtime<S> {
     fn job_output(&self, active: &ActiveJob) -> Option<Value> {
         let sinks = active.pipeline.core.sinks();
         if let [only] = sinks.as_slice() {
-            return active.outputs[*only].clone();
+            return active.output(*only).cloned();
         }
         let map: serde_json::Map<String, Value> = sinks
             .iter()
-            .map(|i| (active.pipeline.core.stages[*i].name.clone(), active.outputs[*i].clone().unwrap_or(Value::Null)))
+            .map(|i| (active.pipeline.core.stages[*i].name.clone(), active.output(*i).cloned().unwrap_or(Value::Null)))
             .collect();
         Some(Value::Object(map))
     }
@@ -557,12 +583,12 @@ impl<S: Store> Runtime<S> {
                 }
             }
             Action::Kill { job, stage, attempt, reason } if self.worker_tasks.contains_key(&(job, stage, attempt)) => {
-                tracing::info!(job = %self.jobs[&job].id, stage, attempt, ?reason, "stopping worker task");
+                tracing::info!(job = %self.jobs[&job].id(), stage, attempt, ?reason, "stopping worker task");
                 self.stop_worker_task((job, stage, attempt));
             }
             Action::Kill { job, stage, attempt, reason } => {
                 if let Some(p) = self.processes.get(&(job, stage, attempt)) {
-                    tracing::info!(job = %self.jobs[&job].id, stage, attempt, ?reason, pid = p.pid, "stopping attempt");
+                    tracing::info!(job = %self.jobs[&job].id(), stage, attempt, ?reason, pid = p.pid, "stopping attempt");
                     let _ = p.stop.send(StopRequest);
                 }
             }
@@ -576,9 +602,9 @@ impl<S: Store> Runtime<S> {
             Action::StageCancelled { .. } => {}
             Action::JobFinished { job, state, .. } => {
                 if let Some(active) = self.jobs.remove(&job) {
-                    tracing::debug!(job = %active.id, pipeline = %active.pipeline_name, state = state.as_str(), "job finished");
+                    tracing::debug!(job = %active.id(), pipeline = %active.pipeline_name, state = state.as_str(), "job finished");
                     self.metrics.finished(&active.pipeline_name, state.as_str());
-                    if let Some(n) = self.active_per_pipeline.get_mut(&active.pipeline_name) {
+                    if let Some(n) = self.active_per_pipeline.get_mut(&*active.pipeline_name) {
                         *n = n.saturating_sub(1);
                     }
                 }
@@ -597,9 +623,9 @@ impl<S: Store> Runtime<S> {
             return Err("not a command stage".into());
         };
         let name = &active.pipeline.core.stages[stage].name;
-        let job_dir = self.job_dir(&active.id);
+        let job_dir = self.job_dir(&active.id());
         let dir = job_dir.display().to_string();
-        let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: &dir, job_id: &active.id };
+        let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: &dir, job_id: &active.id() };
         let argv = command
             .iter()
             .map(|t| t.render(&ctx))
@@ -612,7 +638,7 @@ impl<S: Store> Runtime<S> {
         let output_path = internal.join(format!("{name}.{attempt}.output.json"));
         let mut env: Vec<(String, String)> = stage_env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend([
-            ("GPUFLOW_JOB_ID".to_string(), active.id.clone()),
+            ("GPUFLOW_JOB_ID".to_string(), active.id()),
             ("GPUFLOW_JOB_DIR".to_string(), dir.clone()),
             ("GPUFLOW_STAGE".to_string(), name.clone()),
             ("GPUFLOW_ATTEMPT".to_string(), attempt.to_string()),
@@ -631,12 +657,12 @@ impl<S: Store> Runtime<S> {
             stdout_log: internal.join(format!("{name}.{attempt}.stdout.log")),
             stderr_log: internal.join(format!("{name}.{attempt}.stderr.log")),
             output_path,
-            marker: format!("{}/{name}/{attempt}", active.id),
+            marker: format!("{}/{name}/{attempt}", active.id()),
             log_max: self.config.limits.log_max,
             output_max: self.config.limits.output_max,
             kill_grace_ms: self.config.limits.kill_grace_ms,
         };
-        tracing::debug!(job = %active.id, stage = %name, attempt, devices = %cuda.join(","), "starting attempt");
+        tracing::debug!(job = %active.id(), stage = %name, attempt, devices = %cuda.join(","), "starting attempt");
         let key = (job, stage, attempt);
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let (pid_tx, pid_rx) = oneshot::channel();

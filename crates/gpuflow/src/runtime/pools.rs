@@ -313,12 +313,12 @@ impl<S: Store> Runtime<S> {
             .zip(&active.outputs)
             .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
             .collect();
-        let task_id = format!("{}/{}/{attempt}", active.id, active.pipeline.core.stages[stage].name);
-        let dir = self.job_dir(&active.id);
+        let task_id = format!("{}/{}/{attempt}", active.id(), active.pipeline.core.stages[stage].name);
+        let dir = self.job_dir(&active.id());
         let message = json!({
             "type": "task",
             "task": task_id,
-            "job_id": active.id,
+            "job_id": active.id(),
             "job_dir": dir.display().to_string(),
             "stage": active.pipeline.core.stages[stage].name,
             "attempt": attempt,

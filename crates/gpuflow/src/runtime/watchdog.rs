@@ -192,7 +192,9 @@ impl<S: Store> Runtime<S> {
             let Some(active) = self.jobs.get(&lease.job) else { continue };
             let name = format!(
                 "job {}/{} attempt {}",
-                active.id, lease.pipeline.stages[lease.stage].name, lease.attempt.attempt
+                active.id(),
+                lease.pipeline.stages[lease.stage].name,
+                lease.attempt.attempt
             );
             let devices = lease.attempt.grant.devices();
             if let Some((pool, index)) = self.worker_tasks.get(&key) {
@@ -308,12 +310,12 @@ impl<S: Store> Runtime<S> {
         let mut queues: Vec<QueueObs> = Vec::new();
         for w in self.state.waiting() {
             let Some(active) = self.jobs.get(&w.job) else { continue };
-            if let Some(q) = queues.iter_mut().find(|q| q.pipeline == active.pipeline_name) {
+            if let Some(q) = queues.iter_mut().find(|q| *q.pipeline == *active.pipeline_name) {
                 q.waiting += 1;
                 continue;
             }
             let needs = &w.pipeline.stages[w.stage].needs;
-            let started = self.watchdog.last_start.get(&active.pipeline_name).copied().unwrap_or(0);
+            let started = self.watchdog.last_start.get(&*active.pipeline_name).copied().unwrap_or(0);
             let blockers = self
                 .state
                 .leases()
@@ -332,7 +334,7 @@ impl<S: Store> Runtime<S> {
                         .unwrap_or_default();
                     Some(format!(
                         "job {}/{} attempt {} for {} s ({}) [{doing}]",
-                        holder.id,
+                        holder.id(),
                         l.pipeline.stages[l.stage].name,
                         l.attempt.attempt,
                         now.saturating_sub(l.attempt.started_at) / 1000,
@@ -347,9 +349,9 @@ impl<S: Store> Runtime<S> {
                 .find_map(|k| k.strip_prefix("pool:"))
                 .and_then(|pool| self.pools.get(pool).and_then(|p| p.problem(pool)));
             queues.push(QueueObs {
-                pipeline: active.pipeline_name.clone(),
+                pipeline: active.pipeline_name.to_string(),
                 waiting: 1,
-                head: format!("job {}/{}", active.id, w.pipeline.stages[w.stage].name),
+                head: format!("job {}/{}", active.id(), w.pipeline.stages[w.stage].name),
                 head_needs: describe_needs(needs),
                 head_waited_ms: now.saturating_sub(w.since),
                 idle_ms: now.saturating_sub(started.max(w.since)),
@@ -455,7 +457,7 @@ impl<S: Store> Runtime<S> {
 
     pub(super) fn note_start(&mut self, job: JobId) {
         if let Some(active) = self.jobs.get(&job) {
-            self.watchdog.last_start.insert(active.pipeline_name.clone(), self.clock.now_ms());
+            self.watchdog.last_start.insert(active.pipeline_name.to_string(), self.clock.now_ms());
         }
     }
 }
