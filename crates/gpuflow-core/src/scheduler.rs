@@ -135,7 +135,8 @@ pub struct JobRun {
     pub stages: Vec<StageRun>,
     pub state: JobState,
     /// Set once the job is bound to fail or be cancelled; it ends when nothing runs any more.
-    ending: Option<(JobState, String)>,
+    /// Boxed: rare, and every queued job would otherwise carry its size.
+    ending: Option<Box<(JobState, String)>>,
     /// The shape of each stage's request (interned at admission, released when the job ends).
     shapes: Vec<ShapeId>,
 }
@@ -143,7 +144,7 @@ pub struct JobRun {
 impl JobRun {
     /// How the job is bound to end, with its error, once it is failing or cancelled.
     pub fn ending(&self) -> Option<(JobState, &str)> {
-        self.ending.as_ref().map(|(state, error)| (*state, error.as_str()))
+        self.ending.as_deref().map(|(state, error)| (*state, error.as_str()))
     }
 
     /// The job's stages as the transition rules see them.
@@ -162,7 +163,7 @@ impl JobRun {
     }
 
     fn ending_state(&self) -> Option<JobState> {
-        self.ending.as_ref().map(|(state, _)| *state)
+        self.ending.as_deref().map(|(state, _)| *state)
     }
 }
 
@@ -930,7 +931,7 @@ impl State {
         actions: &mut Vec<Action>,
     ) {
         if let Some(ending) = ending {
-            self.jobs.get_mut(&id).expect("caller checked").ending = Some(ending);
+            self.jobs.get_mut(&id).expect("caller checked").ending = Some(Box::new(ending));
         }
         for (i, change) in changes {
             match change {
@@ -960,7 +961,7 @@ impl State {
         let Some(job) = self.jobs.get(&id) else { return };
         let statuses: Vec<rules::Status> = job.stages.iter().map(|s| s.status.rule_status()).collect();
         let Some(state) = rules::finished(&statuses, job.ending_state()) else { return };
-        let error = job.ending.as_ref().map(|(_, error)| error.clone());
+        let error = job.ending.as_deref().map(|(_, error)| error.clone());
         actions.push(Action::JobFinished { job: id, state, error });
         let job = self.jobs.remove(&id).expect("present");
         for shape in job.shapes {

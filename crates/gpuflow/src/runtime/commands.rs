@@ -453,7 +453,7 @@ impl<S: Store> Runtime<S> {
         // Job ids are UUIDs (admission makes them; recovery refuses others). An agent's local key is
         // not the job's id, so the id is parsed, not derived from the key.
         let uuid = uuid::Uuid::parse_str(&id).unwrap_or_else(|_| uuid::Uuid::from_u128(job.0));
-        self.jobs.insert(job, ActiveJob { uuid, pipeline, pipeline_name, input, outputs });
+        self.jobs.insert(job, ActiveJob { uuid, pipeline, pipeline_name, input, outputs: outputs.into_boxed_slice() });
     }
 
     fn snapshot(&self) -> ResourcesSnapshot {

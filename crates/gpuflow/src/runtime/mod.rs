@@ -87,7 +87,7 @@ struct ActiveJob {
     input: Value,
     /// Stage outputs by position; shorter than the stage list (empty at first) until outputs
     /// arrive, so a queued job holds no allocation for them.
-    outputs: Vec<Option<Value>>,
+    outputs: Box<[Option<Value>]>,
 }
 
 impl ActiveJob {
@@ -101,7 +101,9 @@ impl ActiveJob {
 
     fn set_output(&mut self, stage: StageIndex, output: Option<Value>) {
         if output.is_some() && self.outputs.len() <= stage {
-            self.outputs.resize(stage + 1, None);
+            let mut longer = std::mem::take(&mut self.outputs).into_vec();
+            longer.resize(stage + 1, None);
+            self.outputs = longer.into_boxed_slice();
         }
         if let Some(slot) = self.outputs.get_mut(stage) {
             *slot = output;
@@ -154,6 +156,16 @@ struct Turn {
 impl Turn {
     fn is_empty(&self) -> bool {
         self.jobs.is_empty() && self.writes.is_empty() && self.actions.is_empty() && self.replies.is_empty()
+    }
+}
+
+/// Hands memory freed after a burst (recovery's pages, a turn of large batches) back to the
+/// system; glibc keeps it otherwise, and the resident size stays at the burst's peak.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -413,6 +425,7 @@ impl<S: Store> Runtime<S> {
 
     /// A committed turn's effects: replies, the live feed, then spawns, signals and tasks.
     fn act(&mut self, turn: Turn) {
+        let burst = turn.jobs.len() >= TURN_INPUTS;
         for reply in turn.replies {
             reply(&self.state, Ok(()));
         }
@@ -428,6 +441,9 @@ impl<S: Store> Runtime<S> {
         // A burst (recovery, a large batch) leaves big buffers behind; do not keep them.
         if self.pending.is_empty() && self.pending.capacity() > 4 * TURN_INPUTS {
             self.pending.shrink_to(TURN_INPUTS);
+        }
+        if burst {
+            release_freed_memory();
         }
     }
 

@@ -13,16 +13,6 @@ use crate::store::{RecoveryCursor, UnfinishedJob};
 /// Unfinished jobs read and restored per turn at start-up.
 const RECOVERY_PAGE: u32 = 5_000;
 
-/// Hands memory freed after a burst (recovery's pages) back to the system; glibc keeps it
-/// otherwise, and the resident size would stay at the burst's peak.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Resolves `gpus: auto` in a stored pipeline file to the devices this engine has now.
 struct CurrentGpus(Vec<GpuInfo>);
 
@@ -94,7 +84,7 @@ impl<S: Store> Runtime<S> {
         if recovered > 0 {
             tracing::info!(jobs = recovered, "recovered unfinished jobs");
         }
-        release_freed_memory();
+        super::release_freed_memory();
         Ok(())
     }
 
