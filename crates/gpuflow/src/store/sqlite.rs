@@ -538,47 +538,53 @@ fn push_val(b: &mut sqlx::query_builder::Separated<'_, Sqlite, &'static str>, v:
     };
 }
 
+/// The columns a patch sets, by name, with their values, in a fixed order.
+#[derive(Default)]
+struct SetColumns<'a> {
+    names: Vec<&'static str>,
+    values: Vec<Val<'a>>,
+}
+
+impl<'a> SetColumns<'a> {
+    fn set(mut self, name: &'static str, value: Option<Val<'a>>) -> Self {
+        if let Some(v) = value {
+            self.names.push(name);
+            self.values.push(v);
+        }
+        self
+    }
+
+    fn into_parts(self) -> (Vec<&'static str>, Vec<Val<'a>>) {
+        (self.names, self.values)
+    }
+}
+
 impl<'a> StageCols<'a> {
-    /// The columns this patch sets, by name, with their values.
     fn set_columns(&self) -> (Vec<&'static str>, Vec<Val<'a>>) {
-        let mut names = Vec::new();
-        let mut values = Vec::new();
-        let mut set = |name: &'static str, v: Option<Val<'a>>| {
-            if let Some(v) = v {
-                names.push(name);
-                values.push(v);
-            }
-        };
-        set("state", self.state.map(|x| Val::Text(Some(x))));
-        set("attempts", self.attempts.map(|x| Val::Int(Some(x))));
-        set("failures", self.failures.map(|x| Val::Int(Some(x))));
-        set("interruptions", self.interruptions.map(|x| Val::Int(Some(x))));
-        set("not_before", self.not_before.map(Val::Int));
-        set("started_at", self.started_at.map(Val::Int));
-        set("finished_at", self.finished_at.map(Val::Int));
-        set("exit_code", self.exit_code.map(|x| Val::Int(x.map(i64::from))));
-        set("error", self.error.map(Val::Text));
-        set("output", self.output.clone().map(Val::Owned));
-        (names, values)
+        SetColumns::default()
+            .set("state", self.state.map(|x| Val::Text(Some(x))))
+            .set("attempts", self.attempts.map(|x| Val::Int(Some(x))))
+            .set("failures", self.failures.map(|x| Val::Int(Some(x))))
+            .set("interruptions", self.interruptions.map(|x| Val::Int(Some(x))))
+            .set("not_before", self.not_before.map(Val::Int))
+            .set("started_at", self.started_at.map(Val::Int))
+            .set("finished_at", self.finished_at.map(Val::Int))
+            .set("exit_code", self.exit_code.map(|x| Val::Int(x.map(i64::from))))
+            .set("error", self.error.map(Val::Text))
+            .set("output", self.output.clone().map(Val::Owned))
+            .into_parts()
     }
 }
 
 impl<'a> JobCols<'a> {
     fn set_columns(&self) -> (Vec<&'static str>, Vec<Val<'a>>) {
-        let mut names = Vec::new();
-        let mut values = Vec::new();
-        let mut set = |name: &'static str, v: Option<Val<'a>>| {
-            if let Some(v) = v {
-                names.push(name);
-                values.push(v);
-            }
-        };
-        set("state", self.state.map(|x| Val::Text(Some(x))));
-        set("started_at", self.started_at.map(|x| Val::Int(Some(x))));
-        set("finished_at", self.finished_at.map(|x| Val::Int(Some(x))));
-        set("error", self.error.map(Val::Text));
-        set("output", self.output.clone().map(Val::Owned));
-        (names, values)
+        SetColumns::default()
+            .set("state", self.state.map(|x| Val::Text(Some(x))))
+            .set("started_at", self.started_at.map(|x| Val::Int(Some(x))))
+            .set("finished_at", self.finished_at.map(|x| Val::Int(Some(x))))
+            .set("error", self.error.map(Val::Text))
+            .set("output", self.output.clone().map(Val::Owned))
+            .into_parts()
     }
 }
 
