@@ -17,6 +17,7 @@ use gpuflow_core::{Action, AttemptResult, Event, JobId, RestoredStage, RestoredS
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
+use super::ledger::Ledger;
 use super::*;
 use crate::config::{ClusterSettings, Config};
 use crate::store::{AgentRecord, AttemptDetails, Claim, Finish, PgStore, SharedCancel};
@@ -80,7 +81,7 @@ fn local_id(token: i64) -> JobId {
 
 impl<S: Store> Runtime<S> {
     pub fn with_cluster(mut self, store: PgStore, settings: ClusterSettings, name: String) -> Self {
-        self.cluster = Some(Agent::new(store, settings, name));
+        self.ledger = Ledger::Shared(Box::new(Agent::new(store, settings, name)));
         self
     }
 
@@ -88,7 +89,7 @@ impl<S: Store> Runtime<S> {
     /// listening for work.
     pub(super) async fn join_cluster(&mut self, api: String) -> Result<(), RuntimeError> {
         let resources = self.agent_resources();
-        let Some(agent) = &mut self.cluster else { return Ok(()) };
+        let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
         let host = crate::serve::hostname();
         let requeued = agent.store.register_agent(&agent.name, &host, &api, &resources, cluster::lease_lost).await?;
         for l in &requeued {
@@ -134,7 +135,7 @@ impl<S: Store> Runtime<S> {
             "gpu_memory_used": usage.gpu_memory_used,
             "counters": capacity.counters,
             "counters_used": usage.counters,
-            "running": self.cluster.as_ref().map(|a| a.claims.len()).unwrap_or(0),
+            "running": self.ledger.agent().map(|a| a.claims.len()).unwrap_or(0),
         })
     }
 
@@ -142,7 +143,7 @@ impl<S: Store> Runtime<S> {
     /// writes that failed, and looks for work.
     pub(super) async fn cluster_tick(&mut self) -> Result<(), RuntimeError> {
         let resources = self.agent_resources();
-        let Some(agent) = &mut self.cluster else { return Ok(()) };
+        let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
         let ttl = agent.settings.lease_ttl_ms;
         let mut stop: Vec<(JobId, String)> = Vec::new();
         match agent.store.heartbeat(ttl, &resources).await {
@@ -197,7 +198,7 @@ impl<S: Store> Runtime<S> {
 
     /// Stops this agent's claims whose job is ending (cancelled, or failed on another stage).
     async fn stop_ending_claims(&mut self) -> Result<(), RuntimeError> {
-        let Some(agent) = &mut self.cluster else { return Ok(()) };
+        let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
         let tokens = agent.store.leases_to_stop().await?;
         let ending: Vec<JobId> = tokens
             .into_iter()
@@ -242,7 +243,7 @@ impl<S: Store> Runtime<S> {
     /// Claims what fits the free local resources, and starts it.
     pub(super) async fn claim_work(&mut self) {
         for _ in 0..8 {
-            let Some(agent) = &mut self.cluster else { return };
+            let Some(agent) = self.ledger.agent_mut() else { return };
             let inventory = self.state.inventory().clone();
             let reserve_after_ms = self.config.scheduler.reserve_after_ms;
             let mut missing: HashSet<String> = HashSet::new();
@@ -301,7 +302,7 @@ impl<S: Store> Runtime<S> {
                 if let Err(e) = &parsed {
                     tracing::error!("jobs accepted under pipeline snapshot {hash} cannot run on this agent: {e}");
                 }
-                if let Some(agent) = &mut self.cluster {
+                if let Some(agent) = self.ledger.agent_mut() {
                     agent.configs.insert(hash.clone(), parsed);
                 }
             }
@@ -313,7 +314,7 @@ impl<S: Store> Runtime<S> {
 
     /// Runs a claim as a local one-stage job: the claimed stage queued, the others done.
     async fn adopt(&mut self, claim: Claim) -> Result<(), RuntimeError> {
-        let Some(agent) = &mut self.cluster else { return Ok(()) };
+        let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
         let def = match agent.configs.get(&claim.config_hash) {
             Some(Ok(config)) => config.pipeline(&claim.pipeline),
             _ => Err("pipeline snapshot not loaded".to_string()),
@@ -374,7 +375,7 @@ impl<S: Store> Runtime<S> {
         for action in actions {
             match action {
                 Action::Start { job, grant, .. } => {
-                    let Some(agent) = &self.cluster else { return Ok(()) };
+                    let Some(agent) = self.ledger.agent() else { return Ok(()) };
                     let Some(c) = agent.claims.get(job) else { continue };
                     // Off the loop: the grant is for display, and a refusal (the lease is gone)
                     // is acted on by the next renewal, which stops the attempt.
@@ -416,7 +417,7 @@ impl<S: Store> Runtime<S> {
     }
 
     async fn send_end(&mut self, local: JobId, end: SharedEnd, details: AttemptDetails) {
-        let Some(agent) = &mut self.cluster else { return };
+        let Some(agent) = self.ledger.agent_mut() else { return };
         let Some(c) = agent.claims.get_mut(&local) else { return };
         let retry = &c.retry;
         let decide = |stages: &_, ending, stage| cluster::attempt_ended(stages, ending, stage, end.clone(), retry);
@@ -444,7 +445,7 @@ impl<S: Store> Runtime<S> {
     }
 
     async fn resend_unsent(&mut self) {
-        let Some(agent) = &mut self.cluster else { return };
+        let Some(agent) = self.ledger.agent_mut() else { return };
         for (local, end, details) in std::mem::take(&mut agent.unsent) {
             self.send_end(local, end, details).await;
         }
@@ -456,7 +457,7 @@ impl<S: Store> Runtime<S> {
         if let Some(earlier) = self.earlier_submission(&request).await? {
             return Ok(earlier);
         }
-        let Some(agent) = &self.cluster else { return Err(EngineError::Internal("not an agent".into())) };
+        let Some(agent) = self.ledger.agent() else { return Err(EngineError::Internal("not an agent".into())) };
         // Counted across agents; two agents admitting at the same moment may pass the bound
         // by one each.
         if agent.store.unfinished_count(&request.pipeline).await? >= def.max_queued as u64 {
@@ -475,7 +476,7 @@ impl<S: Store> Runtime<S> {
     }
 
     pub(super) async fn cancel_shared(&mut self, id: String) -> Result<String, EngineError> {
-        let Some(agent) = &self.cluster else { return Err(EngineError::Internal("not an agent".into())) };
+        let Some(agent) = self.ledger.agent() else { return Err(EngineError::Internal("not an agent".into())) };
         match agent.store.cancel_shared(&id, cluster::cancel).await? {
             SharedCancel::Accepted(state) => {
                 // Stop our own share of it now; other agents see it at their next tick.
@@ -491,7 +492,7 @@ impl<S: Store> Runtime<S> {
     }
 
     pub(super) async fn agents(&self) -> Result<Vec<AgentRecord>, EngineError> {
-        let Some(agent) = &self.cluster else {
+        let Some(agent) = self.ledger.agent() else {
             return Err(EngineError::NotClustered);
         };
         Ok(agent.store.agents(agent.settings.lease_ttl_ms).await?)
@@ -499,7 +500,7 @@ impl<S: Store> Runtime<S> {
 
     /// A clean shutdown: what this agent held goes back to the queue at once.
     pub(super) async fn leave_cluster(&mut self) {
-        let Some(agent) = &self.cluster else { return };
+        let Some(agent) = self.ledger.agent() else { return };
         match agent.store.stop_agent(cluster::lease_lost).await {
             Ok(requeued) if !requeued.is_empty() => {
                 tracing::info!(stages = requeued.len(), "re-queued the stages this agent was running")

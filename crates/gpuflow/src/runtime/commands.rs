@@ -238,85 +238,11 @@ impl EngineHandle {
 impl<S: Store> Runtime<S> {
     pub(super) async fn on_command(&mut self, command: Command) -> Result<(), RuntimeError> {
         match command {
-            Command::Submit { request, reply } if self.cluster.is_some() => {
-                let _ = reply.send(self.admit_shared(request).await);
-                Ok(())
-            }
-            Command::Cancel { id, reply } if self.cluster.is_some() => {
-                let _ = reply.send(self.cancel_shared(id).await);
-                Ok(())
-            }
-            Command::SubmitBatch { requests, reply } if self.cluster.is_some() => {
-                // Agents admit into the shared queue, one transaction per job for now.
-                let mut answers = Vec::with_capacity(requests.len());
-                for request in requests {
-                    answers.push(self.admit_shared(request).await);
-                }
-                let _ = reply.send(answers);
-                Ok(())
-            }
+            Command::Submit { request, reply } => self.submit(request, reply).await,
+            Command::SubmitBatch { requests, reply } => self.submit_batch(requests, reply).await,
+            Command::Cancel { id, reply } => self.cancel(id, reply).await,
             Command::Agents { reply } => {
                 let _ = reply.send(self.agents().await);
-                Ok(())
-            }
-            Command::Submit { request, reply } => {
-                match self.admit(request).await {
-                    Ok(submitted) => self.turn.replies.push(Box::new(move |_, committed| {
-                        let _ = reply.send(committed.map(|()| submitted).map_err(|e| EngineError::Internal(e.into())));
-                    })),
-                    Err(AdmitError::Refused(e)) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Err(AdmitError::Store(e)) => {
-                        let _ = reply.send(Err(EngineError::Internal(e.to_string())));
-                        return Err(e.into());
-                    }
-                }
-                Ok(())
-            }
-            Command::SubmitBatch { requests, reply } => {
-                let mut answers = Vec::with_capacity(requests.len());
-                for request in requests {
-                    match self.admit(request).await {
-                        Ok(submitted) => answers.push(Ok(submitted)),
-                        Err(AdmitError::Refused(e)) => answers.push(Err(e)),
-                        Err(AdmitError::Store(e)) => {
-                            let _ = reply.send(vec![Err(EngineError::Internal(e.to_string()))]);
-                            return Err(e.into());
-                        }
-                    }
-                }
-                self.turn.replies.push(Box::new(move |_, committed| {
-                    let answers = match committed {
-                        Ok(()) => answers,
-                        Err(e) => answers.into_iter().map(|a| a.and(Err(EngineError::Internal(e.into())))).collect(),
-                    };
-                    let _ = reply.send(answers);
-                }));
-                Ok(())
-            }
-            Command::Cancel { id, reply } => {
-                let job = job_id_of(&id);
-                match job.filter(|j| self.state.job(*j).is_some()) {
-                    Some(job) => {
-                        self.step(Event::CancelRequested { job });
-                        self.turn.replies.push(Box::new(move |state, committed| {
-                            let answer = committed
-                                .map(|()| if state.job(job).is_some() { "cancelling" } else { "cancelled" }.to_string())
-                                .map_err(|e| EngineError::Internal(e.into()));
-                            let _ = reply.send(answer);
-                        }));
-                    }
-                    None => {
-                        // Finished: committed by an earlier turn, so the store has its state.
-                        let answer = match self.store.job(&id).await {
-                            Ok(Some(detail)) => Err(EngineError::AlreadyFinished { id, state: detail.job.state }),
-                            Ok(None) => Err(EngineError::NotFound(id)),
-                            Err(e) => Err(e.into()),
-                        };
-                        let _ = reply.send(answer);
-                    }
-                }
                 Ok(())
             }
             Command::Resources { reply } => {
@@ -342,7 +268,7 @@ impl<S: Store> Runtime<S> {
 
     /// Admission: known pipeline, idempotency, queue bound; then the job joins the turn. It
     /// is acknowledged only once the turn has committed it.
-    async fn admit(&mut self, request: SubmitRequest) -> Result<Submitted, AdmitError> {
+    pub(super) async fn admit(&mut self, request: SubmitRequest) -> Result<Submitted, AdmitError> {
         let def = self.pipeline_for(&request.pipeline).map_err(AdmitError::Refused)?;
         if let Some(key) = &request.idempotency_key
             && let Some((earlier, first)) = self.turn.keys.get(key)

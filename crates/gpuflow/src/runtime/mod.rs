@@ -5,6 +5,7 @@ mod clock;
 mod cluster;
 mod commands;
 mod journal;
+mod ledger;
 mod metrics;
 mod pools;
 mod recover;
@@ -212,8 +213,8 @@ pub struct Runtime<S: Store> {
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     commands: mpsc::Receiver<Command>,
-    /// Set when this engine is one agent of a shared PostgreSQL queue.
-    cluster: Option<cluster::Agent>,
+    /// Where decisions are recorded: this engine's store, or a queue shared with other agents.
+    ledger: ledger::Ledger,
     /// The API's address, as agents advertise it.
     api_address: String,
     /// Pipeline names, shared by the jobs that name them.
@@ -262,7 +263,7 @@ impl<S: Store> Runtime<S> {
             internal_tx,
             internal_rx,
             commands,
-            cluster: None,
+            ledger: ledger::Ledger::Local,
             api_address: String::new(),
             ready: Arc::default(),
             pipeline_names: HashMap::new(),
@@ -285,24 +286,17 @@ impl<S: Store> Runtime<S> {
             tracing::info!(closed, "closed findings left open by the previous run; they are re-checked now");
         }
         self.start_pools();
-        if self.cluster.is_none() {
-            self.next_seq = self.store.next_job_seq().await? as u64;
-        }
-        if self.cluster.is_some() {
-            self.join_cluster(self.api_address.clone()).await?;
-        } else {
-            self.recover().await?;
-        }
+        self.open_ledger().await?;
         self.start_gpu_sampler();
         // Recovery's events make the first turn; it is committed before anything is started.
         let r = self.run_turn().await;
         self.tolerate(r)?;
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         tokio::pin!(shutdown);
-        let cluster_wake = self.cluster.as_ref().map(|a| a.wake());
-        let mut cluster_tick =
-            tokio::time::interval(self.cluster.as_ref().map(|a| a.tick_every()).unwrap_or(Duration::from_secs(3600)));
-        cluster_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ledger_wake = self.ledger.wake();
+        let ticks = self.ledger.tick_every().is_some();
+        let mut ledger_tick = tokio::time::interval(self.ledger.tick_every().unwrap_or(Duration::from_secs(3600)));
+        ledger_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut diagnosis = tokio::time::interval(Duration::from_millis(self.config.diagnosis.sample_interval_ms));
         diagnosis.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Pool watchdog: hangs, startup timeouts and restarts are checked this often.
@@ -323,8 +317,8 @@ impl<S: Store> Runtime<S> {
                 _ = sleep_until(wake) => { self.step(Event::Tick); Ok(()) }
                 _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await,
                 _ = diagnosis.tick() => self.diagnose().await,
-                _ = notified(&cluster_wake) => { self.claim_work().await; Ok(()) }
-                _ = cluster_tick.tick(), if self.cluster.is_some() => self.cluster_tick().await,
+                _ = notified(&ledger_wake) => { self.ledger_woken().await; Ok(()) }
+                _ = ledger_tick.tick(), if ticks => self.ledger_tick().await,
             };
             self.tolerate(r)?;
             let r = self.drain_ready().await;
@@ -334,15 +328,14 @@ impl<S: Store> Runtime<S> {
             self.journal_observe();
         }
         self.stop_all().await;
-        self.leave_cluster().await;
+        self.close_ledger().await;
         Ok(())
     }
 
-    /// An agent rides out a lost database connection: its job state lives in the database,
-    /// and what it could not write is retried. The embedded store failing stays fatal.
+    /// Errors the ledger rides out (see `Ledger::rides_out`) are logged; others stop the loop.
     fn tolerate(&self, result: Result<(), RuntimeError>) -> Result<(), RuntimeError> {
         match result {
-            Err(RuntimeError::Store(e)) if self.cluster.is_some() && e.is_transient() => {
+            Err(e) if self.ledger.rides_out(&e) => {
                 tracing::warn!("database unavailable, continuing: {e}");
                 Ok(())
             }
@@ -397,12 +390,10 @@ impl<S: Store> Runtime<S> {
         }
     }
 
-    /// Writes everything a turn decided, in one transaction (an agent: its fenced writes).
+    /// Records everything a turn decided (`record`: one transaction, or an agent's fenced
+    /// writes).
     async fn commit(&mut self, turn: &Turn) -> Result<(), RuntimeError> {
-        if self.cluster.is_some() {
-            return self.cluster_writes(&turn.actions).await;
-        }
-        self.store.write_turn(&turn.jobs, &turn.writes).await?;
+        self.record(turn).await?;
         if let Some(after) = self.abort_after_commit.as_mut() {
             // Test hook (GPUFLOW_TEST_ABORT_AFTER_COMMIT=N): die like `kill -9` right after
             // the Nth commit, before any of its effects.
@@ -480,9 +471,7 @@ impl<S: Store> Runtime<S> {
     /// same turn read (outputs), and the actions to perform after the commit.
     fn take(&mut self, actions: Vec<Action>, now: u64) {
         for action in actions {
-            if self.cluster.is_none()
-                && let Some(write) = self.write_for(&action, now)
-            {
+            if let Some(write) = self.write_for(&action, now) {
                 self.turn.writes.push(write);
             }
             match &action {
