@@ -32,7 +32,7 @@ PROTOCOL_VERSION = 1
 
 # Announced in `ready`: the engine may send tasks ahead while one runs (they wait here, in
 # order), and this worker honours `cancel` for a task it has not started.
-FEATURES = ["prefetch"]
+FEATURES = ["prefetch", "job_dir_on_demand"]
 
 # The engine treats a longer line from a worker as a protocol error and restarts the instance,
 # so an output that would exceed it is turned into a task error here instead.
@@ -138,8 +138,8 @@ class Task:
     """One task, as handed to `Worker.handle`.
 
     Attributes: ``id`` (opaque task id), ``job_id``, ``job_dir`` (absolute path of the job's
-    directory), ``stage``, ``attempt`` (1, 2, ...), ``input`` (the job input) and ``stages``
-    (earlier stage name -> its output).
+    directory, created when first read), ``stage``, ``attempt`` (1, 2, ...), ``input`` (the
+    job input) and ``stages`` (earlier stage name -> its output).
 
     `progress` and `heartbeat` may be called from any thread while the task runs; after the
     task has ended they do nothing.
@@ -148,7 +148,8 @@ class Task:
     def __init__(self, channel: _Channel, message: Dict[str, Any]) -> None:
         self.id: str = message["task"]
         self.job_id: str = message.get("job_id", "")
-        self.job_dir: str = message.get("job_dir", "")
+        self._job_dir: str = message.get("job_dir", "")
+        self._job_dir_made = False
         self.stage: str = message.get("stage", "")
         self.attempt: int = message.get("attempt", 1)
         self.input: Any = message.get("input") if message.get("input") is not None else {}
@@ -158,6 +159,15 @@ class Task:
         self._activity = False
         self._pending_progress: Optional[bytes] = None
         self._last_progress_sent = -math.inf
+
+    @property
+    def job_dir(self) -> str:
+        """The job's directory, for files this task writes. We announce `job_dir_on_demand`,
+        so the engine does not create it for every task: it is created here on first use."""
+        if self._job_dir and not self._job_dir_made:
+            os.makedirs(self._job_dir, exist_ok=True)
+            self._job_dir_made = True
+        return self._job_dir
 
     def __repr__(self) -> str:
         return f"Task(id={self.id!r}, job_id={self.job_id!r}, stage={self.stage!r}, attempt={self.attempt!r})"

@@ -329,6 +329,19 @@ class WorkerProtocolTest(unittest.TestCase):
         engine = FakeEngine(self)
         self.assertIn("prefetch", engine.ready()["features"])
 
+    def test_job_dir_is_created_when_first_used(self):
+        # The SDK announces `job_dir_on_demand`: the engine no longer makes the directory.
+        from gpuflow.worker import FEATURES, Task
+
+        self.assertIn("job_dir_on_demand", FEATURES)
+        with tempfile.TemporaryDirectory() as root:
+            path = os.path.join(root, "jobs", "job-1")
+            task = Task(None, {"type": "task", "task": "t-1", "job_dir": path})
+            self.assertFalse(os.path.exists(path), "made before it was used")
+            self.assertEqual(task.job_dir, path)
+            self.assertTrue(os.path.isdir(path))
+            self.assertEqual(task.job_dir, path)
+
     def test_tasks_sent_ahead_run_in_order_each_with_its_own_result(self):
         engine = FakeEngine(self)
         engine.ready()

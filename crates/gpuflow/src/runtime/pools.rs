@@ -28,6 +28,9 @@ pub const PROTOCOL_VERSION: u64 = 1;
 /// The feature a worker announces in `ready` when it may be sent tasks ahead and honours
 /// `cancel` for a task it has not started.
 pub const FEATURE_PREFETCH: &str = "prefetch";
+/// The feature a worker announces when it creates a task's `job_dir` itself, on first use: the
+/// engine then makes no directory per task (a `mkdir` per task dominated short tasks).
+pub const FEATURE_JOB_DIR_ON_DEMAND: &str = "job_dir_on_demand";
 /// Consecutive failures after which a pool instance is reported as crash-looping.
 const CRASH_LOOP: u32 = 5;
 
@@ -101,6 +104,8 @@ pub(super) struct Instance {
     held: VecDeque<Held>,
     /// It announced the `prefetch` feature in `ready`.
     prefetch_ok: bool,
+    /// It announced `job_dir_on_demand`: it creates a task's job directory when it uses it.
+    makes_job_dir: bool,
     tasks_done: u32,
     consecutive_failures: u32,
     restarts: u32,
@@ -130,6 +135,7 @@ impl Instance {
             last_beat_ms: now,
             held: VecDeque::new(),
             prefetch_ok: false,
+            makes_job_dir: false,
             tasks_done: 0,
             consecutive_failures: 0,
             restarts: 0,
@@ -289,6 +295,7 @@ impl<S: Store> Runtime<S> {
         inst.escalated = false;
         inst.tasks_done = 0;
         inst.prefetch_ok = false;
+        inst.makes_job_dir = false;
         inst.held.clear();
         inst.stdin = Some(stdin_tx);
         inst.stop = Some(stop_tx);
@@ -326,7 +333,8 @@ impl<S: Store> Runtime<S> {
             "stages": stages,
         });
         // The job directory is the task's to write into, as for command stages: the
-        // instance's writer creates it before it writes the task (`ToWorker`).
+        // instance's writer creates it before it writes the task (`ToWorker`), unless the
+        // worker creates it itself when it uses it (`job_dir_on_demand`).
         let line = message.to_string();
         let pool = self.pools.get_mut(pool_name).ok_or_else(|| format!("unknown pool `{pool_name}`"))?;
         let def = pool.def.clone();
@@ -351,7 +359,7 @@ impl<S: Store> Runtime<S> {
                 });
                 return Ok(());
             };
-            let message = ToWorker { line: line.clone(), job_dir: Some(dir.clone()) };
+            let message = ToWorker { line: line.clone(), job_dir: (!inst.makes_job_dir).then(|| dir.clone()) };
             if inst.stdin.as_ref().is_none_or(|tx| tx.send(message).is_err()) {
                 // Its input is closed: the process is gone or going; its exit says why.
                 tracing::warn!(pool = %pool_name, index = inst.index, "worker instance no longer reads its input; stopping it");
@@ -453,9 +461,11 @@ impl<S: Store> Runtime<S> {
                 }
                 inst.state = InstanceState::Idle;
                 inst.info = Some(message["info"].clone());
-                inst.prefetch_ok = message["features"]
-                    .as_array()
-                    .is_some_and(|f| f.iter().any(|v| v.as_str() == Some(FEATURE_PREFETCH)));
+                let announces = |feature: &str| {
+                    message["features"].as_array().is_some_and(|f| f.iter().any(|v| v.as_str() == Some(feature)))
+                };
+                inst.prefetch_ok = announces(FEATURE_PREFETCH);
+                inst.makes_job_dir = announces(FEATURE_JOB_DIR_ON_DEMAND);
                 tracing::info!(pool, index, info = %message["info"], prefetch = inst.prefetch_ok, "worker instance ready");
                 self.sync_availability(pool);
                 Ok(())
