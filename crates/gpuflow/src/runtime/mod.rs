@@ -243,7 +243,10 @@ impl<S: Store> Runtime<S> {
             turn: Turn::default(),
             pending: VecDeque::new(),
             schedule_owed: false,
-            abort_after_commit: std::env::var("GPUFLOW_TEST_ABORT_AFTER_COMMIT").ok().and_then(|v| v.parse().ok()),
+            abort_after_commit: std::env::var("GPUFLOW_TEST_ABORT_AFTER_COMMIT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0),
             engine_marker: data_dir.display().to_string(),
             config: config.clone(),
             shared,
