@@ -11,7 +11,7 @@ use crate::pipeline::StageIndex;
 use crate::resources::{Inventory, ResourceRequest};
 use crate::retry::RetryPolicy;
 use crate::rules::{self, End, Interruption, Stage};
-use crate::scheduler::JobState;
+use crate::scheduler::{AttemptResult, JobState};
 
 /// What to write for one stage (`Stop` needs no write: the agent holding it sees the ending).
 pub use crate::rules::Change as StageChange;
@@ -44,6 +44,22 @@ pub enum SharedEnd {
     },
     /// Its lease expired: the agent died, froze or lost the database.
     LeaseLost,
+}
+
+impl SharedEnd {
+    /// How an agent reports a local attempt's end to the shared queue. A local interruption
+    /// (its worker crashed, the agent is stopping) is a lost lease there: another agent may
+    /// run the stage, and no retry is spent.
+    pub fn of(result: AttemptResult, error: Option<&str>, retryable: bool) -> SharedEnd {
+        let error = error.unwrap_or_default().to_string();
+        match result {
+            AttemptResult::Succeeded => SharedEnd::Succeeded,
+            AttemptResult::Cancelled => SharedEnd::Cancelled { error },
+            AttemptResult::TimedOut => SharedEnd::Failed { error, retryable, timed_out: true },
+            AttemptResult::Failed => SharedEnd::Failed { error, retryable, timed_out: false },
+            AttemptResult::Interrupted => SharedEnd::LeaseLost,
+        }
+    }
 }
 
 impl From<SharedEnd> for End {

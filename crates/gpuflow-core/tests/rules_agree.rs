@@ -143,14 +143,7 @@ impl Agent {
     /// turns it into a `SharedEnd` and `PgStore::finish` (or the lease sweep) decides it.
     fn attempt_ended(&mut self, action: &Action, p: &Pipeline, now: u64) {
         let Action::AttemptEnded { stage, result, error, retryable, .. } = action else { return };
-        let error = error.clone().unwrap_or_default();
-        let end = match result {
-            AttemptResult::Succeeded => SharedEnd::Succeeded,
-            AttemptResult::Cancelled => SharedEnd::Cancelled { error },
-            AttemptResult::TimedOut => SharedEnd::Failed { error, retryable: *retryable, timed_out: true },
-            AttemptResult::Failed => SharedEnd::Failed { error, retryable: *retryable, timed_out: false },
-            AttemptResult::Interrupted => SharedEnd::LeaseLost,
-        };
+        let end = SharedEnd::of(*result, error.as_deref(), *retryable);
         assert_eq!(self.stages[*stage].state, SharedStageState::Running, "stage {stage} ended but was not claimed");
         let ending = self.ending.as_ref().map(|(s, _)| *s);
         let t = cluster::attempt_ended(&self.stages, ending, *stage, end, &p.stages[*stage].retry);

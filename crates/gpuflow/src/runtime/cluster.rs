@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpuflow_core::cluster::{self, ClaimCandidate as Candidate, ClaimProblem, SharedEnd};
-use gpuflow_core::{Action, AttemptResult, Event, JobId, RestoredStage, RestoredStatus, RetryPolicy};
+use gpuflow_core::{Action, Event, JobId, RestoredStage, RestoredStatus, RetryPolicy};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
@@ -394,14 +394,7 @@ impl<S: Store> Runtime<S> {
                     });
                 }
                 Action::AttemptEnded { job, stage, attempt, result, error, retryable, .. } => {
-                    let error = error.clone().unwrap_or_default();
-                    let end = match result {
-                        AttemptResult::Succeeded => SharedEnd::Succeeded,
-                        AttemptResult::Cancelled => SharedEnd::Cancelled { error },
-                        AttemptResult::TimedOut => SharedEnd::Failed { error, retryable: *retryable, timed_out: true },
-                        AttemptResult::Failed => SharedEnd::Failed { error, retryable: *retryable, timed_out: false },
-                        AttemptResult::Interrupted => SharedEnd::LeaseLost,
-                    };
+                    let end = SharedEnd::of(*result, error.as_deref(), *retryable);
                     let details = self.exits.get(&(*job, *stage, *attempt));
                     let details = AttemptDetails {
                         output: details.and_then(|d| d.output.clone()),

@@ -239,7 +239,7 @@ impl<S: Store> Runtime<S> {
     pub(super) async fn on_command(&mut self, command: Command) -> Result<(), RuntimeError> {
         match command {
             Command::Submit { request, reply } => self.submit(request, reply).await,
-            Command::SubmitBatch { requests, reply } => self.submit_batch(requests, reply).await,
+            Command::SubmitBatch { requests, reply } => self.submit_batch(requests, ledger::oneshot_all(reply)).await,
             Command::Cancel { id, reply } => self.cancel(id, reply).await,
             Command::Agents { reply } => {
                 let _ = reply.send(self.agents().await);
@@ -270,25 +270,10 @@ impl<S: Store> Runtime<S> {
     /// is acknowledged only once the turn has committed it.
     pub(super) async fn admit(&mut self, request: SubmitRequest) -> Result<Submitted, AdmitError> {
         let def = self.pipeline_for(&request.pipeline).map_err(AdmitError::Refused)?;
-        if let Some(key) = &request.idempotency_key
-            && let Some((earlier, first)) = self.turn.keys.get(key)
-        {
-            return if first.pipeline == request.pipeline
-                && first.input == request.input
-                && first.priority == request.priority
-            {
-                Ok(Submitted { created: false, ..earlier.clone() })
-            } else {
-                Err(AdmitError::Refused(EngineError::IdempotencyConflict {
-                    key: key.clone(),
-                    existing: earlier.id.clone(),
-                }))
-            };
-        }
         if let Some(earlier) = self.earlier_submission(&request).await? {
             return Ok(earlier);
         }
-        let active = self.active_per_pipeline.get(&request.pipeline).copied().unwrap_or(0);
+        let active = self.active_per_pipeline.get(request.pipeline.as_str()).copied().unwrap_or(0);
         if active >= def.max_queued {
             return Err(AdmitError::Refused(EngineError::QueueFull {
                 pipeline: request.pipeline,
@@ -301,13 +286,13 @@ impl<S: Store> Runtime<S> {
         self.next_seq += 1;
         let mut new_job = self.new_job(&id, &request, &def);
         new_job.seq = Some(seq as i64);
+        if let Some(key) = &request.idempotency_key {
+            self.turn.keys.insert(key.clone(), self.turn.jobs.len());
+        }
         self.turn.jobs.push(new_job);
         self.metrics.submitted(&request.pipeline);
         let job = JobId(uuid.as_u128());
         let submitted = Submitted { id: id.clone(), state: JobState::Queued.as_str().to_string(), created: true };
-        if let Some(key) = &request.idempotency_key {
-            self.turn.keys.insert(key.clone(), (submitted.clone(), request.clone()));
-        }
         self.turn.submitted.push(EngineEvent::JobSubmitted { job: id.clone(), pipeline: request.pipeline.clone() });
         self.step(Event::Submitted { job, seq, priority: request.priority, pipeline: def.core.clone() });
         self.track(job, id, request.pipeline, def.clone(), request.input, Vec::new());
@@ -326,14 +311,24 @@ impl<S: Store> Runtime<S> {
     /// same request; a conflict when it was a different one.
     pub(super) async fn earlier_submission(&self, request: &SubmitRequest) -> Result<Option<Submitted>, AdmitError> {
         let Some(key) = &request.idempotency_key else { return Ok(None) };
-        let Some(existing) = self.store.job_by_idempotency_key(key).await? else { return Ok(None) };
-        if existing.pipeline == request.pipeline
-            && existing.input == request.input
-            && existing.priority == request.priority
-        {
-            return Ok(Some(Submitted { id: existing.id, state: existing.state, created: false }));
+        let same = |pipeline: &str, input: &Value, priority: i32| {
+            pipeline == request.pipeline && *input == request.input && priority == request.priority
+        };
+        // A job admitted earlier in this turn is not in the store yet.
+        let (id, state, same) = match self.turn.keys.get(key).map(|i| &self.turn.jobs[*i]) {
+            Some(j) => (j.id.clone(), JobState::Queued.as_str().to_string(), same(&j.pipeline, &j.input, j.priority)),
+            None => match self.store.job_by_idempotency_key(key).await? {
+                Some(j) => {
+                    let same = same(&j.pipeline, &j.input, j.priority);
+                    (j.id, j.state, same)
+                }
+                None => return Ok(None),
+            },
+        };
+        if !same {
+            return Err(AdmitError::Refused(EngineError::IdempotencyConflict { key: key.clone(), existing: id }));
         }
-        Err(AdmitError::Refused(EngineError::IdempotencyConflict { key: key.clone(), existing: existing.id }))
+        Ok(Some(Submitted { id, state, created: false }))
     }
 
     /// The row to insert for an admitted request, with the pipeline file it is accepted under.
@@ -361,21 +356,12 @@ impl<S: Store> Runtime<S> {
         input: Value,
         outputs: Vec<Option<Value>>,
     ) {
-        let pipeline_name = match self.pipeline_names.get(pipeline_name.as_str()) {
-            Some(name) => name.clone(),
-            None => {
-                let name: Arc<str> = Arc::from(pipeline_name.as_str());
-                self.pipeline_names.insert(pipeline_name, name.clone());
-                name
-            }
+        // The count's key is the name every job of the pipeline shares.
+        let pipeline_name = match self.active_per_pipeline.get_key_value(pipeline_name.as_str()) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(pipeline_name),
         };
-        // `entry` would allocate the key for every job: look up first.
-        match self.active_per_pipeline.get_mut(&*pipeline_name) {
-            Some(n) => *n += 1,
-            None => {
-                self.active_per_pipeline.insert(pipeline_name.to_string(), 1);
-            }
-        }
+        *self.active_per_pipeline.entry(pipeline_name.clone()).or_default() += 1;
         // Job ids are UUIDs (admission makes them; recovery refuses others). An agent's local key is
         // not the job's id, so the id is parsed, not derived from the key.
         let uuid = uuid::Uuid::parse_str(&id).unwrap_or_else(|_| uuid::Uuid::from_u128(job.0));

@@ -37,6 +37,12 @@ impl Ledger {
         self.agent().map(Agent::wake)
     }
 
+    /// Whether a turn's rows are written by this engine (the shared queue keeps its own rows,
+    /// written by the agents' fenced writes).
+    pub(super) fn keeps_rows(&self) -> bool {
+        matches!(self, Ledger::Local)
+    }
+
     /// How often `tick` must run, if at all.
     pub(super) fn tick_every(&self) -> Option<Duration> {
         self.agent().map(Agent::tick_every)
@@ -47,6 +53,24 @@ impl Ledger {
     pub(super) fn rides_out(&self, error: &RuntimeError) -> bool {
         matches!((self, error), (Ledger::Shared(_), RuntimeError::Store(e)) if e.is_transient())
     }
+}
+
+/// Where a batch's answers go: the batch's caller, or a single submission's.
+pub(super) type BatchReply = Box<dyn FnOnce(Vec<Result<Submitted, EngineError>>) + Send>;
+
+/// A batch's answers for a caller that sent one request.
+fn oneshot_first(reply: oneshot::Sender<Result<Submitted, EngineError>>) -> BatchReply {
+    Box::new(move |answers| {
+        let answer = answers.into_iter().next().unwrap_or(Err(EngineError::Internal("no answer".into())));
+        let _ = reply.send(answer);
+    })
+}
+
+/// A batch's answers for a caller that sent a batch.
+pub(super) fn oneshot_all(reply: oneshot::Sender<Vec<Result<Submitted, EngineError>>>) -> BatchReply {
+    Box::new(move |answers| {
+        let _ = reply.send(answers);
+    })
 }
 
 impl<S: Store> Runtime<S> {
@@ -68,37 +92,23 @@ impl<S: Store> Runtime<S> {
         request: SubmitRequest,
         reply: oneshot::Sender<Result<Submitted, EngineError>>,
     ) -> Result<(), RuntimeError> {
-        if self.ledger.agent().is_some() {
-            let _ = reply.send(self.admit_shared(request).await);
-            return Ok(());
-        }
-        match self.admit(request).await {
-            Ok(submitted) => self.turn.replies.push(Box::new(move |_, committed| {
-                let _ = reply.send(committed.map(|()| submitted).map_err(|e| EngineError::Internal(e.into())));
-            })),
-            Err(AdmitError::Refused(e)) => {
-                let _ = reply.send(Err(e));
-            }
-            Err(AdmitError::Store(e)) => {
-                let _ = reply.send(Err(EngineError::Internal(e.to_string())));
-                return Err(e.into());
-            }
-        }
-        Ok(())
+        self.submit_batch(vec![request], oneshot_first(reply)).await
     }
 
-    /// Admits a batch: in one turn, or (an agent) one transaction per job for now.
+    /// Admits a batch: in one turn, or (an agent) one transaction per job for now. Each
+    /// request gets its own answer, in order.
     pub(super) async fn submit_batch(
         &mut self,
         requests: Vec<SubmitRequest>,
-        reply: oneshot::Sender<Vec<Result<Submitted, EngineError>>>,
+        reply: BatchReply,
     ) -> Result<(), RuntimeError> {
-        let mut answers = Vec::with_capacity(requests.len());
+        let count = requests.len();
+        let mut answers = Vec::with_capacity(count);
         if self.ledger.agent().is_some() {
             for request in requests {
                 answers.push(self.admit_shared(request).await);
             }
-            let _ = reply.send(answers);
+            reply(answers);
             return Ok(());
         }
         for request in requests {
@@ -106,17 +116,16 @@ impl<S: Store> Runtime<S> {
                 Ok(submitted) => answers.push(Ok(submitted)),
                 Err(AdmitError::Refused(e)) => answers.push(Err(e)),
                 Err(AdmitError::Store(e)) => {
-                    let _ = reply.send(vec![Err(EngineError::Internal(e.to_string()))]);
+                    reply((0..count).map(|_| Err(EngineError::Internal(e.to_string()))).collect());
                     return Err(e.into());
                 }
             }
         }
         self.turn.replies.push(Box::new(move |_, committed| {
-            let answers = match committed {
+            reply(match committed {
                 Ok(()) => answers,
                 Err(e) => answers.into_iter().map(|a| a.and(Err(EngineError::Internal(e.into())))).collect(),
-            };
-            let _ = reply.send(answers);
+            })
         }));
         Ok(())
     }
@@ -155,7 +164,7 @@ impl<S: Store> Runtime<S> {
     }
 
     /// Records everything a turn decided: one transaction in the store, or an agent's fenced
-    /// writes (the turn's rows are not used: the shared queue keeps its own).
+    /// writes (an agent's turn carries no rows: `keeps_rows`).
     pub(super) async fn record(&mut self, turn: &Turn) -> Result<(), RuntimeError> {
         if self.ledger.agent().is_some() {
             return self.cluster_writes(&turn.actions).await;

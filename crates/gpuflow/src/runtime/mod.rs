@@ -83,7 +83,7 @@ struct ActiveJob {
     /// The job's UUID; its text form is made when needed (`id`), not kept per job.
     uuid: uuid::Uuid,
     pipeline: Arc<PipelineDef>,
-    /// Shared by every job of the pipeline (`Runtime::pipeline_names`).
+    /// Shared by every job of the pipeline (the key of `Runtime::active_per_pipeline`).
     pipeline_name: Arc<str>,
     input: Value,
     /// Stage outputs by position; shorter than the stage list (empty at first) until outputs
@@ -150,8 +150,9 @@ struct Turn {
     submitted: Vec<EngineEvent>,
     /// Built-in no-op attempts that started and ended within the turn: nothing to spawn.
     completed_inline: HashSet<AttemptKey>,
-    /// Idempotency keys admitted in this turn (not yet readable from the store).
-    keys: HashMap<String, (Submitted, SubmitRequest)>,
+    /// Idempotency keys admitted in this turn (not yet readable from the store): the position
+    /// of their job in `jobs`.
+    keys: HashMap<String, usize>,
 }
 
 impl Turn {
@@ -201,7 +202,8 @@ pub struct Runtime<S: Store> {
     jobs: HashMap<JobId, ActiveJob>,
     processes: HashMap<AttemptKey, RunningProcess>,
     exits: HashMap<AttemptKey, ExitDetails>,
-    active_per_pipeline: HashMap<String, u32>,
+    /// Unfinished jobs per pipeline name; its keys are the names jobs share.
+    active_per_pipeline: HashMap<Arc<str>, u32>,
     pools: BTreeMap<String, pools::Pool>,
     /// Worker-stage attempts in flight: which pool instance runs each.
     worker_tasks: HashMap<AttemptKey, (String, usize)>,
@@ -217,8 +219,6 @@ pub struct Runtime<S: Store> {
     ledger: ledger::Ledger,
     /// The API's address, as agents advertise it.
     api_address: String,
-    /// Pipeline names, shared by the jobs that name them.
-    pipeline_names: HashMap<String, Arc<str>>,
     /// Set once start-up (sweep, recovery) is done; read by `/healthz`.
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -269,7 +269,6 @@ impl<S: Store> Runtime<S> {
             ledger: ledger::Ledger::Local,
             api_address: String::new(),
             ready: Arc::default(),
-            pipeline_names: HashMap::new(),
         };
         let ready = runtime.ready.clone();
         (runtime, EngineHandle::new(cmd_tx, journal, ready))
@@ -474,7 +473,9 @@ impl<S: Store> Runtime<S> {
     /// same turn read (outputs), and the actions to perform after the commit.
     fn take(&mut self, actions: Vec<Action>, now: u64) {
         for action in actions {
-            if let Some(write) = self.write_for(&action, now) {
+            if self.ledger.keeps_rows()
+                && let Some(write) = self.write_for(&action, now)
+            {
                 self.turn.writes.push(write);
             }
             match &action {
@@ -631,9 +632,10 @@ impl<S: Store> Runtime<S> {
             return Err("not a command stage".into());
         };
         let name = &active.pipeline.core.stages[stage].name;
-        let job_dir = self.job_dir(&active.id());
+        let id = active.id();
+        let job_dir = self.job_dir(&id);
         let dir = job_dir.display().to_string();
-        let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: &dir, job_id: &active.id() };
+        let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: &dir, job_id: &id };
         let argv = command
             .iter()
             .map(|t| t.render(&ctx))
@@ -646,7 +648,7 @@ impl<S: Store> Runtime<S> {
         let output_path = internal.join(format!("{name}.{attempt}.output.json"));
         let mut env: Vec<(String, String)> = stage_env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend([
-            ("GPUFLOW_JOB_ID".to_string(), active.id()),
+            ("GPUFLOW_JOB_ID".to_string(), id.clone()),
             ("GPUFLOW_JOB_DIR".to_string(), dir.clone()),
             ("GPUFLOW_STAGE".to_string(), name.clone()),
             ("GPUFLOW_ATTEMPT".to_string(), attempt.to_string()),
@@ -665,12 +667,12 @@ impl<S: Store> Runtime<S> {
             stdout_log: internal.join(format!("{name}.{attempt}.stdout.log")),
             stderr_log: internal.join(format!("{name}.{attempt}.stderr.log")),
             output_path,
-            marker: format!("{}/{name}/{attempt}", active.id()),
+            marker: format!("{id}/{name}/{attempt}"),
             log_max: self.config.limits.log_max,
             output_max: self.config.limits.output_max,
             kill_grace_ms: self.config.limits.kill_grace_ms,
         };
-        tracing::debug!(job = %active.id(), stage = %name, attempt, devices = %cuda.join(","), "starting attempt");
+        tracing::debug!(job = %id, stage = %name, attempt, devices = %cuda.join(","), "starting attempt");
         let key = (job, stage, attempt);
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let (pid_tx, pid_rx) = oneshot::channel();

@@ -9,7 +9,8 @@
 //!
 //! An instance holds its tasks in order; the head is the one it runs. Messages about a task
 //! must name the head; hang detection watches the head only, from when it became the head.
-//! A crash re-queues every task it held as interrupted (not their fault: no retry spent). A
+//! A crash re-queues the tasks it held without spending retries (the running one once; a second
+//! crash while running it fails it); a hang or a protocol error fails the running task. A
 //! prefetched task that must stop is cancelled with a `cancel` message; the instance stays.
 
 use std::collections::VecDeque;
@@ -320,12 +321,13 @@ impl<S: Store> Runtime<S> {
             .zip(&active.outputs)
             .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
             .collect();
-        let task_id = format!("{}/{}/{attempt}", active.id(), active.pipeline.core.stages[stage].name);
-        let dir = self.job_dir(&active.id());
+        let id = active.id();
+        let task_id = format!("{id}/{}/{attempt}", active.pipeline.core.stages[stage].name);
+        let dir = self.job_dir(&id);
         let message = json!({
             "type": "task",
             "task": task_id,
-            "job_id": active.id(),
+            "job_id": id,
             "job_dir": dir.display().to_string(),
             "stage": active.pipeline.core.stages[stage].name,
             "attempt": attempt,
@@ -370,7 +372,7 @@ impl<S: Store> Runtime<S> {
                 continue;
             }
             let ahead = inst.live_count();
-            tracing::info!(pool = %pool_name, index = inst.index, task = %task_id, ahead, "dispatched task to worker");
+            tracing::debug!(pool = %pool_name, index = inst.index, task = %task_id, ahead, "dispatched task to worker");
             if ahead == 0 {
                 // It becomes the head now: hang detection counts from here.
                 inst.last_beat_ms = now;
@@ -661,7 +663,7 @@ impl<S: Store> Runtime<S> {
         // worker wrote was read before its exit), so they count nothing. One whose stop caused
         // this (timeout, cancel) ends as its stop says. A hang or a protocol error is the
         // running task's own doing, and so is a second crash while running a task that was
-        // interrupted before: that task fails (retryable, spending a retry), so a task that
+        // interrupted before (by anything, an engine restart included): that task fails (retryable, spending a retry), so a task that
         // kills its worker every time costs one extra restart, not one per interruption.
         let own_fault = matches!(reason, Some(StopReason::Hung | StopReason::ProtocolError));
         for (i, Held { key, .. }) in held.into_iter().enumerate() {
