@@ -108,6 +108,7 @@ struct WorkflowsFile {
 struct LibraryStageFile {
     command: Option<Vec<String>>,
     worker: Option<String>,
+    batch_key: Option<String>,
     needs: Option<NeedsFile>,
     timeout: Option<Millis>,
     retry: Option<RetryFile>,
@@ -129,11 +130,19 @@ struct WorkerFile {
     heartbeat_timeout: Option<Millis>,
     max_tasks_per_instance: Option<u32>,
     prefetch: Option<u32>,
+    batch: Option<BatchFile>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     workdir: Option<PathBuf>,
     #[serde(default)]
     gpu_check: GpuCheck,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchFile {
+    max_size: Option<u32>,
+    max_wait: Option<Millis>,
 }
 
 #[derive(Deserialize, Default)]
@@ -290,6 +299,8 @@ struct StageFile {
     name: String,
     command: Option<Vec<String>>,
     worker: Option<String>,
+    /// Tasks share a batch only when this template renders equal for them.
+    batch_key: Option<String>,
     needs: Option<NeedsFile>,
     timeout: Option<Millis>,
     retry: Option<RetryFile>,
@@ -341,7 +352,11 @@ pub struct InputSpec {
 #[derive(Clone, Debug)]
 pub enum StageExec {
     Command { command: Vec<Template>, env: BTreeMap<String, String>, workdir: Option<PathBuf>, gpu_check: GpuCheck },
-    Worker { pool: String },
+    Worker {
+        pool: String,
+        /// `batch_key`: only tasks whose keys render equal share a batch.
+        batch_key: Option<Template>,
+    },
 }
 
 /// The counter that stands for the ready instances of a pool.
@@ -351,6 +366,16 @@ pub fn pool_counter(pool: &str) -> String {
 
 /// Most tasks an instance may hold queued behind the one it runs (`workers.NAME.prefetch`).
 pub const MAX_PREFETCH: u32 = 64;
+/// Most tasks one batch may hold (`workers.NAME.batch.max_size`).
+pub const MAX_BATCH_SIZE: u32 = 1024;
+
+/// `workers.NAME.batch`: an idle instance is handed up to `max_size` queued tasks of one stage
+/// at once, as soon as that many wait or when the oldest has waited `max_wait_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchDef {
+    pub max_size: u32,
+    pub max_wait_ms: u64,
+}
 
 /// A worker pool: long-lived instances that load a model once and run one task at a time,
 /// with up to `prefetch` more sent ahead to instances that support it.
@@ -368,17 +393,24 @@ pub struct WorkerDef {
     /// Tasks sent ahead to an instance while it runs one (only to workers that announce the
     /// `prefetch` feature); 0 sends the next task only after the previous one's answer.
     pub prefetch: u32,
+    /// Dynamic batching, for workers that announce the `batch` feature.
+    pub batch: Option<BatchDef>,
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
     pub gpu_check: GpuCheck,
 }
 
 impl WorkerDef {
-    /// Units of the pool's counter: every instance with its running task and its prefetch.
-    /// What may be granted at a time is lower while instances are not ready or do not
-    /// support prefetch (the runtime sets it).
+    /// Units of the pool's counter: every instance with its running batch and its prefetch
+    /// (a batch is one task without batching). What may be granted at a time is lower while
+    /// instances are not ready or do not support prefetch or batches (the runtime sets it).
     pub fn units(&self) -> u64 {
-        self.slots.len() as u64 * (1 + self.prefetch as u64)
+        self.slots.len() as u64 * (1 + self.prefetch as u64) * self.max_batch() as u64
+    }
+
+    /// The most tasks one batch may hold: 1 without `batch`.
+    pub fn max_batch(&self) -> u32 {
+        self.batch.map_or(1, |b| b.max_size)
     }
 }
 
@@ -527,6 +559,7 @@ impl WorkflowLibrary {
                 name: workflow_stage_name(name),
                 command: l.command,
                 worker: l.worker,
+                batch_key: l.batch_key,
                 needs: l.needs,
                 timeout: l.timeout,
                 retry: l.retry,
@@ -943,6 +976,20 @@ fn compile_workers(
                 ),
             );
         }
+        let batch = w.batch.as_ref().map(|b| {
+            let max_size = b.max_size.unwrap_or(0);
+            if max_size == 0 || max_size > MAX_BATCH_SIZE {
+                let value = b.max_size.map_or("missing".to_string(), |n| format!("`{n}`"));
+                errors.at(
+                    at,
+                    field("batch.max_size"),
+                    format!(
+                        "{value} is not a batch size; write how many tasks one batch may hold, from 1 to {MAX_BATCH_SIZE}, e.g. `batch: {{max_size: 32, max_wait: 5ms}}`"
+                    ),
+                );
+            }
+            BatchDef { max_size: max_size.clamp(1, MAX_BATCH_SIZE), max_wait_ms: b.max_wait.map_or(0, |m| m.0) }
+        });
         out.insert(
             name.clone(),
             Arc::new(WorkerDef {
@@ -954,6 +1001,7 @@ fn compile_workers(
                 heartbeat_timeout_ms: w.heartbeat_timeout.map(|m| m.0).unwrap_or(30_000),
                 max_tasks_per_instance: w.max_tasks_per_instance.filter(|n| *n > 0),
                 prefetch: prefetch.min(MAX_PREFETCH),
+                batch,
                 env: w.env.clone(),
                 workdir: w.workdir.clone(),
                 gpu_check: w.gpu_check,
@@ -1152,7 +1200,21 @@ fn compile_pipeline(
                         "`env` and `workdir` of a worker stage belong to its pool under `workers:`",
                     );
                 }
-                stages.push(StageExec::Worker { pool: pool.clone() });
+                let batch_key = stage
+                    .batch_key
+                    .as_ref()
+                    .and_then(|key| batch_key(key, pool, workers, &inputs, &format!("pipelines.{name}.stages[{i}].batch_key"))
+                        .map_err(|e| errors.at(&spanned.referenced, format!("pipelines.{name}.stages[{i}].batch_key"), e))
+                        .ok());
+                stages.push(StageExec::Worker { pool: pool.clone(), batch_key });
+                continue;
+            }
+            (Some(_), None) if stage.batch_key.is_some() => {
+                errors.at(
+                    &spanned.referenced,
+                    format!("pipelines.{name}.stages[{i}].batch_key"),
+                    "only a worker stage is batched; remove `batch_key`, or run the stage on a pool with `worker:`",
+                );
                 continue;
             }
             (Some(command), None) => command,
@@ -1215,6 +1277,51 @@ fn compile_pipeline(
         return None;
     }
     Some(PipelineDef { core: Arc::new(pipeline), stages, inputs, max_queued: file.max_queued.unwrap_or(1_000) })
+}
+
+/// Parses a worker stage's `batch_key`: a template over the job input only, on a pool that
+/// batches.
+fn batch_key(
+    text: &str,
+    pool: &str,
+    workers: &BTreeMap<String, Arc<WorkerDef>>,
+    inputs: &BTreeMap<String, InputSpec>,
+    field: &str,
+) -> Result<Template, String> {
+    if workers.get(pool).is_some_and(|w| w.batch.is_none()) {
+        return Err(format!(
+            "`{text}`: pool `{pool}` does not batch; add `batch: {{max_size: 32, max_wait: 5ms}}` to workers.{pool}, or remove `batch_key`"
+        ));
+    }
+    let only_input = |stage: &str| -> Result<usize, String> {
+        Err(format!("`{{stages.{stage}...}}`: {field} may only read the job input, e.g. `{{input.model}}`"))
+    };
+    let template = Template::parse(text, &only_input)?;
+    for r in template.references() {
+        match r {
+            template::Reference::Input(path) if !inputs.is_empty() && !inputs.contains_key(&path[0]) => {
+                let declared: Vec<&str> = inputs.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "`{{input.{}}}`: input `{}` is not declared; declared inputs: {}",
+                    path.join("."),
+                    path[0],
+                    declared.join(", ")
+                ));
+            }
+            template::Reference::Input(_) => {}
+            _ => {
+                return Err(format!(
+                    "`{text}`: {field} may only read the job input (e.g. `{{input.model}}`); `{{job.id}}` and `{{job.dir}}` differ for every job, so no two tasks would share a batch"
+                ));
+            }
+        }
+    }
+    if template.references().next().is_none() {
+        return Err(format!(
+            "`{text}` reads nothing from the input, so every task has the same key; write e.g. `{{input.model}}`, or remove `batch_key`"
+        ));
+    }
+    Ok(template)
 }
 
 /// A rejected job input: which field, and why.

@@ -973,7 +973,7 @@ impl<S: Store> Runtime<S> {
     /// The pool a stage runs on, if it is a worker stage.
     pub(super) fn pool_of(&self, job: JobId, stage: usize) -> Option<String> {
         match &self.jobs.get(&job)?.pipeline.stages[stage] {
-            StageExec::Worker { pool } => Some(pool.clone()),
+            StageExec::Worker { pool, .. } => Some(pool.clone()),
             StageExec::Command { .. } => None,
         }
     }

@@ -228,7 +228,7 @@ pub async fn stage_log(
     let worker_pool = config.pipelines.get(&detail.job.pipeline).and_then(|def| {
         let i = def.core.stages.iter().position(|s| s.name == stage)?;
         match &def.stages[i] {
-            StageExec::Worker { pool } => Some(pool.clone()),
+            StageExec::Worker { pool, .. } => Some(pool.clone()),
             StageExec::Command { .. } => None,
         }
     });
