@@ -130,6 +130,8 @@ pub struct AttemptView {
     pub error: Option<String>,
     /// What the attempt held: devices, GPU memory, CPU slots, counters.
     pub lease: Value,
+    /// For a worker task: how many tasks the batch it ran in held (1 when not batched).
+    pub batch_size: Option<u32>,
 }
 
 #[derive(Serialize, ToSchema)]

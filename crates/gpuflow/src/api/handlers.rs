@@ -325,6 +325,7 @@ fn job_view(d: JobDetail) -> JobView {
                         signal: a.signal,
                         error: a.error.clone(),
                         lease: a.grant.clone(),
+                        batch_size: a.batch_size,
                     })
                     .collect(),
             }

@@ -400,6 +400,7 @@ impl<S: Store> Runtime<S> {
                         output: details.and_then(|d| d.output.clone()),
                         exit_code: details.and_then(|d| d.exit_code),
                         signal: details.and_then(|d| d.signal),
+                        batch_size: details.and_then(|d| d.batch_size),
                     };
                     self.send_end(*job, end, details).await;
                 }

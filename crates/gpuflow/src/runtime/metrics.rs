@@ -21,6 +21,16 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 22))
 }
 
+fn batch_histogram() -> Histogram {
+    // 1, 2, 4 .. 1024 tasks
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+}
+
+fn short_seconds_histogram() -> Histogram {
+    // 0.5 ms .. ~35 min: a batch's queue delay is often a few milliseconds
+    Histogram::new(exponential_buckets(0.0005, 2.0, 22))
+}
+
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
@@ -42,6 +52,12 @@ pub(super) struct Metrics {
     pool_instances: Family<Labels, Gauge>,
     findings_open: Family<Labels, Gauge>,
     findings_opened: Family<Labels, Counter>,
+    /// Worker tasks sent, batches sent, their sizes, and each task's wait from ready to sent
+    /// (Triton's `nv_inference_count`, `nv_inference_exec_count`, batch sizes, queue time).
+    inference_count: Family<Labels, Counter>,
+    inference_exec_count: Family<Labels, Counter>,
+    batch_size: Histograms,
+    queue_duration: Histograms,
     /// Agent mode: writes refused because the claim's lease was no longer current.
     pub(super) fenced_writes: Counter,
     /// Agent mode: leases this agent found expired and re-queued (any agent's).
@@ -63,6 +79,15 @@ struct StageHandles {
     queue_wait: Option<Histogram>,
     retries: Option<Counter>,
     duration: Vec<(&'static str, Histogram)>,
+    /// A worker stage's batch metrics, with the pool they were made for.
+    batches: Option<(String, BatchHandles)>,
+}
+
+struct BatchHandles {
+    tasks: Counter,
+    batches: Counter,
+    size: Histogram,
+    queue: Histogram,
 }
 
 /// A handle from `list`, created through `make` on first use.
@@ -94,6 +119,10 @@ impl Default for Metrics {
             pool_instances: Family::default(),
             findings_open: Family::default(),
             findings_opened: Family::default(),
+            inference_count: Family::default(),
+            inference_exec_count: Family::default(),
+            batch_size: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
+            queue_duration: Family::new_with_constructor(short_seconds_histogram as fn() -> Histogram),
             fenced_writes: Counter::default(),
             leases_expired: Counter::default(),
             handles: HashMap::new(),
@@ -140,6 +169,26 @@ impl Default for Metrics {
         registry.register("gpuflow_pool_instances", "Worker-pool instances, by state", m.pool_instances.clone());
         registry.register("gpuflow_findings_open", "Open diagnosis findings, by kind", m.findings_open.clone());
         registry.register("gpuflow_findings_opened", "Diagnosis findings opened, by kind", m.findings_opened.clone());
+        registry.register(
+            "gpuflow_inference_count",
+            "Worker tasks sent to pool instances (each task of a batch counts)",
+            m.inference_count.clone(),
+        );
+        registry.register(
+            "gpuflow_inference_exec_count",
+            "Batches sent to pool instances (a single task is a batch of one)",
+            m.inference_exec_count.clone(),
+        );
+        registry.register(
+            "gpuflow_inference_batch_size",
+            "Tasks per batch sent to a pool instance",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "gpuflow_inference_queue_duration_seconds",
+            "Time a worker task waited from ready to sent to an instance (queue and batch forming)",
+            m.queue_duration.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -158,6 +207,38 @@ impl Metrics {
             p.stages.insert(stage.to_string(), StageHandles::default());
         }
         p.stages.get_mut(stage).expect("inserted")
+    }
+
+    /// A batch of `size` tasks of `pipeline`.`stage` went to an instance of `pool`; `delays`
+    /// are its tasks' waits from ready to sent, in ms.
+    pub(super) fn batch_sent(&mut self, pool: &str, pipeline: &str, stage: &str, size: u32, delays: &[u64]) {
+        let families = (
+            self.inference_count.clone(),
+            self.inference_exec_count.clone(),
+            self.batch_size.clone(),
+            self.queue_duration.clone(),
+        );
+        let handles = &mut self.stage(pipeline, stage).batches;
+        if handles.as_ref().is_none_or(|(p, _)| p != pool) {
+            let by_pool = labels(&[("pool", pool), ("pipeline", pipeline), ("stage", stage)]);
+            let by_stage = labels(&[("pipeline", pipeline), ("stage", stage)]);
+            *handles = Some((
+                pool.to_string(),
+                BatchHandles {
+                    tasks: families.0.get_or_create_owned(&by_pool),
+                    batches: families.1.get_or_create_owned(&by_pool),
+                    size: families.2.get_or_create_owned(&by_pool),
+                    queue: families.3.get_or_create_owned(&by_stage),
+                },
+            ));
+        }
+        let (_, h) = handles.as_ref().expect("set above");
+        h.tasks.inc_by(size as u64);
+        h.batches.inc();
+        h.size.observe(size as f64);
+        for d in delays {
+            h.queue.observe(*d as f64 / 1000.0);
+        }
     }
 
     pub(super) fn submitted(&mut self, pipeline: &str) {

@@ -123,6 +123,8 @@ struct ExitDetails {
     exit_code: Option<i32>,
     signal: Option<i32>,
     output: Option<Value>,
+    /// For a worker task: how many tasks its batch held.
+    batch_size: Option<u32>,
 }
 
 enum Internal {
@@ -307,7 +309,10 @@ impl<S: Store> Runtime<S> {
         loop {
             // A turn: await one input (none when a cut-short turn left events), drain what else
             // is ready, decide it all, commit once, then act.
+            // Batches that became due in the last turn go out before the loop waits again.
+            self.flush_pools();
             let wake = self.state.next_wakeup().map(|t| self.clock.instant_at(t));
+            let batch_wake = self.next_batch_wakeup().map(|t| self.clock.instant_at(t));
             let backlog = !self.pending.is_empty() || self.schedule_owed;
             // Not `biased`: with internal events first, a steady stream of child exits starved
             // API commands and timers until the queue drained.
@@ -317,6 +322,8 @@ impl<S: Store> Runtime<S> {
                 Some(msg) = self.internal_rx.recv() => self.on_internal(msg).await,
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
                 _ = sleep_until(wake) => { self.step(Event::Tick); Ok(()) }
+                // A forming batch's oldest task has waited `max_wait`: flushed at the top.
+                _ = sleep_until(batch_wake) => Ok(()),
                 _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await,
                 _ = diagnosis.tick() => self.diagnose().await,
                 _ = notified(&ledger_wake) => { self.ledger_woken().await; Ok(()) }
@@ -548,6 +555,7 @@ impl<S: Store> Runtime<S> {
                     },
                     exit_code: details.and_then(|d| d.exit_code),
                     signal: details.and_then(|d| d.signal),
+                    batch_size: details.and_then(|d| d.batch_size),
                     failures: counters.failures,
                     interruptions: counters.interruptions,
                     at,
@@ -586,12 +594,12 @@ impl<S: Store> Runtime<S> {
                 if completed_inline.contains(&(job, stage, attempt)) {
                     return;
                 }
-                if let Err(error) = self.start_attempt(job, stage, attempt, &grant) {
+                if let Err(error) = self.start_attempt(job, stage, attempt, &grant, queued_ms) {
                     let outcome = Outcome::Failed { error, retryable: false };
                     self.pending.push_back(Event::AttemptExited { job, stage, attempt, outcome });
                 }
             }
-            Action::Kill { job, stage, attempt, reason } if self.worker_tasks.contains_key(&(job, stage, attempt)) => {
+            Action::Kill { job, stage, attempt, reason } if self.pool_holds((job, stage, attempt)) => {
                 tracing::info!(job = %self.jobs[&job].id(), stage, attempt, ?reason, "stopping worker task");
                 self.stop_worker_task((job, stage, attempt));
             }
@@ -623,9 +631,16 @@ impl<S: Store> Runtime<S> {
 
     /// Renders the command and spawns the attempt. An error here fails the attempt for good:
     /// it would fail the same way again.
-    fn start_attempt(&mut self, job: JobId, stage: StageIndex, attempt: u32, grant: &Grant) -> Result<(), String> {
+    fn start_attempt(
+        &mut self,
+        job: JobId,
+        stage: StageIndex,
+        attempt: u32,
+        grant: &Grant,
+        queued_ms: u64,
+    ) -> Result<(), String> {
         if let Some(pool) = self.pool_of(job, stage) {
-            return self.dispatch_to_pool(&pool, (job, stage, attempt));
+            return self.dispatch_to_pool(&pool, (job, stage, attempt), queued_ms);
         }
         let active = self.jobs.get(&job).ok_or("job is not active")?;
         let StageExec::Command { command, env: stage_env, workdir, .. } = &active.pipeline.stages[stage] else {
@@ -795,7 +810,7 @@ fn outcome_of(report: AttemptReport) -> (Outcome, ExitDetails) {
     };
     match report.status {
         ExitStatus::Code(0) => match report.output {
-            Ok(output) => (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output }),
+            Ok(output) => (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output, batch_size: None }),
             Err(e) => (
                 Outcome::Failed { error: e, retryable: false },
                 ExitDetails { exit_code: Some(0), ..Default::default() },

@@ -12,8 +12,20 @@
 //! A crash re-queues the tasks it held without spending retries (the running one once; a second
 //! crash while running it fails it); a hang or a protocol error fails the running task. A
 //! prefetched task that must stop is cancelled with a `cancel` message; the instance stays.
+//!
+//! Tasks go to instances in batches (one task each unless the pool declares `batch:` and the
+//! worker announced the `batch` feature). A granted task first joins its *forming* group
+//! (same pipeline, stage and `batch_key`); a group is sent as one batch to an instance with a
+//! free batch slot once it is as large as the instance takes, or, to an idle instance, once its
+//! oldest task has waited `max_wait`. So the counter's units are tasks: an instance counts
+//! `(1 + prefetch) * its largest batch`. The running batch is the head batch: every task of it
+//! ran, so a crash interrupts them all (without spending retries). A task interrupted before is
+//! a suspect and runs alone, so a task that kills its worker is found and failed alone instead
+//! of taking its batch-mates' interruption budget with it.
 
+use std::cmp::Reverse;
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use gpuflow_core::{Event, Grant, Outcome};
@@ -32,6 +44,9 @@ pub const FEATURE_PREFETCH: &str = "prefetch";
 /// The feature a worker announces when it creates a task's `job_dir` itself, on first use: the
 /// engine then makes no directory per task (a `mkdir` per task dominated short tasks).
 pub const FEATURE_JOB_DIR_ON_DEMAND: &str = "job_dir_on_demand";
+/// The feature a worker announces when it takes a `batch` message (several tasks) and answers
+/// each of its tasks with its own `result` or `error`.
+pub const FEATURE_BATCH: &str = "batch";
 /// Consecutive failures after which a pool instance is reported as crash-looping.
 const CRASH_LOOP: u32 = 5;
 
@@ -84,6 +99,10 @@ enum StopReason {
 struct Held {
     key: AttemptKey,
     id: String,
+    /// The batch it was sent in (numbered per instance, in the order sent).
+    batch: u64,
+    /// How many tasks that batch held when it was sent.
+    size: u32,
     /// Sent ahead, then cancelled with a `cancel` message: its attempt has ended. Kept in its
     /// place until the worker's answers pass it, so a late answer (it had already started the
     /// task when the `cancel` arrived) is dropped rather than taken for a protocol error.
@@ -107,6 +126,12 @@ pub(super) struct Instance {
     prefetch_ok: bool,
     /// It announced `job_dir_on_demand`: it creates a task's job directory when it uses it.
     makes_job_dir: bool,
+    /// It announced `batch`: it takes several tasks in one `batch` message.
+    batch_ok: bool,
+    /// The largest batch its `ready` said it can take (its GPU memory), if it said.
+    max_batch: Option<u32>,
+    /// The number the next batch sent to it gets.
+    next_batch: u64,
     tasks_done: u32,
     consecutive_failures: u32,
     restarts: u32,
@@ -137,6 +162,9 @@ impl Instance {
             held: VecDeque::new(),
             prefetch_ok: false,
             makes_job_dir: false,
+            batch_ok: false,
+            max_batch: None,
+            next_batch: 0,
             tasks_done: 0,
             consecutive_failures: 0,
             restarts: 0,
@@ -163,9 +191,46 @@ impl Instance {
         self.live().next()
     }
 
-    /// How many tasks it may hold now: 0 unless ready; its running task plus its prefetch
-    /// (0 for a worker that did not announce the feature); no new ones once it is retiring or
-    /// its last task before recycling has been sent.
+    /// The largest batch it is sent: the pool's `max_size`, capped by its own `max_batch`; 1
+    /// unless the pool batches and it announced `batch`.
+    fn batch_cap(&self, def: &WorkerDef) -> u32 {
+        match def.batch {
+            Some(b) if self.batch_ok => b.max_size.min(self.max_batch.unwrap_or(u32::MAX)).max(1),
+            _ => 1,
+        }
+    }
+
+    /// Batches it may hold at once: the one it runs plus its prefetch (0 for a worker that did
+    /// not announce the feature).
+    fn slots(&self, def: &WorkerDef) -> usize {
+        1 + if self.prefetch_ok { def.prefetch as usize } else { 0 }
+    }
+
+    /// Batches it holds whose tasks are not all answered or cancelled.
+    fn batches_held(&self) -> usize {
+        let mut n = 0;
+        let mut last = None;
+        for h in self.live() {
+            if last != Some(h.batch) {
+                n += 1;
+                last = Some(h.batch);
+            }
+        }
+        n
+    }
+
+    /// How many tasks it could be sent now as one batch: 0 without a free batch slot.
+    fn room(&self, def: &WorkerDef) -> usize {
+        if !is_ready(self.state) || self.batches_held() >= self.slots(def) {
+            return 0;
+        }
+        let free = self.depth(def).saturating_sub(self.live_count() as u64) as usize;
+        free.min(self.batch_cap(def) as usize)
+    }
+
+    /// How many tasks it may hold now: 0 unless ready; its running batch plus its prefetch,
+    /// each as large as it takes; no new ones once it is retiring or its last task before
+    /// recycling has been sent.
     fn depth(&self, def: &WorkerDef) -> u64 {
         if !is_ready(self.state) {
             return 0;
@@ -174,7 +239,7 @@ impl Instance {
         if self.retiring {
             return live;
         }
-        let mut depth = 1 + if self.prefetch_ok { def.prefetch as u64 } else { 0 };
+        let mut depth = self.slots(def) as u64 * self.batch_cap(def) as u64;
         if let Some(max) = def.max_tasks_per_instance {
             depth = depth.min(max.saturating_sub(self.tasks_done) as u64);
         }
@@ -194,6 +259,36 @@ pub(super) struct Pool {
     instances: Vec<Instance>,
     /// What the scheduler was last told is available.
     available: u64,
+    /// Granted tasks not sent yet, by the batch they may share.
+    forming: Vec<Forming>,
+}
+
+/// Tasks that may share a batch: one stage of one pipeline, equal `batch_key`s.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GroupKey {
+    pipeline: Arc<str>,
+    stage: String,
+    key: Option<String>,
+    /// A suspect (interrupted before): it runs in a batch of its own.
+    alone: Option<AttemptKey>,
+}
+
+struct Forming {
+    group: GroupKey,
+    tasks: VecDeque<Pending>,
+}
+
+/// A granted task waiting for its batch (its attempt is recorded as started).
+struct Pending {
+    key: AttemptKey,
+    id: String,
+    /// The `task` message.
+    task: Value,
+    dir: PathBuf,
+    /// When its stage became ready (for the queue-delay metric).
+    ready_ms: u64,
+    /// When it joined its group (for `max_wait`).
+    since_ms: u64,
 }
 
 /// A pool instance as the API shows it.
@@ -243,7 +338,7 @@ impl<S: Store> Runtime<S> {
                 inst.grant = grant;
                 instances.push(inst);
             }
-            self.pools.insert(name, Pool { def, instances, available: 0 });
+            self.pools.insert(name, Pool { def, instances, available: 0, forming: Vec::new() });
         }
         self.check_pools_now();
     }
@@ -297,6 +392,8 @@ impl<S: Store> Runtime<S> {
         inst.tasks_done = 0;
         inst.prefetch_ok = false;
         inst.makes_job_dir = false;
+        inst.batch_ok = false;
+        inst.max_batch = None;
         inst.held.clear();
         inst.stdin = Some(stdin_tx);
         inst.stop = Some(stop_tx);
@@ -308,8 +405,9 @@ impl<S: Store> Runtime<S> {
         tokio::spawn(supervisor::run_instance(registry, spec, report, stdin_rx, stop_rx));
     }
 
-    /// Sends a task to the instance of the stage's pool that holds the fewest (idle first).
-    pub(super) fn dispatch_to_pool(&mut self, pool_name: &str, key: AttemptKey) -> Result<(), String> {
+    /// A task granted to a pool joins its forming batch; whatever batch is due goes out now.
+    /// `queued_ms` is how long the stage waited for its grant.
+    pub(super) fn dispatch_to_pool(&mut self, pool_name: &str, key: AttemptKey, queued_ms: u64) -> Result<(), String> {
         let now = self.clock.now_ms();
         let (job, stage, attempt) = key;
         let active = self.jobs.get(&job).ok_or("job is not active")?;
@@ -322,69 +420,169 @@ impl<S: Store> Runtime<S> {
             .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
             .collect();
         let id = active.id();
-        let task_id = format!("{id}/{}/{attempt}", active.pipeline.core.stages[stage].name);
+        let stage_name = active.pipeline.core.stages[stage].name.clone();
+        let task_id = format!("{id}/{stage_name}/{attempt}");
         let dir = self.job_dir(&id);
-        let message = json!({
+        let task = json!({
             "type": "task",
             "task": task_id,
             "job_id": id,
             "job_dir": dir.display().to_string(),
-            "stage": active.pipeline.core.stages[stage].name,
+            "stage": stage_name,
             "attempt": attempt,
             "input": active.input,
             "stages": stages,
         });
-        // The job directory is the task's to write into, as for command stages: the
-        // instance's writer creates it before it writes the task (`ToWorker`), unless the
-        // worker creates it itself when it uses it (`job_dir_on_demand`).
-        let line = message.to_string();
+        // A value the key reads that the input lacks renders as nothing: such tasks share
+        // batches among themselves.
+        let batch_key = match &active.pipeline.stages[stage] {
+            StageExec::Worker { batch_key: Some(t), .. } => {
+                let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: "", job_id: "" };
+                Some(t.render(&ctx).unwrap_or_default())
+            }
+            _ => None,
+        };
+        let pipeline = active.pipeline_name.clone();
         let pool = self.pools.get_mut(pool_name).ok_or_else(|| format!("unknown pool `{pool_name}`"))?;
-        let def = pool.def.clone();
-        loop {
-            let Some(inst) = pool
-                .instances
-                .iter_mut()
-                .filter(|i| (i.live_count() as u64) < i.depth(&def))
-                .min_by_key(|i| i.live_count())
-            else {
-                // Every instance that could take it went away since the turn granted it (their
-                // exits are not read yet): not the task's fault, so it is re-queued.
-                tracing::warn!(pool = %pool_name, task = %task_id, "no instance can take the task now; re-queueing it");
-                self.sync_availability(pool_name);
-                let (job, stage, attempt) = key;
-                let error = format!("no instance of pool `{pool_name}` could take it (not started)");
-                self.step(Event::AttemptExited {
-                    job,
-                    stage,
-                    attempt,
-                    outcome: Outcome::Interrupted { error, ran: false },
-                });
-                return Ok(());
-            };
-            let message = ToWorker { line: line.clone(), job_dir: (!inst.makes_job_dir).then(|| dir.clone()) };
-            if inst.stdin.as_ref().is_none_or(|tx| tx.send(message).is_err()) {
-                // Its input is closed: the process is gone or going; its exit says why.
-                tracing::warn!(pool = %pool_name, index = inst.index, "worker instance no longer reads its input; stopping it");
-                inst.state = InstanceState::Stopping;
-                if let Some(stop) = &inst.stop {
-                    let _ = stop.send(InstanceStop::Now);
-                }
-                continue;
-            }
-            let ahead = inst.live_count();
-            tracing::debug!(pool = %pool_name, index = inst.index, task = %task_id, ahead, "dispatched task to worker");
-            if ahead == 0 {
-                // It becomes the head now: hang detection counts from here.
-                inst.last_beat_ms = now;
-                inst.progress = None;
-            }
-            inst.held.push_back(Held { key, id: task_id, cancelled: false });
-            inst.settle();
-            let index = inst.index;
-            self.worker_tasks.insert(key, (pool_name.to_string(), index));
-            self.sync_availability(pool_name);
-            return Ok(());
+        let suspect = pool.def.batch.is_some()
+            && self.state.job(job).is_some_and(|j| j.stages[stage].interruptions > 0);
+        let group =
+            GroupKey { pipeline, stage: stage_name, key: batch_key, alone: suspect.then_some(key) };
+        let pending =
+            Pending { key, id: task_id, task, dir, ready_ms: now.saturating_sub(queued_ms), since_ms: now };
+        match pool.forming.iter_mut().find(|f| f.group == group) {
+            Some(f) => f.tasks.push_back(pending),
+            None => pool.forming.push(Forming { group, tasks: VecDeque::from([pending]) }),
         }
+        self.flush_pool(pool_name);
+        Ok(())
+    }
+
+    /// Sends every batch that is due: to the instance with a free batch slot that holds the
+    /// fewest tasks (idle first), the group whose oldest task waits longest among those that
+    /// are full for it, run alone, or (to an idle instance) have waited `max_wait`. Tasks that
+    /// no ready instance has room for any more go back to the queue.
+    pub(super) fn flush_pool(&mut self, pool_name: &str) {
+        let now = self.clock.now_ms();
+        loop {
+            let Some(pool) = self.pools.get_mut(pool_name) else { return };
+            if pool.forming.is_empty() {
+                break;
+            }
+            let def = pool.def.clone();
+            let max_wait = def.batch.map_or(0, |b| b.max_wait_ms);
+            let Some(index) = pool
+                .instances
+                .iter()
+                .filter(|i| i.room(&def) > 0)
+                .min_by_key(|i| (i.live_count(), Reverse(i.room(&def))))
+                .map(|i| i.index)
+            else {
+                break;
+            };
+            let inst = &pool.instances[index];
+            let (room, idle) = (inst.room(&def), inst.live_count() == 0);
+            let due = pool
+                .forming
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| {
+                    f.group.alone.is_some()
+                        || f.tasks.len() >= room
+                        || (idle && now.saturating_sub(f.tasks[0].since_ms) >= max_wait)
+                })
+                .min_by_key(|(_, f)| f.tasks[0].since_ms)
+                .map(|(g, _)| g);
+            let Some(g) = due else { break };
+            let take = if pool.forming[g].group.alone.is_some() { 1 } else { room.min(pool.forming[g].tasks.len()) };
+            let tasks: Vec<Pending> = pool.forming[g].tasks.drain(..take).collect();
+            let group = pool.forming[g].group.clone();
+            if pool.forming[g].tasks.is_empty() {
+                pool.forming.swap_remove(g);
+            }
+            if let Err(tasks) = self.send_batch(pool_name, index, &group, tasks) {
+                // The instance is stopping (its exit says why); another may take them.
+                let pool = self.pools.get_mut(pool_name).expect("known pool");
+                match pool.forming.iter_mut().find(|f| f.group == group) {
+                    Some(f) => tasks.into_iter().rev().for_each(|t| f.tasks.push_front(t)),
+                    None => pool.forming.push(Forming { group, tasks: tasks.into() }),
+                }
+            }
+        }
+        self.sync_availability(pool_name);
+    }
+
+    /// Every pool's due batches (the loop calls this once per turn).
+    pub(super) fn flush_pools(&mut self) {
+        let names: Vec<String> =
+            self.pools.iter().filter(|(_, p)| !p.forming.is_empty()).map(|(n, _)| n.clone()).collect();
+        for name in names {
+            self.flush_pool(&name);
+        }
+    }
+
+    /// When the oldest task of a forming batch will have waited `max_wait`, if that is still
+    /// ahead (one already due waits for an instance to free, which is an event of its own).
+    pub(super) fn next_batch_wakeup(&self) -> Option<u64> {
+        let now = self.clock.now_ms();
+        self.pools
+            .values()
+            .filter_map(|p| p.def.batch.filter(|b| b.max_wait_ms > 0).map(|b| (p, b.max_wait_ms)))
+            .flat_map(|(p, wait)| p.forming.iter().map(move |f| f.tasks[0].since_ms + wait))
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// Writes one batch to an instance: a `task` message for one task, a `batch` message for
+    /// more. Gives the tasks back if its input is closed.
+    fn send_batch(
+        &mut self,
+        pool_name: &str,
+        index: usize,
+        group: &GroupKey,
+        tasks: Vec<Pending>,
+    ) -> Result<(), Vec<Pending>> {
+        let now = self.clock.now_ms();
+        let pool = self.pools.get_mut(pool_name).expect("known pool");
+        let inst = &mut pool.instances[index];
+        let dirs: Vec<PathBuf> =
+            if inst.makes_job_dir { Vec::new() } else { tasks.iter().map(|t| t.dir.clone()).collect() };
+        let line = if let [one] = tasks.as_slice() {
+            one.task.to_string()
+        } else {
+            let list: Vec<&Value> = tasks.iter().map(|t| &t.task).collect();
+            json!({"type": "batch", "tasks": list}).to_string()
+        };
+        // The job directory is the task's to write into, as for command stages: the
+        // instance's writer creates it before it writes the line (`ToWorker`), unless the
+        // worker creates it itself when it uses it (`job_dir_on_demand`).
+        if inst.stdin.as_ref().is_none_or(|tx| tx.send(ToWorker { line, job_dirs: dirs }).is_err()) {
+            // Its input is closed: the process is gone or going; its exit says why.
+            tracing::warn!(pool = %pool_name, index, "worker instance no longer reads its input; stopping it");
+            inst.state = InstanceState::Stopping;
+            if let Some(stop) = &inst.stop {
+                let _ = stop.send(InstanceStop::Now);
+            }
+            return Err(tasks);
+        }
+        let ahead = inst.live_count();
+        let size = tasks.len() as u32;
+        tracing::debug!(pool = %pool_name, index, first = %tasks[0].id, size, ahead, "dispatched a batch to a worker");
+        if ahead == 0 {
+            // It becomes the head batch now: hang detection counts from here.
+            inst.last_beat_ms = now;
+            inst.progress = None;
+        }
+        let batch = inst.next_batch;
+        inst.next_batch += 1;
+        let delays: Vec<u64> = tasks.iter().map(|t| now.saturating_sub(t.ready_ms)).collect();
+        for t in tasks {
+            inst.held.push_back(Held { key: t.key, id: t.id, batch, size, cancelled: false });
+            self.worker_tasks.insert(t.key, (pool_name.to_string(), index));
+        }
+        inst.settle();
+        self.metrics.batch_sent(pool_name, &group.pipeline, &group.stage, size, &delays);
+        Ok(())
     }
 
     /// The stage's attempt must stop (timeout, cancel, job failed). The task the instance
@@ -392,9 +590,14 @@ impl<S: Store> Runtime<S> {
     /// at once; the tasks sent ahead to it are re-queued as interrupted). A task sent ahead
     /// that has not started is cancelled with a `cancel` message and its attempt ends now.
     pub(super) fn stop_worker_task(&mut self, key: AttemptKey) {
-        let Some((pool, index)) = self.worker_tasks.get(&key).cloned() else { return };
+        let Some((pool, index)) = self.worker_tasks.get(&key).cloned() else {
+            self.stop_forming_task(key);
+            return;
+        };
         let inst = &mut self.pools.get_mut(&pool).expect("known pool").instances[index];
-        let is_head = inst.head().is_none_or(|h| h.key == key);
+        // A task of the batch it runs has started, whatever its place in the batch.
+        let batch = inst.held.iter().find(|h| h.key == key).map(|h| h.batch);
+        let is_head = inst.head().is_none_or(|h| Some(h.batch) == batch);
         let sent = match inst.held.iter_mut().find(|h| h.key == key && !h.cancelled) {
             Some(held) if !is_head && inst.prefetch_ok => inst
                 .stdin
@@ -423,6 +626,28 @@ impl<S: Store> Runtime<S> {
         let (job, stage, attempt) = key;
         let error = format!("stopped while queued on worker instance {pool}#{index} (not started)");
         self.step(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Interrupted { error, ran: false } });
+    }
+
+    /// A task still waiting for its batch never reached a worker: its attempt ends now.
+    fn stop_forming_task(&mut self, key: AttemptKey) {
+        let found = self.pools.iter_mut().find_map(|(name, p)| {
+            let g = p.forming.iter().position(|f| f.tasks.iter().any(|t| t.key == key))?;
+            p.forming[g].tasks.retain(|t| t.key != key);
+            if p.forming[g].tasks.is_empty() {
+                p.forming.swap_remove(g);
+            }
+            Some(name.clone())
+        });
+        let Some(pool) = found else { return };
+        let (job, stage, attempt) = key;
+        let error = format!("stopped while waiting for a batch of pool `{pool}` (not started)");
+        self.step(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Interrupted { error, ran: false } });
+    }
+
+    /// Whether the pool side holds the attempt: sent to an instance, or waiting for its batch.
+    pub(super) fn pool_holds(&self, key: AttemptKey) -> bool {
+        self.worker_tasks.contains_key(&key)
+            || self.pools.values().any(|p| p.forming.iter().any(|f| f.tasks.iter().any(|t| t.key == key)))
     }
 
     pub(super) async fn on_worker_event(
@@ -468,14 +693,25 @@ impl<S: Store> Runtime<S> {
                 };
                 inst.prefetch_ok = announces(FEATURE_PREFETCH);
                 inst.makes_job_dir = announces(FEATURE_JOB_DIR_ON_DEMAND);
-                tracing::info!(pool, index, info = %message["info"], prefetch = inst.prefetch_ok, "worker instance ready");
+                inst.batch_ok = announces(FEATURE_BATCH);
+                inst.max_batch = match message.get("max_batch") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => match v.as_u64().filter(|n| *n >= 1).map(|n| n.min(u32::MAX as u64) as u32) {
+                        Some(n) => Some(n),
+                        None => {
+                            let e = format!("sent `max_batch` {v}; it must be a whole number of tasks, at least 1");
+                            return self.protocol_error(pool, index, e).await;
+                        }
+                    },
+                };
+                tracing::info!(pool, index, info = %message["info"], prefetch = inst.prefetch_ok, batch = inst.batch_ok, max_batch = ?inst.max_batch, "worker instance ready");
                 self.sync_availability(pool);
                 Ok(())
             }
             "ready" => self.protocol_error(pool, index, "sent `ready` twice".into()).await,
             "heartbeat" | "progress" | "result" | "error" => {
                 let named = message["task"].as_str();
-                let Some(at) = named.and_then(|t| inst.held.iter().position(|h| h.id == t)) else {
+                let Some(mut at) = named.and_then(|t| inst.held.iter().position(|h| h.id == t)) else {
                     let e = format!(
                         "sent `{kind}` for task {}, but it holds {}",
                         message["task"],
@@ -483,16 +719,20 @@ impl<S: Store> Runtime<S> {
                     );
                     return self.protocol_error(pool, index, e).await;
                 };
-                if let Some(head) = inst.held.iter().take(at).find(|h| !h.cancelled) {
+                // Tasks of one batch run together, answered in any order; batches in order.
+                let batch = inst.held[at].batch;
+                if let Some(head) = inst.held.iter().take(at).find(|h| !h.cancelled && h.batch != batch) {
                     let e = format!(
                         "sent `{kind}` for task {}, which it was sent ahead and has not started: it runs {} first",
                         message["task"], head.id
                     );
                     return self.protocol_error(pool, index, e).await;
                 }
-                // Cancelled tasks ahead of it were skipped by the worker, as `cancel` asked.
-                inst.held.drain(..at);
-                let cancelled = inst.held[0].cancelled;
+                // Cancelled tasks of earlier batches were skipped by the worker, as `cancel` asked.
+                let skipped = inst.held.iter().take_while(|h| h.batch != batch).count();
+                inst.held.drain(..skipped);
+                at -= skipped;
+                let cancelled = inst.held[at].cancelled;
                 match kind.as_str() {
                     "heartbeat" | "progress" => {
                         inst.last_beat_ms = now;
@@ -504,14 +744,14 @@ impl<S: Store> Runtime<S> {
                     }
                     _ if cancelled => {
                         // It had started before the `cancel` arrived; its attempt already ended.
-                        tracing::info!(pool, index, task = %inst.held[0].id, "dropping the answer to a cancelled task");
-                        inst.held.pop_front();
+                        tracing::info!(pool, index, task = %inst.held[at].id, "dropping the answer to a cancelled task");
+                        inst.held.remove(at);
                         inst.last_beat_ms = now;
                         Ok(())
                     }
                     "result" => {
                         let output = message.get("output").cloned().filter(|v| !v.is_null());
-                        self.finish_task(pool, index, Outcome::Succeeded, output).await
+                        self.finish_task(pool, index, at, Outcome::Succeeded, output).await
                     }
                     _ => {
                         let error = message["message"]
@@ -519,7 +759,7 @@ impl<S: Store> Runtime<S> {
                             .unwrap_or("the worker reported an error without a message")
                             .to_string();
                         let retryable = message["retryable"].as_bool().unwrap_or(true);
-                        self.finish_task(pool, index, Outcome::Failed { error, retryable }, None).await
+                        self.finish_task(pool, index, at, Outcome::Failed { error, retryable }, None).await
                     }
                 }
             }
@@ -527,12 +767,14 @@ impl<S: Store> Runtime<S> {
         }
     }
 
-    /// The head task ended by a `result` or `error` message: the instance is healthy. The
-    /// next task it holds becomes the head, and its hang clock starts now.
+    /// A task of the head batch (held at `at`) ended by a `result` or `error` message: the
+    /// instance is healthy and its hang clock restarts. Once the batch is all answered, the
+    /// next batch it holds becomes the head.
     async fn finish_task(
         &mut self,
         pool: &str,
         index: usize,
+        at: usize,
         outcome: Outcome,
         output: Option<Value>,
     ) -> Result<(), RuntimeError> {
@@ -540,7 +782,7 @@ impl<S: Store> Runtime<S> {
         let p = self.pools.get_mut(pool).expect("known pool");
         let max_tasks = p.def.max_tasks_per_instance;
         let inst = &mut p.instances[index];
-        let Some(Held { key, .. }) = inst.held.pop_front() else { return Ok(()) };
+        let Some(Held { key, size, .. }) = inst.held.remove(at) else { return Ok(()) };
         inst.progress = None;
         inst.last_beat_ms = now;
         inst.tasks_done += 1;
@@ -566,7 +808,7 @@ impl<S: Store> Runtime<S> {
             }
         }
         self.worker_tasks.remove(&key);
-        self.exits.insert(key, ExitDetails { output, ..Default::default() });
+        self.exits.insert(key, ExitDetails { output, batch_size: Some(size), ..Default::default() });
         self.sync_availability(pool);
         let (job, stage, attempt) = key;
         self.step(Event::AttemptExited { job, stage, attempt, outcome });
@@ -665,13 +907,20 @@ impl<S: Store> Runtime<S> {
         // running task's own doing, and so is a second crash while running a task that was
         // interrupted before (by anything, an engine restart included): that task fails (retryable, spending a retry), so a task that
         // kills its worker every time costs one extra restart, not one per interruption.
+        // A batch of several ran together: which task caused it is unknown, so all are
+        // interrupted, and each then runs alone once (see `dispatch_to_pool`).
         let own_fault = matches!(reason, Some(StopReason::Hung | StopReason::ProtocolError));
-        for (i, Held { key, .. }) in held.into_iter().enumerate() {
+        let head = held.first().map(|h| h.batch);
+        let alone = held.iter().filter(|h| Some(h.batch) == head).count() == 1;
+        for Held { key, batch, size, .. } in held {
             self.worker_tasks.remove(&key);
             let (job, stage, attempt) = key;
-            let ran = i == 0;
+            let ran = Some(batch) == head;
+            if ran {
+                self.exits.insert(key, ExitDetails { batch_size: Some(size), ..Default::default() });
+            }
             let interrupted_before = self.state.job(job).is_some_and(|j| j.stages[stage].interruptions > 0);
-            let outcome = if ran && (own_fault || interrupted_before) {
+            let outcome = if ran && alone && (own_fault || interrupted_before) {
                 Outcome::Failed { error: cause.clone(), retryable: true }
             } else if ran {
                 Outcome::Interrupted { error: cause.clone(), ran }
@@ -685,8 +934,27 @@ impl<S: Store> Runtime<S> {
         Ok(())
     }
 
-    /// Tells the scheduler how many tasks the pool's instances can hold now.
+    /// Tells the scheduler how many tasks the pool's instances can hold now. Forming tasks
+    /// beyond what the ready instances have room for (one stopped) go back to the queue.
     fn sync_availability(&mut self, pool: &str) {
+        let p = self.pools.get_mut(pool).expect("known pool");
+        let room: u64 = p.instances.iter().map(|i| i.depth(&p.def).saturating_sub(i.live_count() as u64)).sum();
+        let mut forming: u64 = p.forming.iter().map(|f| f.tasks.len() as u64).sum();
+        let mut requeue = Vec::new();
+        while forming > room {
+            // The newest first: the older ones have waited longest for their batch.
+            let g = (0..p.forming.len()).max_by_key(|g| p.forming[*g].tasks.back().map(|t| t.since_ms)).expect("some");
+            let t = p.forming[g].tasks.pop_back().expect("groups are never empty");
+            if p.forming[g].tasks.is_empty() {
+                p.forming.swap_remove(g);
+            }
+            requeue.push(t.key);
+            forming -= 1;
+        }
+        for (job, stage, attempt) in requeue {
+            let error = format!("no instance of pool `{pool}` could take it (not started)");
+            self.step(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Interrupted { error, ran: false } });
+        }
         let p = self.pools.get_mut(pool).expect("known pool");
         let units: u64 = p.instances.iter().map(|i| i.depth(&p.def)).sum();
         if units == p.available {

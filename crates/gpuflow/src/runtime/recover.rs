@@ -139,6 +139,7 @@ impl<S: Store> Runtime<S> {
                     output: None,
                     exit_code: None,
                     signal: None,
+                    batch_size: None,
                     failures: s.failures,
                     interruptions: s.interruptions + 1,
                     at,

@@ -87,6 +87,8 @@ pub enum Write {
         output: Option<Value>,
         exit_code: Option<i32>,
         signal: Option<i32>,
+        /// For a worker task: how many tasks its batch held.
+        batch_size: Option<u32>,
         failures: u32,
         interruptions: u32,
         at: i64,
@@ -150,6 +152,8 @@ pub struct AttemptRecord {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub error: Option<String>,
+    /// For a worker task: how many tasks the batch it ran in held.
+    pub batch_size: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -356,6 +360,7 @@ fn attempt_from_row(row: &impl Columns) -> StoreResult<AttemptRecord> {
         exit_code: row.small("exit_code")?,
         signal: row.small("signal")?,
         error: row.text("error")?,
+        batch_size: row.int("batch_size")?.map(|n| n as u32),
     })
 }
 

@@ -19,7 +19,10 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::*;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (4, include_str!("../../migrations/postgres/0004_batch_size.sql")),
+];
 
 /// The channel agents LISTEN on: something became claimable, or a job is ending.
 pub const QUEUE_CHANNEL: &str = "gpuflow_queue";
@@ -615,6 +618,7 @@ pub struct AttemptDetails {
     pub output: Option<Value>,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
+    pub batch_size: Option<u32>,
 }
 
 async fn notify(tx: &mut Transaction<'static, Postgres>) -> StoreResult<()> {
@@ -664,7 +668,7 @@ async fn apply(
     let error = t.attempt.as_ref().and_then(|(_, e)| e.clone());
     if let Some((result, _)) = &t.attempt {
         sqlx::query(
-            "UPDATE attempts SET state = $4, finished_at = gpuflow_now_ms(), exit_code = $5, signal = $6, error = $7 WHERE job_id = $1 AND stage_idx = $2 AND attempt = $3",
+            "UPDATE attempts SET state = $4, finished_at = gpuflow_now_ms(), exit_code = $5, signal = $6, error = $7, batch_size = $8 WHERE job_id = $1 AND stage_idx = $2 AND attempt = $3",
         )
         .bind(job)
         .bind(stage as i64)
@@ -673,6 +677,7 @@ async fn apply(
         .bind(details.exit_code.map(i64::from))
         .bind(details.signal.map(i64::from))
         .bind(&error)
+        .bind(details.batch_size.map(i64::from))
         .execute(&mut **tx)
         .await?;
     }
@@ -798,13 +803,14 @@ impl PgStore {
                 output,
                 exit_code,
                 signal,
+                batch_size,
                 failures,
                 interruptions,
                 at,
             } => {
-                let updated = sqlx::query("UPDATE attempts SET state = $4, finished_at = $5, exit_code = $6, signal = $7, error = $8 WHERE job_id = $1 AND stage_idx = $2 AND attempt = $3 AND state = 'running'")
+                let updated = sqlx::query("UPDATE attempts SET state = $4, finished_at = $5, exit_code = $6, signal = $7, error = $8, batch_size = $9 WHERE job_id = $1 AND stage_idx = $2 AND attempt = $3 AND state = 'running'")
                     .bind(job).bind(*stage as i64).bind(*attempt as i64).bind(*result).bind(at)
-                    .bind(exit_code.map(i64::from)).bind(signal.map(i64::from)).bind(error)
+                    .bind(exit_code.map(i64::from)).bind(signal.map(i64::from)).bind(error).bind(batch_size.map(i64::from))
                     .execute(&mut **tx).await?;
                 if updated.rows_affected() != 1 {
                     return Err(StoreError::Corrupt(format!("attempt {job}/{stage}/{attempt} was not running")));

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_findings.sql")),
     (3, include_str!("../../migrations/sqlite/0003_recovery_order.sql")),
+    (4, include_str!("../../migrations/sqlite/0004_batch_size.sql")),
 ];
 
 #[derive(Clone)]
@@ -353,6 +354,7 @@ struct AttemptRow<'a> {
     exit_code: Option<i32>,
     signal: Option<i32>,
     error: Option<&'a str>,
+    batch_size: Option<u32>,
 }
 
 /// Every row one turn touches, merged to its final state, in first-touched order.
@@ -419,6 +421,7 @@ impl<'a> TurnRows<'a> {
                     exit_code: None,
                     signal: None,
                     error: None,
+                    batch_size: None,
                 });
                 let s = self.stage(job, key.1, StageCols::default());
                 s.state = Some("running");
@@ -443,6 +446,7 @@ impl<'a> TurnRows<'a> {
                 output,
                 exit_code,
                 signal,
+                batch_size,
                 failures,
                 interruptions,
                 at,
@@ -455,6 +459,7 @@ impl<'a> TurnRows<'a> {
                         a.exit_code = *exit_code;
                         a.signal = *signal;
                         a.error = error.as_deref();
+                        a.batch_size = *batch_size;
                     }
                     None => self.ended_earlier.push(w),
                 }
@@ -712,7 +717,7 @@ impl SqliteStore {
         }
         for chunk in rows.new_attempts.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at, finished_at, exit_code, signal, error) ",
+                "INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at, finished_at, exit_code, signal, error, batch_size) ",
             );
             q.push_values(chunk, |mut b, a| {
                 b.push_bind(a.job)
@@ -724,13 +729,15 @@ impl SqliteStore {
                     .push_bind(a.finished_at)
                     .push_bind(a.exit_code)
                     .push_bind(a.signal)
-                    .push_bind(a.error);
+                    .push_bind(a.error)
+                    .push_bind(a.batch_size.map(i64::from));
             });
             q.build().execute(&mut **tx).await?;
         }
         let mut ended: Vec<UpdateRow> = Vec::new();
         for w in &rows.ended_earlier {
-            let Write::AttemptEnded { job, stage, attempt, result, error, exit_code, signal, at, .. } = w else {
+            let Write::AttemptEnded { job, stage, attempt, result, error, exit_code, signal, batch_size, at, .. } = w
+            else {
                 continue;
             };
             let values = vec![
@@ -740,6 +747,7 @@ impl SqliteStore {
                 Val::Int(exit_code.map(i64::from)),
                 Val::Int(signal.map(i64::from)),
                 Val::Text(error.as_deref()),
+                Val::Int(batch_size.map(i64::from)),
             ];
             ended.push((Val::Text(Some(job)), Val::Int(Some(*stage as i64)), values));
         }
@@ -748,7 +756,7 @@ impl SqliteStore {
             update_from_values(
                 tx,
                 "attempts",
-                "state = v.column4, finished_at = v.column5, exit_code = v.column6, signal = v.column7, error = v.column8",
+                "state = v.column4, finished_at = v.column5, exit_code = v.column6, signal = v.column7, error = v.column8, batch_size = v.column9",
                 "attempts.job_id = v.column1 AND attempts.stage_idx = v.column2 AND attempts.attempt = v.column3 AND attempts.state = 'running'",
                 ended,
                 Some("an attempt that ended was not recorded as running"),

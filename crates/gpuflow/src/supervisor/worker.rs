@@ -53,12 +53,13 @@ pub enum InstanceEvent {
 /// took half its time at a few thousand tasks a second).
 pub struct ToWorker {
     pub line: String,
-    pub job_dir: Option<std::path::PathBuf>,
+    /// Job directories to create before the line is written (one per task of a batch).
+    pub job_dirs: Vec<std::path::PathBuf>,
 }
 
 impl ToWorker {
     pub fn line(line: String) -> ToWorker {
-        ToWorker { line, job_dir: None }
+        ToWorker { line, job_dirs: Vec::new() }
     }
 }
 
@@ -90,11 +91,11 @@ pub async fn run_instance(
     let stderr = tokio::spawn(copy_capped(child.stderr.take().expect("piped"), spec.stderr_log.clone(), spec.log_max));
     let mut to_worker = child.stdin.take().expect("piped");
     let writer = tokio::spawn(async move {
-        while let Some(ToWorker { line, job_dir }) = stdin.recv().await {
-            if let Some(dir) = job_dir
-                && let Err(e) = tokio::fs::create_dir_all(&dir).await
-            {
-                tracing::warn!("cannot create the job directory {}: {e}", dir.display());
+        while let Some(ToWorker { line, job_dirs }) = stdin.recv().await {
+            for dir in job_dirs {
+                if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+                    tracing::warn!("cannot create the job directory {}: {e}", dir.display());
+                }
             }
             if to_worker.write_all(line.as_bytes()).await.is_err() || to_worker.write_all(b"\n").await.is_err() {
                 break;

@@ -41,6 +41,7 @@ fn ended(job: &str, stage: usize, attempt: u32, result: &'static str, stage_stat
         output: (result == "succeeded").then(|| json!({"k": [1, 2]})),
         exit_code: Some(if result == "succeeded" { 0 } else { 3 }),
         signal: None,
+        batch_size: Some(4),
         failures: u32::from(result != "succeeded"),
         interruptions: 0,
         at: 2_000,

@@ -131,6 +131,7 @@ function stageCard(job, st, log) {
     h('td', { class: 'num' }, a.attempt), h('td', {}, badge(a.state)), h('td', {}, when(a.started_at)),
     h('td', { class: 'num' }, duration(between(a.started_at, a.finished_at))),
     h('td', {}, lease(a.lease)),
+    h('td', { class: 'num attempt-batch' }, a.batch_size ?? '–'),
     h('td', { class: 'num' }, a.exit_code ?? (a.signal ? `signal ${a.signal}` : '–')),
     h('td', { class: 'error-text' }, a.error || '')));
   const stream = chosenStream[st.name] || 'stderr';
@@ -159,7 +160,7 @@ function stageCard(job, st, log) {
     st.error ? h('div', { class: 'error-banner' }, st.error) : null,
     st.output ? h('details', {}, h('summary', {}, 'Output'), json(st.output)) : null,
     attempts.length ? h('table', { class: 'grid attempts' },
-      h('thead', {}, h('tr', {}, ['attempt', 'result', 'started', 'took', 'lease', 'exit', 'error'].map((c) => h('th', {}, c)))),
+      h('thead', {}, h('tr', {}, ['attempt', 'result', 'started', 'took', 'lease', 'batch', 'exit', 'error'].map((c) => h('th', {}, c)))),
       h('tbody', {}, attempts)) : null,
     st.attempts ? h('div', { class: 'log-head' }, h('h4', {}, `Log tail · attempt ${log && log.attempt ? log.attempt : st.attempts}`), switcher) : null,
     logBody);
