@@ -1,4 +1,5 @@
-"""Worker side of the gpuflow worker protocol, version 1 (with the `prefetch` feature).
+"""Worker side of the gpuflow worker protocol, version 1 (with the `prefetch`,
+`job_dir_on_demand` and `batch` features).
 
 The protocol itself is specified in docs/worker-protocol.md. This module implements it so
 that a model worker only writes `load()` and `handle()`:
@@ -13,6 +14,9 @@ that a model worker only writes `load()` and `handle()`:
 
     if __name__ == "__main__":
         gpuflow.serve(OcrWorker())
+
+A worker that runs several tasks at once overrides `handle_batch(tasks)` instead; it then
+announces the `batch` feature, and a pool with `batch:` sends it several tasks in one message.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ PROTOCOL_VERSION = 1
 # Announced in `ready`: the engine may send tasks ahead while one runs (they wait here, in
 # order), and this worker honours `cancel` for a task it has not started.
 FEATURES = ["prefetch", "job_dir_on_demand"]
+
+# Announced too by a worker that overrides `Worker.handle_batch`: it takes several tasks in one
+# `batch` message and answers each with its own result or error.
+FEATURE_BATCH = "batch"
 
 # The engine treats a longer line from a worker as a protocol error and restarts the instance,
 # so an output that would exceed it is turned into a task error here instead.
@@ -71,9 +79,37 @@ class Worker:
         """
         return {}
 
+    #: The largest batch this instance can take (e.g. what its GPU memory allows), announced in
+    #: `ready` as ``max_batch``; the engine never sends more. None: the pool's ``max_size``.
+    max_batch: Optional[int] = None
+
     def handle(self, task: "Task") -> Any:
         """Run one task and return its output (any JSON-serialisable value)."""
         raise NotImplementedError(f"{type(self).__name__}.handle() is not implemented")
+
+    def handle_batch(self, tasks: List["Task"]) -> List[Any]:
+        """Run several tasks at once (a pool with ``batch:``): return a list with one entry
+        per task, in order, each its output or an exception instance (that task fails with
+        it: not retried if a `PermanentError`). Raising fails every task of the batch with the
+        exception, retryable unless it is a `PermanentError`.
+
+        Override it to run a model on the whole batch. The default calls `handle` for each
+        task; overriding it is what announces the ``batch`` feature, so a worker that only
+        writes `handle` keeps getting one task at a time.
+        """
+        results: List[Any] = []
+        for task in tasks:
+            try:
+                results.append(self.handle(task))
+            except Exception as exc:
+                _log(f"task {getattr(task, 'id', task)} failed:\n{traceback.format_exc()}")
+                results.append(exc)
+        return results
+
+
+def _batches(worker: Worker) -> bool:
+    """Whether `worker` runs batches itself (it overrides `handle_batch`)."""
+    return type(worker).handle_batch is not Worker.handle_batch
 
 
 def _encode(message: Dict[str, Any]) -> bytes:
@@ -96,15 +132,15 @@ def _log(text: str) -> None:
 class _Channel:
     """The protocol stream to the engine: whole lines, written under one lock.
 
-    `current` is the task the engine sees this instance holding. It changes only under the
-    lock, together with the line that ends the task, so no heartbeat or progress line for a
-    task can follow its result (the engine would take that as a protocol error).
+    `held` are the tasks the engine sees this instance running (one, or a batch). It changes
+    only under the lock, together with the line that ends a task, so no heartbeat or progress
+    line for a task can follow its result (the engine would take that as a protocol error).
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self.lock = threading.Lock()
-        self.current: Optional[Task] = None
+        self.held: List[Task] = []
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -116,21 +152,22 @@ class _Channel:
         with self.lock:
             self._write(data)
 
-    def begin(self, task: "Task") -> None:
+    def begin(self, tasks: List["Task"]) -> None:
         with self.lock:
-            self.current = task
+            self.held = list(tasks)
 
     def send_for(self, task: "Task", data: bytes) -> bool:
         """Send a line about `task` if the instance still holds it; False if it was dropped."""
         with self.lock:
-            if self.current is not task:
+            if not any(t is task for t in self.held):
                 return False
             self._write(data)
             return True
 
-    def finish(self, task: "Task", data: bytes) -> None:
+    def finish(self, data: bytes) -> None:
+        """The answers to every task held, in one write."""
         with self.lock:
-            self.current = None
+            self.held = []
             self._write(data)
 
 
@@ -244,10 +281,10 @@ class _Heartbeat(threading.Thread):
         self._channel = channel
         self._interval = interval_s
         self._handler_thread_id = handler_thread_id
-        self._task: Optional[Task] = None  # set and cleared by the handler thread
+        self._tasks: Optional[List[Task]] = None  # set and cleared by the handler thread
 
-    def watch(self, task: Optional[Task]) -> None:
-        self._task = task
+    def watch(self, tasks: Optional[List[Task]]) -> None:
+        self._tasks = tasks
 
     def _sample(self) -> Optional[_Position]:
         frame = sys._current_frames().get(self._handler_thread_id)
@@ -275,25 +312,29 @@ class _Heartbeat(threading.Thread):
             if next_tick <= now:  # the process was stalled (GIL, suspend): do not burst
                 next_tick = now + self._interval
 
-            task = self._task
-            if task is None:
+            tasks = self._tasks
+            if not tasks:
                 watched, last = None, None
                 continue
             position = self._sample()
-            if task is not watched:
-                # A new task: its first sample is the baseline, not movement. The engine counts
-                # from the moment it sent the task, so a handler that deadlocks at once sends
-                # no beat at all.
-                watched, moved = task, False
+            if tasks is not watched:
+                # A new task or batch: its first sample is the baseline, not movement. The
+                # engine counts from the moment it sent it, so a handler that deadlocks at once
+                # sends no beat at all.
+                watched, moved = tasks, False
             else:
                 moved = not _same_position(position, last)
             last = position
-            active, pending = task._take_beat_state()
-            if not (moved or active):
+            # A batch beats once, naming its first task: the engine watches the batch as one.
+            states = [(task, *task._take_beat_state()) for task in tasks]
+            lines = [(task, pending) for task, _, pending in states if pending is not None]
+            if not (moved or any(active for _, active, _ in states)):
                 continue
-            data = pending if pending is not None else _encode({"type": "heartbeat", "task": task.id})
+            if not lines:
+                lines = [(tasks[0], _encode({"type": "heartbeat", "task": tasks[0].id}))]
             try:
-                self._channel.send_for(task, data)
+                for task, data in lines:
+                    self._channel.send_for(task, data)
             except OSError as exc:
                 # The engine is gone. Exit now rather than keep a GPU busy for nobody.
                 _log(f"protocol channel closed ({exc}); exiting")
@@ -313,7 +354,7 @@ def _failure_message(exc: BaseException) -> str:
     if len(head) > _ERROR_HEAD_MAX_CHARS:
         head = head[:_ERROR_HEAD_MAX_CHARS] + " ... (truncated)"
     tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code is _run_task.__code__:
+    if tb is not None and tb.tb_frame.f_code in (_run_task.__code__, _run_batch.__code__):
         tb = tb.tb_next  # the SDK's own frame says nothing about the failure
     lines = "".join(traceback.format_tb(tb)).rstrip("\n").splitlines()
     # Drop the ^^^ / ~~^~~ marker lines of Python 3.11+: they cost lines and say little here.
@@ -479,6 +520,13 @@ class _Inbox:
                 self._queue.remove(message)
                 _log(f"task {task_id} was cancelled before it started; skipping it")
                 return True
+            tasks = message.get("tasks") if message.get("type") == "batch" else None
+            if isinstance(tasks, list) and any(isinstance(t, dict) and t.get("task") == task_id for t in tasks):
+                message["tasks"] = [t for t in tasks if not (isinstance(t, dict) and t.get("task") == task_id)]
+                if not message["tasks"]:
+                    self._queue.remove(message)
+                _log(f"task {task_id} was cancelled before its batch started; skipping it")
+                return True
         return False
 
     def take_ready(self) -> None:
@@ -501,7 +549,7 @@ class _Inbox:
                     continue
                 self._add(message)
                 continue
-            if self._queue[0].get("type") == "task":
+            if self._queue[0].get("type") in ("task", "batch"):
                 self.take_ready()
                 if not self._queue:
                     continue  # it was cancelled
@@ -511,9 +559,13 @@ class _Inbox:
 
 
 def _run_task(worker: Worker, channel: _Channel, beat: _Heartbeat, message: Dict[str, Any]) -> None:
+    if _batches(worker):
+        _run_batch(worker, channel, beat, [message])
+        return
     task = Task(channel, message)
-    channel.begin(task)
-    beat.watch(task)
+    tasks = [task]
+    channel.begin(tasks)
+    beat.watch(tasks)
     try:
         output = worker.handle(task)
     except PermanentError as exc:
@@ -528,7 +580,45 @@ def _run_task(worker: Worker, channel: _Channel, beat: _Heartbeat, message: Dict
         del output
     finally:
         beat.watch(None)
-    channel.finish(task, reply)
+    channel.finish(reply)
+
+
+def _answer(task: "Task", entry: Any) -> bytes:
+    """The line for one entry of what `handle_batch` returned."""
+    if isinstance(entry, PermanentError):
+        return _error_line(task.id, _permanent_message(entry), False)
+    if isinstance(entry, BaseException):
+        return _error_line(task.id, _failure_message(entry), True)
+    return _result_line(task.id, entry)
+
+
+def _run_batch(worker: Worker, channel: _Channel, beat: _Heartbeat, messages: List[Dict[str, Any]]) -> None:
+    tasks = [Task(channel, m) for m in messages]
+    channel.begin(tasks)
+    beat.watch(tasks)
+    try:
+        outputs = worker.handle_batch(list(tasks))
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(tasks):
+            got = f"{len(outputs)} entries" if isinstance(outputs, (list, tuple)) else type(outputs).__name__
+            raise TypeError(
+                f"{type(worker).__name__}.handle_batch returned {got} for {len(tasks)} tasks; "
+                "return a list with one entry (an output or an exception) per task, in order"
+            )
+    except PermanentError as exc:
+        _log(f"batch of {len(tasks)} failed permanently:\n{traceback.format_exc()}")
+        message = _permanent_message(exc)
+        replies = [_error_line(t.id, message, False) for t in tasks]
+    except Exception as exc:
+        _log(f"batch of {len(tasks)} failed:\n{traceback.format_exc()}")
+        message = _failure_message(exc)
+        replies = [_error_line(t.id, message, True) for t in tasks]
+    else:
+        replies = [_answer(t, entry) for t, entry in zip(tasks, outputs)]
+        # Drop the reference now: the outputs may be large and the next batch may be far off.
+        del outputs
+    finally:
+        beat.watch(None)
+    channel.finish(b"".join(replies))
 
 
 def serve(worker: Worker) -> NoReturn:
@@ -554,8 +644,15 @@ def serve(worker: Worker) -> NoReturn:
         sys.exit(1)
     info = dict(info)
     info.setdefault("pid", os.getpid())
+    features = FEATURES + [FEATURE_BATCH] if _batches(worker) else FEATURES
+    ready_message: Dict[str, Any] = {"type": "ready", "protocol": PROTOCOL_VERSION, "features": features, "info": info}
+    if worker.max_batch is not None:
+        if isinstance(worker.max_batch, bool) or not isinstance(worker.max_batch, int) or worker.max_batch < 1:
+            _log(f"max_batch must be a whole number of tasks, at least 1, not {worker.max_batch!r}")
+            sys.exit(1)
+        ready_message["max_batch"] = worker.max_batch
     try:
-        ready = _encode({"type": "ready", "protocol": PROTOCOL_VERSION, "features": FEATURES, "info": info})
+        ready = _encode(ready_message)
     except (TypeError, ValueError) as exc:
         _log(f"the info returned by load() is not JSON-serialisable: {exc}")
         sys.exit(1)
@@ -577,6 +674,15 @@ def serve(worker: Worker) -> NoReturn:
                     _log(f"engine sent a task message without a task id: {str(message)[:200]}; exiting")
                     sys.exit(2)
                 _run_task(worker, channel, beat, message)
+            elif kind == "batch":
+                tasks = message.get("tasks")
+                if not isinstance(tasks, list) or not all(
+                    isinstance(t, dict) and isinstance(t.get("task"), str) and t["task"] for t in tasks
+                ):
+                    _log(f"engine sent a batch whose tasks lack ids: {str(message)[:200]}; exiting")
+                    sys.exit(2)
+                if tasks:
+                    _run_batch(worker, channel, beat, tasks)
             elif kind == "shutdown":
                 sys.exit(0)
             else:

@@ -23,7 +23,7 @@ INTERVAL_S = INTERVAL_MS / 1000.0
 class FakeEngine:
     """Starts worker_app.py and speaks the engine's side of the protocol to it."""
 
-    def __init__(self, test, extra_env=None):
+    def __init__(self, test, extra_env=None, app=WORKER_APP):
         self.test = test
         self.stderr_file = tempfile.TemporaryFile()
         env = dict(os.environ)
@@ -39,7 +39,7 @@ class FakeEngine:
         env.pop("PYTHONUNBUFFERED", None)
         env.update(extra_env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER_APP)],
+            [sys.executable, str(app)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr_file,
