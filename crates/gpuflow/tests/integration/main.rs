@@ -3,6 +3,7 @@
 mod fixture;
 
 mod api;
+mod batching;
 mod chaos;
 mod chaos_fuzz;
 mod chaos_load;
