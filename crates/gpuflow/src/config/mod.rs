@@ -1494,4 +1494,63 @@ mod tests {
         assert!(check_path("relative.mp4", &roots).unwrap_err().contains("absolute"));
         assert!(check_path("/x", &[]).unwrap_err().contains("no `allowed_roots`"));
     }
+
+    fn batch_file(pool: &str, stage: &str) -> String {
+        format!(
+            "resources: {{gpus: none, cpu: 1}}\nworkers:\n  m:\n    command: [python3, w.py]\n    instances: 2\n{pool}pipelines:\n  p:\n    inputs: {{model: {{type: string}}}}\n    stages: [{{name: s, {stage}}}]\n"
+        )
+    }
+
+    fn one_error(text: &str) -> ConfigError {
+        let errors = Config::parse(text, "t.yaml", &NoGpus).unwrap_err();
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        errors.0.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn batch_sizes_the_pool_counter_and_keys_parse() {
+        let text = batch_file("    batch: {max_size: 32, max_wait: 5ms}\n", "worker: m, batch_key: \"{input.model}\"");
+        let config = Config::parse(&text, "t.yaml", &NoGpus).unwrap();
+        let def = &config.workers["m"];
+        assert_eq!(def.batch, Some(BatchDef { max_size: 32, max_wait_ms: 5 }));
+        // 2 instances x (1 running + 1 prefetched batch) x 32 tasks
+        assert_eq!(def.units(), 128);
+        let StageExec::Worker { batch_key: Some(key), .. } = &config.pipelines["p"].stages[0] else { panic!() };
+        let ctx = template::RenderContext { input: &serde_json::json!({"model": "resnet"}), outputs: &[], job_dir: "", job_id: "" };
+        assert_eq!(key.render(&ctx).unwrap(), "resnet");
+        let plain = Config::parse(&batch_file("    batch: {max_size: 4}\n", "worker: m"), "t.yaml", &NoGpus).unwrap();
+        assert_eq!(plain.workers["m"].batch, Some(BatchDef { max_size: 4, max_wait_ms: 0 }), "max_wait defaults to 0");
+    }
+
+    #[test]
+    fn bad_batch_settings_are_refused_with_field_value_and_fix() {
+        for (size, shown) in [("0", "`0`"), ("5000", "`5000`")] {
+            let e = one_error(&batch_file(&format!("    batch: {{max_size: {size}}}\n"), "worker: m"));
+            assert_eq!(e.field, "workers.m.batch.max_size");
+            assert!(e.message.contains(shown) && e.message.contains("1 to 1024") && e.message.contains("max_size: 32"), "{e}");
+        }
+        let e = one_error(&batch_file("    batch: {max_wait: 5ms}\n", "worker: m"));
+        assert!(e.field == "workers.m.batch.max_size" && e.message.contains("missing"), "{e}");
+        let errors = Config::parse(&batch_file("    batch: {size: 4}\n", "worker: m"), "t.yaml", &NoGpus).unwrap_err();
+        assert!(errors.to_string().contains("size"), "{errors}");
+    }
+
+    #[test]
+    fn bad_batch_keys_are_refused_with_field_value_and_fix() {
+        let field = "pipelines.p.stages[0].batch_key";
+        let e = one_error(&batch_file("", "worker: m, batch_key: \"{input.model}\""));
+        assert_eq!(e.field, field);
+        assert!(e.message.contains("pool `m` does not batch") && e.message.contains("batch: {max_size"), "{e}");
+        let batching = "    batch: {max_size: 8}\n";
+        let e = one_error(&batch_file(batching, "worker: m, batch_key: \"{job.id}\""));
+        assert!(e.field == field && e.message.contains("`{job.id}`") && e.message.contains("{input.model}"), "{e}");
+        let e = one_error(&batch_file(batching, "worker: m, batch_key: \"{input.size}\""));
+        assert!(e.message.contains("input `size` is not declared") && e.message.contains("model"), "{e}");
+        let e = one_error(&batch_file(batching, "worker: m, batch_key: \"{stages.x.y}\""));
+        assert!(e.message.contains("may only read the job input"), "{e}");
+        let e = one_error(&batch_file(batching, "worker: m, batch_key: fixed"));
+        assert!(e.message.contains("reads nothing from the input"), "{e}");
+        let e = one_error(&batch_file(batching, "command: [true], batch_key: \"{input.model}\""));
+        assert!(e.field == field && e.message.contains("only a worker stage is batched"), "{e}");
+    }
 }
