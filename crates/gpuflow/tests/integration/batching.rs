@@ -280,3 +280,17 @@ async fn tasks_with_different_batch_keys_never_share_a_batch() {
     assert!(seen.iter().all(|(_, keys)| !keys.contains(',')), "{seen:?}");
     assert!(seen.iter().any(|(s, _)| *s > 1), "{seen:?}");
 }
+
+#[test]
+fn bad_batch_config_is_refused_by_check_with_position_field_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    let yaml = "resources: {gpus: none, cpu: 1}\nworkers:\n  m:\n    command: [python3, w.py]\n    batch: {max_size: 0}\npipelines:\n  p:\n    stages:\n      - {name: s, worker: m, batch_key: \"{job.id}\"}\n";
+    std::fs::write(&file, yaml).unwrap();
+    let out = std::process::Command::new(bin()).arg("check").arg(&file).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("workers.m.batch.max_size") && text.contains("`0` is not a batch size"), "{text}");
+    assert!(text.contains("pipelines.p.stages[0].batch_key") && text.contains("`{job.id}`"), "{text}");
+    assert!(text.contains("p.yaml:"), "errors point into the file: {text}");
+}
