@@ -53,6 +53,10 @@ def rows_submit(r):
     return [(f"admission only: submits/s, {k.split('_')[3]} client threads", v, {}) for k, v in r.items() if k.startswith("submits_per_s")]
 
 
+def rows_batch(r):
+    return [("batching pool (max_size 32) / the same pool unbatched: tasks/s", r["ratio"], ge(5.0))]
+
+
 def rows_pool(r):
     return [
         ("worker pool (no-op SDK workers): completed jobs/s", r["completed_per_s"], ge(5000.0)),
@@ -129,6 +133,7 @@ BENCHES = {
     "submit": ("submit_rate.py", ["--jobs", "1000"], ["--jobs", "200"], rows_submit),
     "noop": ("noop_throughput.py", ["--jobs", "50000"], ["--jobs", "5000"], rows_noop),
     "pool": ("pool_throughput.py", ["--jobs", "10000"], ["--jobs", "1000"], rows_pool),
+    "batch": ("batch_throughput.py", ["--jobs", "10000"], ["--jobs", "1000"], rows_batch),
     "dispatch": ("dispatch_latency.py", ["--rates", "1000,500,200", "--seconds", "5"], ["--rates", "1000,200", "--seconds", "1"], rows_dispatch),
     "recovery": ("worker_recovery.py", ["--crashes", "5", "--hangs", "3", "--heartbeat", "2"], ["--crashes", "2", "--hangs", "1", "--heartbeat", "1"], rows_recovery),
     "watchdog": ("watchdog_overhead.py", ["--tasks", "100", "--seconds", "20"], ["--tasks", "20", "--seconds", "3"], rows_watchdog),
