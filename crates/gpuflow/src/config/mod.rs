@@ -351,7 +351,12 @@ pub struct InputSpec {
 /// How a stage runs: a command per attempt, or a task on a worker pool.
 #[derive(Clone, Debug)]
 pub enum StageExec {
-    Command { command: Vec<Template>, env: BTreeMap<String, String>, workdir: Option<PathBuf>, gpu_check: GpuCheck },
+    Command {
+        command: Vec<Template>,
+        env: BTreeMap<String, String>,
+        workdir: Option<PathBuf>,
+        gpu_check: GpuCheck,
+    },
     Worker {
         pool: String,
         /// `batch_key`: only tasks whose keys render equal share a batch.
@@ -1200,12 +1205,13 @@ fn compile_pipeline(
                         "`env` and `workdir` of a worker stage belong to its pool under `workers:`",
                     );
                 }
-                let batch_key = stage
-                    .batch_key
-                    .as_ref()
-                    .and_then(|key| batch_key(key, pool, workers, &inputs, &format!("pipelines.{name}.stages[{i}].batch_key"))
-                        .map_err(|e| errors.at(&spanned.referenced, format!("pipelines.{name}.stages[{i}].batch_key"), e))
-                        .ok());
+                let batch_key = stage.batch_key.as_ref().and_then(|key| {
+                    batch_key(key, pool, workers, &inputs, &format!("pipelines.{name}.stages[{i}].batch_key"))
+                        .map_err(|e| {
+                            errors.at(&spanned.referenced, format!("pipelines.{name}.stages[{i}].batch_key"), e)
+                        })
+                        .ok()
+                });
                 stages.push(StageExec::Worker { pool: pool.clone(), batch_key });
                 continue;
             }
@@ -1516,7 +1522,12 @@ mod tests {
         // 2 instances x (1 running + 1 prefetched batch) x 32 tasks
         assert_eq!(def.units(), 128);
         let StageExec::Worker { batch_key: Some(key), .. } = &config.pipelines["p"].stages[0] else { panic!() };
-        let ctx = template::RenderContext { input: &serde_json::json!({"model": "resnet"}), outputs: &[], job_dir: "", job_id: "" };
+        let ctx = template::RenderContext {
+            input: &serde_json::json!({"model": "resnet"}),
+            outputs: &[],
+            job_dir: "",
+            job_id: "",
+        };
         assert_eq!(key.render(&ctx).unwrap(), "resnet");
         let plain = Config::parse(&batch_file("    batch: {max_size: 4}\n", "worker: m"), "t.yaml", &NoGpus).unwrap();
         assert_eq!(plain.workers["m"].batch, Some(BatchDef { max_size: 4, max_wait_ms: 0 }), "max_wait defaults to 0");
@@ -1527,7 +1538,10 @@ mod tests {
         for (size, shown) in [("0", "`0`"), ("5000", "`5000`")] {
             let e = one_error(&batch_file(&format!("    batch: {{max_size: {size}}}\n"), "worker: m"));
             assert_eq!(e.field, "workers.m.batch.max_size");
-            assert!(e.message.contains(shown) && e.message.contains("1 to 1024") && e.message.contains("max_size: 32"), "{e}");
+            assert!(
+                e.message.contains(shown) && e.message.contains("1 to 1024") && e.message.contains("max_size: 32"),
+                "{e}"
+            );
         }
         let e = one_error(&batch_file("    batch: {max_wait: 5ms}\n", "worker: m"));
         assert!(e.field == "workers.m.batch.max_size" && e.message.contains("missing"), "{e}");

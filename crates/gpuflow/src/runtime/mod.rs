@@ -810,7 +810,9 @@ fn outcome_of(report: AttemptReport) -> (Outcome, ExitDetails) {
     };
     match report.status {
         ExitStatus::Code(0) => match report.output {
-            Ok(output) => (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output, batch_size: None }),
+            Ok(output) => {
+                (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output, batch_size: None })
+            }
             Err(e) => (
                 Outcome::Failed { error: e, retryable: false },
                 ExitDetails { exit_code: Some(0), ..Default::default() },

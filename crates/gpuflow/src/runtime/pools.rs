@@ -444,12 +444,10 @@ impl<S: Store> Runtime<S> {
         };
         let pipeline = active.pipeline_name.clone();
         let pool = self.pools.get_mut(pool_name).ok_or_else(|| format!("unknown pool `{pool_name}`"))?;
-        let suspect = pool.def.batch.is_some()
-            && self.state.job(job).is_some_and(|j| j.stages[stage].interruptions > 0);
-        let group =
-            GroupKey { pipeline, stage: stage_name, key: batch_key, alone: suspect.then_some(key) };
-        let pending =
-            Pending { key, id: task_id, task, dir, ready_ms: now.saturating_sub(queued_ms), since_ms: now };
+        let suspect =
+            pool.def.batch.is_some() && self.state.job(job).is_some_and(|j| j.stages[stage].interruptions > 0);
+        let group = GroupKey { pipeline, stage: stage_name, key: batch_key, alone: suspect.then_some(key) };
+        let pending = Pending { key, id: task_id, task, dir, ready_ms: now.saturating_sub(queued_ms), since_ms: now };
         match pool.forming.iter_mut().find(|f| f.group == group) {
             Some(f) => f.tasks.push_back(pending),
             None => pool.forming.push(Forming { group, tasks: VecDeque::from([pending]) }),
@@ -953,7 +951,12 @@ impl<S: Store> Runtime<S> {
         }
         for (job, stage, attempt) in requeue {
             let error = format!("no instance of pool `{pool}` could take it (not started)");
-            self.step(Event::AttemptExited { job, stage, attempt, outcome: Outcome::Interrupted { error, ran: false } });
+            self.step(Event::AttemptExited {
+                job,
+                stage,
+                attempt,
+                outcome: Outcome::Interrupted { error, ran: false },
+            });
         }
         let p = self.pools.get_mut(pool).expect("known pool");
         let units: u64 = p.instances.iter().map(|i| i.depth(&p.def)).sum();

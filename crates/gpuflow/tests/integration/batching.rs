@@ -144,7 +144,10 @@ async fn four_hundred_jobs_through_a_batching_pool_each_get_their_own_output() {
     for (n, id) in ids.iter().enumerate() {
         let job = engine.wait_final(id, Duration::from_secs(60)).await;
         assert_eq!(job["state"], "succeeded", "{job:#}");
-        assert_eq!((job["output"]["n"].as_u64(), job["output"]["doubled"].as_u64()), (Some(n as u64), Some(2 * n as u64)));
+        assert_eq!(
+            (job["output"]["n"].as_u64(), job["output"]["doubled"].as_u64()),
+            (Some(n as u64), Some(2 * n as u64))
+        );
         let history = attempts(&job);
         assert_eq!(history.len(), 1, "{job:#}");
         let size = history[0]["batch_size"].as_u64().unwrap();
@@ -165,7 +168,10 @@ async fn four_hundred_jobs_through_a_batching_pool_each_get_their_own_output() {
     let execs = metrics.lines().find(|l| l.starts_with("gpuflow_inference_exec_count_total{")).unwrap();
     assert!(execs.ends_with(&format!(" {}", seen.len())), "one per batch: {execs} vs {} batches", seen.len());
     assert!(metrics.contains("gpuflow_inference_batch_size_bucket{"), "{metrics}");
-    assert!(metrics.contains("gpuflow_inference_queue_duration_seconds_count{pipeline=\"p\",stage=\"infer\"} 400"), "{metrics}");
+    assert!(
+        metrics.contains("gpuflow_inference_queue_duration_seconds_count{pipeline=\"p\",stage=\"infer\"} 400"),
+        "{metrics}"
+    );
     engine.assert_all_capacity_free().await;
 }
 

@@ -253,7 +253,8 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     assert_eq!(detail.attempts[0].state, "interrupted");
 
     // The current holder's success readies the next stage; the last one finishes the job.
-    let output = AttemptDetails { output: Some(json!({"v": 1})), exit_code: Some(0), signal: None, batch_size: Some(2) };
+    let output =
+        AttemptDetails { output: Some(json!({"v": 1})), exit_code: Some(0), signal: None, batch_size: Some(2) };
     let done = b.finish(retaken[0].token, "high", &output, shared_rule(SharedEnd::Succeeded)).await.unwrap();
     assert_eq!(done, Finish::Applied { job_finished: None });
     let next = a.claim(10, 60_000, claim_all).await.unwrap();
