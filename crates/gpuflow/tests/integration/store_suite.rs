@@ -86,6 +86,7 @@ async fn conformance<S: Store>(store: S) {
     assert_eq!(d.stages[0].output, Some(json!({"k": [1, 2]})));
     assert_eq!(d.attempts[0].state, "succeeded");
     assert_eq!(d.attempts[0].exit_code, Some(0));
+    assert_eq!(d.attempts[0].batch_size, Some(4), "the batch size is kept with the attempt");
 
     // A batch is atomic: ending an attempt that is not running fails the whole batch.
     let bad = store
@@ -262,7 +263,9 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     assert_eq!(next[0].outputs[0], Some(json!({"v": 1})), "outputs of earlier stages come with the claim");
     let done = a.finish(next[0].token, "high", &output, shared_rule(SharedEnd::Succeeded)).await.unwrap();
     assert_eq!(done, Finish::Applied { job_finished: Some(JobState::Succeeded) });
-    let job = a.job("high").await.unwrap().unwrap().job;
+    let detail = a.job("high").await.unwrap().unwrap();
+    assert_eq!(detail.attempts.last().unwrap().batch_size, Some(2), "a fenced finish keeps the batch size");
+    let job = detail.job;
     assert_eq!((job.state.as_str(), job.output), ("succeeded", Some(json!({"v": 1}))));
 
     // Cancel: the running stage is reported to its agent, and the job ends when it stops.
