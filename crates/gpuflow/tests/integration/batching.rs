@@ -300,3 +300,35 @@ fn bad_batch_config_is_refused_by_check_with_position_field_and_fix() {
     assert!(text.contains("pipelines.p.stages[0].batch_key") && text.contains("`{job.id}`"), "{text}");
     assert!(text.contains("p.yaml:"), "errors point into the file: {text}");
 }
+
+#[tokio::test]
+async fn a_full_batch_goes_at_once_and_a_task_waiting_for_its_batch_is_cancelled_at_once() {
+    // max_wait is far longer than the test: only a full batch or a cancel can end the wait.
+    let engine = start("instances: 1\n    batch: {max_size: 4, max_wait: 1h}", "", 1).await;
+    let lonely = engine.submit("once", json!({"n": 100})).await;
+    engine
+        .wait_until("its attempt started (waiting for its batch)", Duration::from_secs(10), async |e| {
+            e.job(&lonely).await["stages"][0]["state"] == "running"
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(batches(&engine).is_empty(), "one task of four waits: {:?}", batches(&engine));
+    let t = std::time::Instant::now();
+    let (status, body) = engine.post(&format!("/v1/jobs/{lonely}/cancel"), json!({})).await;
+    assert!(status < 300, "{status}: {body}");
+    let job = engine.wait_final(&lonely, Duration::from_secs(10)).await;
+    assert_eq!(job["state"], "cancelled", "{job:#}");
+    assert!(t.elapsed() < Duration::from_secs(5), "ended without the instance: {:?}", t.elapsed());
+    assert!(attempts(&job)[0]["batch_size"].is_null(), "it never reached a worker: {job:#}");
+
+    let t = std::time::Instant::now();
+    let ids = submit_all(&engine, "once", (0..4).map(|n| json!({"n": n})).collect()).await;
+    for id in &ids {
+        let job = engine.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(attempts(&job)[0]["batch_size"], 4, "{job:#}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(20), "a full batch does not wait for max_wait");
+    assert_eq!(batches(&engine), vec![(4, "None".to_string())]);
+    engine.assert_all_capacity_free().await;
+}
