@@ -444,10 +444,16 @@ impl<S: Store> Runtime<S> {
         };
         let pipeline = active.pipeline_name.clone();
         let pool = self.pools.get_mut(pool_name).ok_or_else(|| format!("unknown pool `{pool_name}`"))?;
-        let suspect =
-            pool.def.batch.is_some() && self.state.job(job).is_some_and(|j| j.stages[stage].interruptions > 0);
+        let run = self.state.job(job).map(|j| &j.stages[stage]);
+        let suspect = pool.def.batch.is_some() && run.is_some_and(|r| r.interruptions > 0);
+        // When it became ready: its grant was decided (before the turn's commit) after its wait.
+        let granted = match run.map(|r| &r.status) {
+            Some(gpuflow_core::StageStatus::Running(r)) => r.started_at,
+            _ => now,
+        };
         let group = GroupKey { pipeline, stage: stage_name, key: batch_key, alone: suspect.then_some(key) };
-        let pending = Pending { key, id: task_id, task, dir, ready_ms: now.saturating_sub(queued_ms), since_ms: now };
+        let pending =
+            Pending { key, id: task_id, task, dir, ready_ms: granted.saturating_sub(queued_ms), since_ms: now };
         match pool.forming.iter_mut().find(|f| f.group == group) {
             Some(f) => f.tasks.push_back(pending),
             None => pool.forming.push(Forming { group, tasks: VecDeque::from([pending]) }),
