@@ -12,9 +12,9 @@ use crate::fixture::*;
 /// Appends each batch it runs to `BATCH_LOG` (`size keys`), then answers per task. Inputs:
 /// `n` (the output doubles it), `model` (a batch key), `mode`: `poison` returns an exception
 /// for that task; `raise-once` raises for the whole batch on its first attempt; `crash-once`
-/// kills the worker on its first attempt, once every task of its batch is in the log.
+/// kills the worker on its first attempt; `hang-once` deadlocks the whole batch on its first.
 const WORKER: &str = r#"
-import os
+import os, threading
 import gpuflow
 
 class Batch(gpuflow.Worker):
@@ -32,6 +32,10 @@ class Batch(gpuflow.Worker):
             raise RuntimeError("batch exploded: CUDA out of memory")
         if ("crash-once", 1) in modes:
             os._exit(3)
+        if ("hang-once", 1) in modes:
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()  # a deadlock: the batch stops beating
         out = []
         for t in tasks:
             if t.input.get("mode") == "poison":
@@ -64,14 +68,14 @@ for line in sys.stdin:
     send({"type": "result", "task": m["task"], "output": {"n": n, "doubled": 2 * n, "batch": 1}})
 "#;
 
-fn config(pool: &str, env: &str, worker: &str) -> String {
+fn config(pool: &str, env: &str, worker: &str, heartbeat: &str) -> String {
     format!(
         r#"
 resources: {{gpus: none, cpu: 2}}
 workers:
   model:
     command: [python3, "{{DIR}}/{worker}"]
-    heartbeat_timeout: 20s
+    heartbeat_timeout: {heartbeat}
     startup_timeout: 20s
     env: {{BATCH_LOG: "{{DIR}}/batches.log", {env}}}
     {pool}
@@ -95,8 +99,12 @@ async fn start(pool: &str, env: &str, instances: usize) -> Engine {
 }
 
 async fn start_worker(pool: &str, env: &str, instances: usize, worker: &str) -> Engine {
-    let engine =
-        Engine::start_with_files(&config(pool, env, worker), &[("worker.py", WORKER), ("old.py", OLD_WORKER)]).await;
+    start_full(pool, env, instances, worker, "20s").await
+}
+
+async fn start_full(pool: &str, env: &str, instances: usize, worker: &str, heartbeat: &str) -> Engine {
+    let files = [("worker.py", WORKER), ("old.py", OLD_WORKER)];
+    let engine = Engine::start_with_files(&config(pool, env, worker, heartbeat), &files).await;
     engine
         .wait_until("pool instances ready", Duration::from_secs(30), async |e| {
             let r = e.resources().await;
@@ -331,4 +339,21 @@ async fn a_full_batch_goes_at_once_and_a_task_waiting_for_its_batch_is_cancelled
     assert!(t.elapsed() < Duration::from_secs(20), "a full batch does not wait for max_wait");
     assert_eq!(batches(&engine), vec![(4, "None".to_string())]);
     engine.assert_all_capacity_free().await;
+}
+
+#[tokio::test]
+async fn a_hung_batch_is_killed_and_every_task_requeued_without_spending_a_retry() {
+    let engine = start_full("instances: 1\n    batch: {max_size: 8, max_wait: 300ms}", "", 1, "worker.py", "1s").await;
+    let inputs = (0..3).map(|n| if n == 1 { json!({"n": n, "mode": "hang-once"}) } else { json!({"n": n}) }).collect();
+    let ids = submit_all(&engine, "once", inputs).await;
+    for (n, id) in ids.iter().enumerate() {
+        let job = engine.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["output"]["doubled"], 2 * n, "{job:#}");
+        let history = attempts(&job);
+        assert_eq!((history[0]["state"].as_str(), history[0]["batch_size"].as_u64()), (Some("interrupted"), Some(3)));
+        assert!(history[0]["error"].as_str().unwrap().contains("no heartbeat or progress for 1s"), "{job:#}");
+        assert_eq!(job["stages"][0]["failures"], 0, "{job:#}");
+        assert_eq!(history[1]["batch_size"], 1, "{job:#}");
+    }
 }
