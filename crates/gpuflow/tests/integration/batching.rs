@@ -12,9 +12,10 @@ use crate::fixture::*;
 /// Appends each batch it runs to `BATCH_LOG` (`size keys`), then answers per task. Inputs:
 /// `n` (the output doubles it), `model` (a batch key), `mode`: `poison` returns an exception
 /// for that task; `raise-once` raises for the whole batch on its first attempt; `crash-once`
-/// kills the worker on its first attempt; `hang-once` deadlocks the whole batch on its first.
+/// kills the worker on its first attempt; `hang-once` deadlocks the whole batch on its first;
+/// `slow-once` makes the batch take 10 s (beating) on its first.
 const WORKER: &str = r#"
-import os, threading
+import os, threading, time
 import gpuflow
 
 class Batch(gpuflow.Worker):
@@ -32,6 +33,10 @@ class Batch(gpuflow.Worker):
             raise RuntimeError("batch exploded: CUDA out of memory")
         if ("crash-once", 1) in modes:
             os._exit(3)
+        if ("slow-once", 1) in modes:
+            for _ in range(200):
+                time.sleep(0.05)
+                tasks[0].heartbeat()
         if ("hang-once", 1) in modes:
             lock = threading.Lock()
             lock.acquire()
@@ -87,6 +92,9 @@ pipelines:
   once:
     stages:
       - {{name: infer, worker: model, retry: {{max_attempts: 1}}}}
+  timed:
+    stages:
+      - {{name: infer, worker: model, timeout: 1s, retry: {{max_attempts: 2, backoff: {{initial: 100ms}}}}}}
   keyed:
     stages:
       - {{name: infer, worker: model, batch_key: "{{input.model}}", retry: {{max_attempts: 1}}}}
@@ -354,6 +362,48 @@ async fn a_hung_batch_is_killed_and_every_task_requeued_without_spending_a_retry
         assert_eq!((history[0]["state"].as_str(), history[0]["batch_size"].as_u64()), (Some("interrupted"), Some(3)));
         assert!(history[0]["error"].as_str().unwrap().contains("no heartbeat or progress for 1s"), "{job:#}");
         assert_eq!(job["stages"][0]["failures"], 0, "{job:#}");
+        assert_eq!(history[1]["batch_size"], 1, "{job:#}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_past_its_timeout_times_out_each_task_and_each_is_retried() {
+    // The three tasks start together, so their timeouts expire together: the instance is
+    // stopped once, each task times out (one try each) and each is retried.
+    let engine = start("instances: 1\n    batch: {max_size: 8, max_wait: 300ms}", "", 1).await;
+    let inputs = (0..3).map(|n| if n == 0 { json!({"n": n, "mode": "slow-once"}) } else { json!({"n": n}) }).collect();
+    let ids = submit_all(&engine, "timed", inputs).await;
+    for (n, id) in ids.iter().enumerate() {
+        let job = engine.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["output"]["doubled"], 2 * n, "{job:#}");
+        let history = attempts(&job);
+        assert_eq!(history.len(), 2, "{job:#}");
+        assert_eq!((history[0]["state"].as_str(), history[0]["batch_size"].as_u64()), (Some("timed_out"), Some(3)));
+        assert_eq!(history[0]["error"], "timed out after 1000 ms", "{job:#}");
+        assert_eq!(job["stages"][0]["failures"], 1, "{job:#}");
+        assert_eq!(history[1]["state"], "succeeded", "{job:#}");
+    }
+    let inst = &engine.resources().await["pools"][0]["instances"][0];
+    assert_eq!(inst["restarts"], 1, "stopped once for the whole batch: {inst:#}");
+}
+
+#[tokio::test]
+async fn cancelling_one_task_of_a_running_batch_interrupts_the_others_without_spending_a_try() {
+    let engine = start("instances: 1\n    batch: {max_size: 8, max_wait: 300ms}", "", 1).await;
+    let inputs = (0..3).map(|n| if n == 0 { json!({"n": n, "mode": "slow-once"}) } else { json!({"n": n}) }).collect();
+    let ids = submit_all(&engine, "once", inputs).await;
+    engine.wait_until("the batch runs", Duration::from_secs(10), async |e| !batches(e).is_empty()).await;
+    let (status, body) = engine.post(&format!("/v1/jobs/{}/cancel", ids[2]), json!({})).await;
+    assert!(status < 300, "{status}: {body}");
+    let cancelled = engine.wait_final(&ids[2], Duration::from_secs(30)).await;
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
+    for (n, id) in ids.iter().enumerate().take(2) {
+        let job = engine.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "`once` allows one try, so none was spent: {job:#}");
+        assert_eq!(job["output"]["doubled"], 2 * n, "{job:#}");
+        let history = attempts(&job);
+        assert_eq!((history[0]["state"].as_str(), history[0]["batch_size"].as_u64()), (Some("interrupted"), Some(3)));
         assert_eq!(history[1]["batch_size"], 1, "{job:#}");
     }
 }
