@@ -46,7 +46,7 @@ class Batch(gpuflow.Worker):
             if t.input.get("mode") == "poison":
                 out.append(ValueError(f"poisoned item {t.input['n']}"))
             else:
-                out.append({"n": t.input["n"], "doubled": 2 * t.input["n"], "batch": len(tasks), "models": models})
+                out.append({"n": t.input["n"], "doubled": 2 * t.input["n"], "batch": len(tasks), "models": models, "pid": os.getpid()})
         return out
 
 gpuflow.serve(Batch())
@@ -406,4 +406,21 @@ async fn cancelling_one_task_of_a_running_batch_interrupts_the_others_without_sp
         assert_eq!((history[0]["state"].as_str(), history[0]["batch_size"].as_u64()), (Some("interrupted"), Some(3)));
         assert_eq!(history[1]["batch_size"], 1, "{job:#}");
     }
+}
+
+#[tokio::test]
+async fn recycling_counts_tasks_not_batches() {
+    let engine =
+        start("instances: 1\n    max_tasks_per_instance: 10\n    batch: {max_size: 4, max_wait: 50ms}", "", 1).await;
+    let ids = submit_all(&engine, "p", (0..30).map(|n| json!({"n": n})).collect()).await;
+    let mut per_pid = std::collections::BTreeMap::<u64, usize>::new();
+    for id in &ids {
+        let job = engine.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(attempts(&job).len(), 1, "recycling interrupts nothing: {job:#}");
+        *per_pid.entry(job["output"]["pid"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert!(per_pid.values().all(|n| *n <= 10), "no instance ran more than 10 tasks: {per_pid:?}");
+    assert!(per_pid.len() >= 3, "{per_pid:?}");
+    assert!(batches(&engine).iter().all(|(s, _)| *s <= 4), "{:?}", batches(&engine));
 }
