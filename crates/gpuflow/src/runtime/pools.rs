@@ -282,7 +282,7 @@ struct Forming {
 struct Pending {
     key: AttemptKey,
     id: String,
-    /// The `task` message.
+    /// The task as a batch lists it: the `task` message without its `type`.
     task: Value,
     dir: PathBuf,
     /// When its stage became ready (for the queue-delay metric).
@@ -423,8 +423,8 @@ impl<S: Store> Runtime<S> {
         let stage_name = active.pipeline.core.stages[stage].name.clone();
         let task_id = format!("{id}/{stage_name}/{attempt}");
         let dir = self.job_dir(&id);
+        // Without `type`: that is added for a single `task` message (`send_batch`).
         let task = json!({
-            "type": "task",
             "task": task_id,
             "job_id": id,
             "job_dir": dir.display().to_string(),
@@ -552,7 +552,8 @@ impl<S: Store> Runtime<S> {
         let dirs: Vec<PathBuf> =
             if inst.makes_job_dir { Vec::new() } else { tasks.iter().map(|t| t.dir.clone()).collect() };
         let line = if let [one] = tasks.as_slice() {
-            one.task.to_string()
+            // The object's text never starts empty (it has `task`): prefix its type.
+            format!("{{\"type\":\"task\",{}", &one.task.to_string()[1..])
         } else {
             let list: Vec<&Value> = tasks.iter().map(|t| &t.task).collect();
             json!({"type": "batch", "tasks": list}).to_string()
