@@ -92,6 +92,10 @@ impl<S: Store> Runtime<S> {
             {
                 applied.push(format!("workers.{name}: timeouts, max_tasks_per_instance and prefetch"));
             }
+            if a.batch != def.batch {
+                // Batches form by the new setting from now on; the pool counter follows it.
+                applied.push(format!("workers.{name}.batch: {:?} -> {:?}", a.batch, def.batch));
+            }
         }
         for (name, def) in &new.pipelines {
             match old.pipelines.get(name) {

@@ -74,6 +74,12 @@ for line in sys.stdin:
 "#;
 
 fn config(pool: &str, env: &str, worker: &str, heartbeat: &str) -> String {
+    // `batch_key` needs a pool that batches (`check` refuses it otherwise).
+    let keyed = if pool.contains("batch:") {
+        "  keyed:\n    stages:\n      - {name: infer, worker: model, batch_key: \"{input.model}\", retry: {max_attempts: 1}}\n"
+    } else {
+        ""
+    };
     format!(
         r#"
 resources: {{gpus: none, cpu: 2}}
@@ -95,10 +101,7 @@ pipelines:
   timed:
     stages:
       - {{name: infer, worker: model, timeout: 1s, retry: {{max_attempts: 2, backoff: {{initial: 100ms}}}}}}
-  keyed:
-    stages:
-      - {{name: infer, worker: model, batch_key: "{{input.model}}", retry: {{max_attempts: 1}}}}
-"#
+{keyed}"#
     )
 }
 
@@ -423,4 +426,24 @@ async fn recycling_counts_tasks_not_batches() {
     assert!(per_pid.values().all(|n| *n <= 10), "no instance ran more than 10 tasks: {per_pid:?}");
     assert!(per_pid.len() >= 3, "{per_pid:?}");
     assert!(batches(&engine).iter().all(|(s, _)| *s <= 4), "{:?}", batches(&engine));
+}
+
+#[tokio::test]
+async fn a_reload_turns_batching_on_for_the_running_pool() {
+    let engine = start("instances: 1", "", 1).await;
+    let ids = submit_all(&engine, "p", (0..6).map(|n| json!({"n": n})).collect()).await;
+    for id in &ids {
+        let job = engine.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(attempts(&job)[0]["batch_size"], 1, "no `batch:`, no batches: {job:#}");
+    }
+    engine.write_config(&config("instances: 1\n    batch: {max_size: 8, max_wait: 300ms}", "", "worker.py", "20s"));
+    let (status, body) = engine.post("/v1/reload", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.to_string().contains("workers.model.batch"), "the reload says what changed: {body}");
+    let ids = submit_all(&engine, "p", (0..6).map(|n| json!({"n": n})).collect()).await;
+    for id in &ids {
+        let job = engine.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(attempts(&job)[0]["batch_size"], 6, "{job:#}");
+    }
 }
