@@ -157,7 +157,7 @@ pub struct StageView {
 /// A running attempt's latest progress report.
 #[derive(Serialize, ToSchema, Clone, Debug, PartialEq)]
 pub struct ProgressView {
-    /// How much is done, 0 to 1; absent when the report had only a message.
+    /// How much is done, 0 to 1; null when the report had only a message.
     pub fraction: Option<f64>,
     /// A short status (at most 200 characters).
     pub message: Option<String>,

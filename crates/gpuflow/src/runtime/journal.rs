@@ -242,7 +242,7 @@ impl<S: Store> Runtime<S> {
         self.publish_at(event, self.clock.now_ms());
     }
 
-    fn publish_at(&mut self, event: EngineEvent, at_ms: u64) {
+    pub(super) fn publish_at(&mut self, event: EngineEvent, at_ms: u64) {
         self.journal_state.seq += 1;
         if self.journal.feed.receiver_count() == 0 {
             return;
@@ -327,31 +327,31 @@ impl<S: Store> Runtime<S> {
                     let stage = stage_name(stage_index);
                     let gpus = self.journal.close_interval(key, now, result.as_str());
                     // A report the feed held back goes out before the end, never after.
-                    let last_progress = self
-                        .progress_feed
-                        .take_pending(&key)
-                        .then(|| self.journal.progress.get(&key))
-                        .flatten()
-                        .map(|p| EngineEvent::Progress {
-                            job: job.clone(),
-                            pipeline: pipeline.clone(),
-                            stage: stage.clone(),
-                            attempt: *attempt,
-                            fraction: p.fraction,
-                            message: p.message,
-                        });
-                    last_progress.into_iter().chain([
-                        EngineEvent::AttemptEnded {
-                            job: job.clone(),
-                            pipeline,
-                            stage: stage.clone(),
-                            attempt: *attempt,
-                            result: result.as_str(),
-                            stage_state: stage_state(next),
-                        },
-                        EngineEvent::Lease { job, stage, attempt: *attempt, gpus, cpu: 0, held: false },
-                    ])
-                    .collect()
+                    let last_progress =
+                        self.progress_feed.take_pending(&key).then(|| self.journal.progress.get(&key)).flatten().map(
+                            |p| EngineEvent::Progress {
+                                job: job.clone(),
+                                pipeline: pipeline.clone(),
+                                stage: stage.clone(),
+                                attempt: *attempt,
+                                fraction: p.fraction,
+                                message: p.message,
+                            },
+                        );
+                    last_progress
+                        .into_iter()
+                        .chain([
+                            EngineEvent::AttemptEnded {
+                                job: job.clone(),
+                                pipeline,
+                                stage: stage.clone(),
+                                attempt: *attempt,
+                                result: result.as_str(),
+                                stage_state: stage_state(next),
+                            },
+                            EngineEvent::Lease { job, stage, attempt: *attempt, gpus, cpu: 0, held: false },
+                        ])
+                        .collect()
                 }
                 Action::StageCancelled { stage, .. } => {
                     vec![EngineEvent::StageCancelled { job, pipeline, stage: stage_name(*stage) }]

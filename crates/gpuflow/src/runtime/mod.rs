@@ -132,7 +132,7 @@ enum Internal {
     Exited { key: AttemptKey, report: AttemptReport },
     Worker { pool: String, index: usize, generation: u64, event: InstanceEvent },
     GpuSamples { samples: Vec<Option<crate::gpu::DeviceSample>>, at: u64 },
-    /// A command stage's newest progress line (read by its attempt's task).
+    // A command stage's newest progress line, read by its attempt's task.
     Progress { key: AttemptKey, progress: supervisor::Progress },
 }
 

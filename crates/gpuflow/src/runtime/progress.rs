@@ -147,25 +147,27 @@ impl<S: Store> Runtime<S> {
         let Progress { fraction, message } = progress;
         self.journal.progress().set(key, StageProgress { fraction, message, at_ms: now });
         if self.journal.listening() && self.progress_feed.offer(key, now) {
-            self.publish_progress(key);
+            self.publish_progress(key, now);
         }
     }
 
     /// Publishes the held-back reports whose gap has passed.
     pub(super) fn flush_progress(&mut self) {
-        for key in self.progress_feed.due(self.clock.now_ms()) {
-            self.publish_progress(key);
+        let now = self.clock.now_ms();
+        for key in self.progress_feed.due(now) {
+            self.publish_progress(key, now);
         }
     }
 
-    fn publish_progress(&mut self, key: AttemptKey) {
+    /// Stamped with the throttle's own `now`, so the gaps subscribers see are the ones it kept.
+    fn publish_progress(&mut self, key: AttemptKey, now: u64) {
         if let Some(event) = self.progress_event(key) {
-            self.publish(event);
+            self.publish_at(event, now);
         }
     }
 
     /// The feed event for an attempt's latest report.
-    pub(super) fn progress_event(&self, key: AttemptKey) -> Option<EngineEvent> {
+    fn progress_event(&self, key: AttemptKey) -> Option<EngineEvent> {
         let (job, stage, attempt) = key;
         let active = self.jobs.get(&job)?;
         let p = self.journal.progress().get(&key)?;

@@ -204,7 +204,19 @@ async fn submit_wait_off_a_terminal_prints_throttled_progress_lines_that_name_th
     // Two at once, as two `submit --wait` in one CI log: each line must say whose it is.
     let spawn = || {
         Command::new(bin())
-            .args(["--server", &engine.base, "submit", "steps", "-i", "n:=12", "-i", "gap:=0.25", "-i", "mode=steps", "--wait"])
+            .args([
+                "--server",
+                &engine.base,
+                "submit",
+                "steps",
+                "-i",
+                "n:=12",
+                "-i",
+                "gap:=0.25",
+                "-i",
+                "mode=steps",
+                "--wait",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
