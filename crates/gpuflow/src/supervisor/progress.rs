@@ -201,14 +201,14 @@ mod tests {
         write!(f, "0.1 one\nnot progress\n0.2 two\n0.3 thr").unwrap();
         assert_eq!(tail.poll().await, Some(p(Some(0.2), Some("two"))), "a bad line is skipped, the cut one waits");
         assert_eq!(tail.poll().await, None, "nothing new");
-        write!(f, "ee\n").unwrap();
+        writeln!(f, "ee").unwrap();
         assert_eq!(tail.poll().await, Some(p(Some(0.3), Some("three"))));
         // A line over the limit is dropped whole, the next one counts.
         write!(f, "0.4 {}\n0.5 after\n", "y".repeat(LINE_MAX * 2)).unwrap();
         assert_eq!(tail.poll().await, Some(p(Some(0.5), Some("after"))));
         // Far behind: only the newest part is read.
         let many: String = (0..20_000).map(|i| format!("0.{} line {i}\n", i % 10)).collect();
-        write!(f, "{many}0.99 last\n").unwrap();
+        writeln!(f, "{many}0.99 last").unwrap();
         assert_eq!(tail.poll().await, Some(p(Some(0.99), Some("last"))));
         // Rewritten from the start (`>` instead of `>>`).
         drop(f);
