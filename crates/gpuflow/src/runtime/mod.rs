@@ -35,7 +35,7 @@ pub use commands::{
 };
 pub use journal::{EngineEvent, Journal, LeaseInterval, PoolTransition, Published};
 pub use pools::{InstanceView, PoolView};
-pub use progress::{FEED_GAP_MS, ProgressBoard, StageProgress};
+pub use progress::{ProgressBoard, StageProgress};
 pub use watchdog::OpenFinding;
 
 /// `command: [gpuflow:noop]`: a built-in stage that succeeds at once without spawning.

@@ -17,7 +17,7 @@ use super::*;
 use crate::supervisor::Progress;
 
 /// The smallest gap between two `progress` events of one attempt on the feed.
-pub const FEED_GAP_MS: u64 = 250;
+pub(super) const FEED_GAP_MS: u64 = 250;
 
 /// A running attempt's latest report and when it came (unix ms).
 #[derive(Clone, Debug, PartialEq)]

@@ -161,7 +161,7 @@ async fn progress_events(feed: &mut Feed, id: &str, stages: &[&str]) -> Vec<Vec<
     events
 }
 
-/// Events are at least `FEED_GAP_MS` apart, except the held-back last one, sent right
+/// Events are at least 250 ms apart, except the held-back last one, sent right
 /// before the attempt's end.
 fn assert_rate(events: &[Value], what: &str) {
     let at: Vec<u64> = events.iter().map(|e| e["at_ms"].as_u64().unwrap()).collect();
