@@ -3,7 +3,7 @@
 //! told apart.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -105,7 +105,7 @@ pub async fn follow(client: &Client, id: &str) -> Result<ExitCode> {
                 entry.bar.finish();
             }
             let state = s(&job["state"]);
-            eprintln!("job {id} {state}");
+            line(&format!("job {id} {state}"));
             if let Some(e) = job["error"].as_str() {
                 eprintln!("error: {e}");
             }
@@ -166,11 +166,17 @@ fn print_plain(plain: &mut HashMap<String, Plain>, id: &str, name: &str, line: S
     }
     let progress = line.progress_text();
     if progress.is_empty() {
-        eprintln!("{id} {name}: {}", line.state);
+        self::line(&format!("{id} {name}: {}", line.state));
     } else {
-        eprintln!("{id} {name}: {} {progress}", line.state);
+        self::line(&format!("{id} {name}: {} {progress}", line.state));
     }
     plain.insert(name.to_string(), Plain { printed: line, at: now });
+}
+
+/// One line to stderr in one write, so lines of several `submit --wait` sharing a terminal or
+/// a log do not interleave mid-line (`eprintln!` may write a line in pieces).
+pub fn line(text: &str) {
+    let _ = std::io::stderr().lock().write_all(format!("{text}\n").as_bytes());
 }
 
 pub fn print_job(job: &Value) {
