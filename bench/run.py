@@ -106,6 +106,14 @@ def rows_watchdog(r):
     return [(f"watchdog CPU, % of one core, {r['tasks']} tasks", r["watchdog_cpu_pct"], {})]
 
 
+def rows_progress(r):
+    n = r["stages"]
+    return [
+        (f"progress CPU, % of one core, {n} stages writing 100 lines/s each", r["progress_cpu_pct"], {}),
+        ("feed: progress events per attempt per s", r["feed_progress_events_per_attempt_per_s"], {"goal": 4.0, "better": "lower"}),
+    ]
+
+
 def rows_scale(r):
     n = r["queued_jobs"]
     full = n >= 100_000
@@ -137,6 +145,7 @@ BENCHES = {
     "dispatch": ("dispatch_latency.py", ["--rates", "1000,500,200", "--seconds", "5"], ["--rates", "1000,200", "--seconds", "1"], rows_dispatch),
     "recovery": ("worker_recovery.py", ["--crashes", "5", "--hangs", "3", "--heartbeat", "2"], ["--crashes", "2", "--hangs", "1", "--heartbeat", "1"], rows_recovery),
     "watchdog": ("watchdog_overhead.py", ["--tasks", "100", "--seconds", "20"], ["--tasks", "20", "--seconds", "3"], rows_watchdog),
+    "progress": ("progress_overhead.py", ["--stages", "16", "--seconds", "20"], ["--stages", "4", "--seconds", "3"], rows_progress),
     "scale": ("scale_100k.py", ["--jobs", "100000"], ["--jobs", "5000"], rows_scale),
     # Needs PostgreSQL (GPUFLOW_TEST_PG, default the local server).
     "cluster": ("cluster_claims.py", ["--jobs", "2000"], ["--jobs", "300"], rows_cluster),

@@ -4,8 +4,9 @@
 //   node e2e/dashboard/dashboard.test.mjs [path/to/gpuflow]     (default: target/debug/gpuflow)
 //
 // Checks: the page loads with no console errors (and nothing from another origin); a job
-// submitted through the API shows up and moves through its states live; the GPU lane shows
-// the lease; the waiting queue says what an entry waits for; cancel works from the page.
+// submitted through the API shows up and moves through its states live, with the progress
+// its GPU stage reports (bar and message); the GPU lane shows the lease and its holder's
+// progress; the waiting queue says what an entry waits for; cancel works from the page.
 // Screenshots go to target/dashboard-e2e/.
 
 import assert from 'node:assert/strict';
@@ -146,9 +147,21 @@ async function main() {
   await page.waitForSelector('.view-job[data-loaded="true"] #job-state');
   await page.evaluate(() => {
     window.__states = [];
+    window.__progress = [];
     const note = () => {
       const s = document.querySelector('#job-state')?.textContent;
       if (s && window.__states.at(-1) !== s) window.__states.push(s);
+      // The infer stage's progress as the page shows it: its card's bar and message, and
+      // the percentage on its node in the graph.
+      const bar = document.querySelector('.stage-progress[data-stage="infer"] .progress');
+      if (bar) {
+        const seen = {
+          value: bar.querySelector('progress')?.value,
+          message: bar.querySelector('.progress-message')?.textContent,
+          node: document.querySelector('.node[data-stage="infer"] .node-state')?.textContent,
+        };
+        if (JSON.stringify(window.__progress.at(-1)) !== JSON.stringify(seen)) window.__progress.push(seen);
+      }
     };
     note();
     new MutationObserver(note).observe(document.getElementById('main'), { childList: true, subtree: true, characterData: true });
@@ -166,6 +179,18 @@ async function main() {
   const inferLog = await page.textContent('pre.log[data-stage="infer"]');
   assert.match(inferLog, /scored \d+ tokens on device 0/, 'the infer stage log tail');
   log(`job page followed the job live: ${states.join(' -> ')}`);
+  // The quickstart's infer stage reports 8 batches through $GPUFLOW_PROGRESS.
+  const progress = await page.evaluate(() => window.__progress);
+  assert.ok(progress.length >= 2, `the job page showed the infer stage's progress too rarely: ${JSON.stringify(progress)}`);
+  for (const p of progress) {
+    assert.match(p.message || '', /^batch [1-8]\/8$/, `progress message: ${JSON.stringify(p)}`);
+    assert.ok(p.value >= 0 && p.value < 1, `progress bar value: ${JSON.stringify(p)}`);
+    assert.match(p.node || '', /^running · \d+%/, `the graph node shows the percentage: ${JSON.stringify(p)}`);
+  }
+  const values = progress.map((p) => p.value);
+  assert.ok(values.some((v, i) => i > 0 && v > values[i - 1]), `progress never advanced: ${values}`);
+  assert.equal(await page.$('.stage-progress'), null, 'progress still shown after the job ended');
+  log(`job page showed infer's progress live: ${progress.map((p) => p.message).join(', ')}`);
   await page.screenshot({ path: path.join(shots, 'job.png'), fullPage: true });
 
   // 3. The GPU lane shows the lease while it is held (and the inventory is labelled virtual).
@@ -178,6 +203,16 @@ async function main() {
   assert.match(header, new RegExp(`leased by ${jobB.slice(-8)}/infer`), `lane header: ${header}`);
   assert.ok(await page.$(`.lane[data-device="0"] a.lease.closed[data-job="${jobA}"]`), 'the earlier lease of job A is on the lane');
   log(`GPU 0 lane shows job ${jobB}'s lease on infer`);
+  // ...with its holder's progress: on the bar, in the lane header and in "Held now".
+  await page.waitForSelector(`.lane[data-device="0"] a.lease.open[data-job="${jobB}"] .lease-progress`);
+  await page.waitForFunction((job) => /^batch [2-8]\/8$/.test(
+    document.querySelector(`.held tr[data-job="${job}"] .held-progress .progress-message`)?.textContent || ''), jobB);
+  const laneProgress = await page.textContent('.lane[data-device="0"] header .lane-progress');
+  assert.match(laneProgress, /\d+%batch [1-8]\/8/, `lane header progress: ${laneProgress}`);
+  const fraction = Number(await page.getAttribute(`.lane[data-device="0"] a.lease.open[data-job="${jobB}"] .lease-progress`, 'data-fraction'));
+  assert.ok(fraction > 0 && fraction < 1, `lease bar progress: ${fraction}`);
+  await page.screenshot({ path: path.join(shots, 'gpus-progress.png'), fullPage: true });
+  log(`GPU 0 lane shows ${jobB.slice(-8)}'s progress: ${laneProgress}`);
 
   // 4. The waiting queue says what a waiting stage needs and who holds it.
   const jobC = await submit(base, 'gpus should never idle');
@@ -221,7 +256,7 @@ async function main() {
 
   assert.deepEqual(consoleErrors, [], 'console errors');
   assert.deepEqual(foreign, [], 'requests to other origins');
-  log(`screenshots in ${path.relative(repo, shots)}/: overview.png, job.png, gpus.png, job-cancelled.png`);
+  log(`screenshots in ${path.relative(repo, shots)}/: overview.png, job.png, gpus-progress.png, gpus.png, job-cancelled.png`);
 }
 
 let failed = false;

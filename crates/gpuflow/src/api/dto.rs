@@ -149,7 +149,22 @@ pub struct StageView {
     pub exit_code: Option<i32>,
     pub error: Option<String>,
     pub output: Option<Value>,
+    /// While the stage runs: the latest progress its attempt reported (a worker's
+    /// `task.progress`, or a command stage's `$GPUFLOW_PROGRESS` file); absent before the
+    /// first report and once the attempt ended. Not stored: an engine restart forgets it.
+    pub progress: Option<ProgressView>,
     pub attempt_history: Vec<AttemptView>,
+}
+
+/// A running attempt's latest progress report.
+#[derive(Serialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct ProgressView {
+    /// How much is done, 0 to 1; null when the report had only a message.
+    pub fraction: Option<f64>,
+    /// A short status (at most 200 characters).
+    pub message: Option<String>,
+    /// When the engine received it.
+    pub at: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -297,7 +312,8 @@ pub struct InstanceView {
     pub last_error: Option<String>,
     /// What the worker reported in its `ready` message (e.g. execution providers).
     pub info: Option<Value>,
-    pub progress: Option<Value>,
+    /// The latest progress of the task it runs.
+    pub progress: Option<ProgressView>,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -10,11 +10,15 @@ use super::dto::*;
 use super::error::{ApiError, ErrorBody};
 use super::{ApiJson, AppState};
 use crate::config::Config;
-use crate::runtime::{MAX_BATCH, SubmitRequest, job_id_of};
+use crate::runtime::{MAX_BATCH, StageProgress, SubmitRequest, job_id_of};
 use crate::store::{JobDetail, JobFilter, JobRecord};
 
 fn time(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_default()
+}
+
+pub(crate) fn progress_view(p: StageProgress) -> ProgressView {
+    ProgressView { fraction: p.fraction, message: p.message, at: time(p.at_ms as i64) }
 }
 
 /// Submit a job.
@@ -274,18 +278,19 @@ pub async fn get_job(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let Path(id) = id?;
-    if job_id_of(&id).is_none() {
+    let Some(job) = job_id_of(&id) else {
         return Err(ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")));
-    }
+    };
     let detail = app
         .reads
         .job(&id)
         .await?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job with id `{id}`")))?;
-    Ok(Json(job_view(detail)))
+    Ok(Json(job_view(detail, app.engine.journal().progress().of_job(job))))
 }
 
-fn job_view(d: JobDetail) -> JobView {
+/// `progress`: the running attempts' latest reports, `(stage, attempt, report)`.
+fn job_view(d: JobDetail, mut progress: Vec<(usize, u32, StageProgress)>) -> JobView {
     let names: Vec<String> = d.stages.iter().map(|s| s.name.clone()).collect();
     let job_active = matches!(d.job.state.as_str(), "queued" | "running");
     let states: Vec<String> = d.stages.iter().map(|s| s.state.clone()).collect();
@@ -312,6 +317,13 @@ fn job_view(d: JobDetail) -> JobView {
                 exit_code: s.exit_code,
                 error: s.error.clone(),
                 output: s.output.clone(),
+                // Only the running attempt's: the store and the board are read at
+                // different moments, and an ended attempt's report must not show.
+                progress: progress
+                    .iter()
+                    .position(|(stage, attempt, _)| *stage == s.idx && *attempt == s.attempts)
+                    .filter(|_| s.state == "running")
+                    .map(|i| progress_view(progress.swap_remove(i).2)),
                 attempt_history: d
                     .attempts
                     .iter()
@@ -472,7 +484,7 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
                     consecutive_failures: i.consecutive_failures,
                     last_error: i.last_error,
                     info: i.info,
-                    progress: i.progress,
+                    progress: i.progress.map(progress_view),
                 })
                 .collect(),
         })

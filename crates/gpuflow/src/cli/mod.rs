@@ -135,7 +135,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{id}");
                 return Ok(ExitCode::SUCCESS);
             }
-            eprintln!("submitted {id}");
+            submit::line(&format!("submitted {id}"));
             submit::follow(&client, &id).await
         }
         Command::Status { id, json } => {

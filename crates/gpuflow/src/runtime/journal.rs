@@ -66,6 +66,16 @@ pub enum EngineEvent {
         state: &'static str,
         restarts: u32,
     },
+    /// A running attempt's latest progress (at most one per attempt every
+    /// `progress::FEED_GAP_MS`).
+    Progress {
+        job: String,
+        pipeline: String,
+        stage: String,
+        attempt: u32,
+        fraction: Option<f64>,
+        message: Option<String>,
+    },
     /// The set of open findings changed.
     Findings {
         open: usize,
@@ -87,6 +97,7 @@ impl EngineEvent {
             EngineEvent::StageCancelled { .. } => "stage_cancelled",
             EngineEvent::Lease { .. } => "lease",
             EngineEvent::PoolInstance { .. } => "pool_instance",
+            EngineEvent::Progress { .. } => "progress",
             EngineEvent::Findings { .. } => "findings",
             EngineEvent::GpuSamples { .. } => "gpu_samples",
         }
@@ -115,6 +126,8 @@ pub struct LeaseInterval {
     pub start_ms: u64,
     pub end_ms: Option<u64>,
     pub result: Option<&'static str>,
+    /// The holder's latest progress, while held.
+    pub progress: Option<StageProgress>,
 }
 
 /// A pool instance's state change.
@@ -141,11 +154,16 @@ struct Histories {
 pub struct Journal {
     feed: broadcast::Sender<Arc<Published>>,
     histories: Arc<Mutex<Histories>>,
+    progress: ProgressBoard,
 }
 
 impl Default for Journal {
     fn default() -> Self {
-        Journal { feed: broadcast::channel(FEED_CAPACITY).0, histories: Arc::default() }
+        Journal {
+            feed: broadcast::channel(FEED_CAPACITY).0,
+            histories: Arc::default(),
+            progress: ProgressBoard::default(),
+        }
     }
 }
 
@@ -172,12 +190,25 @@ impl Journal {
         self.feed.subscribe()
     }
 
+    /// Someone is on the feed.
+    pub(super) fn listening(&self) -> bool {
+        self.feed.receiver_count() > 0
+    }
+
+    /// The latest progress of each running attempt.
+    pub fn progress(&self) -> &ProgressBoard {
+        &self.progress
+    }
+
     /// Lease intervals on GPUs that were open at or after `since_ms`, oldest first.
     pub fn lease_intervals(&self, since_ms: u64) -> Vec<LeaseInterval> {
         let h = self.lock();
         let mut out: Vec<LeaseInterval> =
             h.closed.iter().filter(|i| i.end_ms.is_none_or(|e| e >= since_ms)).cloned().collect();
-        out.extend(h.open.values().flatten().cloned());
+        out.extend(h.open.iter().flat_map(|(key, intervals)| {
+            let progress = self.progress.get(key);
+            intervals.iter().map(move |i| LeaseInterval { progress: progress.clone(), ..i.clone() })
+        }));
         out.sort_by_key(|i| (i.start_ms, i.device));
         out
     }
@@ -211,7 +242,7 @@ impl<S: Store> Runtime<S> {
         self.publish_at(event, self.clock.now_ms());
     }
 
-    fn publish_at(&mut self, event: EngineEvent, at_ms: u64) {
+    pub(super) fn publish_at(&mut self, event: EngineEvent, at_ms: u64) {
         self.journal_state.seq += 1;
         if self.journal.feed.receiver_count() == 0 {
             return;
@@ -265,6 +296,7 @@ impl<S: Store> Runtime<S> {
                             start_ms: now,
                             end_ms: None,
                             result: None,
+                            progress: None,
                         })
                         .collect();
                     // A worker stage runs on its pool instance's devices; which instance takes
@@ -291,19 +323,35 @@ impl<S: Store> Runtime<S> {
                 }
                 Action::AttemptEnded { job: key_job, stage, attempt, result, next, .. } => {
                     let stage_index = *stage;
+                    let key = (*key_job, stage_index, *attempt);
                     let stage = stage_name(stage_index);
-                    let gpus = self.journal.close_interval((*key_job, stage_index, *attempt), now, result.as_str());
-                    vec![
-                        EngineEvent::AttemptEnded {
-                            job: job.clone(),
-                            pipeline,
-                            stage: stage.clone(),
-                            attempt: *attempt,
-                            result: result.as_str(),
-                            stage_state: stage_state(next),
-                        },
-                        EngineEvent::Lease { job, stage, attempt: *attempt, gpus, cpu: 0, held: false },
-                    ]
+                    let gpus = self.journal.close_interval(key, now, result.as_str());
+                    // A report the feed held back goes out before the end, never after.
+                    let last_progress =
+                        self.progress_feed.take_pending(&key).then(|| self.journal.progress.get(&key)).flatten().map(
+                            |p| EngineEvent::Progress {
+                                job: job.clone(),
+                                pipeline: pipeline.clone(),
+                                stage: stage.clone(),
+                                attempt: *attempt,
+                                fraction: p.fraction,
+                                message: p.message,
+                            },
+                        );
+                    last_progress
+                        .into_iter()
+                        .chain([
+                            EngineEvent::AttemptEnded {
+                                job: job.clone(),
+                                pipeline,
+                                stage: stage.clone(),
+                                attempt: *attempt,
+                                result: result.as_str(),
+                                stage_state: stage_state(next),
+                            },
+                            EngineEvent::Lease { job, stage, attempt: *attempt, gpus, cpu: 0, held: false },
+                        ])
+                        .collect()
                 }
                 Action::StageCancelled { stage, .. } => {
                     vec![EngineEvent::StageCancelled { job, pipeline, stage: stage_name(*stage) }]
@@ -337,6 +385,7 @@ impl<S: Store> Runtime<S> {
                     start_ms: now,
                     end_ms: None,
                     result: None,
+                    progress: None,
                 })
                 .collect();
             if !intervals.is_empty() {

@@ -8,6 +8,7 @@ mod journal;
 mod ledger;
 mod metrics;
 mod pools;
+mod progress;
 mod recover;
 mod reload;
 mod watchdog;
@@ -34,6 +35,7 @@ pub use commands::{
 };
 pub use journal::{EngineEvent, Journal, LeaseInterval, PoolTransition, Published};
 pub use pools::{InstanceView, PoolView};
+pub use progress::{ProgressBoard, StageProgress};
 pub use watchdog::OpenFinding;
 
 /// `command: [gpuflow:noop]`: a built-in stage that succeeds at once without spawning.
@@ -132,6 +134,8 @@ enum Internal {
     Exited { key: AttemptKey, report: AttemptReport },
     Worker { pool: String, index: usize, generation: u64, event: InstanceEvent },
     GpuSamples { samples: Vec<Option<crate::gpu::DeviceSample>>, at: u64 },
+    // A command stage's newest progress line, read by its attempt's task.
+    Progress { key: AttemptKey, progress: supervisor::Progress },
 }
 
 /// An answer to an API caller, sent once its turn has committed (`Ok`), or with the reason
@@ -214,6 +218,8 @@ pub struct Runtime<S: Store> {
     /// The dashboard's live feed and histories (read by the API through `EngineHandle`).
     journal: Journal,
     journal_state: journal::JournalState,
+    /// Holds back `progress` events so each attempt sends at most 4 a second.
+    progress_feed: progress::FeedThrottle,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     commands: mpsc::Receiver<Command>,
@@ -265,6 +271,7 @@ impl<S: Store> Runtime<S> {
             metrics: metrics::Metrics::default(),
             journal: journal.clone(),
             journal_state: journal::JournalState::default(),
+            progress_feed: progress::FeedThrottle::default(),
             internal_tx,
             internal_rx,
             commands,
@@ -313,6 +320,7 @@ impl<S: Store> Runtime<S> {
             self.flush_pools();
             let wake = self.state.next_wakeup().map(|t| self.clock.instant_at(t));
             let batch_wake = self.next_batch_wakeup().map(|t| self.clock.instant_at(t));
+            let progress_due = self.progress_feed.next_due().map(|t| self.clock.instant_at(t));
             let backlog = !self.pending.is_empty() || self.schedule_owed;
             // Not `biased`: with internal events first, a steady stream of child exits starved
             // API commands and timers until the queue drained.
@@ -324,6 +332,7 @@ impl<S: Store> Runtime<S> {
                 _ = sleep_until(wake) => { self.step(Event::Tick); Ok(()) }
                 // A forming batch's oldest task has waited `max_wait`: flushed at the top.
                 _ = sleep_until(batch_wake) => Ok(()),
+                _ = sleep_until(progress_due) => { self.flush_progress(); Ok(()) }
                 _ = watchdog.tick(), if !self.pools.is_empty() => self.watch_pools().await,
                 _ = diagnosis.tick() => self.diagnose().await,
                 _ = notified(&ledger_wake) => { self.ledger_woken().await; Ok(()) }
@@ -615,6 +624,7 @@ impl<S: Store> Runtime<S> {
                     self.metrics.ended(&active.pipeline_name, &spec.name, &spec.needs, result, next, ran_ms);
                 }
                 self.exits.remove(&(job, stage, attempt));
+                self.progress_ended((job, stage, attempt));
             }
             Action::StageCancelled { .. } => {}
             Action::JobFinished { job, state, .. } => {
@@ -661,6 +671,7 @@ impl<S: Store> Runtime<S> {
         let internal = job_dir.join(".gpuflow");
         let cuda: Vec<String> = grant.devices().iter().map(|d| self.config.gpus[*d as usize].cuda_id(*d)).collect();
         let output_path = internal.join(format!("{name}.{attempt}.output.json"));
+        let progress_path = internal.join(format!("{name}.{attempt}.progress"));
         let mut env: Vec<(String, String)> = stage_env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend([
             ("GPUFLOW_JOB_ID".to_string(), id.clone()),
@@ -668,6 +679,7 @@ impl<S: Store> Runtime<S> {
             ("GPUFLOW_STAGE".to_string(), name.clone()),
             ("GPUFLOW_ATTEMPT".to_string(), attempt.to_string()),
             ("GPUFLOW_OUTPUT".to_string(), output_path.display().to_string()),
+            ("GPUFLOW_PROGRESS".to_string(), progress_path.display().to_string()),
             // Empty for a stage granted no GPU: it must not see any device.
             ("CUDA_VISIBLE_DEVICES".to_string(), cuda.join(",")),
             (supervisor::ENGINE_MARKER.to_string(), self.engine_marker.clone()),
@@ -700,7 +712,25 @@ impl<S: Store> Runtime<S> {
                     let _ = forward.send(Internal::Spawned { key, pid });
                 }
             });
-            let report = supervisor::run_attempt(registry, spec, pid_tx, stop_rx).await;
+            // The stage's progress file is read here, off the loop, while it runs and once
+            // more after it exited, so its last line arrives before its exit.
+            let mut tail = supervisor::ProgressTail::start(progress_path).await;
+            let progress = |p: Option<supervisor::Progress>| {
+                if let Some(progress) = p {
+                    let _ = tx.send(Internal::Progress { key, progress });
+                }
+            };
+            let attempt = supervisor::run_attempt(registry, spec, pid_tx, stop_rx);
+            tokio::pin!(attempt);
+            let mut every = tokio::time::interval(supervisor::PROGRESS_POLL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let report = loop {
+                tokio::select! {
+                    report = &mut attempt => break report,
+                    _ = every.tick() => progress(tail.poll().await),
+                }
+            };
+            progress(tail.poll().await);
             let _ = tx.send(Internal::Exited { key, report });
         });
         self.processes.insert(key, RunningProcess { stop: stop_tx, pid: None });
@@ -720,6 +750,13 @@ impl<S: Store> Runtime<S> {
             }
             Internal::GpuSamples { samples, at } => {
                 self.on_gpu_samples(samples, at);
+                Ok(())
+            }
+            Internal::Progress { key, progress } => {
+                // Sent before the attempt's exit; one that ended already is not running.
+                if self.processes.contains_key(&key) {
+                    self.progress_reported(key, progress);
+                }
                 Ok(())
             }
             Internal::Exited { key, report } => {

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::config::{StageExec, WorkerDef, pool_counter};
-use crate::supervisor::{InstanceEvent, InstanceSpec, InstanceStop, ToWorker};
+use crate::supervisor::{InstanceEvent, InstanceSpec, InstanceStop, Progress, ToWorker};
 
 /// The protocol version this engine speaks (see docs/worker-protocol.md).
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -137,7 +137,6 @@ pub(super) struct Instance {
     restarts: u32,
     last_error: Option<String>,
     info: Option<Value>,
-    progress: Option<Value>,
     stop_reason: Option<StopReason>,
     /// A recycled instance that ignored `shutdown` has been sent SIGTERM.
     escalated: bool,
@@ -170,7 +169,6 @@ impl Instance {
             restarts: 0,
             last_error: None,
             info: None,
-            progress: None,
             stop_reason: None,
             escalated: false,
             retiring: false,
@@ -306,7 +304,8 @@ pub struct InstanceView {
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
     pub info: Option<Value>,
-    pub progress: Option<Value>,
+    /// The latest progress of the task it runs.
+    pub progress: Option<StageProgress>,
 }
 
 #[derive(Clone, Debug)]
@@ -386,7 +385,6 @@ impl<S: Store> Runtime<S> {
         inst.since_ms = now;
         inst.pid = None;
         inst.info = None;
-        inst.progress = None;
         inst.stop_reason = None;
         inst.escalated = false;
         inst.tasks_done = 0;
@@ -576,7 +574,6 @@ impl<S: Store> Runtime<S> {
         if ahead == 0 {
             // It becomes the head batch now: hang detection counts from here.
             inst.last_beat_ms = now;
-            inst.progress = None;
         }
         let batch = inst.next_batch;
         inst.next_batch += 1;
@@ -742,8 +739,13 @@ impl<S: Store> Runtime<S> {
                     "heartbeat" | "progress" => {
                         inst.last_beat_ms = now;
                         if kind == "progress" && !cancelled {
-                            inst.progress =
-                                Some(json!({"fraction": message["fraction"], "message": message["message"]}));
+                            let key = inst.held[at].key;
+                            // A malformed report still counts as a heartbeat; it is not
+                            // worth restarting the instance for.
+                            match Progress::from_json(&message) {
+                                Ok(progress) => self.progress_reported(key, progress),
+                                Err(e) => tracing::debug!(pool, index, "progress report ignored: {e}"),
+                            }
                         }
                         Ok(())
                     }
@@ -788,7 +790,6 @@ impl<S: Store> Runtime<S> {
         let max_tasks = p.def.max_tasks_per_instance;
         let inst = &mut p.instances[index];
         let Some(Held { key, size, .. }) = inst.held.remove(at) else { return Ok(()) };
-        inst.progress = None;
         inst.last_beat_ms = now;
         inst.tasks_done += 1;
         inst.consecutive_failures = 0;
@@ -1222,7 +1223,7 @@ impl<S: Store> Runtime<S> {
                         consecutive_failures: i.consecutive_failures,
                         last_error: i.last_error.clone(),
                         info: i.info.clone(),
-                        progress: i.progress.clone(),
+                        progress: i.head().and_then(|h| self.journal.progress().get(&h.key)),
                     })
                     .collect(),
             })

@@ -5,6 +5,7 @@
 
 mod kill;
 mod logs;
+mod progress;
 mod reap;
 mod spawn;
 mod worker;
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 pub use kill::{kill_marked, sweep_leftovers};
+pub use progress::{MESSAGE_MAX_CHARS, PROGRESS_POLL, Progress, ProgressTail};
 pub use reap::{become_subreaper, spawn_reaper};
 pub use spawn::run_attempt;
 pub use worker::{InstanceEvent, InstanceSpec, InstanceStop, ToWorker, run_instance};

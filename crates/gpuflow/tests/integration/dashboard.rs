@@ -21,13 +21,13 @@ pipelines:
 "#;
 
 /// An open `GET /v1/events` stream, read message by message.
-struct Feed {
+pub struct Feed {
     response: reqwest::Response,
     buffer: String,
 }
 
 impl Feed {
-    async fn open(engine: &Engine, query: &str) -> Feed {
+    pub async fn open(engine: &Engine, query: &str) -> Feed {
         let response = engine.http.get(format!("{}/v1/events{query}", engine.base)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{:?}", response.headers());
         let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
@@ -36,7 +36,7 @@ impl Feed {
     }
 
     /// The next message's `data:` as JSON (keepalive comments are skipped).
-    async fn next(&mut self, within: Duration) -> Value {
+    pub async fn next(&mut self, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
             if let Some(end) = self.buffer.find("\n\n") {

@@ -16,6 +16,7 @@ mod durability;
 mod failures;
 mod pools;
 mod processes;
+mod progress;
 mod reload;
 mod scheduling;
 mod store_suite;

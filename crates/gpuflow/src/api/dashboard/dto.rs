@@ -10,7 +10,7 @@ use crate::gpu::GpuSource;
 #[derive(Serialize, ToSchema, Default)]
 pub struct EventView {
     /// job_submitted, attempt_started, attempt_ended, stage_cancelled, job_finished, lease,
-    /// pool_instance, findings, gpu_samples; `hello` on connect and `resync` after falling behind (refetch
+    /// pool_instance, progress, findings, gpu_samples; `hello` on connect and `resync` after falling behind (refetch
     /// everything).
     #[serde(rename = "type")]
     pub kind: String,
@@ -57,6 +57,14 @@ pub struct EventView {
     /// gpu_samples: `[utilisation %, memory used bytes]` per device (null where unknown), taken at `at_ms`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<Vec<Option<[u64; 2]>>>,
+    /// progress: how much of the attempt is done, 0 to 1 (absent when it reported only a
+    /// message). At most 4 progress events per attempt a second: newer reports replace
+    /// held-back ones, and the latest is sent before the attempt's `attempt_ended`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    /// progress: the attempt's short status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// resync: how many events were missed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missed: Option<u64>,
@@ -90,6 +98,8 @@ pub struct LeaseIntervalView {
     pub end_ms: Option<u64>,
     /// How the attempt ended.
     pub result: Option<String>,
+    /// While held: the holder's latest progress.
+    pub progress: Option<crate::api::dto::ProgressView>,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -114,6 +114,15 @@ fn event_view(p: &Published) -> EventView {
             restarts: Some(restarts),
             ..base
         },
+        EngineEvent::Progress { job, pipeline, stage, attempt, fraction, message } => EventView {
+            job: Some(job),
+            pipeline: Some(pipeline),
+            stage: Some(stage),
+            attempt: Some(attempt),
+            fraction,
+            message,
+            ..base
+        },
         EngineEvent::Findings { open } => EventView { open: Some(open), ..base },
         EngineEvent::GpuSamples { at_ms, readings } => EventView {
             at_ms: Some(at_ms),
@@ -151,6 +160,7 @@ pub async fn gpu_timeline(
             start_ms: i.start_ms,
             end_ms: i.end_ms,
             result: i.result.map(str::to_string),
+            progress: i.progress.map(crate::api::handlers::progress_view),
         });
     }
     let devices = snap

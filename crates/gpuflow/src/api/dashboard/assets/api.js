@@ -48,7 +48,7 @@ export function openFeed(onEvent, onState) {
   let retry = null;
   let closed = false;
   const kinds = ['hello', 'resync', 'job_submitted', 'attempt_started', 'attempt_ended', 'stage_cancelled',
-    'job_finished', 'lease', 'pool_instance', 'findings', 'gpu_samples'];
+    'job_finished', 'lease', 'pool_instance', 'progress', 'findings', 'gpu_samples'];
 
   const connect = () => {
     const t = token();

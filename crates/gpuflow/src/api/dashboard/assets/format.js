@@ -98,3 +98,20 @@ export function empty(text) {
 export function jobLink(id, label) {
   return h('a', { href: `#/jobs/${id}`, class: 'mono', title: id }, label || shortId(id));
 }
+
+// A running attempt's latest progress: a bar (indeterminate without a fraction), the
+// percentage and the message. `p` is `{fraction, message}` as the API sends it.
+export function progressBar(p) {
+  if (!p) return null;
+  const has = typeof p.fraction === 'number';
+  const pct = has ? `${Math.round(p.fraction * 100)}%` : null;
+  return h('div', { class: 'progress', dataset: { fraction: has ? p.fraction : '' }, title: p.message || pct || '' },
+    h('progress', has ? { max: 1, value: p.fraction } : {}),
+    pct ? h('span', { class: 'progress-pct' }, pct) : null,
+    p.message ? h('span', { class: 'progress-message' }, p.message) : null);
+}
+
+// A progress event as the `progress` field of a stage or lease.
+export function progressOf(event) {
+  return { fraction: event.fraction ?? null, message: event.message ?? null, at: new Date(event.at_ms).toISOString() };
+}

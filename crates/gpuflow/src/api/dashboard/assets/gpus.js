@@ -1,10 +1,10 @@
 // GPUs: one lane per device on a timeline. Bars are leases (which job and stage held the
-// device, and when); the line is utilisation and the shaded area memory in use; hatching
-// marks a leased device that was idle. New readings arrive on the feed and are appended
-// without a reload.
+// device, and when, and how far the holder has got); the line is utilisation and the shaded
+// area memory in use; hatching marks a leased device that was idle. New readings and
+// progress arrive on the feed and are applied without a reload.
 
 import { get } from './api.js';
-import { bytes, fill, clock, duration, empty, h, hue, jobLink, s, shortId } from './format.js';
+import { bytes, fill, clock, duration, empty, h, hue, jobLink, progressBar, progressOf, s, shortId } from './format.js';
 
 const WINDOWS = [[300, '5 min'], [900, '15 min'], [3600, '1 h']];
 
@@ -51,6 +51,12 @@ export const gpusView = {
   },
   wants: (e) => e.type === 'lease' || e.type === 'findings',
   apply(data, e) {
+    if (e.type === 'progress') {
+      const held = data.devices.flatMap((d) => d.leases)
+        .filter((l) => l.end_ms === null && l.job === e.job && l.stage === e.stage && l.attempt === e.attempt);
+      for (const l of held) l.progress = progressOf(e);
+      return held.length > 0;
+    }
     if (e.type !== 'gpu_samples') return false;
     e.samples.forEach((r, i) => {
       const d = data.devices[i];
@@ -82,12 +88,13 @@ export const gpusView = {
       h('h3', {}, 'Held now'),
       held.length
         ? h('table', { class: 'grid' },
-          h('thead', {}, h('tr', {}, ['device', 'job', 'pipeline', 'stage', 'attempt', 'share', 'held for'].map((c) => h('th', {}, c)))),
+          h('thead', {}, h('tr', {}, ['device', 'job', 'pipeline', 'stage', 'attempt', 'share', 'held for', 'progress'].map((c) => h('th', {}, c)))),
           h('tbody', {}, held.map(({ d, l }) => h('tr', { dataset: { job: l.job } },
             h('td', {}, `GPU ${d.index} · ${d.name}`), h('td', {}, jobLink(l.job)), h('td', {}, l.pipeline),
             h('td', {}, l.stage), h('td', { class: 'num' }, l.attempt),
             h('td', {}, l.memory_bytes ? bytes(l.memory_bytes) : 'whole device'),
-            h('td', { class: 'num' }, duration(now - l.start_ms))))))
+            h('td', { class: 'num' }, duration(now - l.start_ms)),
+            h('td', { class: 'held-progress' }, l.progress ? progressBar(l.progress) : '–')))))
         : empty('No GPU is leased now.'));
   },
   tick(root, data) {
@@ -119,14 +126,22 @@ function lane(d, data, since, now, width) {
     const x1 = x(l.end_ms === null ? now : l.end_ms);
     const w = Math.max(2, x1 - x0);
     const color = hue(`${l.pipeline}/${l.stage}`);
-    const label = `${shortId(l.job)} ${l.stage}#${l.attempt}${l.memory_bytes ? ` · ${bytes(l.memory_bytes)}` : ''}`;
-    const title = `job ${l.job}\n${l.pipeline} / ${l.stage} attempt ${l.attempt}\n${clock(l.start_ms)} → ${l.end_ms === null ? 'now' : clock(l.end_ms)} (${duration((l.end_ms ?? now) - l.start_ms)})${l.result ? `\n${l.result}` : ''}`;
+    const p = l.end_ms === null ? l.progress : null;
+    const fraction = p && typeof p.fraction === 'number' ? p.fraction : null;
+    const pct = fraction !== null ? ` · ${Math.round(fraction * 100)}%` : '';
+    const progressText = [fraction !== null ? `${Math.round(fraction * 100)}%` : null, p && p.message].filter(Boolean).join(' ');
+    const label = `${shortId(l.job)} ${l.stage}#${l.attempt}${pct}${l.memory_bytes ? ` · ${bytes(l.memory_bytes)}` : ''}`;
+    const title = `job ${l.job}\n${l.pipeline} / ${l.stage} attempt ${l.attempt}\n${clock(l.start_ms)} → ${l.end_ms === null ? 'now' : clock(l.end_ms)} (${duration((l.end_ms ?? now) - l.start_ms)})${l.result ? `\n${l.result}` : ''}${progressText ? `\nprogress: ${progressText}` : ''}`;
     const link = s('a', { href: `#/jobs/${l.job}`, class: `lease ${l.end_ms === null ? 'open' : 'closed'}`, dataset: { job: l.job, stage: l.stage } },
       s('title', {}, title),
-      s('rect', { x: x0, y: BAR_TOP, width: w, height: BAR_H, rx: 3, fill: `hsl(${color} 55% 62%)`, class: 'lease-bar' }));
+      s('rect', { x: x0, y: BAR_TOP, width: w, height: BAR_H, rx: 3, fill: `hsl(${color} 55% 62%)`, class: 'lease-bar' }),
+      fraction !== null ? s('rect', { x: x0, y: BAR_TOP + BAR_H - 6, width: Math.max(1, w * fraction), height: 6, class: 'lease-progress', dataset: { fraction } }) : null);
     // Only a label that fits: the full one, else the stage alone.
     const fitting = [label, `${l.stage}#${l.attempt}`].find((t) => t.length * 6.6 + 10 <= w);
     if (fitting) link.append(s('text', { x: x0 + 5, y: BAR_TOP + 17, class: 'lease-label' }, fitting));
+    if (p && p.message && p.message.length * 6.2 + 10 <= w) {
+      link.append(s('text', { x: x0 + 5, y: BAR_TOP + 32, class: 'lease-message' }, p.message));
+    }
     parts.push(link);
     // Idle stretches of this lease, from the readings.
     if (d.telemetry) {
@@ -167,6 +182,7 @@ function lane(d, data, since, now, width) {
       h('span', { class: 'muted' }, bytes(d.memory_bytes)),
       latest ? h('span', { class: 'reading' }, `${latest[1]}% · ${bytes(latest[2])} used`) : null,
       held ? h('span', { class: 'badge state-running' }, `leased by ${shortId(held.job)}/${held.stage}`) : h('span', { class: 'badge state-free' }, 'free'),
+      held && held.progress ? h('span', { class: 'lane-progress' }, progressBar(held.progress)) : null,
       idle ? h('span', { class: 'badge idle-badge' }, `idle under lease ${duration(d.idle_ms)}`) : null),
     s('svg', { width, height: LANE_H, viewBox: `0 0 ${width} ${LANE_H}`, class: 'timeline', role: 'img',
       'aria-label': `GPU ${d.index} timeline` }, parts));

@@ -1,8 +1,9 @@
-// One job: the stage DAG with states, each stage's attempts, durations, outputs and errors,
-// the tails of its logs, and a cancel button.
+// One job: the stage DAG with states, each running stage's progress, each stage's attempts,
+// durations, outputs and errors, the tails of its logs, and a cancel button. Progress events
+// from the feed are applied in place (no reload); other events of the job reload it.
 
 import { get, post } from './api.js';
-import { badge, fill, between, bytes, duration, empty, h, s, when } from './format.js';
+import { badge, fill, between, bytes, duration, empty, h, progressBar, progressOf, s, when } from './format.js';
 
 const LOG_TAIL = 8192;
 let reload = () => {};
@@ -23,7 +24,14 @@ export const jobView = {
     }));
     return { job, logs };
   },
-  wants: (e, p) => e.job === p.id,
+  wants: (e, p) => e.job === p.id && e.type !== 'progress',
+  apply(data, e, p) {
+    if (e.type !== 'progress' || e.job !== p.id) return false;
+    const st = data.job.stages.find((x) => x.name === e.stage);
+    if (!st || st.state !== 'running' || st.attempts !== e.attempt) return false;
+    st.progress = progressOf(e);
+    return true;
+  },
   render(root, { job, logs }, { id }) {
     const active = job.state === 'queued' || job.state === 'running';
     const cancel = h('button', { type: 'button', id: 'cancel-job', class: 'danger', disabled: !active,
@@ -100,6 +108,7 @@ function dag(stages) {
   const nodes = stages.map((st, i) => {
     const { x, y } = at(i);
     const took = st.started_at ? duration(between(st.started_at, st.finished_at)) : '';
+    const fraction = st.progress && typeof st.progress.fraction === 'number' ? st.progress.fraction : null;
     return s('a', { href: `#stage-${st.name}`, class: `node state-${st.state}`, dataset: { stage: st.name, state: st.state },
       onclick: (e) => {
         e.preventDefault();
@@ -108,7 +117,8 @@ function dag(stages) {
     s('rect', { x, y, width: W, height: H, rx: 8 }),
     s('text', { x: x + 10, y: y + 20, class: 'node-name' }, st.name),
     s('text', { x: x + 10, y: y + 39, class: 'node-state' },
-      `${st.state}${st.attempts > 1 ? ` · ${st.attempts} attempts` : ''}${took ? ` · ${took}` : ''}`));
+      `${st.state}${fraction !== null ? ` · ${Math.round(fraction * 100)}%` : ''}${st.attempts > 1 ? ` · ${st.attempts} attempts` : ''}${took ? ` · ${took}` : ''}`),
+    fraction !== null ? s('rect', { x: x + 1, y: y + H - 5, width: Math.max(0, (W - 2) * fraction), height: 4, class: 'node-progress' }) : null);
   });
   return h('div', { class: 'dag-wrap' }, s('svg', { class: 'dag', width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': 'stage graph' },
     s('defs', {}, s('marker', { id: 'arrow', viewBox: '0 0 10 10', refX: 2, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },
@@ -157,6 +167,7 @@ function stageCard(job, st, log) {
       fact('duration', st.started_at ? duration(between(st.started_at, st.finished_at)) : '–'),
       st.retry_at ? fact('retry at', when(st.retry_at)) : null,
       st.exit_code !== null && st.exit_code !== undefined ? fact('exit code', st.exit_code) : null),
+    st.progress ? h('div', { class: 'stage-progress', dataset: { stage: st.name } }, progressBar(st.progress)) : null,
     st.error ? h('div', { class: 'error-banner' }, st.error) : null,
     st.output ? h('details', {}, h('summary', {}, 'Output'), json(st.output)) : null,
     attempts.length ? h('table', { class: 'grid attempts' },
