@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FindingKind {
-    /// A running task makes no progress: no CPU time and no heartbeat.
+    /// A running task makes no progress: no heartbeat or progress report, and its whole
+    /// process tree stays under the CPU floor.
     TaskStalled,
     /// A holder granted a GPU never shows up on it.
     GpuUnused,
@@ -69,6 +70,8 @@ pub struct Finding {
 
 #[derive(Clone, Debug)]
 pub struct Thresholds {
+    /// How long a task must go without heartbeat or progress, with its process tree under
+    /// `stall_cpu_floor_pct`, before it counts as stalled.
     pub task_stall_ms: u64,
     pub gpu_idle_ms: u64,
     pub queue_stall_ms: u64,
@@ -76,17 +79,32 @@ pub struct Thresholds {
     pub shm_min_bytes: u64,
     /// At or below this utilisation a device counts as idle.
     pub idle_utilization_pct: u32,
+    /// A task's whole process tree using less than this share of one core over the
+    /// `task_stall` window counts as doing nothing: helper threads that wake now and then (CUDA
+    /// runtime threads, a watchdog thread) stay under it, real work does not.
+    pub stall_cpu_floor_pct: f64,
+    /// A finding closes only after its condition has been clear this long, so a condition
+    /// that blinks off for one sample does not close and reopen it.
+    pub finding_clear_ms: u64,
+    /// A defunct process counts once it has stayed defunct this long (a parent that reaps
+    /// promptly is fine).
+    pub zombie_grace_ms: u64,
 }
 
 impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
-            task_stall_ms: 60_000,
+            // A stuck holder is named about 21 s after it stops (threshold + one sample),
+            // and the queue behind it at the same time.
+            task_stall_ms: 20_000,
             gpu_idle_ms: 120_000,
-            queue_stall_ms: 60_000,
+            queue_stall_ms: 20_000,
             gpu_use_window_ms: 30_000,
             shm_min_bytes: 512 << 20,
             idle_utilization_pct: 2,
+            stall_cpu_floor_pct: 2.0,
+            finding_clear_ms: 5_000,
+            zombie_grace_ms: 2_000,
         }
     }
 }
@@ -98,8 +116,6 @@ pub struct ProcessObs {
     /// R running, S sleeping, D uninterruptible (usually IO or a driver), Z zombie, T stopped.
     pub state: char,
     pub cpu_ms: u64,
-    /// How long its CPU time has not grown.
-    pub cpu_flat_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +143,14 @@ pub struct HolderObs {
     pub main: Option<ProcessObs>,
     /// Last heartbeat or progress (worker tasks).
     pub last_progress_ms: Option<u64>,
+    /// `(at, cumulative CPU ms)` of its whole process tree, oldest first, covering at least
+    /// the `task_stall` window once it has run that long. Processes that exit keep what they
+    /// used, so the series never goes down.
+    pub cpu_samples: Vec<(u64, u64)>,
+    /// Progress the task last reported, in words (e.g. "10 of 150 batches"), for evidence.
+    pub progress: Option<String>,
+    /// Its processes other than the main one: `(pid, command, state)`.
+    pub children: Vec<(u32, String, char)>,
     /// Execution providers a worker reported in `ready`.
     pub providers: Option<Vec<String>>,
     /// `(pid, value)` of its processes whose `CUDA_VISIBLE_DEVICES` differs from the grant.
@@ -172,14 +196,70 @@ pub struct QueueObs {
     pub pool_problem: Option<String>,
 }
 
+/// A defunct process: exited, but its parent has not collected its exit status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ZombieObs {
+    pub pid: u32,
+    pub command: String,
+    pub ppid: u32,
+    pub parent_command: String,
+    pub parent_state: char,
+    /// The holder whose tree it is in (`job …/stage attempt N`, `pool NAME #I`); `None` for
+    /// a direct child of the engine outside any holder.
+    pub owner: Option<String>,
+    /// How long it has been defunct.
+    pub defunct_ms: u64,
+}
+
+/// Why a task counts as stalled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stall {
+    /// Since the last heartbeat or progress report (or since it started, if none).
+    pub quiet_ms: u64,
+    /// The CPU window that was judged, and the CPU its tree used in it.
+    pub window_ms: u64,
+    pub cpu_used_ms: u64,
+}
+
+impl Stall {
+    pub fn cpu_pct(&self) -> f64 {
+        if self.window_ms == 0 { 0.0 } else { self.cpu_used_ms as f64 * 100.0 / self.window_ms as f64 }
+    }
+}
+
+/// The stall rule: no heartbeat or progress for `task_stall`, and the whole process tree
+/// under the CPU floor over the last `task_stall`. "CPU time moved" alone is not progress: a
+/// deadlocked CUDA process still has runtime threads that wake now and then. `None` until
+/// the samples cover the whole window.
+pub fn stall(h: &HolderObs, now: u64, th: &Thresholds) -> Option<Stall> {
+    if h.kind == HolderKind::Instance {
+        return None;
+    }
+    let quiet_since = h.last_progress_ms.unwrap_or(h.since_ms).max(h.since_ms);
+    let quiet_ms = now.saturating_sub(quiet_since);
+    if quiet_ms < th.task_stall_ms {
+        return None;
+    }
+    let window_start = now.saturating_sub(th.task_stall_ms);
+    let base = h.cpu_samples.iter().rev().find(|(at, _)| *at <= window_start)?;
+    let last = h.cpu_samples.last()?;
+    let window_ms = last.0.saturating_sub(base.0);
+    if window_ms == 0 {
+        return None;
+    }
+    let cpu_used_ms = last.1.saturating_sub(base.1);
+    let s = Stall { quiet_ms, window_ms, cpu_used_ms };
+    (s.cpu_pct() < th.stall_cpu_floor_pct).then_some(s)
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observation {
     pub now_ms: u64,
     pub holders: Vec<HolderObs>,
     pub devices: Vec<DeviceObs>,
     pub queues: Vec<QueueObs>,
-    /// `(pid, command name)` of defunct processes under the engine.
-    pub zombies: Vec<(u32, String)>,
+    /// Defunct processes in the engine's trees.
+    pub zombies: Vec<ZombieObs>,
     pub shm_bytes: Option<u64>,
 }
 
@@ -206,53 +286,74 @@ fn gpu_provider(p: &str) -> bool {
     ["CUDA", "TensorRT", "ROCM", "MIGraphX", "Dml"].iter().any(|g| p.contains(g))
 }
 
+fn ev(label: &str, value: impl Into<String>) -> (String, String) {
+    (label.to_string(), value.into())
+}
+
 /// Applies every rule to one observation.
 pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
     let mut out = Vec::new();
     let now = obs.now_ms;
     for h in &obs.holders {
         let held = now.saturating_sub(h.since_ms);
-        // A task that makes no progress: CPU time flat (commands) or no heartbeat (workers).
-        let stalled = match h.kind {
-            HolderKind::Task => {
-                h.main.as_ref().filter(|p| p.state != 'R' && p.cpu_flat_ms >= th.task_stall_ms).map(|p| p.cpu_flat_ms)
-            }
-            HolderKind::WorkerTask => {
-                h.last_progress_ms.map(|t| now.saturating_sub(t)).filter(|d| *d >= th.task_stall_ms)
-            }
-            HolderKind::Instance => None,
-        };
-        if let Some(flat) = stalled {
+        if let Some(st) = stall(h, now, th) {
             let mut evidence = vec![
-                ("holder".into(), h.holder.clone()),
-                ("running for".into(), secs(held)),
-                ("no progress for".into(), secs(flat)),
+                ev("holder", h.holder.clone()),
+                ev("running for", secs(held)),
+                ev(
+                    "no heartbeat or progress for",
+                    match h.kind {
+                        HolderKind::WorkerTask => secs(st.quiet_ms),
+                        _ => format!("{} (a command stage sends none)", secs(st.quiet_ms)),
+                    },
+                ),
+                ev(
+                    "cpu of its process tree",
+                    format!(
+                        "{} ms in the last {} ({:.1} % of one core, floor {} %)",
+                        st.cpu_used_ms,
+                        secs(st.window_ms),
+                        st.cpu_pct(),
+                        th.stall_cpu_floor_pct
+                    ),
+                ),
             ];
+            if let Some(p) = &h.progress {
+                evidence.push(ev("last progress", p.clone()));
+            }
             if let Some(p) = &h.main {
-                evidence.push(("process".into(), format!("pid {} is {}", p.pid, state_words(p.state))));
-                evidence.push(("cpu time".into(), format!("{} ms, not growing", p.cpu_ms)));
+                evidence.push(ev("process", format!("pid {} is {}", p.pid, state_words(p.state))));
             }
-            if h.kind == HolderKind::WorkerTask {
-                evidence.push(("heartbeats".into(), format!("none for {}", secs(flat))));
+            if let Some(n) = &h.note {
+                evidence.push(ev("runs", n.clone()));
             }
+            for (pid, comm, state) in h.children.iter().take(16) {
+                evidence.push(ev("child", format!("pid {pid} ({comm}) is {}", state_words(*state))));
+            }
+            let progress = h.progress.as_deref().map(|p| format!(", last progress: {p}")).unwrap_or_default();
             out.push(Finding {
                 kind: FindingKind::TaskStalled,
                 subject: h.holder.clone(),
-                summary: format!("{} makes no progress ({} without CPU time or heartbeat)", h.holder, secs(flat)),
+                summary: format!(
+                    "{} is stuck: no heartbeat or progress for {} and its processes use {:.1} % of one core{progress}",
+                    h.holder,
+                    secs(st.quiet_ms),
+                    st.cpu_pct()
+                ),
                 evidence,
-                cause: "a deadlock or a wait that never returns: a lock taken twice, a pipe or queue nobody writes, a child that never exits (reports 000/001: DataLoader workers + fork + CUDA; report 003: a pool that lost its model)".into(),
-                fix: "dump its stack (`py-spy dump --pid PID`, or `cat /proc/PID/stack` for state D); give the stage a `timeout` (or the pool a `heartbeat_timeout`) so the engine kills it and takes the lease back; use the `spawn` start method, not `fork`, after CUDA is initialised".into(),
+                cause: "the task waits for something that never happens: a lock that is never released (often in a process forked after CUDA was initialised), a pipe or queue nobody writes to, or a child process that never exits. It still holds its GPU and its place in the queue.".into(),
+                fix: "see where it waits: `py-spy dump --pid PID` for Python, `cat /proc/PID/stack` for a process in state D. Give the stage a `timeout` (or the pool a `heartbeat_timeout`) so gpuflow kills it and frees its GPU. If it forks worker processes after using CUDA, use the `spawn` start method instead of `fork`.".into(),
             });
         }
-        // A GPU holder that reports only CPU execution providers (report 001).
+        // A GPU holder that reports only CPU execution providers.
         if h.gpu_check && !h.devices.is_empty() {
             if let Some(providers) = h.providers.as_ref().filter(|p| !p.iter().any(|x| gpu_provider(x))) {
                 out.push(Finding {
                     kind: FindingKind::GpuUnused,
                     subject: h.holder.clone(),
                     summary: format!("{} holds GPU {} but runs on the CPU", h.holder, join(&h.devices)),
-                    evidence: vec![("holder".into(), h.holder.clone()), ("devices".into(), join(&h.devices)), ("reported providers".into(), providers.join(", "))],
-                    cause: "the model runtime fell back to the CPU: ONNX Runtime without the CUDA provider (onnxruntime instead of onnxruntime-gpu), missing CUDA/cuDNN libraries, or CUDA_VISIBLE_DEVICES changed inside the worker (report 001)".into(),
+                    evidence: vec![ev("holder", h.holder.clone()), ev("devices", join(&h.devices)), ev("reported providers", providers.join(", "))],
+                    cause: "the model runtime fell back to the CPU: for example ONNX Runtime without its CUDA provider (the `onnxruntime` package instead of `onnxruntime-gpu`), missing CUDA or cuDNN libraries, or code that changed CUDA_VISIBLE_DEVICES".into(),
                     fix: "install the GPU build of the runtime (e.g. onnxruntime-gpu) matching the CUDA version, check `onnxruntime.get_available_providers()` in the worker, and fail `load()` when the GPU provider is missing".into(),
                 });
             } else if held >= th.gpu_use_window_ms {
@@ -261,14 +362,12 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
                 let seen = devices.iter().any(|d| d.processes.iter().any(|(pid, _)| h.pids.contains(pid)));
                 if !devices.is_empty() && !seen {
                     let mut evidence = vec![
-                        ("holder".into(), h.holder.clone()),
-                        ("devices".into(), join(&h.devices)),
-                        ("held for".into(), secs(held)),
+                        ev("holder", h.holder.clone()),
+                        ev("devices", join(&h.devices)),
+                        ev("held for", secs(held)),
                     ];
-                    evidence.push((
-                        "its processes".into(),
-                        h.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
-                    ));
+                    evidence
+                        .push(ev("its processes", h.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")));
                     for d in &devices {
                         let procs: Vec<String> =
                             d.processes.iter().map(|(p, b)| format!("pid {p} {}", mib(*b))).collect();
@@ -282,7 +381,7 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
                         subject: h.holder.clone(),
                         summary: format!("{} has held GPU {} for {} and never used it", h.holder, join(&h.devices), secs(held)),
                         evidence,
-                        cause: "the stage does not need a GPU but declares one (report 004: CPU stages under the global GPU lock), or its code silently runs on the CPU (report 001)".into(),
+                        cause: "the stage declares a GPU but does CPU work, so it blocks GPU stages for nothing; or its code silently runs on the CPU".into(),
                         fix: "if the stage is CPU work, declare `needs: {cpu: 1}` instead of a GPU so it stops blocking GPU stages; otherwise make it fail when no GPU is visible; set `gpu_check: off` if this is expected".into(),
                     });
                 }
@@ -295,9 +394,9 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
                 subject: h.holder.clone(),
                 summary: format!("{} changed CUDA_VISIBLE_DEVICES away from its grant", h.holder),
                 evidence: vec![
-                    ("holder".into(), h.holder.clone()),
-                    ("granted".into(), join(&h.devices)),
-                    ("seen".into(), seen.join("; ")),
+                    ev("holder", h.holder.clone()),
+                    ev("granted", join(&h.devices)),
+                    ev("seen", seen.join("; ")),
                 ],
                 cause:
                     "the code sets CUDA_VISIBLE_DEVICES itself, so it may use a device leased to someone else, or none"
@@ -310,7 +409,7 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
                 kind: FindingKind::WorkerUnhealthy,
                 subject: h.holder.clone(),
                 summary: format!("{} failed {} time(s) in a row", h.holder, h.failures),
-                evidence: vec![("holder".into(), h.holder.clone()), ("last error".into(), h.note.clone().unwrap_or_default())],
+                evidence: vec![ev("holder", h.holder.clone()), ev("last error", h.note.clone().unwrap_or_default())],
                 cause: "the worker crashes, hangs (no heartbeat) or breaks the protocol; each time the engine killed it, reaped its process group and restarted it".into(),
                 fix: "read the last error and the worker's stderr log (DATA_DIR/workers/POOL.N.stderr.log)".into(),
             });
@@ -326,57 +425,54 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
             continue;
         }
         let mut evidence = vec![
-            ("device".into(), format!("gpu {} ({})", d.index, d.name)),
-            ("utilisation".into(), format!("{} % for {}", d.utilization_pct, secs(d.idle_ms))),
-            ("memory".into(), format!("{} of {} used", mib(d.memory_used), mib(d.memory_total))),
+            ev("device", format!("gpu {} ({})", d.index, d.name)),
+            ev("utilisation", format!("{} % for {}", d.utilization_pct, secs(d.idle_ms))),
+            ev("memory", format!("{} of {} used", mib(d.memory_used), mib(d.memory_total))),
         ];
         for h in holders.iter().chain(instances.iter()) {
             let doing = match &h.main {
                 Some(p) => format!("pid {} {}", p.pid, state_words(p.state)),
                 None => h.note.clone().unwrap_or_else(|| "-".into()),
             };
-            evidence
-                .push(("holder".into(), format!("{} for {}: {doing}", h.holder, secs(now.saturating_sub(h.since_ms)))));
+            evidence.push(ev("holder", format!("{} for {}: {doing}", h.holder, secs(now.saturating_sub(h.since_ms)))));
         }
         out.push(Finding {
             kind: FindingKind::GpuIdleUnderLease,
             subject: format!("gpu {}", d.index),
             summary: format!("GPU {} is leased but idle ({} % for {})", d.index, d.utilization_pct, secs(d.idle_ms)),
             evidence,
-            cause: "the holder waits on something other than the GPU (CPU work, IO, a lock), or it is stuck while keeping its memory (report 000: 0 % with 52 GB held)".into(),
+            cause: "the holder waits on something other than the GPU (CPU work, IO, a lock), or it is stuck while keeping its GPU memory allocated".into(),
             fix: "see what the holder is doing (its process state above); split CPU work into its own stage; add a `timeout`".into(),
         });
     }
     for d in obs.devices.iter().filter(|d| d.telemetry && !d.foreign.is_empty()) {
         let total: u64 = d.foreign.iter().map(|(_, b, _)| b).sum();
-        let mut evidence = vec![
-            ("device".into(), format!("gpu {} ({})", d.index, d.name)),
-            ("held outside any lease".into(), mib(total)),
-        ];
+        let mut evidence =
+            vec![ev("device", format!("gpu {} ({})", d.index, d.name)), ev("held outside any lease", mib(total))];
         for (pid, bytes, what) in &d.foreign {
-            evidence.push(("process".into(), format!("pid {pid}: {} ({what})", mib(*bytes))));
+            evidence.push(ev("process", format!("pid {pid}: {} ({what})", mib(*bytes))));
         }
         out.push(Finding {
             kind: FindingKind::GpuMemoryForeign,
             subject: format!("gpu {} foreign", d.index),
             summary: format!("GPU {}: {} is held by processes without a lease; it is kept out of the inventory", d.index, mib(total)),
             evidence,
-            cause: "another program uses the device, or a killed process has not released its memory yet (report 000: VRAM still allocated after the work stopped)".into(),
+            cause: "another program uses the device, or a killed process has not released its GPU memory yet".into(),
             fix: "if it is a leftover, kill it (`kill -9 PID`) and the memory returns to the inventory by itself; if another program shares the device, give gpuflow a smaller virtual memory size or a dedicated device".into(),
         });
     }
     for q in obs.queues.iter().filter(|q| q.waiting > 0 && q.idle_ms >= th.queue_stall_ms) {
         let mut evidence = vec![
-            ("waiting".into(), q.waiting.to_string()),
-            ("head".into(), format!("{} waiting {}", q.head, secs(q.head_waited_ms))),
-            ("head needs".into(), q.head_needs.clone()),
-            ("nothing started for".into(), secs(q.idle_ms)),
+            ev("waiting", q.waiting.to_string()),
+            ev("head", format!("{} waiting {}", q.head, secs(q.head_waited_ms))),
+            ev("head needs", q.head_needs.clone()),
+            ev("nothing started for", secs(q.idle_ms)),
         ];
         for b in &q.blockers {
-            evidence.push(("held by".into(), b.clone()));
+            evidence.push(ev("held by", b.clone()));
         }
         if let Some(p) = &q.pool_problem {
-            evidence.push(("pool".into(), p.clone()));
+            evidence.push(ev("pool", p.clone()));
         }
         let why = match (&q.pool_problem, q.blockers.first()) {
             (Some(p), _) => p.clone(),
@@ -388,31 +484,67 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
             subject: format!("pipeline {}", q.pipeline),
             summary: format!("pipeline {}: {} waiting, nothing started for {}: {why}", q.pipeline, q.waiting, secs(q.idle_ms)),
             evidence,
-            cause: "a holder that does not finish (report 000: a queue 'severely blocked' behind a stuck task), a pool with no healthy instance, or requests bigger than what frees up".into(),
-            fix: "look at the holders above (and `gpuflow doctor` for them); cancel or time out the stuck one; fix the pool's worker".into(),
+            cause: "work is queued behind a holder that does not finish (see its own finding), a pool with no healthy instance, or a request bigger than what ever frees up".into(),
+            fix: "look at the holders named above (`gpuflow doctor` shows their own findings); cancel the stuck one or give its stage a `timeout`; fix the pool's worker".into(),
         });
     }
-    for (pid, name) in &obs.zombies {
-        out.push(Finding {
-            kind: FindingKind::ZombieProcess,
-            subject: format!("pid {pid}"),
-            summary: format!("zombie process {pid} ({name}) under the engine"),
-            evidence: vec![("pid".into(), pid.to_string()), ("command".into(), name.clone())],
-            cause: "a child exited and nothing reaped it; gpuflow reaps its children and orphans, so this one escaped (e.g. re-parented before the engine became subreaper)".into(),
-            fix: "report it; it disappears when its parent reaps it or exits".into(),
-        });
-    }
+    zombie_findings(obs, th, &mut out);
     if let Some(shm) = obs.shm_bytes.filter(|b| *b < th.shm_min_bytes) {
         out.push(Finding {
             kind: FindingKind::SharedMemorySmall,
             subject: "/dev/shm".into(),
             summary: format!("/dev/shm is {} (below {})", mib(shm), mib(th.shm_min_bytes)),
-            evidence: vec![("size".into(), mib(shm))],
-            cause: "PyTorch DataLoader workers pass tensors through /dev/shm; at Docker's default 64 MiB they fail or hang (report 000)".into(),
+            evidence: vec![ev("size", mib(shm))],
+            cause:
+                "PyTorch DataLoader workers pass tensors through /dev/shm; at Docker's default 64 MiB they fail or hang"
+                    .into(),
             fix: "run the container with `--shm-size=2g` (or `--ipc=host`)".into(),
         });
     }
     out
+}
+
+/// One finding per owner, counting its defunct processes by parent.
+fn zombie_findings(obs: &Observation, th: &Thresholds, out: &mut Vec<Finding>) {
+    let mut owners: Vec<Option<&str>> = Vec::new();
+    let lasting: Vec<&ZombieObs> = obs.zombies.iter().filter(|z| z.defunct_ms >= th.zombie_grace_ms).collect();
+    for z in &lasting {
+        if !owners.contains(&z.owner.as_deref()) {
+            owners.push(z.owner.as_deref());
+        }
+    }
+    for owner in owners {
+        let mine: Vec<&&ZombieObs> = lasting.iter().filter(|z| z.owner.as_deref() == owner).collect();
+        let who = owner.unwrap_or("the engine itself");
+        let mut parents: Vec<u32> = mine.iter().map(|z| z.ppid).collect();
+        parents.sort_unstable();
+        parents.dedup();
+        let mut evidence = vec![ev("owner", who), ev("count", mine.len().to_string())];
+        let mut parent_words = Vec::new();
+        for ppid in &parents {
+            let of: Vec<&&&ZombieObs> = mine.iter().filter(|z| z.ppid == *ppid).collect();
+            let first = of[0];
+            let words = format!("pid {ppid} ({}) is {}", first.parent_command, state_words(first.parent_state));
+            evidence.push(ev("parent", words.clone()));
+            parent_words.push(words);
+            let pids: Vec<String> = of.iter().map(|z| format!("{} ({})", z.pid, z.command)).collect();
+            evidence.push(ev("defunct children", format!("{} of pid {ppid}: {}", of.len(), pids.join(", "))));
+        }
+        let longest = mine.iter().map(|z| z.defunct_ms).max().unwrap_or(0);
+        evidence.push(ev("defunct for", format!("up to {}", secs(longest))));
+        out.push(Finding {
+            kind: FindingKind::ZombieProcess,
+            subject: format!("zombies under {who}"),
+            summary: format!(
+                "{who}: {} exited child process(es) never reaped by their parent ({})",
+                mine.len(),
+                parent_words.join("; ")
+            ),
+            evidence,
+            cause: "a process started children and never collected their exit status, so each stays in the process table as `<defunct>`. This usually means the parent is stuck (it would otherwise wait for them) or forgets to `wait`; a growing count exhausts the pid limit.".into(),
+            fix: "reap children in the parent: `Popen.wait()` / `os.waitpid`, or `Process.join()` for `multiprocessing`; close a `multiprocessing.Pool` with `close()` and `join()`. Prefer the `spawn` start method (`multiprocessing.set_start_method(\"spawn\")`) to `fork`, above all once CUDA is initialised. If the parent is stuck, see its `task_stalled` finding.".into(),
+        });
+    }
 }
 
 fn join(devices: &[u32]) -> String {
@@ -438,10 +570,20 @@ mod tests {
             gpu_use_window_ms: 3_000,
             shm_min_bytes: 512 << 20,
             idle_utilization_pct: 2,
+            stall_cpu_floor_pct: 2.0,
+            finding_clear_ms: 2_000,
+            zombie_grace_ms: 2_000,
         }
     }
 
+    /// Samples once a second from 0 to `until`, the tree's CPU time given by `cpu(t)`.
+    fn samples(until: u64, cpu: impl Fn(u64) -> u64) -> Vec<(u64, u64)> {
+        (0..=until / 1000).map(|s| (s * 1000, cpu(s * 1000))).collect()
+    }
+
     fn task(devices: Vec<u32>, pids: Vec<u32>, state: char, flat: u64) -> HolderObs {
+        // `flat`: CPU time has not grown for this long (before that, one core busy).
+        let now = 60_000u64;
         HolderObs {
             kind: HolderKind::Task,
             holder: "job j/detect attempt 1".into(),
@@ -449,8 +591,11 @@ mod tests {
             devices,
             gpu_check: true,
             pids: pids.clone(),
-            main: Some(ProcessObs { pid: pids[0], state, cpu_ms: 40, cpu_flat_ms: flat }),
+            main: Some(ProcessObs { pid: pids[0], state, cpu_ms: 40 }),
             last_progress_ms: None,
+            cpu_samples: samples(now, |t| t.min(now - flat)),
+            progress: None,
+            children: vec![],
             providers: None,
             cuda_overrides: vec![],
             note: None,
@@ -477,7 +622,7 @@ mod tests {
     }
 
     #[test]
-    fn report_000_gpu_idle_with_memory_held_and_a_stalled_holder() {
+    fn gpu_idle_with_memory_held_and_a_stalled_holder() {
         // Recorded: 0 % for 60 s, 52 GB held by the holder, which sleeps without CPU time.
         let obs = Observation {
             now_ms: 60_000,
@@ -496,7 +641,7 @@ mod tests {
     fn a_running_process_is_not_stalled_and_a_busy_gpu_is_not_idle() {
         let obs = Observation {
             now_ms: 60_000,
-            holders: vec![task(vec![0], vec![7], 'R', 60_000)],
+            holders: vec![task(vec![0], vec![7], 'R', 0)],
             devices: vec![device(97, 0, vec![(7, 1 << 30)])],
             ..Default::default()
         };
@@ -504,7 +649,7 @@ mod tests {
     }
 
     #[test]
-    fn report_004_gpu_declared_but_never_used() {
+    fn gpu_declared_but_never_used() {
         let obs = Observation {
             now_ms: 4_000,
             holders: vec![task(vec![0], vec![10, 11], 'R', 0)],
@@ -522,7 +667,7 @@ mod tests {
     }
 
     #[test]
-    fn report_001_worker_reporting_cpu_providers_is_flagged_at_once() {
+    fn worker_reporting_cpu_providers_is_flagged_at_once() {
         let mut h = task(vec![0], vec![5], 'S', 0);
         h.kind = HolderKind::Instance;
         h.main = None;
@@ -563,7 +708,7 @@ mod tests {
         let obs = Observation {
             now_ms: 9_000,
             queues: vec![q.clone()],
-            zombies: vec![(77, "python3".into())],
+            zombies: vec![zombie(77, 70, Some("job j/detect attempt 1"), 3_000)],
             shm_bytes: Some(64 << 20),
             ..Default::default()
         };
@@ -575,5 +720,145 @@ mod tests {
         assert!(f[0].summary.contains("held by job j/detect"), "{}", f[0].summary);
         let fresh = Observation { now_ms: 1_000, queues: vec![QueueObs { idle_ms: 1_000, ..q }], ..Default::default() };
         assert!(evaluate(&fresh, &th()).is_empty());
+    }
+
+    fn zombie(pid: u32, ppid: u32, owner: Option<&str>, defunct_ms: u64) -> ZombieObs {
+        ZombieObs {
+            pid,
+            command: "python3".into(),
+            ppid,
+            parent_command: "python3".into(),
+            parent_state: 'S',
+            owner: owner.map(str::to_string),
+            defunct_ms,
+        }
+    }
+
+    fn stalled_at(h: &HolderObs, now: u64) -> bool {
+        let obs = Observation { now_ms: now, holders: vec![h.clone()], ..Default::default() };
+        evaluate(&obs, &th()).iter().any(|f| f.kind == FindingKind::TaskStalled)
+    }
+
+    /// Recorded from a deadlocked CUDA process (and from a Python process whose main thread
+    /// waits on a lock while a helper thread wakes every 0.5 s for 2 ms): its CPU time ticks by
+    /// one 10 ms clock tick every 2-3 s. The old rule ("CPU time has not grown for the
+    /// threshold") reset at every tick and the finding flapped; this one holds.
+    #[test]
+    fn a_cuda_like_process_whose_cpu_time_ticks_is_stalled_without_a_gap() {
+        let ticks = [2_300u64, 4_700, 7_200, 9_600, 12_100, 14_500, 17_000, 19_400, 21_900, 24_300, 26_800, 29_200];
+        let mut h = task(vec![0], vec![4242], 'S', 0);
+        h.cpu_samples = samples(30_000, |t| 1_200 + 10 * ticks.iter().filter(|k| **k <= t).count() as u64);
+        // Under the threshold: not yet.
+        for now in (0..5_000).step_by(1_000) {
+            assert!(!stalled_at(&h, now), "at {now} ms, before the 5 s threshold");
+        }
+        // From the threshold on, at every sample: open, no gap.
+        for now in (5_000..=30_000).step_by(1_000) {
+            assert!(stalled_at(&h, now), "gap at {now} ms");
+        }
+        let f = evaluate(&Observation { now_ms: 30_000, holders: vec![h], ..Default::default() }, &th());
+        let cpu = &f[0].evidence.iter().find(|(k, _)| k == "cpu of its process tree").unwrap().1;
+        assert!(cpu.starts_with("20 ms in the last 5.0 s (0.4 % of one core"), "{cpu}");
+        assert!(f[0].fix.contains("timeout") && f[0].fix.contains("spawn"), "{:?}", f[0].fix);
+    }
+
+    #[test]
+    fn a_busy_task_is_not_stalled_however_long_it_sends_nothing() {
+        // One core at 30 %: real work, even with no heartbeat at all.
+        let mut h = task(vec![0], vec![1], 'S', 0);
+        h.cpu_samples = samples(60_000, |t| t * 3 / 10);
+        assert!(!stalled_at(&h, 60_000));
+        // Just above the floor (2.5 %) is still work; just below (1.5 %) is not.
+        h.cpu_samples = samples(60_000, |t| t / 40);
+        assert!(!stalled_at(&h, 60_000));
+        h.cpu_samples = samples(60_000, |t| t * 15 / 1000);
+        assert!(stalled_at(&h, 60_000));
+    }
+
+    #[test]
+    fn a_worker_task_that_reports_progress_is_not_stalled_while_idle_on_cpu() {
+        let mut h = task(vec![], vec![1], 'S', 0);
+        h.kind = HolderKind::WorkerTask;
+        h.cpu_samples = samples(20_000, |_| 50);
+        h.last_progress_ms = Some(17_000);
+        assert!(!stalled_at(&h, 20_000), "progress 3 s ago, under the 5 s threshold");
+        assert!(stalled_at(&h, 22_000), "5 s without progress and no CPU");
+        h.progress = Some("10 of 150 batches".into());
+        let f = evaluate(&Observation { now_ms: 22_000, holders: vec![h], ..Default::default() }, &th());
+        assert!(f[0].summary.contains("last progress: 10 of 150 batches"), "{}", f[0].summary);
+    }
+
+    #[test]
+    fn a_task_that_worked_then_deadlocked_is_named_one_window_later() {
+        // Busy (one full core) until 12 s, then nothing.
+        let mut h = task(vec![0], vec![1], 'S', 0);
+        h.cpu_samples = samples(30_000, |t| t.min(12_000));
+        assert!(!stalled_at(&h, 16_000), "the busy part is still in the window");
+        assert!(stalled_at(&h, 17_000), "the window is clear of work from 17 s on");
+        // Without samples covering the window, nothing is judged.
+        h.cpu_samples = samples(30_000, |_| 0).into_iter().filter(|(t, _)| *t >= 27_000).collect();
+        assert!(!stalled_at(&h, 30_000));
+    }
+
+    #[test]
+    fn zombies_are_counted_per_owner_with_their_parent_and_only_once_they_last() {
+        let obs = Observation {
+            now_ms: 10_000,
+            zombies: vec![
+                zombie(101, 100, Some("pool gen #0"), 5_000),
+                zombie(102, 100, Some("pool gen #0"), 5_000),
+                zombie(103, 100, Some("pool gen #0"), 2_500),
+                zombie(104, 100, Some("pool gen #0"), 500),
+                zombie(201, 1, None, 9_000),
+            ],
+            ..Default::default()
+        };
+        let f = evaluate(&obs, &th());
+        assert_eq!(kinds(&f), vec![FindingKind::ZombieProcess, FindingKind::ZombieProcess]);
+        assert_eq!(f[0].subject, "zombies under pool gen #0");
+        assert!(f[0].summary.starts_with("pool gen #0: 3 exited child"), "{}", f[0].summary);
+        assert!(f[0].summary.contains("pid 100 (python3) is sleeping"), "{}", f[0].summary);
+        assert!(f[0].evidence.contains(&ev("count", "3")), "{:?}", f[0].evidence);
+        assert!(f[0].fix.contains("join()") && f[0].fix.contains("spawn"), "{}", f[0].fix);
+        assert_eq!(f[1].subject, "zombies under the engine itself");
+    }
+
+    #[test]
+    fn no_user_facing_text_cites_internal_reports() {
+        let mut h = task(vec![0], vec![1], 'S', 60_000);
+        h.providers = Some(vec!["CPUExecutionProvider".into()]);
+        h.cuda_overrides = vec![(1, "3".into())];
+        let mut inst = task(vec![0], vec![2], 'S', 0);
+        inst.kind = HolderKind::Instance;
+        inst.failures = 2;
+        let mut d = device(0, 60_000, vec![]);
+        d.foreign = vec![(9, 1 << 30, "x".into())];
+        let obs = Observation {
+            now_ms: 60_000,
+            holders: vec![h, inst],
+            devices: vec![d],
+            queues: vec![QueueObs {
+                pipeline: "p".into(),
+                waiting: 1,
+                head: "h".into(),
+                head_needs: "1 GPU".into(),
+                head_waited_ms: 60_000,
+                idle_ms: 60_000,
+                blockers: vec![],
+                pool_problem: None,
+            }],
+            zombies: vec![zombie(5, 4, None, 10_000)],
+            shm_bytes: Some(1),
+        };
+        let f = evaluate(&obs, &th());
+        let mut seen: Vec<FindingKind> = kinds(&f);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), FindingKind::ALL.len(), "every kind is exercised: {seen:?}");
+        for x in &f {
+            for text in [&x.summary, &x.cause, &x.fix] {
+                assert!(!text.to_lowercase().contains("report 0"), "{:?}: {text}", x.kind);
+            }
+        }
     }
 }

@@ -207,6 +207,9 @@ struct DiagnosisFile {
     queue_stall: Option<Millis>,
     gpu_use_window: Option<Millis>,
     shm_min: Option<Bytes>,
+    /// Percent of one core; a stalled task's whole process tree stays under it.
+    stall_cpu_floor: Option<f64>,
+    finding_clear: Option<Millis>,
 }
 
 /// What to do when a stage or instance granted a GPU never uses it.
@@ -701,6 +704,15 @@ impl Config {
         if cluster.poll_interval_ms < 50 {
             errors.at(&start, "cluster.poll_interval", "must be at least 50ms");
         }
+        if let Some(floor) = file.diagnosis.stall_cpu_floor
+            && !(floor > 0.0 && floor <= 100.0)
+        {
+            errors.at(
+                &start,
+                "diagnosis.stall_cpu_floor",
+                format!("{floor} is not a share of one core; give a percentage above 0 and at most 100, e.g. 2"),
+            );
+        }
 
         let (gpus, gpu_loc) = match &file.resources.gpus {
             None => (probe.discover(), start),
@@ -869,6 +881,9 @@ impl Config {
                         gpu_use_window_ms: d.gpu_use_window.map(|m| m.0).unwrap_or(defaults.gpu_use_window_ms),
                         shm_min_bytes: d.shm_min.map(|b| b.0).unwrap_or(defaults.shm_min_bytes),
                         idle_utilization_pct: defaults.idle_utilization_pct,
+                        stall_cpu_floor_pct: d.stall_cpu_floor.unwrap_or(defaults.stall_cpu_floor_pct),
+                        finding_clear_ms: d.finding_clear.map(|m| m.0).unwrap_or(defaults.finding_clear_ms),
+                        zombie_grace_ms: defaults.zombie_grace_ms,
                     },
                 }
             },
@@ -1478,6 +1493,20 @@ mod tests {
         assert_eq!(errors.0[0].field, "workers.m.prefetch");
         assert!(errors.0[0].line > 0, "{text}");
         assert!(text.contains("65") && text.contains("64") && text.contains("prefetch: 2"), "{text}");
+    }
+
+    #[test]
+    fn diagnosis_defaults_name_a_stuck_holder_within_30_s_and_a_bad_cpu_floor_is_refused() {
+        let p = "resources: {gpus: none, cpu: 1}\npipelines:\n  p: {stages: [{name: s, command: [true]}]}\n";
+        let th = Config::parse(p, "t.yaml", &NoGpus).unwrap().diagnosis.thresholds;
+        assert!(th.task_stall_ms + 1_000 <= 30_000 && th.queue_stall_ms + 1_000 <= 30_000, "{th:?}");
+        assert_eq!((th.stall_cpu_floor_pct, th.finding_clear_ms), (2.0, 5_000));
+        let set = format!("diagnosis: {{stall_cpu_floor: 5, finding_clear: 2s}}\n{p}");
+        let th = Config::parse(&set, "t.yaml", &NoGpus).unwrap().diagnosis.thresholds;
+        assert_eq!((th.stall_cpu_floor_pct, th.finding_clear_ms), (5.0, 2_000));
+        let errors = Config::parse(&format!("diagnosis: {{stall_cpu_floor: 0}}\n{p}"), "t.yaml", &NoGpus).unwrap_err();
+        assert_eq!(errors.0[0].field, "diagnosis.stall_cpu_floor");
+        assert!(errors.to_string().contains("e.g. 2"), "{errors}");
     }
 
     #[test]

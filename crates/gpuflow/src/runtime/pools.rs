@@ -1144,6 +1144,7 @@ impl Pool {
                 .map(|p| p.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()),
             last_error: i.last_error.clone(),
             failures: i.consecutive_failures,
+            progress: i.progress.clone(),
         }
     }
 
@@ -1182,6 +1183,8 @@ pub(super) struct InstanceBrief {
     pub providers: Option<Vec<String>>,
     pub last_error: Option<String>,
     pub failures: u32,
+    /// The running task's latest progress report, if any.
+    pub progress: Option<Value>,
 }
 
 impl<S: Store> Runtime<S> {

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use gpuflow_core::diagnosis::{
-    self, DeviceObs, Finding, FindingKind, HolderKind, HolderObs, Observation, ProcessObs, QueueObs,
+    self, DeviceObs, Finding, FindingKind, HolderKind, HolderObs, Observation, ProcessObs, QueueObs, ZombieObs,
 };
 use gpuflow_core::{ByteSize, Event, ResourceRequest};
 
@@ -36,13 +36,45 @@ pub struct OpenFinding {
     pub opened_ms: u64,
     pub finding: Finding,
     stored_ms: u64,
+    /// Since when its condition has been clear; it closes once clear for `finding_clear`.
+    pub clear_since: Option<u64>,
+}
+
+/// A holder's process tree's CPU time, kept cumulative: a process that exits keeps what it
+/// used, so the series never drops when a busy child ends.
+#[derive(Default)]
+struct TreeCpu {
+    per_pid: HashMap<u32, u64>,
+    total: u64,
+    samples: VecDeque<(u64, u64)>,
+}
+
+impl TreeCpu {
+    fn update(&mut self, now: u64, tree: &[u32], procs: &HashMap<u32, Proc>, keep_ms: u64) {
+        let first = self.samples.is_empty();
+        let mut per_pid = HashMap::with_capacity(tree.len());
+        for pid in tree {
+            let Some(p) = procs.get(pid) else { continue };
+            // A process seen for the first time in a known tree was forked since the last
+            // sample: all its CPU time is new.
+            let before = self.per_pid.get(pid).copied().unwrap_or(if first { p.cpu_ms } else { 0 });
+            self.total += p.cpu_ms.saturating_sub(before);
+            per_pid.insert(*pid, p.cpu_ms);
+        }
+        self.per_pid = per_pid;
+        self.samples.push_back((now, self.total));
+        // Keep one sample at or before the window's start, and nothing older.
+        while self.samples.len() > 2 && self.samples[1].0 <= now.saturating_sub(keep_ms) {
+            self.samples.pop_front();
+        }
+    }
 }
 
 #[derive(Default)]
 pub(super) struct Watchdog {
     pub(super) devices: Vec<DeviceTrack>,
-    /// pid -> (cpu ms, when it last grew)
-    cpu: HashMap<u32, (u64, u64)>,
+    /// holder -> its process tree's CPU time
+    trees: HashMap<String, TreeCpu>,
     /// pid -> first seen as a zombie
     zombies: HashMap<u32, u64>,
     pub(super) open: HashMap<(FindingKind, String), OpenFinding>,
@@ -107,6 +139,17 @@ fn shm_bytes() -> Option<u64> {
     Some(st.f_blocks as u64 * st.f_frsize as u64)
 }
 
+/// A worker's progress report in words: its message and, if given, the fraction done.
+fn progress_words(p: &serde_json::Value) -> Option<String> {
+    let message = p["message"].as_str().filter(|m| !m.is_empty());
+    let fraction = p["fraction"].as_f64().map(|f| format!("{:.0} % done", f * 100.0));
+    match (message, fraction) {
+        (Some(m), Some(f)) => Some(format!("{m} ({f})")),
+        (Some(m), None) => Some(m.to_string()),
+        (None, f) => f,
+    }
+}
+
 pub fn describe_needs(n: &ResourceRequest) -> String {
     let mut parts = Vec::new();
     if n.gpus > 0 {
@@ -156,27 +199,36 @@ impl<S: Store> Runtime<S> {
         let now = self.clock.now_ms();
         let procs = scan_proc();
         let me = std::process::id();
+        let th = self.config.diagnosis.thresholds.clone();
         let mut by_group: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut kids: HashMap<u32, Vec<u32>> = HashMap::new();
         for (pid, p) in &procs {
             by_group.entry(p.pgrp).or_default().push(*pid);
+            kids.entry(p.ppid).or_default().push(*pid);
         }
-        // CPU time per process, and since when it has not grown.
-        let mut cpu = HashMap::new();
-        for (pid, p) in &procs {
-            let since = match self.watchdog.cpu.get(pid) {
-                Some((old, since)) if *old == p.cpu_ms => *since,
-                _ => now,
-            };
-            cpu.insert(*pid, (p.cpu_ms, since));
-        }
-        self.watchdog.cpu = cpu;
-        let process_obs = |pid: u32, cpu: &HashMap<u32, (u64, u64)>| {
-            procs.get(&pid).map(|p| ProcessObs {
-                pid,
-                state: p.state,
-                cpu_ms: p.cpu_ms,
-                cpu_flat_ms: cpu.get(&pid).map(|(_, since)| now.saturating_sub(*since)).unwrap_or(0),
-            })
+        // A holder's tree: its process group, plus every descendant of its main process (a
+        // child that started a new session or group is still its child).
+        let tree_of = |main: u32| -> Vec<u32> {
+            let mut seen: HashSet<u32> = HashSet::new();
+            let mut out = Vec::new();
+            let mut stack: Vec<u32> = by_group.get(&main).cloned().unwrap_or_default();
+            stack.push(main);
+            while let Some(pid) = stack.pop() {
+                if !procs.contains_key(&pid) || !seen.insert(pid) {
+                    continue;
+                }
+                out.push(pid);
+                stack.extend(kids.get(&pid).into_iter().flatten().copied());
+            }
+            out.sort_unstable();
+            out
+        };
+        let process_obs = |pid: u32| procs.get(&pid).map(|p| ProcessObs { pid, state: p.state, cpu_ms: p.cpu_ms });
+        let children_of = |main: u32, tree: &[u32]| -> Vec<(u32, String, char)> {
+            tree.iter()
+                .filter(|p| **p != main)
+                .filter_map(|p| procs.get(p).map(|x| (*p, x.comm.clone(), x.state)))
+                .collect()
         };
         let granted = |devices: &[u32]| -> String {
             devices.iter().map(|d| self.config.gpus[*d as usize].cuda_id(*d)).collect::<Vec<_>>().join(",")
@@ -184,6 +236,45 @@ impl<S: Store> Runtime<S> {
         let overrides = |pids: &[u32], expected: &str| -> Vec<(u32, String)> {
             pids.iter().filter_map(|p| cuda_visible(*p).filter(|v| v != expected).map(|v| (*p, v))).collect()
         };
+
+        // Every process tree we own, by holder: command attempts and pool instances.
+        let mut trees: Vec<(String, Option<u32>, Vec<u32>)> = Vec::new();
+        for lease in self.state.leases() {
+            let key = (lease.job, lease.stage, lease.attempt.attempt);
+            let Some(active) = self.jobs.get(&lease.job) else { continue };
+            if self.worker_tasks.contains_key(&key) {
+                continue;
+            }
+            let pid = self.processes.get(&key).and_then(|p| p.pid);
+            let name = format!(
+                "job {}/{} attempt {}",
+                active.id(),
+                lease.pipeline.stages[lease.stage].name,
+                lease.attempt.attempt
+            );
+            trees.push((name, pid, pid.map(&tree_of).unwrap_or_default()));
+        }
+        for (name, pool) in &self.pools {
+            for inst in pool.instance_briefs() {
+                let holder = format!("pool {name} #{}", inst.index);
+                trees.push((holder, inst.pid, inst.pid.map(&tree_of).unwrap_or_default()));
+            }
+        }
+        // Keep one sample before the stall window and a little slack.
+        let keep_ms = th.task_stall_ms + 2 * self.config.diagnosis.sample_interval_ms;
+        let mut cpu_trees = std::mem::take(&mut self.watchdog.trees);
+        let mut kept = HashMap::new();
+        for (name, _, tree) in &trees {
+            let mut t = cpu_trees.remove(name).unwrap_or_default();
+            t.update(now, tree, &procs, keep_ms);
+            kept.insert(name.clone(), t);
+        }
+        self.watchdog.trees = kept;
+        let cpu_samples = |name: &str| -> Vec<(u64, u64)> {
+            self.watchdog.trees.get(name).map(|t| t.samples.iter().copied().collect()).unwrap_or_default()
+        };
+        let tree_by_name: HashMap<&str, (Option<u32>, &Vec<u32>)> =
+            trees.iter().map(|(n, pid, t)| (n.as_str(), (*pid, t))).collect();
 
         let mut holders = Vec::new();
         let mut fail_on_unused: HashMap<String, AttemptKey> = HashMap::new();
@@ -199,6 +290,9 @@ impl<S: Store> Runtime<S> {
             let devices = lease.attempt.grant.devices();
             if let Some((pool, index)) = self.worker_tasks.get(&key) {
                 let inst = self.pools.get(pool).map(|p| p.instance_brief(*index));
+                let inst_name = format!("pool {pool} #{index}");
+                let empty = Vec::new();
+                let (main, tree) = tree_by_name.get(inst_name.as_str()).copied().unwrap_or((None, &empty));
                 holders.push(HolderObs {
                     kind: HolderKind::WorkerTask,
                     holder: name,
@@ -206,8 +300,11 @@ impl<S: Store> Runtime<S> {
                     devices: vec![],
                     gpu_check: false,
                     pids: vec![],
-                    main: None,
+                    main: main.and_then(process_obs),
                     last_progress_ms: inst.as_ref().map(|i| i.last_beat_ms),
+                    cpu_samples: cpu_samples(&inst_name),
+                    progress: inst.as_ref().and_then(|i| i.progress.as_ref()).and_then(progress_words),
+                    children: main.map(|m| children_of(m, tree)).unwrap_or_default(),
                     providers: None,
                     cuda_overrides: vec![],
                     note: inst.map(|i| {
@@ -218,21 +315,23 @@ impl<S: Store> Runtime<S> {
                 continue;
             }
             let StageExec::Command { gpu_check, .. } = &active.pipeline.stages[lease.stage] else { continue };
-            let pid = self.processes.get(&key).and_then(|p| p.pid);
-            let pids = pid.and_then(|p| by_group.get(&p).cloned()).unwrap_or_default();
+            let (pid, pids) = tree_by_name.get(name.as_str()).map(|(p, t)| (*p, (*t).clone())).unwrap_or_default();
             if *gpu_check == GpuCheck::Fail {
                 fail_on_unused.insert(name.clone(), key);
             }
             holders.push(HolderObs {
                 kind: HolderKind::Task,
-                holder: name,
                 since_ms: lease.attempt.started_at,
                 gpu_check: *gpu_check != GpuCheck::Off,
                 cuda_overrides: overrides(&pids, &granted(&devices)),
                 devices,
-                main: pid.and_then(|p| process_obs(p, &self.watchdog.cpu)),
+                main: pid.and_then(process_obs),
+                children: pid.map(|m| children_of(m, &pids)).unwrap_or_default(),
+                cpu_samples: cpu_samples(&name),
+                holder: name,
                 pids,
                 last_progress_ms: None,
+                progress: None,
                 providers: None,
                 note: None,
                 failures: 0,
@@ -240,17 +339,21 @@ impl<S: Store> Runtime<S> {
         }
         for (name, pool) in &self.pools {
             for inst in pool.instance_briefs() {
-                let pids = inst.pid.and_then(|p| by_group.get(&p).cloned()).unwrap_or_default();
+                let holder = format!("pool {name} #{}", inst.index);
+                let pids = tree_by_name.get(holder.as_str()).map(|(_, t)| (*t).clone()).unwrap_or_default();
                 holders.push(HolderObs {
                     kind: HolderKind::Instance,
-                    holder: format!("pool {name} #{}", inst.index),
                     since_ms: inst.since_ms,
                     gpu_check: pool.gpu_check() != GpuCheck::Off,
                     cuda_overrides: overrides(&pids, &granted(&inst.devices)),
                     devices: inst.devices,
-                    main: inst.pid.and_then(|p| process_obs(p, &self.watchdog.cpu)),
+                    main: inst.pid.and_then(process_obs),
+                    children: vec![],
+                    cpu_samples: vec![],
+                    holder,
                     pids,
                     last_progress_ms: None,
+                    progress: None,
                     providers: inst.providers,
                     note: inst.last_error,
                     failures: inst.failures,
@@ -360,15 +463,33 @@ impl<S: Store> Runtime<S> {
             });
         }
 
+        // Defunct processes anywhere in our trees, and direct children of the engine (orphans
+        // it inherited as subreaper are reaped at once; one that lasts is a bug to see).
+        let owner_of: HashMap<u32, &str> =
+            trees.iter().flat_map(|(n, _, t)| t.iter().map(move |p| (*p, n.as_str()))).collect();
         let mut zombies = Vec::new();
         let mut seen = HashMap::new();
-        for (pid, p) in procs.iter().filter(|(_, p)| p.ppid == me && p.state == 'Z') {
+        for (pid, p) in procs.iter().filter(|(_, p)| p.state == 'Z') {
+            let owner = owner_of.get(pid).map(|o| o.to_string());
+            if owner.is_none() && p.ppid != me {
+                continue;
+            }
             let first = self.watchdog.zombies.get(pid).copied().unwrap_or(now);
             seen.insert(*pid, first);
-            // tokio reaps its own children a moment after they exit: only a lasting zombie counts.
-            if now.saturating_sub(first) >= 2_000 {
-                zombies.push((*pid, p.comm.clone()));
-            }
+            let parent = procs.get(&p.ppid);
+            zombies.push(ZombieObs {
+                pid: *pid,
+                command: p.comm.clone(),
+                ppid: p.ppid,
+                parent_command: if p.ppid == me {
+                    "gpuflow".into()
+                } else {
+                    parent.map(|x| x.comm.clone()).unwrap_or_default()
+                },
+                parent_state: parent.map(|x| x.state).unwrap_or('?'),
+                owner,
+                defunct_ms: now.saturating_sub(first),
+            });
         }
         self.watchdog.zombies = seen;
 
@@ -378,7 +499,7 @@ impl<S: Store> Runtime<S> {
                 self.step(Event::GpuForeign { device: device as u32, bytes });
             }
         }
-        let findings = diagnosis::evaluate(&observation, &self.config.diagnosis.thresholds);
+        let findings = diagnosis::evaluate(&observation, &th);
         self.record_findings(findings.clone(), now).await?;
 
         for f in findings.iter().filter(|f| f.kind == FindingKind::GpuUnused) {
@@ -396,12 +517,14 @@ impl<S: Store> Runtime<S> {
 
     async fn record_findings(&mut self, findings: Vec<Finding>, now: u64) -> Result<(), RuntimeError> {
         let at = now as i64;
+        let clear_ms = self.config.diagnosis.thresholds.finding_clear_ms;
         let mut current = HashSet::new();
         for f in findings {
             let key = (f.kind, f.subject.clone());
             current.insert(key.clone());
             match self.watchdog.open.get_mut(&key) {
                 Some(open) => {
+                    open.clear_since = None;
                     // Evidence changes every second; the store gets it every 30 s and at close.
                     if now.saturating_sub(open.stored_ms) >= 30_000 {
                         self.store.update_finding(open.id, &f, at).await?;
@@ -413,15 +536,26 @@ impl<S: Store> Runtime<S> {
                     tracing::warn!(kind = f.kind.as_str(), "finding: {}", f.summary);
                     self.metrics.finding_opened(f.kind.as_str());
                     let id = self.store.open_finding(&f, at).await?;
-                    self.watchdog.open.insert(key, OpenFinding { id, opened_ms: now, finding: f, stored_ms: now });
+                    self.watchdog
+                        .open
+                        .insert(key, OpenFinding { id, opened_ms: now, finding: f, stored_ms: now, clear_since: None });
                 }
             }
         }
-        let cleared: Vec<_> = self.watchdog.open.keys().filter(|k| !current.contains(*k)).cloned().collect();
+        // Hysteresis: a finding closes only once its condition has stayed clear for
+        // `finding_clear`; it is recorded as closed when the condition was first seen clear.
+        let mut cleared = Vec::new();
+        for (key, open) in self.watchdog.open.iter_mut().filter(|(k, _)| !current.contains(*k)) {
+            let since = *open.clear_since.get_or_insert(now);
+            if now.saturating_sub(since) >= clear_ms {
+                cleared.push(key.clone());
+            }
+        }
         for key in cleared {
             let open = self.watchdog.open.remove(&key).expect("listed");
-            self.store.update_finding(open.id, &open.finding, at).await?;
-            self.store.close_finding(open.id, at).await?;
+            let closed_at = open.clear_since.unwrap_or(now) as i64;
+            self.store.update_finding(open.id, &open.finding, closed_at).await?;
+            self.store.close_finding(open.id, closed_at).await?;
             tracing::info!(kind = key.0.as_str(), "cleared: {}", open.finding.summary);
         }
         Ok(())

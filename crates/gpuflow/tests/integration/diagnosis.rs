@@ -8,8 +8,7 @@ use serde_json::{Value, json};
 use crate::fixture::*;
 use crate::pools::WORKER;
 
-const THRESHOLDS: &str =
-    "diagnosis: {sample_interval: 200ms, task_stall: 1s, gpu_idle: 1s, queue_stall: 1s, gpu_use_window: 1s}";
+const THRESHOLDS: &str = "diagnosis: {sample_interval: 200ms, task_stall: 1s, gpu_idle: 1s, queue_stall: 1s, gpu_use_window: 1s, finding_clear: 1s}";
 
 /// Writes the virtual device's readings atomically.
 fn telemetry(engine: &Engine, utilization: u32, processes: &[(i32, u64)]) {
@@ -207,7 +206,8 @@ pipelines:
     let waiting = engine.submit("p", json!({})).await;
     let (f, t) = wait_finding(&engine, "task_stalled", &stuck, started, Duration::from_secs(2)).await;
     assert!(t <= Duration::from_secs(2), "took {t:?}");
-    assert!(evidence(&f, "heartbeats")[0].starts_with("none for"), "{f:#}");
+    assert!(!evidence(&f, "no heartbeat or progress for")[0].contains("command stage"), "{f:#}");
+    assert!(evidence(&f, "runs")[0].starts_with("on pool model #0 (pid "), "{f:#}");
     let (q, _) = wait_finding(&engine, "queue_stalled", "pipeline p", started, Duration::from_secs(2)).await;
     assert!(q["summary"].as_str().unwrap().contains(&stuck), "the queue names the stuck task: {q:#}");
     // The pool's heartbeat timeout then kills and replaces the instance; that is reported too.

@@ -12,6 +12,7 @@ mod cli;
 mod cluster;
 mod dashboard;
 mod diagnosis;
+mod diagnosis_trees;
 mod durability;
 mod failures;
 mod pools;

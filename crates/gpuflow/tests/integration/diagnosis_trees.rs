@@ -1,0 +1,255 @@
+//! Diagnosis that looks at whole process trees: a stall rule that holds on a deadlocked
+//! process whose helper thread still wakes (as CUDA runtime threads do), with findings that
+//! neither flap nor close early; and zombies anywhere under an attempt or a pool instance.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fixture::*;
+
+/// Thresholds of a few seconds; a finding closes 1 s after its condition clears.
+const THRESHOLDS: &str = "diagnosis: {sample_interval: 200ms, task_stall: 2s, queue_stall: 2s, finding_clear: 1s}";
+
+/// The main thread deadlocks on a lock; a helper thread wakes every 0.5 s and spins 2 ms,
+/// like a CUDA runtime thread. `BUSY` instead works at about 10 % of a core, never sending a
+/// heartbeat either.
+const STUCK: &str = r#"
+import os, sys, threading, time
+with open(sys.argv[1] + "." + os.environ["GPUFLOW_JOB_ID"], "w") as f:
+    f.write(str(os.getpid()))
+def helper(spin, every):
+    while True:
+        end = time.perf_counter() + spin
+        while time.perf_counter() < end:
+            pass
+        time.sleep(every)
+if sys.argv[2] == "stuck":
+    threading.Thread(target=helper, args=(0.002, 0.5), daemon=True).start()
+    lock = threading.Lock()
+    lock.acquire()
+    lock.acquire()
+else:
+    helper(0.005, 0.045)
+"#;
+
+async fn diagnosis(engine: &Engine) -> Value {
+    engine.get("/v1/diagnosis").await.1
+}
+
+fn find<'a>(list: &'a Value, kind: &str, needle: &str) -> Option<&'a Value> {
+    list.as_array().unwrap().iter().find(|f| f["kind"] == kind && f["summary"].as_str().unwrap().contains(needle))
+}
+
+fn evidence(f: &Value, label: &str) -> Vec<String> {
+    f["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["label"] == label)
+        .map(|e| e["value"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn wait_open(engine: &Engine, kind: &str, needle: &str, since: Instant, within: Duration) -> (Value, Duration) {
+    loop {
+        let d = diagnosis(engine).await;
+        if let Some(f) = find(&d["open"], kind, needle) {
+            return (f.clone(), since.elapsed());
+        }
+        assert!(since.elapsed() < within + Duration::from_secs(5), "no `{kind}` about `{needle}`:\n{d:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_deadlocked_process_with_a_waking_helper_thread_is_stalled_without_a_gap_and_closes_after() {
+    let engine = Engine::start_with_files(
+        &format!(
+            r#"
+resources: {{gpus: [{{memory: 16GiB}}], cpu: 4}}
+{THRESHOLDS}
+pipelines:
+  stuck:
+    stages: [{{name: generate, needs: {{gpu: 1}}, command: [python3, "{{DIR}}/stuck.py", "{{DIR}}/stuck", stuck]}}]
+  busy:
+    stages: [{{name: crunch, needs: {{cpu: 1}}, command: [python3, "{{DIR}}/stuck.py", "{{DIR}}/busy", busy]}}]
+"#
+        ),
+        &[("stuck.py", STUCK)],
+    )
+    .await;
+    let stuck = engine.submit("stuck", json!({})).await;
+    let busy = engine.submit("busy", json!({})).await;
+    let pid_file = engine.path(&format!("stuck.{stuck}"));
+    engine.wait_until("the stuck stage runs", Duration::from_secs(10), async |_| pid_file.exists()).await;
+    let started = Instant::now();
+    let pid = read_pid(&pid_file);
+    let behind = engine.submit("stuck", json!({})).await;
+
+    let (f, took) = wait_open(&engine, "task_stalled", &stuck, started, Duration::from_secs(4)).await;
+    assert!(took <= Duration::from_secs(4), "named after {took:?}, over 2x the 2 s threshold");
+    assert!(evidence(&f, "process")[0].contains(&format!("pid {pid} is sleeping")), "{f:#}");
+    assert!(f["fix"].as_str().unwrap().contains("timeout"), "{f:#}");
+    let (q, _) =
+        wait_open(&engine, "queue_stalled", "pipeline stuck: 1 waiting", started, Duration::from_secs(4)).await;
+    assert!(q["summary"].as_str().unwrap().contains(&format!("held by job {stuck}/generate")), "{q:#}");
+
+    // While it stays stuck, the same finding stays open: no close, no second opening.
+    let opened_at = f["opened_at"].clone();
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(6) {
+        let d = diagnosis(&engine).await;
+        let open = find(&d["open"], "task_stalled", &stuck).unwrap_or_else(|| panic!("gap in the finding:\n{d:#}"));
+        assert_eq!(open["opened_at"], opened_at, "reopened: {d:#}");
+        assert!(find(&d["recent"], "task_stalled", &stuck).is_none(), "closed while stuck: {d:#}");
+        // The busy stage sends no heartbeat either, but works: never stalled.
+        assert!(find(&d["open"], "task_stalled", &busy).is_none(), "busy work taken for a stall: {d:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Past Python's start-up, the window holds only the helper thread's wake-ups.
+    let f = find(&diagnosis(&engine).await["open"], "task_stalled", &stuck).unwrap().clone();
+    let cpu = &evidence(&f, "cpu of its process tree")[0];
+    let pct: f64 = cpu.split('(').nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(pct < 1.5, "the helper thread's CPU is well under the 2 % floor: {cpu}");
+
+    // Once it is gone, the finding closes after staying clear for 1 s; it is recorded as
+    // closed when the condition ended, not when the close was decided.
+    engine.post(&format!("/v1/jobs/{stuck}/cancel"), json!({})).await;
+    let cancelled = Instant::now();
+    engine
+        .wait_until("the stall closed", Duration::from_secs(10), async |e| {
+            find(&diagnosis(e).await["recent"], "task_stalled", &stuck).is_some()
+        })
+        .await;
+    assert!(cancelled.elapsed() >= Duration::from_millis(900), "closed before the 1 s clear time");
+    let d = diagnosis(&engine).await;
+    let closed = find(&d["recent"], "task_stalled", &stuck).unwrap();
+    assert!(find(&d["open"], "task_stalled", &stuck).is_none(), "{d:#}");
+    let ms = |v: &Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap().as_millisecond();
+    let open_for = ms(&closed["closed_at"]) - ms(&closed["opened_at"]);
+    assert!(open_for >= 6_000, "open for the whole stall, {open_for} ms: {closed:#}");
+    // Closed when the stage was gone (cancel, kill, reap: well under 2 s), not 1 s later.
+    let closed_ago = jiff::Timestamp::now().as_millisecond() - ms(&closed["closed_at"]);
+    assert!(closed_ago as u128 >= 900, "the close time is when the condition ended: {closed:#}");
+    for id in [busy, behind] {
+        engine.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    }
+}
+
+/// A worker whose handler forks children and never waits for them; `reap` collects them,
+/// `orphan` leaves a grandchild to the engine (its parent exits at once).
+const FORKER: &str = r#"
+import os, time
+import gpuflow
+
+class Forker(gpuflow.Worker):
+    def handle(self, task):
+        mode = task.input["mode"]
+        if mode == "fork":
+            pids = []
+            for _ in range(4):
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                pids.append(pid)
+            return {"pid": os.getpid(), "children": pids}
+        if mode == "reap":
+            n = 0
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                n += 1
+            return {"reaped": n}
+        if mode == "orphan":
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                grandchild = os.fork()
+                if grandchild == 0:
+                    time.sleep(0.5)
+                    os._exit(0)
+                os.write(w, str(grandchild).encode())
+                os._exit(0)
+            os.waitpid(pid, 0)
+            return {"grandchild": int(os.read(r, 32))}
+
+gpuflow.serve(Forker())
+"#;
+
+#[tokio::test]
+async fn zombies_under_a_live_pool_worker_are_named_with_owner_parent_and_count() {
+    let engine = Engine::start_with_files(
+        &format!(
+            r#"
+resources: {{gpus: none, cpu: 2}}
+{THRESHOLDS}
+workers:
+  gen:
+    command: [python3, "{{DIR}}/forker.py"]
+    instances: 1
+    startup_timeout: 20s
+pipelines:
+  run:
+    stages: [{{name: step, worker: gen}}]
+"#
+        ),
+        &[("forker.py", FORKER)],
+    )
+    .await;
+    let job = engine.wait_final(&engine.submit("run", json!({"mode": "fork"})).await, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let started = Instant::now();
+    let worker = job["stages"][0]["output"]["pid"].as_u64().unwrap() as u32;
+    assert_eq!(zombie_children_of(worker).len(), 4, "the worker left 4 defunct children");
+
+    // A zombie counts after 2 s defunct; it is named well within 2x that.
+    let (f, took) = wait_open(&engine, "zombie_process", "pool gen #0", started, Duration::from_secs(4)).await;
+    assert!(took <= Duration::from_secs(4), "took {took:?}");
+    assert_eq!(evidence(&f, "owner"), vec!["pool gen #0"], "{f:#}");
+    assert_eq!(evidence(&f, "count"), vec!["4"], "{f:#}");
+    assert!(evidence(&f, "parent")[0].starts_with(&format!("pid {worker} (python3) is sleeping")), "{f:#}");
+    assert!(f["summary"].as_str().unwrap().contains("4 exited child process(es) never reaped"), "{f:#}");
+    let fix = f["fix"].as_str().unwrap();
+    assert!(fix.contains("waitpid") && fix.contains("join()") && fix.contains("spawn"), "{fix}");
+
+    // Open without a gap while they stay defunct.
+    let opened_at = f["opened_at"].clone();
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        let d = diagnosis(&engine).await;
+        let open = find(&d["open"], "zombie_process", "pool gen #0").unwrap_or_else(|| panic!("gap:\n{d:#}"));
+        assert_eq!(open["opened_at"], opened_at, "{d:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The worker reaps them: the finding closes once clear for 1 s.
+    let reap = engine.wait_final(&engine.submit("run", json!({"mode": "reap"})).await, Duration::from_secs(30)).await;
+    assert_eq!(reap["stages"][0]["output"]["reaped"], 4, "{reap:#}");
+    assert!(zombie_children_of(worker).is_empty());
+    engine
+        .wait_until("the zombie finding closed", Duration::from_secs(5), async |e| {
+            find(&diagnosis(e).await["recent"], "zombie_process", "pool gen #0").is_some()
+        })
+        .await;
+
+    // A grandchild orphaned under the worker is re-parented to the engine (its subreaper) and
+    // reaped as soon as it exits: it never lingers as a zombie, and no finding opens.
+    let orphan =
+        engine.wait_final(&engine.submit("run", json!({"mode": "orphan"})).await, Duration::from_secs(30)).await;
+    let grandchild = orphan["stages"][0]["output"]["grandchild"].as_i64().unwrap() as i32;
+    engine
+        .wait_until("the orphaned grandchild is reaped", Duration::from_secs(3), async |_| {
+            !std::path::Path::new(&format!("/proc/{grandchild}")).exists()
+        })
+        .await;
+    assert!(zombie_children_of(engine.pid()).is_empty());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let d = diagnosis(&engine).await;
+    assert!(find(&d["open"], "zombie_process", "").is_none(), "{d:#}");
+}
