@@ -39,7 +39,7 @@ class OcrWorker(gpuflow.Worker):
         print(f"ocr_worker: loaded, providers {info['providers']} ({info['provider_reason']})",
               file=sys.stderr, flush=True)
         if info["provider_fallback"]:
-            # Field report 001: ONNX Runtime on the CPU without saying so. Say so, loudly.
+            # ONNX Runtime can run on the CPU without saying so. Say so, loudly.
             msg = (f"CUDA was requested but the sessions run on {info['session_providers']}: "
                    "check onnxruntime-gpu and its CUDA/cuDNN libraries")
             if os.environ.get("OCR_REQUIRE_CUDA") == "1":

@@ -28,7 +28,7 @@ fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
-/// Report 004's request shape, so their gateway can point at gpuflow unchanged.
+/// The request shape of a gateway that chains named stages, so it can point at gpuflow unchanged.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowRequest {

@@ -179,7 +179,7 @@ fn refused(e: ApiError) -> BatchEntry {
     })
 }
 
-/// Submit a workflow in report 004's shape: a chain of named stages from `workflows.stages`.
+/// Submit a workflow in a gateway's chain shape: a chain of named stages from `workflows.stages`.
 #[utoipa::path(post, path = "/v1/workflows", request_body = WorkflowRequest,
     responses(
         (status = 201, description = "Accepted and durable", body = WorkflowResponse),

@@ -91,7 +91,7 @@ struct FileConfig {
     pipelines: BTreeMap<String, Spanned<PipelineFile>>,
 }
 
-/// Named stage definitions that `POST /v1/workflows` chains on request (report 004's shape).
+/// Named stage definitions that `POST /v1/workflows` chains on request (the chain shape some gateways send).
 #[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct WorkflowsFile {
