@@ -25,6 +25,8 @@ pub enum FindingKind {
     WorkerUnhealthy,
     /// GPU memory held by a process that holds no lease: kept out of the inventory.
     GpuMemoryForeign,
+    /// A process forked without exec from one that had loaded the NVIDIA driver.
+    ForkAfterCuda,
 }
 
 impl FindingKind {
@@ -39,10 +41,11 @@ impl FindingKind {
             FindingKind::CudaDevicesOverridden => "cuda_visible_devices_overridden",
             FindingKind::WorkerUnhealthy => "worker_unhealthy",
             FindingKind::GpuMemoryForeign => "gpu_memory_foreign",
+            FindingKind::ForkAfterCuda => "fork_after_cuda",
         }
     }
 
-    pub const ALL: [FindingKind; 9] = [
+    pub const ALL: [FindingKind; 10] = [
         FindingKind::GpuMemoryForeign,
         FindingKind::TaskStalled,
         FindingKind::GpuUnused,
@@ -52,6 +55,7 @@ impl FindingKind {
         FindingKind::SharedMemorySmall,
         FindingKind::CudaDevicesOverridden,
         FindingKind::WorkerUnhealthy,
+        FindingKind::ForkAfterCuda,
     ];
 }
 
@@ -151,6 +155,9 @@ pub struct HolderObs {
     pub progress: Option<String>,
     /// Its processes other than the main one: `(pid, command, state)`.
     pub children: Vec<(u32, String, char)>,
+    /// Processes of its tree forked without exec from a parent that had loaded the NVIDIA
+    /// driver.
+    pub forked_after_cuda: Vec<ForkObs>,
     /// Execution providers a worker reported in `ready`.
     pub providers: Option<Vec<String>>,
     /// `(pid, value)` of its processes whose `CUDA_VISIBLE_DEVICES` differs from the grant.
@@ -209,6 +216,19 @@ pub struct ZombieObs {
     pub owner: Option<String>,
     /// How long it has been defunct.
     pub defunct_ms: u64,
+}
+
+/// A child that shares its parent's executable and its parent's mapping of the NVIDIA driver
+/// at the same address: it was forked after the driver was loaded and never exec'd.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForkObs {
+    pub child: u32,
+    pub child_command: String,
+    pub child_state: char,
+    pub parent: u32,
+    pub parent_command: String,
+    /// What of the driver both map, e.g. `/usr/lib/x86_64-linux-gnu/libcuda.so.1`.
+    pub marker: String,
 }
 
 /// Why a task counts as stalled.
@@ -404,6 +424,43 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
                 fix: "remove the override: gpuflow sets CUDA_VISIBLE_DEVICES to the leased devices".into(),
             });
         }
+        if !h.forked_after_cuda.is_empty() {
+            let mut evidence = vec![ev("holder", h.holder.clone())];
+            for f in &h.forked_after_cuda {
+                evidence.push(ev(
+                    "forked after CUDA",
+                    format!(
+                        "pid {} ({}, {}) forked from pid {} ({}) without exec; both map {} at the same address",
+                        f.child,
+                        f.child_command,
+                        state_words(f.child_state),
+                        f.parent,
+                        f.parent_command,
+                        f.marker
+                    ),
+                ));
+            }
+            let pids: Vec<String> = h.forked_after_cuda.iter().map(|f| f.child.to_string()).collect();
+            let parents: Vec<String> = {
+                let mut p: Vec<u32> = h.forked_after_cuda.iter().map(|f| f.parent).collect();
+                p.dedup();
+                p.iter().map(u32::to_string).collect()
+            };
+            out.push(Finding {
+                kind: FindingKind::ForkAfterCuda,
+                subject: h.holder.clone(),
+                summary: format!(
+                    "{}: {} process(es) (pid {}) were forked from pid {} after it loaded the CUDA driver",
+                    h.holder,
+                    pids.len(),
+                    pids.join(", "),
+                    parents.join(", ")
+                ),
+                evidence,
+                cause: "a process that has initialised CUDA was copied with `fork` (the default start method of Python's multiprocessing on Linux, and of PyTorch DataLoader workers). The copy inherits the driver's state but not its threads, so CUDA calls in it, and locks the parent held at the moment of the fork, can hang forever.".into(),
+                fix: "start workers with the `spawn` start method: `multiprocessing.set_start_method(\"spawn\")`, or `DataLoader(..., multiprocessing_context=\"spawn\")`; or load data in the main process with `DataLoader(num_workers=0)`; or create the workers before the first CUDA call.".into(),
+            });
+        }
         if h.kind == HolderKind::Instance && h.failures > 0 {
             out.push(Finding {
                 kind: FindingKind::WorkerUnhealthy,
@@ -596,6 +653,7 @@ mod tests {
             cpu_samples: samples(now, |t| t.min(now - flat)),
             progress: None,
             children: vec![],
+            forked_after_cuda: vec![],
             providers: None,
             cuda_overrides: vec![],
             note: None,
@@ -824,10 +882,42 @@ mod tests {
     }
 
     #[test]
+    fn a_fork_after_cuda_names_the_pids_and_the_spawn_fix() {
+        let mut h = task(vec![0], vec![10, 11, 12], 'S', 0);
+        h.forked_after_cuda = [11, 12]
+            .map(|c| ForkObs {
+                child: c,
+                child_command: "pt_data_worker".into(),
+                child_state: 'S',
+                parent: 10,
+                parent_command: "python3".into(),
+                marker: "/usr/lib/x86_64-linux-gnu/libcuda.so.1".into(),
+            })
+            .to_vec();
+        let f = evaluate(&Observation { now_ms: 1_000, holders: vec![h.clone()], ..Default::default() }, &th());
+        assert_eq!(kinds(&f), vec![FindingKind::ForkAfterCuda]);
+        assert!(f[0].summary.contains("2 process(es) (pid 11, 12) were forked from pid 10"), "{}", f[0].summary);
+        assert!(f[0].evidence[1].1.contains("libcuda.so.1 at the same address"), "{:?}", f[0].evidence);
+        for fix in ["spawn", "multiprocessing_context=\"spawn\"", "num_workers=0"] {
+            assert!(f[0].fix.contains(fix), "{}", f[0].fix);
+        }
+        h.forked_after_cuda.clear();
+        assert!(evaluate(&Observation { now_ms: 1_000, holders: vec![h], ..Default::default() }, &th()).is_empty());
+    }
+
+    #[test]
     fn no_user_facing_text_cites_internal_reports() {
         let mut h = task(vec![0], vec![1], 'S', 60_000);
         h.providers = Some(vec!["CPUExecutionProvider".into()]);
         h.cuda_overrides = vec![(1, "3".into())];
+        h.forked_after_cuda = vec![ForkObs {
+            child: 2,
+            child_command: "python3".into(),
+            child_state: 'S',
+            parent: 1,
+            parent_command: "python3".into(),
+            marker: "/usr/lib/libcuda.so.1".into(),
+        }];
         let mut inst = task(vec![0], vec![2], 'S', 0);
         inst.kind = HolderKind::Instance;
         inst.failures = 2;

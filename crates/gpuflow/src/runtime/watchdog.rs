@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use gpuflow_core::diagnosis::{
-    self, DeviceObs, Finding, FindingKind, HolderKind, HolderObs, Observation, ProcessObs, QueueObs, ZombieObs,
+    self, DeviceObs, Finding, FindingKind, ForkObs, HolderKind, HolderObs, Observation, ProcessObs, QueueObs, ZombieObs,
 };
 use gpuflow_core::{ByteSize, Event, ResourceRequest};
 
@@ -77,6 +77,9 @@ pub(super) struct Watchdog {
     trees: HashMap<String, TreeCpu>,
     /// pid -> first seen as a zombie
     zombies: HashMap<u32, u64>,
+    /// pid -> (its parent, its executable, the driver mapping it shares with its parent): a
+    /// verdict holds until the process execs or is re-parented.
+    forks: HashMap<u32, (u32, Option<std::path::PathBuf>, Option<String>)>,
     pub(super) open: HashMap<(FindingKind, String), OpenFinding>,
     /// pipeline -> when anything of it last started
     pub(super) last_start: HashMap<String, u64>,
@@ -121,6 +124,40 @@ fn scan_proc() -> HashMap<u32, Proc> {
         );
     }
     out
+}
+
+/// Whether a mapped file is the NVIDIA driver: its user-space library, or one of its device
+/// files. Matched by name, so a test can stand in a file called `libcuda.so.1`.
+fn is_driver(path: &str) -> bool {
+    path.starts_with("/dev/nvidia")
+        || std::path::Path::new(path).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libcuda.so"))
+}
+
+/// `(start address, path)` of a process's mappings of the NVIDIA driver.
+fn driver_mappings(pid: u32) -> Vec<(String, String)> {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return Vec::new() };
+    maps.lines()
+        .filter_map(|line| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            let path = parts.get(5..)?.join(" ");
+            is_driver(&path).then(|| (parts[0].split('-').next().unwrap_or_default().to_string(), path))
+        })
+        .collect()
+}
+
+/// The driver mapping a child shares with its parent at the same address, if the child runs
+/// the parent's executable: it was forked after the driver was loaded and never exec'd (an
+/// exec maps libraries anew, at other addresses).
+fn forked_after_driver(child: u32, parent: u32, child_exe: &Option<std::path::PathBuf>) -> Option<String> {
+    let parent_exe = std::fs::read_link(format!("/proc/{parent}/exe")).ok();
+    if child_exe.is_none() || *child_exe != parent_exe {
+        return None;
+    }
+    let parent_maps = driver_mappings(parent);
+    if parent_maps.is_empty() {
+        return None;
+    }
+    driver_mappings(child).into_iter().find(|m| parent_maps.contains(m)).map(|(_, path)| path)
 }
 
 fn cuda_visible(pid: u32) -> Option<String> {
@@ -273,6 +310,35 @@ impl<S: Store> Runtime<S> {
         let cpu_samples = |name: &str| -> Vec<(u64, u64)> {
             self.watchdog.trees.get(name).map(|t| t.samples.iter().copied().collect()).unwrap_or_default()
         };
+        // Children forked after their parent loaded the driver, per tree.
+        let mut fork_cache = std::mem::take(&mut self.watchdog.forks);
+        let mut forks_kept = HashMap::new();
+        let mut forks_of: HashMap<&str, Vec<ForkObs>> = HashMap::new();
+        for (name, _, tree) in &trees {
+            for pid in tree {
+                let Some(p) = procs.get(pid) else { continue };
+                if p.state == 'Z' || !tree.contains(&p.ppid) {
+                    continue;
+                }
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+                let marker = match fork_cache.remove(pid) {
+                    Some((ppid, old_exe, marker)) if ppid == p.ppid && old_exe == exe => marker,
+                    _ => forked_after_driver(*pid, p.ppid, &exe),
+                };
+                if let Some(marker) = &marker {
+                    forks_of.entry(name.as_str()).or_default().push(ForkObs {
+                        child: *pid,
+                        child_command: p.comm.clone(),
+                        child_state: p.state,
+                        parent: p.ppid,
+                        parent_command: procs.get(&p.ppid).map(|x| x.comm.clone()).unwrap_or_default(),
+                        marker: marker.clone(),
+                    });
+                }
+                forks_kept.insert(*pid, (p.ppid, exe, marker));
+            }
+        }
+        self.watchdog.forks = forks_kept;
         let tree_by_name: HashMap<&str, (Option<u32>, &Vec<u32>)> =
             trees.iter().map(|(n, pid, t)| (n.as_str(), (*pid, t))).collect();
 
@@ -305,6 +371,8 @@ impl<S: Store> Runtime<S> {
                     cpu_samples: cpu_samples(&inst_name),
                     progress: inst.as_ref().and_then(|i| i.progress.as_ref()).and_then(progress_words),
                     children: main.map(|m| children_of(m, tree)).unwrap_or_default(),
+                    // Reported once, on the instance that owns the tree.
+                    forked_after_cuda: vec![],
                     providers: None,
                     cuda_overrides: vec![],
                     note: inst.map(|i| {
@@ -328,6 +396,7 @@ impl<S: Store> Runtime<S> {
                 main: pid.and_then(process_obs),
                 children: pid.map(|m| children_of(m, &pids)).unwrap_or_default(),
                 cpu_samples: cpu_samples(&name),
+                forked_after_cuda: forks_of.remove(name.as_str()).unwrap_or_default(),
                 holder: name,
                 pids,
                 last_progress_ms: None,
@@ -350,6 +419,7 @@ impl<S: Store> Runtime<S> {
                     main: inst.pid.and_then(process_obs),
                     children: vec![],
                     cpu_samples: vec![],
+                    forked_after_cuda: forks_of.remove(holder.as_str()).unwrap_or_default(),
                     holder,
                     pids,
                     last_progress_ms: None,

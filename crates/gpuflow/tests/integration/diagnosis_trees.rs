@@ -253,3 +253,85 @@ pipelines:
     let d = diagnosis(&engine).await;
     assert!(find(&d["open"], "zombie_process", "").is_none(), "{d:#}");
 }
+
+/// Loads a stand-in for the CUDA driver library (any file named `libcuda.so.1`, mapped as the
+/// real driver would be), then starts two children with the given start method, each mapping
+/// it too, and waits. Writes the children's pids once they run.
+const FORKS: &str = r#"
+import mmap, multiprocessing as mp, os, sys, time
+
+def load_driver(path):
+    f = open(path, "rb")
+    return f, mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_READ)
+
+def child(path):
+    handle = load_driver(path)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    lib, method, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    driver = load_driver(lib)
+    ctx = mp.get_context(method)
+    kids = [ctx.Process(target=child, args=(lib,)) for _ in range(2)]
+    for k in kids:
+        k.start()
+    time.sleep(0.5)
+    with open(out + ".tmp", "w") as f:
+        f.write(" ".join(str(k.pid) for k in kids))
+    os.rename(out + ".tmp", out)
+    for k in kids:
+        k.join()
+"#;
+
+#[tokio::test]
+async fn a_fork_after_the_driver_is_loaded_is_a_hazard_and_spawn_is_not() {
+    let engine = Engine::start_with_files(
+        &format!(
+            r#"
+resources: {{gpus: [{{memory: 16GiB}}, {{memory: 16GiB}}], cpu: 2}}
+{THRESHOLDS}
+pipelines:
+  load:
+    stages: [{{name: loader, needs: {{gpu: 1}}, command: [python3, "{{DIR}}/forks.py", "{{DIR}}/driver/libcuda.so.1", "{{input.method}}", "{{DIR}}/kids.{{input.method}}"]}}]
+"#
+        ),
+        &[("forks.py", FORKS)],
+    )
+    .await;
+    std::fs::create_dir_all(engine.path("driver")).unwrap();
+    std::fs::write(engine.path("driver/libcuda.so.1"), vec![0u8; 8192]).unwrap();
+    let forked = engine.submit("load", json!({"method": "fork"})).await;
+    let spawned = engine.submit("load", json!({"method": "spawn"})).await;
+    for method in ["fork", "spawn"] {
+        let out = engine.path(&format!("kids.{method}"));
+        engine.wait_until("the children run", Duration::from_secs(20), async |_| out.exists()).await;
+    }
+    let started = Instant::now();
+    let kids = std::fs::read_to_string(engine.path("kids.fork")).unwrap();
+    let kids: Vec<&str> = kids.split_whitespace().collect();
+
+    let (f, took) = wait_open(&engine, "fork_after_cuda", &forked, started, Duration::from_secs(1)).await;
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
+    let summary = f["summary"].as_str().unwrap();
+    assert!(summary.contains(&format!("2 process(es) (pid {}, {})", kids[0], kids[1])), "{f:#}");
+    for e in evidence(&f, "forked after CUDA") {
+        assert!(e.contains("without exec") && e.contains("driver/libcuda.so.1 at the same address"), "{e}");
+    }
+    let fix = f["fix"].as_str().unwrap();
+    assert!(fix.contains(r#"multiprocessing_context="spawn""#) && fix.contains("num_workers=0"), "{fix}");
+
+    // Children started with `spawn` map the library themselves, after an exec: no hazard.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = diagnosis(&engine).await;
+    assert!(find(&d["open"], "fork_after_cuda", &spawned).is_none(), "{d:#}");
+    assert!(find(&d["open"], "fork_after_cuda", &forked).is_some(), "still open: {d:#}");
+
+    // Once the forked children are gone, it closes.
+    engine.post(&format!("/v1/jobs/{forked}/cancel"), json!({})).await;
+    engine
+        .wait_until("the hazard closed", Duration::from_secs(5), async |e| {
+            find(&diagnosis(e).await["recent"], "fork_after_cuda", &forked).is_some()
+        })
+        .await;
+    engine.post(&format!("/v1/jobs/{spawned}/cancel"), json!({})).await;
+}
