@@ -27,6 +27,8 @@ pub enum FindingKind {
     GpuMemoryForeign,
     /// A process forked without exec from one that had loaded the NVIDIA driver.
     ForkAfterCuda,
+    /// GPU memory held by a leftover of ours (engine marker, no live lease): being reclaimed.
+    GpuMemoryOrphaned,
 }
 
 impl FindingKind {
@@ -42,10 +44,11 @@ impl FindingKind {
             FindingKind::WorkerUnhealthy => "worker_unhealthy",
             FindingKind::GpuMemoryForeign => "gpu_memory_foreign",
             FindingKind::ForkAfterCuda => "fork_after_cuda",
+            FindingKind::GpuMemoryOrphaned => "gpu_memory_orphaned",
         }
     }
 
-    pub const ALL: [FindingKind; 10] = [
+    pub const ALL: [FindingKind; 11] = [
         FindingKind::GpuMemoryForeign,
         FindingKind::TaskStalled,
         FindingKind::GpuUnused,
@@ -56,6 +59,7 @@ impl FindingKind {
         FindingKind::CudaDevicesOverridden,
         FindingKind::WorkerUnhealthy,
         FindingKind::ForkAfterCuda,
+        FindingKind::GpuMemoryOrphaned,
     ];
 }
 
@@ -185,6 +189,10 @@ pub struct DeviceObs {
     /// `(pid, bytes, what it is)` of those that hold no lease (e.g. "a killed attempt of
     /// ours", "not started by gpuflow").
     pub foreign: Vec<(u32, u64, String)>,
+    /// `(pid, bytes, whose leftover)` of processes that carry this engine's marker but belong
+    /// to no live attempt or instance: the runtime kills them; their memory stays out of the
+    /// inventory until the device reports it free.
+    pub orphaned: Vec<(u32, u64, String)>,
 }
 
 /// A pipeline's waiting work.
@@ -518,6 +526,26 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
             fix: "if it is a leftover, kill it (`kill -9 PID`) and the memory returns to the inventory by itself; if another program shares the device, give gpuflow a smaller virtual memory size or a dedicated device".into(),
         });
     }
+    for d in obs.devices.iter().filter(|d| d.telemetry && !d.orphaned.is_empty()) {
+        let total: u64 = d.orphaned.iter().map(|(_, b, _)| b).sum();
+        let mut evidence =
+            vec![ev("device", format!("gpu {} ({})", d.index, d.name)), ev("held by our leftovers", mib(total))];
+        for (pid, bytes, whose) in &d.orphaned {
+            evidence.push(ev("process", format!("pid {pid}: {} (left by {whose}; killed)", mib(*bytes))));
+        }
+        out.push(Finding {
+            kind: FindingKind::GpuMemoryOrphaned,
+            subject: format!("gpu {} orphaned", d.index),
+            summary: format!(
+                "GPU {}: {} is held by processes gpuflow started for work that has ended; they were killed and the memory is reclaimed once the device frees it",
+                d.index,
+                mib(total)
+            ),
+            evidence,
+            cause: "a process of a finished or killed attempt (or of a replaced pool instance) outlived it and kept its GPU memory: a child that escaped its process group, or one stuck in the driver while exiting".into(),
+            fix: "nothing to do if the finding closes by itself: gpuflow killed the leftover's process group, and the memory returns to the inventory when the device reports it free. If it stays open, the process is stuck in the driver (state D); see `nvidia-smi` and the kernel log.".into(),
+        });
+    }
     for q in obs.queues.iter().filter(|q| q.waiting > 0 && q.idle_ms >= th.queue_stall_ms) {
         let mut evidence = vec![
             ev("waiting", q.waiting.to_string()),
@@ -672,6 +700,7 @@ mod tests {
             memory_total: 80 << 30,
             processes,
             foreign: vec![],
+            orphaned: vec![],
         }
     }
 
@@ -923,6 +952,7 @@ mod tests {
         inst.failures = 2;
         let mut d = device(0, 60_000, vec![]);
         d.foreign = vec![(9, 1 << 30, "x".into())];
+        d.orphaned = vec![(8, 1 << 30, "job j/s attempt 1".into())];
         let obs = Observation {
             now_ms: 60_000,
             holders: vec![h, inst],

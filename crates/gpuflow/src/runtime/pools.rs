@@ -1145,6 +1145,7 @@ impl Pool {
             last_error: i.last_error.clone(),
             failures: i.consecutive_failures,
             progress: i.progress.clone(),
+            generation: i.generation,
         }
     }
 
@@ -1185,6 +1186,8 @@ pub(super) struct InstanceBrief {
     pub failures: u32,
     /// The running task's latest progress report, if any.
     pub progress: Option<Value>,
+    /// Its processes carry the marker `worker/POOL/INDEX/GENERATION`.
+    pub generation: u64,
 }
 
 impl<S: Store> Runtime<S> {

@@ -80,6 +80,9 @@ pub(super) struct Watchdog {
     /// pid -> (its parent, its executable, the driver mapping it shares with its parent): a
     /// verdict holds until the process execs or is re-parented.
     forks: HashMap<u32, (u32, Option<std::path::PathBuf>, Option<String>)>,
+    /// Leftovers killed for holding GPU memory, and whose they were: they count as orphaned
+    /// (not foreign) until the device stops listing them, dead or not.
+    reclaimed: HashMap<u32, String>,
     pub(super) open: HashMap<(FindingKind, String), OpenFinding>,
     /// pipeline -> when anything of it last started
     pub(super) last_start: HashMap<String, u64>,
@@ -174,6 +177,21 @@ fn shm_bytes() -> Option<u64> {
         return None;
     }
     Some(st.f_blocks as u64 * st.f_frsize as u64)
+}
+
+/// An attempt marker (`JOB/STAGE/ATTEMPT` or `worker/POOL/INDEX/GENERATION`) in words.
+fn marker_words(marker: &str) -> String {
+    if let Some(rest) = marker.strip_prefix("worker/") {
+        let parts: Vec<&str> = rest.rsplitn(3, '/').collect();
+        if let [generation, index, pool] = parts[..] {
+            return format!("pool {pool} #{index} (a replaced instance, generation {generation})");
+        }
+    }
+    let parts: Vec<&str> = marker.rsplitn(3, '/').collect();
+    match parts[..] {
+        [attempt, stage, job] => format!("job {job}/{stage} attempt {attempt}, which has ended"),
+        _ => marker.to_string(),
+    }
 }
 
 /// A worker's progress report in words: its message and, if given, the fraction done.
@@ -444,41 +462,103 @@ impl<S: Store> Runtime<S> {
             }
             false
         };
-        let foreign_of = |sample: &DeviceSample| -> Vec<(u32, u64, String)> {
-            sample
-                .processes
+        // Markers of every live attempt and instance: a process with our engine marker and
+        // none of these is a leftover, whatever its parent.
+        let mut live_markers: HashSet<String> = HashSet::new();
+        for lease in self.state.leases() {
+            if let Some(active) = self.jobs.get(&lease.job) {
+                let stage = &lease.pipeline.stages[lease.stage].name;
+                live_markers.insert(format!("{}/{stage}/{}", active.id(), lease.attempt.attempt));
+            }
+        }
+        for (name, pool) in &self.pools {
+            for inst in pool.instance_briefs() {
+                live_markers.insert(format!("worker/{name}/{}/{}", inst.index, inst.generation));
+            }
+        }
+        let engine_entry = format!("{}={}", crate::supervisor::ENGINE_MARKER, self.engine_marker);
+        // Whose leftover a process is, if it carries our engine marker and no live marker.
+        let leftover_of = |pid: u32| -> Option<String> {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+            if !vars.iter().any(|v| *v == engine_entry.as_bytes()) {
+                return None;
+            }
+            let prefix = format!("{}=", crate::supervisor::ATTEMPT_MARKER);
+            let attempt = vars
                 .iter()
-                .filter(|(pid, _)| !leased_pids.contains(pid))
-                .map(|(pid, bytes)| {
-                    let what = if descends_from_us(*pid) {
-                        "started by this engine, holds no lease (a killed attempt still exiting?)"
-                    } else if procs.contains_key(pid) {
-                        "not started by this engine"
-                    } else {
-                        "not visible in /proc (another container or a process that just exited)"
-                    };
-                    (*pid, *bytes, what.to_string())
-                })
-                .collect()
+                .find_map(|v| v.strip_prefix(prefix.as_bytes()))
+                .map(|m| String::from_utf8_lossy(m).into_owned());
+            match attempt {
+                Some(m) if live_markers.contains(&m) => None,
+                Some(m) => Some(marker_words(&m)),
+                None => Some("a process of this engine".into()),
+            }
+        };
+        let reclaimed = std::mem::take(&mut self.watchdog.reclaimed);
+        // (pid, group, whose, whether it carries our marker now and so may be killed)
+        let mut orphans: Vec<(u32, u32, String, bool)> = Vec::new();
+        let mut classify = |sample: &DeviceSample| -> (Vec<(u32, u64, String)>, Vec<(u32, u64, String)>) {
+            let (mut foreign, mut orphaned) = (Vec::new(), Vec::new());
+            for (pid, bytes) in sample.processes.iter().filter(|(pid, _)| !leased_pids.contains(pid)) {
+                let marked = leftover_of(*pid);
+                let live = marked.is_some();
+                if let Some(whose) = marked.or_else(|| reclaimed.get(pid).cloned()) {
+                    orphans.push((*pid, procs.get(pid).map(|p| p.pgrp).unwrap_or(0), whose.clone(), live));
+                    orphaned.push((*pid, *bytes, whose));
+                    continue;
+                }
+                let what = if descends_from_us(*pid) {
+                    "started by this engine, holds no lease (a killed attempt still exiting?)"
+                } else if procs.contains_key(pid) {
+                    "not started by this engine"
+                } else {
+                    "not visible in /proc (another container or a process that just exited)"
+                };
+                foreign.push((*pid, *bytes, what.to_string()));
+            }
+            (foreign, orphaned)
         };
         let devices: Vec<DeviceObs> = self
             .watchdog
             .devices
             .iter()
             .enumerate()
-            .map(|(i, t)| DeviceObs {
-                index: i as u32,
-                name: self.config.gpus.get(i).map(|g| g.name.clone()).unwrap_or_default(),
-                telemetry: t.last.is_some(),
-                utilization_pct: t.last.as_ref().map(|s| s.utilization_pct).unwrap_or(0),
-                idle_ms: t.idle_since.map(|s| now.saturating_sub(s)).unwrap_or(0),
-                memory_used: t.last.as_ref().map(|s| s.memory_used).unwrap_or(0),
-                memory_total: self.config.gpus.get(i).map(|g| g.memory).unwrap_or(0),
-                processes: t.last.as_ref().map(|s| s.processes.clone()).unwrap_or_default(),
-                foreign: t.last.as_ref().map(&foreign_of).unwrap_or_default(),
+            .map(|(i, t)| {
+                let (foreign, orphaned) = t.last.as_ref().map(&mut classify).unwrap_or_default();
+                DeviceObs {
+                    index: i as u32,
+                    name: self.config.gpus.get(i).map(|g| g.name.clone()).unwrap_or_default(),
+                    telemetry: t.last.is_some(),
+                    utilization_pct: t.last.as_ref().map(|s| s.utilization_pct).unwrap_or(0),
+                    idle_ms: t.idle_since.map(|s| now.saturating_sub(s)).unwrap_or(0),
+                    memory_used: t.last.as_ref().map(|s| s.memory_used).unwrap_or(0),
+                    memory_total: self.config.gpus.get(i).map(|g| g.memory).unwrap_or(0),
+                    processes: t.last.as_ref().map(|s| s.processes.clone()).unwrap_or_default(),
+                    foreign,
+                    orphaned,
+                }
             })
             .collect();
-        let foreign_bytes: Vec<u64> = devices.iter().map(|d| d.foreign.iter().map(|(_, b, _)| b).sum()).collect();
+        // Reclaim: kill each leftover's process group (never our own) and the process itself.
+        let own_group = nix::unistd::getpgrp().as_raw() as u32;
+        for (pid, pgrp, whose, marked) in orphans {
+            if !reclaimed.contains_key(&pid) {
+                tracing::warn!(pid, pgrp, "killing a leftover of {whose} that still holds GPU memory");
+            }
+            // Only while it carries our marker: a dead leftover's pid may be reused by another.
+            if marked {
+                if pgrp > 1 && pgrp != own_group {
+                    crate::supervisor::kill_group(pgrp as i32, nix::sys::signal::Signal::SIGKILL);
+                }
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+            self.watchdog.reclaimed.insert(pid, whose);
+        }
+        // Memory held outside any lease (foreign or orphaned) stays out of the inventory.
+        let foreign_bytes: Vec<u64> =
+            devices.iter().map(|d| d.foreign.iter().chain(&d.orphaned).map(|(_, b, _)| b).sum()).collect();
 
         let mut queues: Vec<QueueObs> = Vec::new();
         for w in self.state.waiting() {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-pub use kill::{kill_marked, sweep_leftovers};
+pub use kill::{kill_group, kill_marked, sweep_leftovers};
 pub use progress::{MESSAGE_MAX_CHARS, PROGRESS_POLL, Progress, ProgressTail};
 pub use reap::{become_subreaper, spawn_reaper};
 pub use spawn::run_attempt;

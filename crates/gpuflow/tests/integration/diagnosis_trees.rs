@@ -335,3 +335,87 @@ pipelines:
         .await;
     engine.post(&format!("/v1/jobs/{spawned}/cancel"), json!({})).await;
 }
+
+/// Writes the virtual device's readings atomically, as NVML would report them.
+fn telemetry(engine: &Engine, processes: &[(u32, u64)]) {
+    let procs: Vec<Value> = processes.iter().map(|(pid, bytes)| json!({"pid": pid, "used_memory": bytes})).collect();
+    let used: u64 = processes.iter().map(|(_, b)| b).sum();
+    let body = json!({"utilization": 0, "memory_used": used, "processes": procs});
+    std::fs::write(engine.path("gpu0.json.tmp"), body.to_string()).unwrap();
+    std::fs::rename(engine.path("gpu0.json.tmp"), engine.path("gpu0.json")).unwrap();
+}
+
+#[tokio::test]
+async fn gpu_memory_of_our_leftover_is_reclaimed_and_a_foreign_process_is_left_alone() {
+    use std::os::unix::process::CommandExt;
+    let engine = Engine::start(&format!(
+        r#"
+resources: {{gpus: [{{memory: 80GiB, telemetry: "{{DIR}}/gpu0.json"}}], cpu: 2}}
+{THRESHOLDS}
+pipelines:
+  marker: {{stages: [{{name: s, command: [sh, -c, 'printf %s "$GPUFLOW_ENGINE_MARKER" > {{DIR}}/marker']}}]}}
+"#
+    ))
+    .await;
+    telemetry(&engine, &[]);
+    let id = engine.submit("marker", json!({})).await;
+    assert_eq!(engine.wait_final(&id, Duration::from_secs(10)).await["state"], "succeeded");
+    let marker = std::fs::read_to_string(engine.path("marker")).unwrap();
+    assert!(!marker.is_empty());
+
+    // A leftover of an attempt that has ended (it escaped the engine's own clean-up: here the
+    // test starts it, with the engine's markers), and a process that is not ours.
+    let mut leftover = std::process::Command::new("sleep")
+        .arg("300")
+        .env("GPUFLOW_ENGINE_MARKER", &marker)
+        .env("GPUFLOW_ATTEMPT_MARKER", format!("{id}/s/1"))
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut stranger = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+    telemetry(&engine, &[(leftover.id(), 3 << 30), (stranger.id(), 1 << 30)]);
+    let started = Instant::now();
+
+    let (f, took) = wait_open(&engine, "gpu_memory_orphaned", "3072 MiB", started, Duration::from_secs(1)).await;
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
+    let process = &evidence(&f, "process")[0];
+    assert!(
+        process.contains(&format!(
+            "pid {}: 3072 MiB (left by job {id}/s attempt 1, which has ended; killed)",
+            leftover.id()
+        )),
+        "{f:#}"
+    );
+    engine
+        .wait_until("the leftover is killed", Duration::from_secs(3), async |_| leftover.try_wait().unwrap().is_some())
+        .await;
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(leftover.try_wait().unwrap().unwrap().signal(), Some(9));
+    // The stranger is only reported, never touched; both stay out of the inventory until the
+    // device reports the memory free.
+    let (g, _) = wait_open(&engine, "gpu_memory_foreign", "1024 MiB", started, Duration::from_secs(1)).await;
+    assert!(evidence(&g, "process")[0].contains("not started by this engine"), "{g:#}");
+    assert_eq!(engine.resources().await["gpus"][0]["memory_foreign_bytes"], 4u64 << 30);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(stranger.try_wait().unwrap().is_none(), "a process that is not ours is never killed");
+    // Dead but still listed by the device (memory not yet freed): still orphaned, still held.
+    let d = diagnosis(&engine).await;
+    let open = find(&d["open"], "gpu_memory_orphaned", "3072 MiB").unwrap_or_else(|| panic!("closed early: {d:#}"));
+    assert_eq!(open["opened_at"], f["opened_at"], "{d:#}");
+    assert!(find(&d["open"], "gpu_memory_foreign", "4096 MiB").is_none(), "the leftover is not foreign: {d:#}");
+
+    // NVML no longer lists the dead leftover: the memory is back, the finding closes.
+    telemetry(&engine, &[(stranger.id(), 1 << 30)]);
+    engine
+        .wait_until("the orphaned finding closed", Duration::from_secs(5), async |e| {
+            find(&diagnosis(e).await["recent"], "gpu_memory_orphaned", "3072 MiB").is_some()
+        })
+        .await;
+    engine
+        .wait_until("the memory is back in the inventory", Duration::from_secs(2), async |e| {
+            e.resources().await["gpus"][0]["memory_foreign_bytes"] == 1u64 << 30
+        })
+        .await;
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+}
