@@ -585,8 +585,9 @@ impl<S: Store> Runtime<S> {
                         .and_then(|p| procs.get(&p))
                         .map(|p| format!("pid {}, state {}", pid.unwrap_or(0), p.state))
                         .unwrap_or_default();
+                    let doing = if doing.is_empty() { String::new() } else { format!(" [{doing}]") };
                     Some(format!(
-                        "job {}/{} attempt {} for {} s ({}) [{doing}]",
+                        "job {}/{} attempt {} for {} s ({}){doing}",
                         holder.id(),
                         l.pipeline.stages[l.stage].name,
                         l.attempt.attempt,

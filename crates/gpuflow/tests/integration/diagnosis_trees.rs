@@ -419,3 +419,56 @@ pipelines:
     stranger.kill().unwrap();
     stranger.wait().unwrap();
 }
+
+/// `examples/stall/`: a generation worker that forks 4 loaders after "initialising CUDA" (the
+/// stand-in library), deadlocks after 10 of 150 batches and leaves 2 zombies, with a job queued
+/// behind it. `gpuflow doctor` names all of it within 2x the example's 5 s thresholds.
+#[tokio::test]
+async fn the_stall_example_is_named_by_doctor_within_twice_its_thresholds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let yaml = std::fs::read_to_string(root.join("examples/stall/stall.yaml")).unwrap();
+    let body: String = yaml
+        .lines()
+        .filter(|l| !l.starts_with("listen:") && !l.starts_with("data_dir:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("examples/stall/", &format!("{}/examples/stall/", root.display()))
+        .replace("./gpuflow-stall-data/", "{DIR}/");
+    let engine = Engine::start(&body).await;
+    engine
+        .wait_until("the generation worker is ready", Duration::from_secs(30), async |e| {
+            e.resources().await["pools"][0]["instances"][0]["state"] == "idle"
+        })
+        .await;
+    let started = Instant::now();
+    let stuck = engine.submit("generate", json!({})).await;
+    let behind = engine.submit("generate", json!({})).await;
+    // 2.5 s of batches, then 2x the 5 s thresholds.
+    let within = Duration::from_millis(2_500 + 10_000);
+    let (_, took) = wait_open(&engine, "task_stalled", "last progress: 10 of 150 batches", started, within).await;
+    assert!(took <= within, "took {took:?}");
+    for kind in ["queue_stalled", "zombie_process", "fork_after_cuda"] {
+        let (_, took) = wait_open(&engine, kind, "", started, within).await;
+        assert!(took <= within, "{kind} took {took:?}");
+    }
+
+    let out = std::process::Command::new(bin()).args(["--server", &engine.base, "doctor"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let has = |needle: &str| assert!(text.contains(needle), "doctor lacks `{needle}`:\n{text}");
+    has(&format!("[task_stalled] job {stuck}/generate attempt 1 is stuck"));
+    has("last progress: 10 of 150 batches (7 % done)");
+    assert_eq!(text.matches("is zombie (exited, never reaped)").count(), 2, "{text}");
+    assert!(text.matches("  child: pid ").count() >= 4, "the 4 children and their states:\n{text}");
+    has("[zombie_process] pool gen #0: 2 exited child process(es) never reaped");
+    has("count: 2");
+    has("[fork_after_cuda] pool gen #0: 2 process(es)");
+    has("driver/libcuda.so.1 at the same address");
+    has("[queue_stalled] pipeline generate: 1 waiting");
+    has(&format!("held by job {stuck}/generate attempt 1"));
+    has(r#"multiprocessing_context="spawn""#);
+    has("heartbeat_timeout");
+    assert!(!text.to_lowercase().contains("report 0"), "{text}");
+    for id in [stuck, behind] {
+        engine.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    }
+}
