@@ -98,6 +98,9 @@ struct Proc {
     comm: String,
 }
 
+/// `(pid, bytes, what it is)` of GPU memory held outside any lease.
+type Held = (u32, u64, String);
+
 /// One pass over `/proc/*/stat`.
 fn scan_proc() -> HashMap<u32, Proc> {
     // SAFETY: sysconf has no preconditions.
@@ -481,7 +484,7 @@ impl<S: Store> Runtime<S> {
         let leftover_of = |pid: u32| -> Option<String> {
             let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
             let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
-            if !vars.iter().any(|v| *v == engine_entry.as_bytes()) {
+            if !vars.contains(&engine_entry.as_bytes()) {
                 return None;
             }
             let prefix = format!("{}=", crate::supervisor::ATTEMPT_MARKER);
@@ -498,7 +501,7 @@ impl<S: Store> Runtime<S> {
         let reclaimed = std::mem::take(&mut self.watchdog.reclaimed);
         // (pid, group, whose, whether it carries our marker now and so may be killed)
         let mut orphans: Vec<(u32, u32, String, bool)> = Vec::new();
-        let mut classify = |sample: &DeviceSample| -> (Vec<(u32, u64, String)>, Vec<(u32, u64, String)>) {
+        let mut classify = |sample: &DeviceSample| -> (Vec<Held>, Vec<Held>) {
             let (mut foreign, mut orphaned) = (Vec::new(), Vec::new());
             for (pid, bytes) in sample.processes.iter().filter(|(pid, _)| !leased_pids.contains(pid)) {
                 let marked = leftover_of(*pid);
