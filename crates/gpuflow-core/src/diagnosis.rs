@@ -330,9 +330,11 @@ pub fn evaluate(obs: &Observation, th: &Thresholds) -> Vec<Finding> {
                 ev("running for", secs(held)),
                 ev(
                     "no heartbeat or progress for",
-                    match h.kind {
-                        HolderKind::WorkerTask => secs(st.quiet_ms),
-                        _ => format!("{} (a command stage sends none)", secs(st.quiet_ms)),
+                    match (h.kind, h.last_progress_ms) {
+                        (HolderKind::Task, None) => {
+                            format!("{} (it never wrote to $GPUFLOW_PROGRESS)", secs(st.quiet_ms))
+                        }
+                        _ => secs(st.quiet_ms),
                     },
                 ),
                 ev(

@@ -1144,7 +1144,6 @@ impl Pool {
                 .map(|p| p.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()),
             last_error: i.last_error.clone(),
             failures: i.consecutive_failures,
-            progress: i.progress.clone(),
             generation: i.generation,
         }
     }
@@ -1184,8 +1183,6 @@ pub(super) struct InstanceBrief {
     pub providers: Option<Vec<String>>,
     pub last_error: Option<String>,
     pub failures: u32,
-    /// The running task's latest progress report, if any.
-    pub progress: Option<Value>,
     /// Its processes carry the marker `worker/POOL/INDEX/GENERATION`.
     pub generation: u64,
 }

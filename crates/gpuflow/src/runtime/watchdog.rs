@@ -197,10 +197,10 @@ fn marker_words(marker: &str) -> String {
     }
 }
 
-/// A worker's progress report in words: its message and, if given, the fraction done.
-fn progress_words(p: &serde_json::Value) -> Option<String> {
-    let message = p["message"].as_str().filter(|m| !m.is_empty());
-    let fraction = p["fraction"].as_f64().map(|f| format!("{:.0} % done", f * 100.0));
+/// A progress report in words: its message and, if given, the fraction done.
+fn progress_words(p: &super::StageProgress) -> Option<String> {
+    let message = p.message.as_deref().filter(|m| !m.is_empty());
+    let fraction = p.fraction.map(|f| format!("{:.0} % done", f * 100.0));
     match (message, fraction) {
         (Some(m), Some(f)) => Some(format!("{m} ({f})")),
         (Some(m), None) => Some(m.to_string()),
@@ -363,6 +363,7 @@ impl<S: Store> Runtime<S> {
         let tree_by_name: HashMap<&str, (Option<u32>, &Vec<u32>)> =
             trees.iter().map(|(n, pid, t)| (n.as_str(), (*pid, t))).collect();
 
+        let board = self.journal.progress();
         let mut holders = Vec::new();
         let mut fail_on_unused: HashMap<String, AttemptKey> = HashMap::new();
         for lease in self.state.leases() {
@@ -390,7 +391,7 @@ impl<S: Store> Runtime<S> {
                     main: main.and_then(process_obs),
                     last_progress_ms: inst.as_ref().map(|i| i.last_beat_ms),
                     cpu_samples: cpu_samples(&inst_name),
-                    progress: inst.as_ref().and_then(|i| i.progress.as_ref()).and_then(progress_words),
+                    progress: board.get(&key).and_then(|p| progress_words(&p)),
                     children: main.map(|m| children_of(m, tree)).unwrap_or_default(),
                     // Reported once, on the instance that owns the tree.
                     forked_after_cuda: vec![],
@@ -420,8 +421,9 @@ impl<S: Store> Runtime<S> {
                 forked_after_cuda: forks_of.remove(name.as_str()).unwrap_or_default(),
                 holder: name,
                 pids,
-                last_progress_ms: None,
-                progress: None,
+                // A command stage that writes to $GPUFLOW_PROGRESS reports progress too.
+                last_progress_ms: board.get(&key).map(|p| p.at_ms),
+                progress: board.get(&key).and_then(|p| progress_words(&p)),
                 providers: None,
                 note: None,
                 failures: 0,

@@ -472,3 +472,37 @@ async fn the_stall_example_is_named_by_doctor_within_twice_its_thresholds() {
         engine.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
     }
 }
+
+/// A command stage that reports progress through `$GPUFLOW_PROGRESS` while using almost no
+/// CPU (it waits on a device, say) is not stalled; once its reports stop, it is, and the
+/// finding quotes its last report.
+#[tokio::test]
+async fn a_command_stage_reporting_progress_is_not_stalled_until_its_reports_stop() {
+    let engine = Engine::start(&format!(
+        r#"
+resources: {{gpus: none, cpu: 2}}
+{THRESHOLDS}
+pipelines:
+  frames:
+    stages:
+      - name: render
+        command: [sh, -c, 'for i in 1 2 3 4 5 6 7 8; do echo "0.$i frame $i/10" >> "$GPUFLOW_PROGRESS"; sleep 1; done; touch {{DIR}}/quiet; exec sleep 60']
+"#
+    ))
+    .await;
+    let id = engine.submit("frames", json!({})).await;
+    let started = Instant::now();
+    // 8 s of reports, 1 s apart, under a 2 s threshold: never stalled.
+    while !engine.path("quiet").exists() {
+        let d = diagnosis(&engine).await;
+        assert!(find(&d["open"], "task_stalled", &id).is_none(), "stalled while reporting: {d:#}");
+        assert!(started.elapsed() < Duration::from_secs(20), "the stage never went quiet");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let quiet = Instant::now();
+    let (f, took) = wait_open(&engine, "task_stalled", &id, quiet, Duration::from_secs(4)).await;
+    assert!(took <= Duration::from_secs(4), "took {took:?}");
+    assert!(f["summary"].as_str().unwrap().contains("last progress: frame 8/10 (80 % done)"), "{f:#}");
+    assert!(!evidence(&f, "no heartbeat or progress for")[0].contains("never wrote"), "{f:#}");
+    engine.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+}
