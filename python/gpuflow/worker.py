@@ -141,6 +141,9 @@ class _Channel:
         self._fd = fd
         self.lock = threading.Lock()
         self.held: List[Task] = []
+        # Set when a progress report is held back, so the heartbeat thread delivers it once the
+        # gap has passed instead of at its next beat (a quarter of the heartbeat timeout).
+        self.progress_held = threading.Event()
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -238,10 +241,24 @@ class Task:
             self._activity = True
             if now - self._last_progress_sent < _PROGRESS_MIN_GAP_S:
                 self._pending_progress = data
+                self._channel.progress_held.set()
                 return
             self._pending_progress = None
             self._last_progress_sent = now
         self._channel.send_for(self, data)
+
+    def _take_held_progress(self, now: float) -> Tuple[Optional[bytes], float]:
+        """For the heartbeat thread: the held-back report if its gap has passed, else how long
+        until it has (0 when nothing is held)."""
+        with self._lock:
+            if self._pending_progress is None:
+                return None, 0.0
+            wait = self._last_progress_sent + _PROGRESS_MIN_GAP_S - now
+            if wait > 0:
+                return None, wait
+            pending, self._pending_progress = self._pending_progress, None
+            self._last_progress_sent = now
+            return pending, 0.0
 
     def _take_beat_state(self) -> Tuple[bool, Optional[bytes]]:
         """For the heartbeat thread: activity since the last call, and any held-back progress."""
@@ -305,8 +322,9 @@ class _Heartbeat(threading.Thread):
         next_tick = time.monotonic() + self._interval
         while True:
             delay = next_tick - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            if delay > 0 and self._channel.progress_held.wait(delay):
+                self._deliver_held_progress(next_tick)
+                continue
             now = time.monotonic()
             next_tick += self._interval
             if next_tick <= now:  # the process was stalled (GIL, suspend): do not burst
@@ -339,6 +357,29 @@ class _Heartbeat(threading.Thread):
                 # The engine is gone. Exit now rather than keep a GPU busy for nobody.
                 _log(f"protocol channel closed ({exc}); exiting")
                 os._exit(1)
+
+
+    def _deliver_held_progress(self, next_tick: float) -> None:
+        """Sends held-back progress reports as soon as their gap has passed (before the next
+        beat, which sends them anyway). Activity is left for the beat to see."""
+        while True:
+            self._channel.progress_held.clear()
+            tasks = self._tasks or []
+            now = time.monotonic()
+            waits = []
+            try:
+                for task in tasks:
+                    data, wait = task._take_held_progress(now)
+                    if data is not None:
+                        self._channel.send_for(task, data)
+                    elif wait > 0:
+                        waits.append(wait)
+            except OSError as exc:
+                _log(f"protocol channel closed ({exc}); exiting")
+                os._exit(1)
+            if not waits or now + min(waits) >= next_tick:
+                return
+            time.sleep(min(waits))
 
 
 def _exception_text(exc: BaseException) -> str:

@@ -251,6 +251,16 @@ class WorkerProtocolTest(unittest.TestCase):
             self.assertTrue(0.0 <= message["fraction"] <= 1.0, message)
             self.assertRegex(message["message"], r"^step \d+/10$")
 
+    def test_a_held_back_progress_report_arrives_after_the_gap_not_the_next_beat(self):
+        # Beats every 5 s: the report held back by the 0.2 s gap must not wait for one.
+        engine = FakeEngine(self, extra_env={"GPUFLOW_HEARTBEAT_INTERVAL_MS": "5000"})
+        engine.ready()
+        task_id, sent = engine.task({"action": "progress_then_wait", "wait": 1.5})
+        messages = engine.until_done(task_id)
+        progress = [(at, m) for at, m in messages if m["type"] == "progress"]
+        self.assertEqual([m["message"] for _, m in progress], ["first", "second"], messages)
+        self.assertLess(progress[1][0] - sent, 1.0, messages)
+
     def test_moving_python_code_beats_without_explicit_calls(self):
         engine = FakeEngine(self)
         engine.ready()

@@ -58,6 +58,12 @@ class TestWorker(gpuflow.Worker):
                 time.sleep(task.input["sleep"])
                 task.progress(fraction=(i + 1) / steps, message=f"step {i + 1}/{steps}")
             return "done"
+        if action == "progress_then_wait":
+            # Two reports closer than the SDK's gap, then a long quiet stretch.
+            task.progress(fraction=0.1, message="first")
+            task.progress(fraction=0.5, message="second")
+            threading.Event().wait(task.input["wait"])
+            return "waited"
         if action == "compute":
             deadline = time.monotonic() + task.input["seconds"]
             while time.monotonic() < deadline:
