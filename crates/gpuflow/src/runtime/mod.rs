@@ -123,6 +123,9 @@ struct ExitDetails {
     exit_code: Option<i32>,
     signal: Option<i32>,
     output: Option<Value>,
+    /// How long a worker task ran on its instance, which is less than its attempt held the
+    /// lease when it was sent ahead behind another task.
+    ran_ms: Option<u64>,
 }
 
 enum Internal {
@@ -602,11 +605,16 @@ impl<S: Store> Runtime<S> {
                 }
             }
             Action::AttemptEnded { job, stage, attempt, result, next, ran_ms, .. } => {
+                let exit = self.exits.remove(&(job, stage, attempt));
                 if let Some(active) = self.jobs.get(&job) {
                     let spec = &active.pipeline.core.stages[stage];
                     self.metrics.ended(&active.pipeline_name, &spec.name, &spec.needs, result, next, ran_ms);
+                    // Successful attempts teach the queue how long the stage takes.
+                    if result == AttemptResult::Succeeded {
+                        let ran = exit.and_then(|e| e.ran_ms).unwrap_or(ran_ms);
+                        self.state.record_duration(&active.pipeline_name, &spec.name, ran);
+                    }
                 }
-                self.exits.remove(&(job, stage, attempt));
             }
             Action::StageCancelled { .. } => {}
             Action::JobFinished { job, state, .. } => {
@@ -795,7 +803,7 @@ fn outcome_of(report: AttemptReport) -> (Outcome, ExitDetails) {
     };
     match report.status {
         ExitStatus::Code(0) => match report.output {
-            Ok(output) => (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output }),
+            Ok(output) => (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output, ran_ms: None }),
             Err(e) => (
                 Outcome::Failed { error: e, retryable: false },
                 ExitDetails { exit_code: Some(0), ..Default::default() },

@@ -101,6 +101,9 @@ pub(super) struct Instance {
     stop: Option<mpsc::UnboundedSender<InstanceStop>>,
     since_ms: u64,
     last_beat_ms: u64,
+    /// When its head task started running (a task sent ahead starts when the one before it
+    /// ends): how long a task ran, for the queue's measured stage durations.
+    head_since_ms: u64,
     /// The tasks sent to it, in the order it runs them; the first live one is the head.
     held: VecDeque<Held>,
     /// It announced the `prefetch` feature in `ready`.
@@ -134,6 +137,7 @@ impl Instance {
             stop: None,
             since_ms: now,
             last_beat_ms: now,
+            head_since_ms: now,
             held: VecDeque::new(),
             prefetch_ok: false,
             makes_job_dir: false,
@@ -376,6 +380,7 @@ impl<S: Store> Runtime<S> {
             if ahead == 0 {
                 // It becomes the head now: hang detection counts from here.
                 inst.last_beat_ms = now;
+                inst.head_since_ms = now;
                 inst.progress = None;
             }
             inst.held.push_back(Held { key, id: task_id, cancelled: false });
@@ -507,6 +512,7 @@ impl<S: Store> Runtime<S> {
                         tracing::info!(pool, index, task = %inst.held[0].id, "dropping the answer to a cancelled task");
                         inst.held.pop_front();
                         inst.last_beat_ms = now;
+                        inst.head_since_ms = now;
                         Ok(())
                     }
                     "result" => {
@@ -541,8 +547,10 @@ impl<S: Store> Runtime<S> {
         let max_tasks = p.def.max_tasks_per_instance;
         let inst = &mut p.instances[index];
         let Some(Held { key, .. }) = inst.held.pop_front() else { return Ok(()) };
+        let ran_ms = now.saturating_sub(inst.head_since_ms);
         inst.progress = None;
         inst.last_beat_ms = now;
+        inst.head_since_ms = now;
         inst.tasks_done += 1;
         inst.consecutive_failures = 0;
         inst.settle();
@@ -566,7 +574,7 @@ impl<S: Store> Runtime<S> {
             }
         }
         self.worker_tasks.remove(&key);
-        self.exits.insert(key, ExitDetails { output, ..Default::default() });
+        self.exits.insert(key, ExitDetails { output, ran_ms: Some(ran_ms), ..Default::default() });
         self.sync_availability(pool);
         let (job, stage, attempt) = key;
         self.step(Event::AttemptExited { job, stage, attempt, outcome });

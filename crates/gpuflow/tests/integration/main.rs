@@ -13,6 +13,7 @@ mod dashboard;
 mod diagnosis;
 mod durability;
 mod failures;
+mod order;
 mod pools;
 mod processes;
 mod reload;
