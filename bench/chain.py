@@ -19,12 +19,15 @@ attempt as the time its process first ran (`began`, taken by stage.py on its fir
 the attempt's start in the API, the mean start-up of each stage is added to that stage's
 duration in the bound above ("bound + measured process start-ups").
 
+bench/mixed_bound.py runs the same chain as `sleep` commands against a bound without fill and
+drain (max(GPU work / G, CPU work / C, one job)); this one is the chain of examples/chain/.
+
 Figures: makespan (first stage start to last stage end, from the API) / bound, and the GPU busy
 fraction: the GPU stages' own working time (`began` to `ended`, written by the worker or the
 stage process) over G × makespan. The goal rows of issue #12 run with --goals.
 
 Usage: python3 bench/chain.py [--jobs 6] [--gpus 1] [--scale 1] [--commands]
-                              [--goals] [--bin target/release/gpuflow] [--json FILE]
+                              [--goals] [--bin target/release/gpuflow] [--json bench/chain.json]
 Standard library only."""
 import argparse
 import concurrent.futures
@@ -128,7 +131,8 @@ def main():
     ap.add_argument("--commands", action="store_true", help="a fresh process per stage instead of warm pools")
     ap.add_argument("--goals", action="store_true", help="run issue #12's four goal rows")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "gpuflow"))
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "chain.json"),
+                    help="where to write the results (default bench/chain.json)")
     args = ap.parse_args()
     for name, value in (("--jobs", args.jobs), ("--gpus", args.gpus)):
         if value < 1:
@@ -145,9 +149,8 @@ def main():
         results.append(r)
         ups = f"{r['bound_with_startups_s']:>10}" if commands else f"{'':>10}"
         print(f"{r['mode']:>8} {jobs:>3} {gpus:>4} {scale:>5} {r['bound_s']:>8} {ups} {r['makespan_s']:>10} {r['ratio']:>7} {goal or '':>5} {r['gpu_busy_fraction']:>8}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"binary": args.bin, "results": results}, f, indent=2)
+    with open(args.json, "w") as f:
+        json.dump({"binary": args.bin, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

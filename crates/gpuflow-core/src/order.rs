@@ -67,8 +67,14 @@ impl Durations {
         if !self.by_pipeline.contains_key(&pipeline.name) && pipeline.stages.iter().all(|s| s.expected_ms.is_none()) {
             return 0;
         }
-        let mut memo = vec![None; pipeline.stages.len()];
-        self.longest(pipeline, stage, &mut memo)
+        // On the stack for the usual few stages: this runs each time a stage is queued.
+        let n = pipeline.stages.len();
+        if n <= 16 {
+            let mut memo = [None; 16];
+            self.longest(pipeline, stage, &mut memo[..n])
+        } else {
+            self.longest(pipeline, stage, &mut vec![None; n])
+        }
     }
 
     fn longest(&self, pipeline: &Pipeline, stage: StageIndex, memo: &mut [Option<u64>]) -> u64 {

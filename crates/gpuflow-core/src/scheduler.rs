@@ -1082,11 +1082,12 @@ impl State {
         }
         let mut full = self.capacity_returned || now.saturating_sub(self.last_full_pass) >= FULL_PASS_INTERVAL_MS;
         if !full && !self.fresh.is_empty() {
-            // A stage queued since the last full pass that is starving already (a retry whose
-            // delay ran out a while ago, or `reserve_after: 0`) goes before what reserved then:
-            // only a full pass gives it its place.
-            self.update_starving(now);
-            full = self.fresh.iter().any(|k| self.current_key(k.job, k.stage).is_some_and(|k| k.rank.0 == STARVING));
+            // A stage that became starving since the last full pass, or was queued starving
+            // already (a retry whose delay ran out a while ago, or `reserve_after: 0`), goes
+            // before what reserved then: only a full pass gives it its place.
+            let became = self.update_starving(now);
+            full = became
+                || self.fresh.iter().any(|k| self.current_key(k.job, k.stage).is_some_and(|k| k.rank.0 == STARVING));
         }
         if full {
             self.capacity_returned = false;
@@ -1287,11 +1288,12 @@ impl State {
     }
 
     /// Brings every shape's `starving` set up to `now`. Time moves forward, so each stage
-    /// enters its set once (a later `reserve_after_ms` moves stages back out).
-    fn update_starving(&mut self, now: u64) {
+    /// enters its set once (a later `reserve_after_ms` moves stages back out). Says whether
+    /// a waiting stage became starving.
+    fn update_starving(&mut self, now: u64) -> bool {
         let upto = self.starving_threshold(now);
         let (low, high, entering) = match upto.cmp(&self.starving_upto) {
-            Ordering::Equal => return,
+            Ordering::Equal => return false,
             Ordering::Greater => (self.starving_upto, upto, true),
             Ordering::Less => (upto, self.starving_upto, false),
         };
@@ -1300,6 +1302,7 @@ impl State {
         let upper = Bound::Included(bound(high.expect("above something")));
         // Each moves to (or back from) the starving rank: its key changes everywhere.
         let moving: Vec<(u64, ShapeId, QueueKey)> = self.by_since.range((lower, upper)).copied().collect();
+        let became = entering && !moving.is_empty();
         for (since, id, old) in moving {
             let new = QueueKey::of(&self.jobs[&old.job], old.stage, entering);
             self.queue.remove(&old);
@@ -1316,6 +1319,7 @@ impl State {
             }
         }
         self.starving_upto = upto;
+        became
     }
 
     /// The one place a stage's status changes, so the queue, its shape index and the timers
@@ -1323,7 +1327,7 @@ impl State {
     fn set_status(&mut self, id: JobId, stage: StageIndex, status: StageStatus) {
         let upto = self.starving_upto;
         let starving = |since: u64| upto.is_some_and(|upto| since <= upto);
-        let job = self.jobs.get(&id).expect("caller checked");
+        let job = self.jobs.get_mut(&id).expect("caller checked");
         let shape_id = job.shapes[stage];
         if let StageStatus::Queued { since } = job.stages[stage].status {
             let key = QueueKey::of(job, stage, starving(since));
@@ -1338,10 +1342,8 @@ impl State {
             }
         }
         if let StageStatus::Queued { .. } = status {
-            let rank = order::rank(self.durations.remaining(&self.jobs[&id].pipeline, stage));
-            self.jobs.get_mut(&id).expect("caller checked").stages[stage].rank = rank;
+            job.stages[stage].rank = order::rank(self.durations.remaining(&job.pipeline, stage));
         }
-        let job = self.jobs.get_mut(&id).expect("caller checked");
         match &status {
             StageStatus::Queued { since } => {
                 let key = QueueKey::of(job, stage, starving(*since));
@@ -1374,8 +1376,14 @@ mod tests {
     use crate::retry::RetryPolicy;
 
     fn pipeline(needs: ResourceRequest) -> Arc<Pipeline> {
-        let stage =
-            StageSpec { name: "s".into(), needs, after: vec![], timeout_ms: None, retry: RetryPolicy::no_retry(), expected_ms: None };
+        let stage = StageSpec {
+            name: "s".into(),
+            needs,
+            after: vec![],
+            timeout_ms: None,
+            retry: RetryPolicy::no_retry(),
+            expected_ms: None,
+        };
         Arc::new(Pipeline::new("p", vec![stage]).unwrap())
     }
 
@@ -1680,7 +1688,9 @@ mod tests {
                 interruptions: 0,
             })
             .collect();
-        state.apply(Event::Restored { job: JobId(id), seq: id as u64, priority: 0, pipeline: chain(), stages }, now).unwrap()
+        state
+            .apply(Event::Restored { job: JobId(id), seq: id as u64, priority: 0, pipeline: chain(), stages }, now)
+            .unwrap()
     }
 
     /// Job 5 waits at ocr (3 s of GPU, then 1 s of CPU left), job 6 at crop (2 s of GPU, then
@@ -1688,7 +1698,8 @@ mod tests {
     /// arrival order would run job 5's ocr, and at the end the GPU would wait while job 6
     /// stitches on the CPU.
     fn tail_gap(measured: bool, reserve_after_ms: u64) -> (State, Vec<(u128, StageIndex)>) {
-        let capacity = Capacity { gpus: vec![GpuDevice { index: 0, memory: 1 << 30 }], cpu: 4, counters: BTreeMap::new() };
+        let capacity =
+            Capacity { gpus: vec![GpuDevice { index: 0, memory: 1 << 30 }], cpu: 4, counters: BTreeMap::new() };
         let mut state = State::new(capacity, SchedulerConfig { reserve_after_ms });
         if measured {
             for (name, _, secs) in CHAIN {

@@ -1387,7 +1387,9 @@ mod tests {
     }
 
     fn expected_file(expected: &str) -> String {
-        format!("resources: {{gpus: none, cpu: 1}}\npipelines:\n  p:\n    stages:\n      - {{name: s, command: [true]{expected}}}\n")
+        format!(
+            "resources: {{gpus: none, cpu: 1}}\npipelines:\n  p:\n    stages:\n      - {{name: s, command: [true]{expected}}}\n"
+        )
     }
 
     #[test]
