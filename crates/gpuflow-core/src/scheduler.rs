@@ -604,11 +604,6 @@ impl State {
         self.durations.record(pipeline, stage, ms);
     }
 
-    /// The measured and declared durations the order uses.
-    pub fn durations(&self) -> &Durations {
-        &self.durations
-    }
-
     /// When the next timeout or retry delay falls due, if any.
     pub fn next_wakeup(&self) -> Option<u64> {
         self.timers.first().map(|(at, _, _)| *at)
