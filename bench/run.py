@@ -40,6 +40,14 @@ def rows_mixed(r):
     return rows
 
 
+def rows_chain(r):
+    return [
+        (f"chain ({x['mode']}) N={x['jobs']} GPUs={x['gpus']} scale={x['scale']}: makespan / bound with fill and drain"
+         + (" + start-ups" if x["mode"] == "commands" else ""), x["ratio"], le(x["goal"]) if x.get("goal") else {})
+        for x in r["results"]
+    ]
+
+
 def rows_throughput(r):
     return [
         ("process per stage: completed jobs/s", r["completed_per_s"], {}),
@@ -137,6 +145,7 @@ def rows_cluster(r):
 # name: (script, full-size args, --quick args, rows)
 BENCHES = {
     "mixed": ("mixed_bound.py", ["--scale", "0.1"], ["--scale", "0.02"], rows_mixed),
+    "chain": ("chain.py", ["--goals"], ["--jobs", "6", "--scale", "0.1"], rows_chain),
     "throughput": ("quick_throughput.py", ["--jobs", "2000"], ["--jobs", "300"], rows_throughput),
     "submit": ("submit_rate.py", ["--jobs", "1000"], ["--jobs", "200"], rows_submit),
     "noop": ("noop_throughput.py", ["--jobs", "50000"], ["--jobs", "5000"], rows_noop),

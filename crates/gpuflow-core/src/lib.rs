@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod diagnosis;
+pub mod order;
 pub mod pipeline;
 pub mod resources;
 pub mod retry;

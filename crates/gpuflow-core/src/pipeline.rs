@@ -15,6 +15,8 @@ pub struct StageSpec {
     /// Wall-clock limit of one attempt.
     pub timeout_ms: Option<u64>,
     pub retry: RetryPolicy,
+    /// Declared duration of one attempt, for the queue's critical-path order (see `order`).
+    pub expected_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -98,6 +100,7 @@ mod tests {
             after,
             timeout_ms: None,
             retry: RetryPolicy::default(),
+            expected_ms: None,
         }
     }
 

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::ops::Bound;
 use std::sync::Arc;
 
+use crate::order::{self, Durations};
 use crate::pipeline::{Pipeline, StageIndex};
 use crate::resources::{Capacity, Grant, Inventory, Reservation, ResourceRequest};
 use crate::retry::RetryPolicy;
@@ -124,6 +125,9 @@ pub struct StageRun {
     /// Failed attempts that count against the retry budget.
     pub failures: u32,
     pub interruptions: u32,
+    /// Its place among waiting stages of its priority (`order::rank` of the job's remaining
+    /// work), fixed when it was last queued, so the queue's order never changes under it.
+    rank: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -367,19 +371,37 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// Order of the waiting queue: priority (high first), then arrival, then stage position.
+/// Order of the waiting queue: priority (high first), then the most work left in the job
+/// (`rank`, high first; a starving stage ranks above all), then arrival, then stage position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct QueueKey {
     priority: Reverse<i32>,
+    rank: Reverse<u32>,
     seq: u64,
     stage: StageIndex,
     job: JobId,
 }
 
+/// The rank of a stage that has waited past `reserve_after_ms`: it goes before every stage of
+/// its priority that has not, in arrival order among its peers, so no stream of stages with
+/// more work left can keep overtaking it.
+const STARVING: u32 = u32::MAX;
+
 impl QueueKey {
     /// Orders after every real key, to bound ranges of `(since, shape, key)`.
-    const LAST: QueueKey =
-        QueueKey { priority: Reverse(i32::MIN), seq: u64::MAX, stage: StageIndex::MAX, job: JobId(u128::MAX) };
+    const LAST: QueueKey = QueueKey {
+        priority: Reverse(i32::MIN),
+        rank: Reverse(0),
+        seq: u64::MAX,
+        stage: StageIndex::MAX,
+        job: JobId(u128::MAX),
+    };
+
+    /// The key of a waiting stage, starving (`STARVING` rank) or not.
+    fn of(job: &JobRun, stage: StageIndex, starving: bool) -> QueueKey {
+        let rank = if starving { STARVING } else { job.stages[stage].rank };
+        QueueKey { priority: Reverse(job.priority), rank: Reverse(rank), seq: job.seq, stage, job: job.id }
+    }
 }
 
 /// A distinct resource request. Stages that ask for the same thing wait in the same shape, so
@@ -478,6 +500,8 @@ pub struct State {
     last_full_pass: u64,
     /// What the last full pass withheld for starving stages; incremental passes honour it.
     last_reservation: Reservation,
+    /// Recent run times per stage, for the critical-path order.
+    durations: Durations,
 }
 
 /// A full pass over the whole queue runs at least this often (on the next event), so a
@@ -505,6 +529,7 @@ impl State {
             capacity_returned: false,
             fresh: Vec::new(),
             last_full_pass: 0,
+            durations: Durations::default(),
         }
     }
 
@@ -570,6 +595,13 @@ impl State {
     #[doc(hidden)]
     pub fn set_reference_scheduler(&mut self, linear: bool) {
         self.linear_pass = linear;
+    }
+
+    /// Records how long an attempt of a stage ran (the runtime calls it for attempts that
+    /// succeeded). The mean of a stage's recent attempts is its expected duration when the
+    /// pipeline declares none; it orders stages queued from now on.
+    pub fn record_duration(&mut self, pipeline: &str, stage: &str, ms: u64) {
+        self.durations.record(pipeline, stage, ms);
     }
 
     /// When the next timeout or retry delay falls due, if any.
@@ -678,6 +710,7 @@ impl State {
                 attempts: r.attempts,
                 failures: r.failures,
                 interruptions: r.interruptions,
+                rank: 0,
             })
             .collect();
         let any_started = restored.iter().any(|r| r.attempts > 0);
@@ -1042,20 +1075,33 @@ impl State {
         {
             self.visited = 0;
         }
-        if self.capacity_returned || now.saturating_sub(self.last_full_pass) >= FULL_PASS_INTERVAL_MS {
+        let mut full = self.capacity_returned || now.saturating_sub(self.last_full_pass) >= FULL_PASS_INTERVAL_MS;
+        if !full && !self.fresh.is_empty() {
+            // A stage that became starving since the last full pass, or was queued starving
+            // already (a retry whose delay ran out a while ago, or `reserve_after: 0`), goes
+            // before what reserved then: only a full pass gives it its place.
+            let became = self.update_starving(now);
+            full = became
+                || self.fresh.iter().any(|k| self.current_key(k.job, k.stage).is_some_and(|k| k.rank.0 == STARVING));
+        }
+        if full {
             self.capacity_returned = false;
             self.fresh.clear();
             self.last_full_pass = now;
             let mut reserved = self.inventory.new_reservation();
             if self.linear_pass {
-                let keys: Vec<QueueKey> = self.queue.iter().copied().collect();
+                // The index is kept as always (the API shows its order), but the reference
+                // orders the waiting stages itself, from their statuses.
+                self.update_starving(now);
+                let keys = self.reference_order(now);
                 self.try_start_linear(keys, &mut reserved, true, now, actions);
             } else {
                 self.full_pass(&mut reserved, now, actions);
             }
             self.last_reservation = reserved;
         } else if !self.fresh.is_empty() {
-            let mut keys = std::mem::take(&mut self.fresh);
+            let fresh = std::mem::take(&mut self.fresh);
+            let mut keys: Vec<QueueKey> = fresh.iter().filter_map(|k| self.current_key(k.job, k.stage)).collect();
             keys.sort();
             keys.dedup();
             let mut reserved = self.last_reservation.clone();
@@ -1137,6 +1183,25 @@ impl State {
         }
     }
 
+    /// Every waiting stage in served order, computed from the jobs alone (not from the index):
+    /// what the linear pass walks.
+    fn reference_order(&self, now: u64) -> Vec<QueueKey> {
+        let mut keys: Vec<QueueKey> = self
+            .jobs
+            .values()
+            .flat_map(|job| {
+                job.stages.iter().enumerate().filter_map(move |(i, run)| match run.status {
+                    StageStatus::Queued { since } => {
+                        Some(QueueKey::of(job, i, now.saturating_sub(since) >= self.config.reserve_after_ms))
+                    }
+                    _ => None,
+                })
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// The pass as it was before the queue was indexed by shape, kept as the reference
     /// (`set_reference_scheduler`): it walks every key it is given.
     fn try_start_linear(
@@ -1171,6 +1236,13 @@ impl State {
                 }
             }
         }
+    }
+
+    /// The key a waiting stage has in the index now, or `None` if it is not waiting.
+    fn current_key(&self, id: JobId, stage: StageIndex) -> Option<QueueKey> {
+        let job = self.jobs.get(&id)?;
+        let StageStatus::Queued { since } = job.stages[stage].status else { return None };
+        Some(QueueKey::of(job, stage, self.starving_upto.is_some_and(|upto| since <= upto)))
     }
 
     /// When a waiting stage was queued, or `None` if it is not waiting.
@@ -1211,43 +1283,65 @@ impl State {
     }
 
     /// Brings every shape's `starving` set up to `now`. Time moves forward, so each stage
-    /// enters its set once (a later `reserve_after_ms` moves stages back out).
-    fn update_starving(&mut self, now: u64) {
+    /// enters its set once (a later `reserve_after_ms` moves stages back out). Says whether
+    /// a waiting stage became starving.
+    fn update_starving(&mut self, now: u64) -> bool {
         let upto = self.starving_threshold(now);
         let (low, high, entering) = match upto.cmp(&self.starving_upto) {
-            Ordering::Equal => return,
+            Ordering::Equal => return false,
             Ordering::Greater => (self.starving_upto, upto, true),
             Ordering::Less => (upto, self.starving_upto, false),
         };
         let bound = |since: u64| (since, ShapeId::MAX, QueueKey::LAST);
         let lower = low.map_or(Bound::Unbounded, |since| Bound::Excluded(bound(since)));
         let upper = Bound::Included(bound(high.expect("above something")));
-        for (_, id, key) in self.by_since.range((lower, upper)) {
-            let starving = &mut self.shapes.get_mut(id).expect("waiting stages have a shape").starving;
+        // Each moves to (or back from) the starving rank: its key changes everywhere.
+        let moving: Vec<(u64, ShapeId, QueueKey)> = self.by_since.range((lower, upper)).copied().collect();
+        let became = entering && !moving.is_empty();
+        for (since, id, old) in moving {
+            let new = QueueKey::of(&self.jobs[&old.job], old.stage, entering);
+            self.queue.remove(&old);
+            self.queue.insert(new);
+            self.by_since.remove(&(since, id, old));
+            self.by_since.insert((since, id, new));
+            let shape = self.shapes.get_mut(&id).expect("waiting stages have a shape");
+            shape.queue.remove(&old);
+            shape.queue.insert(new);
             if entering {
-                starving.insert(*key);
+                shape.starving.insert(new);
             } else {
-                starving.remove(key);
+                shape.starving.remove(&old);
             }
         }
         self.starving_upto = upto;
+        became
     }
 
     /// The one place a stage's status changes, so the queue, its shape index and the timers
     /// stay in step.
     fn set_status(&mut self, id: JobId, stage: StageIndex, status: StageStatus) {
+        let upto = self.starving_upto;
+        let starving = |since: u64| upto.is_some_and(|upto| since <= upto);
         let job = self.jobs.get_mut(&id).expect("caller checked");
-        let key = QueueKey { priority: Reverse(job.priority), seq: job.seq, stage, job: id };
         let shape_id = job.shapes[stage];
         if let StageStatus::Queued { since } = job.stages[stage].status {
+            let key = QueueKey::of(job, stage, starving(since));
             self.queue.remove(&key);
             self.by_since.remove(&(since, shape_id, key));
             let shape = self.shapes.get_mut(&shape_id).expect("interned");
             shape.queue.remove(&key);
-            shape.starving.remove(&key);
+            // A starving stage that leaves the queue without starting may hold a reservation
+            // that incremental passes still honour: the next pass must be a full one.
+            if shape.starving.remove(&key) && !matches!(status, StageStatus::Running(_)) {
+                self.capacity_returned = true;
+            }
+        }
+        if let StageStatus::Queued { .. } = status {
+            job.stages[stage].rank = order::rank(self.durations.remaining(&job.pipeline, stage));
         }
         match &status {
             StageStatus::Queued { since } => {
+                let key = QueueKey::of(job, stage, starving(*since));
                 self.queue.insert(key);
                 self.by_since.insert((*since, shape_id, key));
                 let shape = self.shapes.get_mut(&shape_id).expect("interned");
@@ -1277,8 +1371,14 @@ mod tests {
     use crate::retry::RetryPolicy;
 
     fn pipeline(needs: ResourceRequest) -> Arc<Pipeline> {
-        let stage =
-            StageSpec { name: "s".into(), needs, after: vec![], timeout_ms: None, retry: RetryPolicy::no_retry() };
+        let stage = StageSpec {
+            name: "s".into(),
+            needs,
+            after: vec![],
+            timeout_ms: None,
+            retry: RetryPolicy::no_retry(),
+            expected_ms: None,
+        };
         Arc::new(Pipeline::new("p", vec![stage]).unwrap())
     }
 
@@ -1473,6 +1573,7 @@ mod tests {
             after: vec![],
             timeout_ms: Some(100),
             retry: RetryPolicy::no_retry(),
+            expected_ms: None,
         };
         let p = Arc::new(Pipeline::new("p", vec![stage]).unwrap());
         state.apply(Event::Submitted { job: JobId(1), seq: 1, priority: 0, pipeline: p }, 0).unwrap();
@@ -1544,5 +1645,112 @@ mod tests {
         assert!(state.inventory().is_idle());
         assert_eq!(state.shapes.len(), 0, "shapes are forgotten with their last job");
         assert!(most <= 2, "a pass visited {most} entries");
+    }
+
+    /// Report 004's chain: (name, GPU?, seconds).
+    const CHAIN: [(&str, bool, u64); 6] = [
+        ("extract", false, 2),
+        ("detect", true, 1),
+        ("crop", true, 2),
+        ("stitch", false, 1),
+        ("ocr", true, 3),
+        ("finalize", false, 1),
+    ];
+
+    fn chain() -> Arc<Pipeline> {
+        let stages = CHAIN
+            .iter()
+            .enumerate()
+            .map(|(i, (name, gpu, _))| StageSpec {
+                name: (*name).into(),
+                needs: if *gpu { ResourceRequest { gpus: 1, ..Default::default() } } else { cpu(1) },
+                after: if i == 0 { vec![] } else { vec![i - 1] },
+                timeout_ms: None,
+                retry: RetryPolicy::no_retry(),
+                expected_ms: None,
+            })
+            .collect();
+        Arc::new(Pipeline::new("chain", stages).unwrap())
+    }
+
+    /// A chain job restored with its first `done` stages succeeded: the next one is queued.
+    fn restore_at(state: &mut State, id: u128, done: usize, now: u64) -> Vec<Action> {
+        let stages = (0..CHAIN.len())
+            .map(|i| RestoredStage {
+                status: if i < done { RestoredStatus::Succeeded } else { RestoredStatus::NotStarted },
+                attempts: u32::from(i < done),
+                failures: 0,
+                interruptions: 0,
+            })
+            .collect();
+        state
+            .apply(Event::Restored { job: JobId(id), seq: id as u64, priority: 0, pipeline: chain(), stages }, now)
+            .unwrap()
+    }
+
+    /// Job 5 waits at ocr (3 s of GPU, then 1 s of CPU left), job 6 at crop (2 s of GPU, then
+    /// 1 + 3 + 1 s left) while the GPU is busy. When it frees, job 6's crop must go first:
+    /// arrival order would run job 5's ocr, and at the end the GPU would wait while job 6
+    /// stitches on the CPU.
+    fn tail_gap(measured: bool, reserve_after_ms: u64) -> (State, Vec<(u128, StageIndex)>) {
+        let capacity =
+            Capacity { gpus: vec![GpuDevice { index: 0, memory: 1 << 30 }], cpu: 4, counters: BTreeMap::new() };
+        let mut state = State::new(capacity, SchedulerConfig { reserve_after_ms });
+        if measured {
+            for (name, _, secs) in CHAIN {
+                // Measured means, as the runtime feeds them: a little noise around each.
+                for jitter in [0, 40, 80] {
+                    state.record_duration("chain", name, secs * 1_000 - 40 + jitter);
+                }
+            }
+        }
+        // Something else holds the GPU.
+        let holder = pipeline(gpu(0));
+        let a = state.apply(Event::Submitted { job: JobId(1), seq: 1, priority: 0, pipeline: holder }, 0).unwrap();
+        assert_eq!(started(&a), vec![1]);
+        assert!(started(&restore_at(&mut state, 5, 4, 10)).is_empty(), "ocr waits for the GPU");
+        assert!(started(&restore_at(&mut state, 6, 2, 20)).is_empty(), "crop waits for the GPU");
+        let order = state.waiting().map(|w| (w.job.0, w.stage)).collect();
+        (state, order)
+    }
+
+    #[test]
+    fn the_stage_with_more_work_left_downstream_goes_first() {
+        let (mut state, order) = tail_gap(true, 30_000);
+        assert_eq!(order, vec![(6, 2), (5, 4)], "job 6's crop before job 5's ocr");
+        let actions = exit(&mut state, 1, 1_000);
+        assert!(actions.iter().any(|a| matches!(a, Action::Start { job: JobId(6), stage: 2, .. })), "{actions:?}");
+        assert_eq!(state.waiting().map(|w| (w.job.0, w.stage)).collect::<Vec<_>>(), vec![(5, 4)]);
+    }
+
+    #[test]
+    fn with_no_durations_known_the_order_is_arrival() {
+        let (_, order) = tail_gap(false, 30_000);
+        assert_eq!(order, vec![(5, 4), (6, 2)]);
+    }
+
+    #[test]
+    fn declared_durations_order_without_measurements() {
+        let declared: Vec<StageSpec> = chain()
+            .stages
+            .iter()
+            .zip(CHAIN)
+            .map(|(s, (_, _, secs))| StageSpec { expected_ms: Some(secs * 1_000), ..s.clone() })
+            .collect();
+        let p = Pipeline::new("chain", declared).unwrap();
+        let d = Durations::default();
+        let remaining: Vec<u64> = (0..6).map(|i| d.remaining(&p, i)).collect();
+        assert_eq!(remaining, vec![10_000, 8_000, 7_000, 5_000, 4_000, 1_000]);
+    }
+
+    #[test]
+    fn a_stage_past_reserve_after_goes_before_those_with_more_work_left() {
+        let (mut state, order) = tail_gap(true, 5_000);
+        assert_eq!(order, vec![(6, 2), (5, 4)]);
+        // Job 5's ocr has waited past the bound at the next full pass: it goes first now.
+        assert!(state.apply(Event::Tick, 5_015).unwrap().is_empty());
+        assert_eq!(state.waiting().map(|w| (w.job.0, w.stage)).collect::<Vec<_>>(), vec![(5, 4), (6, 2)]);
+        let actions = exit(&mut state, 1, 5_020);
+        assert!(actions.iter().any(|a| matches!(a, Action::Start { job: JobId(5), stage: 4, .. })), "{actions:?}");
     }
 }

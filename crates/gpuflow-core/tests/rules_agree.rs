@@ -30,6 +30,7 @@ fn pipeline_strategy() -> impl Strategy<Value = Pipeline> {
                     after,
                     timeout_ms: Some(TIMEOUT_MS),
                     retry: RetryPolicy { max_attempts, initial_backoff_ms: 100, multiplier: 2.0, max_backoff_ms: 300 },
+                    expected_ms: None,
                 }
             })
             .collect();
@@ -355,6 +356,7 @@ fn a_chain_that_fails_twice_then_succeeds_agrees() {
         after,
         timeout_ms: Some(TIMEOUT_MS),
         retry: RetryPolicy { max_attempts: 3, initial_backoff_ms: 100, multiplier: 2.0, max_backoff_ms: 300 },
+        expected_ms: None,
     };
     let p = Pipeline::new("p", vec![stage("a", vec![]), stage("b", vec![0]), stage("c", vec![0])]).unwrap();
     let first = 0;
@@ -381,6 +383,7 @@ fn the_interruption_cap_after_spent_tries_agrees() {
         after: vec![],
         timeout_ms: Some(TIMEOUT_MS),
         retry: RetryPolicy { max_attempts: 4, initial_backoff_ms: 100, multiplier: 2.0, max_backoff_ms: 300 },
+        expected_ms: None,
     };
     let p = Pipeline::new("p", vec![spec]).unwrap();
     let mut ops = vec![Op::Fail(0, true), Op::Wait(100), Op::Fail(0, true), Op::Wait(200)];

@@ -1,6 +1,8 @@
 //! Property tests of the scheduler's invariants: all-or-nothing, no over-commit, every lease
-//! returns, dependency order, and no starvation of a large request; and a differential test:
-//! the shape-indexed scheduling pass decides exactly what the old linear pass decided.
+//! returns, dependency order, no starvation (a stage past `reserve_after` is not overtaken by
+//! one with more work left that takes what it needs), no idle GPU while a GPU stage could run
+//! on it; and a differential test: the shape-indexed scheduling pass decides exactly what the
+//! linear reference pass decided.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -44,6 +46,7 @@ fn pipeline_strategy(cap: Capacity) -> impl Strategy<Value = Pipeline> {
             prop::collection::vec(any::<prop::sample::Index>(), 0..=2),
             1u32..=3,
             prop::option::of(200u64..3_000),
+            prop::option::of(0u64..5_000),
         ),
         1..=4,
     )
@@ -51,7 +54,7 @@ fn pipeline_strategy(cap: Capacity) -> impl Strategy<Value = Pipeline> {
         let specs = stages
             .into_iter()
             .enumerate()
-            .map(|(i, (needs, after, max_attempts, timeout_ms))| {
+            .map(|(i, (needs, after, max_attempts, timeout_ms, expected_ms))| {
                 let mut after: Vec<usize> = if i == 0 { vec![] } else { after.iter().map(|ix| ix.index(i)).collect() };
                 after.sort();
                 after.dedup();
@@ -66,6 +69,7 @@ fn pipeline_strategy(cap: Capacity) -> impl Strategy<Value = Pipeline> {
                         multiplier: 2.0,
                         max_backoff_ms: 1_000,
                     },
+                    expected_ms,
                 }
             })
             .collect();
@@ -113,6 +117,11 @@ enum Op {
     },
     /// `State::schedule_pass` on its own, after events that were only handled.
     Pass,
+    /// The runtime reports how long an attempt of a stage ran (`State::record_duration`).
+    Duration {
+        stage: prop::sample::Index,
+        ms: u64,
+    },
 }
 
 /// An op, and whether its event is only handled (`State::handle`, as the runtime does for all
@@ -132,6 +141,7 @@ fn op_strategy(pipelines: usize) -> impl Strategy<Value = Step> {
         1 => (any::<prop::sample::Index>(), prop::sample::select(vec![0u64, 4, 30, 90]))
             .prop_map(|(device, gib)| Op::Foreign { device, gib }),
         1 => Just(Op::Pass),
+        3 => (any::<prop::sample::Index>(), 0u64..6_000).prop_map(|(stage, ms)| Op::Duration { stage, ms }),
     ];
     (op, prop::bool::weighted(0.25))
 }
@@ -192,6 +202,9 @@ struct Harness {
     succeeded: BTreeSet<(JobId, usize)>,
     /// With reservations off, nothing that fits may be left waiting after any event.
     check_work_conserving: bool,
+    /// A free GPU that fits a waiting GPU stage is only left idle for a starving stage.
+    check_gpu_busy: bool,
+    reserve_after_ms: u64,
 }
 
 impl Harness {
@@ -208,6 +221,8 @@ impl Harness {
             Some(event) => state.apply(event, now).expect("valid event"),
             None => state.schedule_pass(now),
         };
+        let before: BTreeMap<(JobId, usize), (i32, u64)> =
+            self.state.waiting().map(|w| ((w.job, w.stage), (w.priority, w.since))).collect();
         let actions = run(&mut self.state, event.clone());
         if let Some(reference) = &mut self.reference {
             let expected = run(reference, event);
@@ -239,6 +254,12 @@ impl Harness {
             }
         }
         self.check_capacity();
+        if !defer {
+            self.check_not_overtaken(&actions, &before);
+        }
+        if self.check_gpu_busy && !defer {
+            self.check_no_idle_gpu();
+        }
         // Work conservation holds after a pass, not between handled events.
         if self.check_work_conserving && !defer {
             for w in self.state.waiting() {
@@ -246,6 +267,59 @@ impl Harness {
                 let none = inventory.new_reservation();
                 let needs = &w.pipeline.stages[w.stage].needs;
                 assert!(inventory.try_grant(needs, &none).is_none(), "{needs:?} fits but was left waiting");
+            }
+        }
+    }
+
+    fn starving(&self, since: u64) -> bool {
+        self.now.saturating_sub(since) >= self.reserve_after_ms
+    }
+
+    /// No starvation: the first stage in line that has waited past `reserve_after` (highest
+    /// priority, then earliest job) was not overtaken by a stage of its priority or lower that
+    /// had not waited that long (whatever work it had left) and took what it needed: without
+    /// that stage's grant, it still would not fit. Nothing ahead of it reserves, so nothing
+    /// else can excuse it.
+    fn check_not_overtaken(&self, actions: &[Action], before: &BTreeMap<(JobId, usize), (i32, u64)>) {
+        let first = self
+            .state
+            .waiting()
+            .filter(|w| self.starving(w.since))
+            .min_by_key(|w| (std::cmp::Reverse(w.priority), w.job, w.stage));
+        let Some(s) = first else { return };
+        let needs = &s.pipeline.stages[s.stage].needs;
+        for action in actions {
+            let Action::Start { job, stage, grant, .. } = action else { continue };
+            // Only stages that waited before this step have a place in the queue to compare.
+            let Some(&(priority, since)) = before.get(&(*job, *stage)) else { continue };
+            if self.starving(since) || priority > s.priority {
+                continue;
+            }
+            let mut inventory = self.state.inventory().clone();
+            inventory.release(grant);
+            assert!(
+                inventory.try_grant(needs, &inventory.new_reservation()).is_none(),
+                "stage {stage} of {job:?} (waiting since {since}) took what the starving stage {} of {:?} (waiting since {}) needed",
+                s.stage,
+                s.job,
+                s.since
+            );
+        }
+    }
+
+    /// After a pass, a waiting GPU stage that fits the free inventory is held back only by a
+    /// reservation, which only a starving stage makes.
+    fn check_no_idle_gpu(&self) {
+        let any_starving = self.state.waiting().any(|w| self.starving(w.since));
+        for w in self.state.waiting() {
+            let needs = &w.pipeline.stages[w.stage].needs;
+            if needs.gpus == 0 && needs.gpu_memory == 0 {
+                continue;
+            }
+            let mut inventory = self.state.inventory().clone();
+            let none = inventory.new_reservation();
+            if inventory.try_grant(needs, &none).is_some() {
+                assert!(any_starving, "a GPU that fits {needs:?} is idle and no starving stage reserves it");
             }
         }
     }
@@ -304,9 +378,20 @@ proptest! {
         run_scenario(cap, pipelines, ops, true)?;
     }
 
+    /// After every pass, no free GPU fits a waiting GPU stage, unless a starving stage
+    /// reserved it; with random declared and measured durations reordering the queue.
+    #[test]
+    fn no_gpu_idles_while_a_gpu_stage_could_run(
+        (cap, pipelines, ops) in scenario(),
+        reserve_after_ms in prop::sample::select(vec![0u64, 200, 1_500, u64::MAX]),
+    ) {
+        run_ops(cap, pipelines, ops, Checks { reserve_after_ms, gpu_busy: true, ..Checks::default() })?;
+    }
+
     /// The shape-indexed pass against the linear pass it replaced (kept as the reference): the
     /// same random events, every kind of them, must give identical actions after every event,
-    /// with reservations for starving stages on, off, immediate or late.
+    /// with reservations for starving stages on, off, immediate or late, and random declared
+    /// and measured durations (the critical-path order).
     #[test]
     fn indexed_queue_matches_the_linear_pass(
         (cap, pipelines, ops) in scenario(),
@@ -316,18 +401,26 @@ proptest! {
     }
 
     /// A whole-GPU request behind a steady stream of small memory shares starts within the
-    /// reservation bound plus the longest small stage.
+    /// reservation bound plus the longest small stage, even when the small ones have more
+    /// work left (declared, or measured) and so go before it in the critical-path order.
     #[test]
-    fn large_request_is_not_starved(durations in prop::collection::vec(100u64..2_000, 30..60)) {
+    fn large_request_is_not_starved(
+        durations in prop::collection::vec(100u64..2_000, 30..60),
+        small_expected in prop::option::of(0u64..600_000),
+        big_measured in prop::option::of(0u64..10_000),
+    ) {
         let reserve_after = 5_000;
         let cap = Capacity { gpus: vec![GpuDevice { index: 0, memory: 80 * GIB }], cpu: 64, counters: BTreeMap::new() };
         let mut state = State::new(cap, SchedulerConfig { reserve_after_ms: reserve_after });
         let small = Arc::new(Pipeline::new("small", vec![StageSpec {
             name: "s".into(), needs: ResourceRequest { gpu_memory: 20 * GIB, ..Default::default() },
-            after: vec![], timeout_ms: None, retry: RetryPolicy::no_retry() }]).unwrap());
+            after: vec![], timeout_ms: None, retry: RetryPolicy::no_retry(), expected_ms: small_expected }]).unwrap());
+        if let Some(ms) = big_measured {
+            state.record_duration("big", "b", ms);
+        }
         let big = Arc::new(Pipeline::new("big", vec![StageSpec {
             name: "b".into(), needs: ResourceRequest { gpus: 1, ..Default::default() },
-            after: vec![], timeout_ms: None, retry: RetryPolicy::no_retry() }]).unwrap());
+            after: vec![], timeout_ms: None, retry: RetryPolicy::no_retry(), expected_ms: None }]).unwrap());
         let mut now = 0;
         let mut next = 1u128;
         let mut running: Vec<(JobId, u64)> = Vec::new(); // (job, ends at)
@@ -365,6 +458,15 @@ proptest! {
     }
 }
 
+/// What a scenario run checks besides the invariants every run checks.
+#[derive(Default)]
+struct Checks {
+    reserve_after_ms: u64,
+    work_conserving: bool,
+    gpu_busy: bool,
+    differential: bool,
+}
+
 fn run_scenario(
     cap: Capacity,
     pipelines: Vec<Pipeline>,
@@ -373,7 +475,12 @@ fn run_scenario(
 ) -> Result<(), TestCaseError> {
     // Reservations hold capacity back on purpose, so work conservation is checked without them.
     let reserve_after_ms = if check_work_conserving { u64::MAX } else { 1_500 };
-    run_ops(cap, pipelines, ops, reserve_after_ms, check_work_conserving, false)
+    run_ops(
+        cap,
+        pipelines,
+        ops,
+        Checks { reserve_after_ms, work_conserving: check_work_conserving, ..Checks::default() },
+    )
 }
 
 fn run_differential(
@@ -382,17 +489,11 @@ fn run_differential(
     ops: Vec<Step>,
     reserve_after_ms: u64,
 ) -> Result<(), TestCaseError> {
-    run_ops(cap, pipelines, ops, reserve_after_ms, false, true)
+    run_ops(cap, pipelines, ops, Checks { reserve_after_ms, differential: true, ..Checks::default() })
 }
 
-fn run_ops(
-    cap: Capacity,
-    pipelines: Vec<Pipeline>,
-    ops: Vec<Step>,
-    reserve_after_ms: u64,
-    check_work_conserving: bool,
-    differential: bool,
-) -> Result<(), TestCaseError> {
+fn run_ops(cap: Capacity, pipelines: Vec<Pipeline>, ops: Vec<Step>, checks: Checks) -> Result<(), TestCaseError> {
+    let Checks { reserve_after_ms, work_conserving: check_work_conserving, gpu_busy, differential } = checks;
     let pipelines: Vec<Arc<Pipeline>> = pipelines.into_iter().map(Arc::new).collect();
     let config = SchedulerConfig { reserve_after_ms };
     let reference = differential.then(|| {
@@ -406,6 +507,8 @@ fn run_ops(
         state: State::new(cap, config),
         reference,
         check_work_conserving,
+        check_gpu_busy: gpu_busy,
+        reserve_after_ms,
         now: 1_000,
         next_id: 1,
         submitted: BTreeSet::new(),
@@ -478,6 +581,17 @@ fn run_ops(
                 h.step(Some(Event::GpuForeign { device, bytes: gib * GIB }), defer);
             }
             Op::Pass => h.step(None, false),
+            Op::Duration { stage, ms } => {
+                // Any stage of any pipeline (they share the name `p`, as one pipeline would
+                // after a reload).
+                let stages: Vec<&str> =
+                    pipelines.iter().flat_map(|p| p.stages.iter().map(|s| s.name.as_str())).collect();
+                let name = stages[stage.index(stages.len())];
+                h.state.record_duration("p", name, ms);
+                if let Some(reference) = &mut h.reference {
+                    reference.record_duration("p", name, ms);
+                }
+            }
         }
     }
     // Whatever was only handled gets its pass; then the devices and the counter come back whole.
@@ -506,7 +620,7 @@ fn run_ops(
 }
 
 fn stage(name: &str, needs: ResourceRequest, after: Vec<usize>) -> StageSpec {
-    StageSpec { name: name.into(), needs, after, timeout_ms: None, retry: RetryPolicy::no_retry() }
+    StageSpec { name: name.into(), needs, after, timeout_ms: None, retry: RetryPolicy::no_retry(), expected_ms: None }
 }
 
 #[test]

@@ -117,6 +117,8 @@ struct LibraryStageFile {
     workdir: Option<PathBuf>,
     #[serde(default)]
     gpu_check: GpuCheck,
+    /// How long one attempt takes, for the queue's critical-path order.
+    expected: Option<Millis>,
 }
 
 #[derive(Deserialize)]
@@ -313,6 +315,8 @@ struct StageFile {
     workdir: Option<PathBuf>,
     #[serde(default)]
     gpu_check: GpuCheck,
+    /// How long one attempt takes, for the queue's critical-path order.
+    expected: Option<Millis>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -575,6 +579,7 @@ impl WorkflowLibrary {
                 env: l.env,
                 workdir: l.workdir,
                 gpu_check: l.gpu_check,
+                expected: l.expected,
             };
             stages.push(Spanned::new(stage, def.referenced, def.defined));
         }
@@ -1164,7 +1169,21 @@ fn compile_pipeline(
         if stage.timeout == Some(Millis(0)) {
             errors.at(at, field("timeout"), "must be more than 0; leave it out for no limit");
         }
-        specs.push(StageSpec { name: stage.name.clone(), needs, after, timeout_ms: stage.timeout.map(|m| m.0), retry });
+        if stage.expected == Some(Millis(0)) {
+            errors.at(
+                at,
+                field("expected"),
+                "`0s` is not a duration a stage can take; write how long one attempt usually runs (e.g. `3s`), or leave it out to use the mean of its recent attempts",
+            );
+        }
+        specs.push(StageSpec {
+            name: stage.name.clone(),
+            needs,
+            after,
+            timeout_ms: stage.timeout.map(|m| m.0),
+            retry,
+            expected_ms: stage.expected.map(|m| m.0),
+        });
     }
     if errors.list.len() > before {
         return None;
@@ -1493,6 +1512,32 @@ mod tests {
         assert_eq!(errors.0[0].field, "workers.m.prefetch");
         assert!(errors.0[0].line > 0, "{text}");
         assert!(text.contains("65") && text.contains("64") && text.contains("prefetch: 2"), "{text}");
+    }
+
+    fn expected_file(expected: &str) -> String {
+        format!(
+            "resources: {{gpus: none, cpu: 1}}\npipelines:\n  p:\n    stages:\n      - {{name: s, command: [true]{expected}}}\n"
+        )
+    }
+
+    #[test]
+    fn a_stage_may_declare_its_expected_duration() {
+        let config = Config::parse(&expected_file(", expected: 2.5s"), "t.yaml", &NoGpus).unwrap();
+        assert_eq!(config.pipelines["p"].core.stages[0].expected_ms, Some(2_500));
+        let config = Config::parse(&expected_file(""), "t.yaml", &NoGpus).unwrap();
+        assert_eq!(config.pipelines["p"].core.stages[0].expected_ms, None, "measured instead");
+    }
+
+    #[test]
+    fn a_zero_or_malformed_expected_duration_is_refused_with_its_field_and_fix() {
+        let errors = Config::parse(&expected_file(", expected: 0s"), "t.yaml", &NoGpus).unwrap_err();
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 1, "{text}");
+        assert_eq!(errors.0[0].field, "pipelines.p.stages[0].expected");
+        assert!(text.contains("`0s`") && text.contains("leave it out"), "{text}");
+        let errors = Config::parse(&expected_file(", expected: soon"), "t.yaml", &NoGpus).unwrap_err();
+        let text = errors.to_string();
+        assert!(text.contains("expected") && text.contains("soon"), "{text}");
     }
 
     #[test]

@@ -127,6 +127,9 @@ struct ExitDetails {
     output: Option<Value>,
     /// For a worker task: how many tasks its batch held.
     batch_size: Option<u32>,
+    /// How long a worker task ran on its instance, which is less than its attempt held the
+    /// lease when it was sent ahead behind another task.
+    ran_ms: Option<u64>,
 }
 
 enum Internal {
@@ -619,11 +622,16 @@ impl<S: Store> Runtime<S> {
                 }
             }
             Action::AttemptEnded { job, stage, attempt, result, next, ran_ms, .. } => {
+                let exit = self.exits.remove(&(job, stage, attempt));
                 if let Some(active) = self.jobs.get(&job) {
                     let spec = &active.pipeline.core.stages[stage];
                     self.metrics.ended(&active.pipeline_name, &spec.name, &spec.needs, result, next, ran_ms);
+                    // Successful attempts teach the queue how long the stage takes.
+                    if result == AttemptResult::Succeeded {
+                        let ran = exit.and_then(|e| e.ran_ms).unwrap_or(ran_ms);
+                        self.state.record_duration(&active.pipeline_name, &spec.name, ran);
+                    }
                 }
-                self.exits.remove(&(job, stage, attempt));
                 self.progress_ended((job, stage, attempt));
             }
             Action::StageCancelled { .. } => {}
@@ -848,7 +856,7 @@ fn outcome_of(report: AttemptReport) -> (Outcome, ExitDetails) {
     match report.status {
         ExitStatus::Code(0) => match report.output {
             Ok(output) => {
-                (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output, batch_size: None })
+                (Outcome::Succeeded, ExitDetails { exit_code: Some(0), signal: None, output, ..Default::default() })
             }
             Err(e) => (
                 Outcome::Failed { error: e, retryable: false },

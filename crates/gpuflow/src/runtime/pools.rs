@@ -120,6 +120,9 @@ pub(super) struct Instance {
     stop: Option<mpsc::UnboundedSender<InstanceStop>>,
     since_ms: u64,
     last_beat_ms: u64,
+    /// When its head task started running (a task sent ahead starts when the one before it
+    /// ends): how long a task ran, for the queue's measured stage durations.
+    head_since_ms: u64,
     /// The tasks sent to it, in the order it runs them; the first live one is the head.
     held: VecDeque<Held>,
     /// It announced the `prefetch` feature in `ready`.
@@ -158,6 +161,7 @@ impl Instance {
             stop: None,
             since_ms: now,
             last_beat_ms: now,
+            head_since_ms: now,
             held: VecDeque::new(),
             prefetch_ok: false,
             makes_job_dir: false,
@@ -572,8 +576,9 @@ impl<S: Store> Runtime<S> {
         let size = tasks.len() as u32;
         tracing::debug!(pool = %pool_name, index, first = %tasks[0].id, size, ahead, "dispatched a batch to a worker");
         if ahead == 0 {
-            // It becomes the head batch now: hang detection counts from here.
+            // It becomes the head batch now: hang detection and its run time count from here.
             inst.last_beat_ms = now;
+            inst.head_since_ms = now;
         }
         let batch = inst.next_batch;
         inst.next_batch += 1;
@@ -752,8 +757,11 @@ impl<S: Store> Runtime<S> {
                     _ if cancelled => {
                         // It had started before the `cancel` arrived; its attempt already ended.
                         tracing::info!(pool, index, task = %inst.held[at].id, "dropping the answer to a cancelled task");
-                        inst.held.remove(at);
+                        let batch = inst.held.remove(at).map(|h| h.batch);
                         inst.last_beat_ms = now;
+                        if inst.head().map(|h| h.batch) != batch {
+                            inst.head_since_ms = now;
+                        }
                         Ok(())
                     }
                     "result" => {
@@ -789,8 +797,13 @@ impl<S: Store> Runtime<S> {
         let p = self.pools.get_mut(pool).expect("known pool");
         let max_tasks = p.def.max_tasks_per_instance;
         let inst = &mut p.instances[index];
-        let Some(Held { key, size, .. }) = inst.held.remove(at) else { return Ok(()) };
+        let Some(Held { key, batch, size, .. }) = inst.held.remove(at) else { return Ok(()) };
+        let ran_ms = now.saturating_sub(inst.head_since_ms);
         inst.last_beat_ms = now;
+        // Once its batch is all answered, the next batch it holds starts running.
+        if inst.head().is_none_or(|h| h.batch != batch) {
+            inst.head_since_ms = now;
+        }
         inst.tasks_done += 1;
         inst.consecutive_failures = 0;
         inst.settle();
@@ -814,7 +827,8 @@ impl<S: Store> Runtime<S> {
             }
         }
         self.worker_tasks.remove(&key);
-        self.exits.insert(key, ExitDetails { output, batch_size: Some(size), ..Default::default() });
+        self.exits
+            .insert(key, ExitDetails { output, batch_size: Some(size), ran_ms: Some(ran_ms), ..Default::default() });
         self.sync_availability(pool);
         let (job, stage, attempt) = key;
         self.step(Event::AttemptExited { job, stage, attempt, outcome });
