@@ -14,7 +14,9 @@ use crate::gpu::GpuSource;
 pub struct SubmitJobRequest {
     /// Name of a pipeline in the pipeline file.
     pub pipeline: String,
-    /// The job input: a JSON object, checked against the pipeline's declared `inputs`.
+    /// The job input: a JSON object, checked against the pipeline's declared `inputs`. Left out or
+    /// `null`, it is `{}`. A value used in a command line may not hold a NUL byte, and the
+    /// command line it makes must fit the OS limits (else 400 `command_too_long`).
     #[serde(default = "empty_object")]
     pub input: Value,
     /// Higher runs first. Default 0.

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use super::dto::*;
 use super::error::{ApiError, ErrorBody};
 use super::{ApiJson, AppState};
-use crate::config::Config;
+use crate::config::{ArgLimits, CommandInputError, Config, PipelineDef};
 use crate::runtime::{MAX_BATCH, SubmitRequest, job_id_of};
 use crate::store::{JobDetail, JobFilter, JobRecord};
 
@@ -51,10 +51,25 @@ fn check_submission(config: &Config, body: SubmitJobRequest) -> Result<SubmitReq
     if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
         return Err(ApiError::bad_request("idempotency_key: must be 1 to 200 characters"));
     }
+    // `input: null` is the same as leaving it out.
+    let raw = if body.input.is_null() { serde_json::Value::Object(Default::default()) } else { body.input };
     let input = def
-        .validate_input(&body.input, &config.allowed_roots)
+        .validate_input(&raw, &config.allowed_roots)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()))?;
+    check_command_line(config, def, &input)?;
     Ok(SubmitRequest { pipeline: body.pipeline, input, priority: body.priority, idempotency_key: body.idempotency_key })
+}
+
+/// Refuses an input no stage process could be started with (a NUL byte in a command-line
+/// value, a command line over the OS limits), instead of accepting it and failing the stage.
+fn check_command_line(config: &Config, def: &PipelineDef, input: &serde_json::Value) -> Result<(), ApiError> {
+    let jobs = config.data_dir.join("jobs");
+    let jobs = std::path::absolute(&jobs).unwrap_or(jobs);
+    let job_dir = format!("{}/", jobs.display());
+    def.check_command_input(input, &job_dir, ArgLimits::of_this_os()).map_err(|e| match e {
+        CommandInputError::Nul(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
+        CommandInputError::TooLong(_) => ApiError::new(StatusCode::BAD_REQUEST, "command_too_long", e.to_string()),
+    })
 }
 
 /// How much larger than `limits.max_request_body` a batch body may be. Each job of a batch
@@ -206,11 +221,13 @@ pub async fn submit_workflow(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("video_path: {e}")))?;
     let mut input = serde_json::Map::new();
     input.insert(library.input_key.clone(), path.display().to_string().into());
+    let input = serde_json::Value::from(input);
+    check_command_line(&config, &def, &input)?;
     let submitted = app
         .engine
         .submit(SubmitRequest {
             pipeline: def.core.name.clone(),
-            input: input.into(),
+            input,
             priority: body.priority,
             idempotency_key: body.idempotency_key,
         })

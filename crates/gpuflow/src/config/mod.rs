@@ -1330,6 +1330,43 @@ fn batch_key(
     Ok(template)
 }
 
+/// The OS limits on one command line, as admission checks them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArgLimits {
+    /// Longest single argument, in bytes.
+    pub per_arg: usize,
+    /// Most bytes all arguments may take together (strings, their NULs and pointers), after
+    /// the environment every stage gets.
+    pub total: usize,
+}
+
+impl ArgLimits {
+    /// This host's limits: `ARG_MAX` less the engine's own environment (which stages inherit)
+    /// and room for the `GPUFLOW_*` variables; on Linux, also 128 KiB per argument.
+    pub fn of_this_os() -> ArgLimits {
+        static LIMITS: std::sync::OnceLock<ArgLimits> = std::sync::OnceLock::new();
+        *LIMITS.get_or_init(|| {
+            // SAFETY: sysconf has no preconditions.
+            let arg_max = unsafe { libc::sysconf(libc::_SC_ARG_MAX) };
+            let arg_max = if arg_max > 0 { arg_max as usize } else { 128 * 1024 };
+            let env: usize = std::env::vars_os().map(|(k, v)| k.len() + v.len() + 2 + 8).sum();
+            let total = arg_max.saturating_sub(env + 8 * 1024);
+            // Linux's MAX_ARG_STRLEN: 32 pages, the terminating NUL included.
+            let per_arg = if cfg!(target_os = "linux") { 32 * 4096 - 1 } else { total };
+            ArgLimits { per_arg, total }
+        })
+    }
+}
+
+/// Why a job's input cannot make a command line.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandInputError {
+    #[error("{0}; a value used in a command line cannot hold a NUL byte")]
+    Nul(InputError),
+    #[error("{0}")]
+    TooLong(String),
+}
+
 /// A rejected job input: which field, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("input.{field}: {message}")]
@@ -1374,6 +1411,12 @@ impl PipelineDef {
             if !ok {
                 return Err(err(key, format!("expected {:?}, got {}", spec.kind, type_name(value)).to_lowercase()));
             }
+            if let Some(s) = value.as_str()
+                && s.contains('\0')
+                && matches!(spec.kind, InputKind::String | InputKind::Path)
+            {
+                return Err(err(key, "holds a NUL byte, which no command line, environment or path can carry".into()));
+            }
             let value = if spec.kind == InputKind::Path {
                 let raw = value.as_str().expect("checked");
                 Value::String(check_path(raw, allowed_roots).map_err(|m| err(key, m))?.display().to_string())
@@ -1383,6 +1426,50 @@ impl PipelineDef {
             out.insert(key.clone(), value);
         }
         Ok(Value::Object(out))
+    }
+}
+
+impl PipelineDef {
+    /// Renders what admission can of each command stage's argv (stage outputs count as empty)
+    /// so that a value no process could be started with is refused now, not when the stage
+    /// runs: a NUL byte, or a command line over the OS limits.
+    pub fn check_command_input(
+        &self,
+        input: &Value,
+        job_dir: &str,
+        limits: ArgLimits,
+    ) -> Result<(), CommandInputError> {
+        // Job ids are 26 to 36 characters; count the longest.
+        let job_id = "x".repeat(36);
+        let ctx = template::RenderContext { input, outputs: &[], job_dir, job_id: &job_id };
+        for (index, stage) in self.stages.iter().enumerate() {
+            let StageExec::Command { command, env, .. } = stage else { continue };
+            let name = &self.core.stages[index].name;
+            let mut total: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2 + 8).sum();
+            for (position, template) in command.iter().enumerate() {
+                let (len, nul) = template.admission_check(&ctx);
+                if let Some(field) = nul {
+                    return Err(CommandInputError::Nul(InputError {
+                        field,
+                        message: format!("holds a NUL byte and stage `{name}` puts it in its command line"),
+                    }));
+                }
+                if len > limits.per_arg {
+                    return Err(CommandInputError::TooLong(format!(
+                        "stage `{name}`: argument {position} of its command would be {len} bytes, over the OS limit of {} bytes for one argument; pass large values in a file (a `path` input) instead",
+                        limits.per_arg
+                    )));
+                }
+                total += len + 1 + 8;
+            }
+            if total > limits.total {
+                return Err(CommandInputError::TooLong(format!(
+                    "stage `{name}`: its command line would be {total} bytes, over the OS limit of {} bytes (ARG_MAX less the environment); pass large values in a file (a `path` input) instead",
+                    limits.total
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1404,6 +1491,9 @@ pub fn check_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
         return Err(format!(
             "`{raw}`: path inputs are refused because no `allowed_roots` are configured; add the directory to `allowed_roots` in the pipeline file"
         ));
+    }
+    if raw.contains('\0') {
+        return Err(format!("{raw:?} holds a NUL byte, which no path can carry"));
     }
     let path = Path::new(raw);
     if !path.is_absolute() {

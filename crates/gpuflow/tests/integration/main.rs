@@ -14,6 +14,7 @@ mod dashboard;
 mod diagnosis;
 mod durability;
 mod failures;
+mod faults;
 mod pools;
 mod processes;
 mod reload;

@@ -1,0 +1,159 @@
+//! Faults the engine must ride out: bad bytes refused at the door, slow clients, paths that
+//! change after admission.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::fixture::*;
+
+async fn post_as(engine: &Engine, auth: Option<&str>, body: Value) -> (u16, Value) {
+    let mut r = engine.http.post(format!("{}/v1/jobs", engine.base)).json(&body);
+    if let Some(a) = auth {
+        r = r.header("authorization", a);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn bad_bytes_are_refused_at_the_door() {
+    let engine = Engine::start(
+        r#"
+auth: {token: "s3cret-token-of-enough-length"}
+resources: {gpus: none, cpu: 1}
+allowed_roots: ["{DIR}/media"]
+limits: {max_request_body: 8MiB}
+pipelines:
+  echo:
+    stages: [{name: say, command: [sh, -c, 'printf %s "$1" | wc -c > {job.dir}/n', sh, "{input.text}"]}]
+  many:
+    stages: [{name: wide, command: [echo, "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}", "{input.a}"]}]
+  typed:
+    inputs:
+      name: {type: string}
+      video: {type: path, required: false}
+    stages: [{name: s, command: ["true"]}]
+"#,
+    )
+    .await;
+    std::fs::create_dir_all(engine.path("media")).unwrap();
+    let auth = Some("Bearer s3cret-token-of-enough-length");
+    let cases: Vec<(&str, Value, &str, Vec<String>)> = vec![
+        (
+            "NUL in an argv value",
+            json!({"pipeline": "echo", "input": {"text": "a\u{0}b"}}),
+            "invalid_input",
+            vec!["input.text".into(), "NUL".into(), "`say`".into()],
+        ),
+        (
+            "NUL in a declared string",
+            json!({"pipeline": "typed", "input": {"name": "x\u{0}"}}),
+            "invalid_input",
+            vec!["input.name".into(), "NUL".into()],
+        ),
+        (
+            "NUL in a path",
+            json!({"pipeline": "typed", "input": {"name": "x", "video": format!("{}/a\u{0}b", engine.path("media").display())}}),
+            "invalid_input",
+            vec!["input.video".into(), "NUL".into()],
+        ),
+        (
+            "one argument over the OS limit",
+            json!({"pipeline": "echo", "input": {"text": "y".repeat(200_000)}}),
+            "command_too_long",
+            vec!["stage `say`".into(), "200000 bytes".into(), "131071".into()],
+        ),
+        (
+            "the whole command line over ARG_MAX",
+            json!({"pipeline": "many", "input": {"a": "z".repeat(130_000)}}),
+            "command_too_long",
+            vec!["stage `wide`".into(), "command line would be".into(), "ARG_MAX".into()],
+        ),
+    ];
+    for (what, body, code, needles) in cases {
+        let (status, body) = post_as(&engine, auth, body).await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        for needle in needles {
+            assert!(message.contains(&needle), "{what}: `{message}` should mention `{needle}`");
+        }
+    }
+    // The same refusals in a batch, per job.
+    let r = engine
+        .http
+        .post(format!("{}/v1/jobs/batch", engine.base))
+        .header("authorization", auth.unwrap())
+        .json(&json!({"jobs": [{"pipeline": "echo", "input": {"text": "\u{0}"}}, {"pipeline": "echo", "input": {"text": "ok"}}]}))
+        .send()
+        .await
+        .unwrap();
+    let batch: Value = r.json().await.unwrap();
+    assert_eq!(batch["jobs"][0]["error"]["code"], "invalid_input", "{batch}");
+    assert!(batch["jobs"][1]["id"].is_string(), "{batch}");
+
+    // The scheme is case-insensitive; the token is not.
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let (status, body) = post_as(
+            &engine,
+            Some(&format!("{scheme} s3cret-token-of-enough-length")),
+            json!({"pipeline": "typed", "input": {"name": "n"}}),
+        )
+        .await;
+        assert_eq!(status, 201, "{scheme}: {body}");
+    }
+    let (status, _) = post_as(
+        &engine,
+        Some("bearer S3CRET-TOKEN-OF-ENOUGH-LENGTH"),
+        json!({"pipeline": "typed", "input": {"name": "n"}}),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = post_as(
+        &engine,
+        Some("Basic s3cret-token-of-enough-length"),
+        json!({"pipeline": "typed", "input": {"name": "n"}}),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // `input: null` is `{}`: accepted, and refused only for what `{}` lacks.
+    let (status, body) = post_as(&engine, auth, json!({"pipeline": "typed", "input": null})).await;
+    assert_eq!(
+        (status, body["error"]["message"].as_str().map(|m| m.contains("input.name: is required"))),
+        (400, Some(true)),
+        "{body}"
+    );
+    let (status, body) = post_as(&engine, auth, json!({"pipeline": "echo", "input": null})).await;
+    assert_eq!(status, 201, "{body}");
+
+    // Just under the per-argument limit is accepted and really runs: the bound is not too tight.
+    let (status, body) =
+        post_as(&engine, auth, json!({"pipeline": "echo", "input": {"text": "w".repeat(120_000)}})).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let client = reqwest::Client::builder()
+        .default_headers([(reqwest::header::AUTHORIZATION, auth.unwrap().parse().unwrap())].into_iter().collect())
+        .build()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let job: Value =
+            client.get(format!("{}/v1/jobs/{id}", engine.base)).send().await.unwrap().json().await.unwrap();
+        if job["state"] == "succeeded" || job["state"] == "failed" {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let n = std::fs::read_to_string(engine.path(&format!("data/jobs/{id}/n"))).unwrap();
+    assert_eq!(n.trim(), "120000");
+
+    // Nothing refused was stored: 1 batch job, 3 bearer jobs, 1 null, 1 big.
+    let list: Value =
+        client.get(format!("{}/v1/jobs?limit=100", engine.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 6, "{list}");
+}
