@@ -6,6 +6,7 @@ pub mod dashboard;
 pub mod dto;
 pub mod error;
 mod handlers;
+pub mod listener;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -247,6 +247,9 @@ struct LimitsFile {
     log_max: Option<Bytes>,
     output_max: Option<Bytes>,
     kill_grace: Option<Millis>,
+    header_read_timeout: Option<Millis>,
+    idle_timeout: Option<Millis>,
+    max_connections: Option<u32>,
 }
 
 /// How an agent takes part in a shared PostgreSQL queue.
@@ -470,6 +473,12 @@ pub struct Limits {
     pub log_max: u64,
     pub output_max: u64,
     pub kill_grace_ms: u64,
+    /// A client must send a request's whole head within this, from its first byte.
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no request in flight is closed after this long quiet.
+    pub idle_timeout_ms: u64,
+    /// Open API connections at most; one more is answered 503 and closed.
+    pub max_connections: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -830,7 +839,19 @@ impl Config {
             log_max: file.limits.log_max.map(|b| b.0).unwrap_or(16 << 20),
             output_max: file.limits.output_max.map(|b| b.0).unwrap_or(1 << 20),
             kill_grace_ms: file.limits.kill_grace.map(|m| m.0).unwrap_or(5_000),
+            header_read_timeout_ms: file.limits.header_read_timeout.map(|m| m.0).unwrap_or(10_000),
+            idle_timeout_ms: file.limits.idle_timeout.map(|m| m.0).unwrap_or(60_000),
+            max_connections: file.limits.max_connections.unwrap_or(1024),
         };
+        for (key, value) in [
+            ("header_read_timeout", limits.header_read_timeout_ms),
+            ("idle_timeout", limits.idle_timeout_ms),
+            ("max_connections", limits.max_connections as u64),
+        ] {
+            if value == 0 {
+                errors.at(&start, &format!("limits.{key}"), "must be more than 0");
+            }
+        }
 
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));

@@ -157,3 +157,112 @@ pipelines:
         client.get(format!("{}/v1/jobs?limit=100", engine.base)).send().await.unwrap().json().await.unwrap();
     assert_eq!(list["jobs"].as_array().unwrap().len(), 6, "{list}");
 }
+
+/// Reads until the peer closes; true if it closed (EOF or reset) within `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 1}
+limits: {header_read_timeout: 1s, idle_timeout: 2s, max_connections: 12}
+pipelines:
+  p: {stages: [{name: s, command: ["true"]}]}
+"#,
+    )
+    .await;
+    let addr = engine.base.trim_start_matches("http://").to_string();
+
+    // Eight clients trickle a request head, one byte every 200 ms.
+    let started = std::time::Instant::now();
+    let mut trickles = Vec::new();
+    for _ in 0..8 {
+        let addr = addr.clone();
+        trickles.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+            for byte in head {
+                if s.write_all(&[*byte]).await.is_err() {
+                    return started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            panic!("the whole head went through in {:?}: never cut off", started.elapsed());
+        }));
+    }
+    // Meanwhile others are served, promptly.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..10 {
+        let t = std::time::Instant::now();
+        let (status, _) = engine.get("/v1/jobs").await;
+        assert_eq!(status, 200);
+        assert!(t.elapsed() < Duration::from_millis(500), "a normal request took {:?}", t.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in trickles {
+        let cut = t.await.unwrap();
+        // Cut at the 1 s header deadline (checked every 250 ms), seen on the next write.
+        assert!(cut >= Duration::from_millis(900) && cut < Duration::from_secs(4), "cut off after {cut:?}");
+    }
+
+    // A keep-alive connection that went quiet after its request is closed after idle_timeout,
+    // not before.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(!closed_within(&mut s, Duration::from_millis(1500)).await, "closed before idle_timeout");
+    assert!(closed_within(&mut s, Duration::from_secs(3)).await, "still open well after idle_timeout");
+
+    // The live feed is a request in flight, not an idle connection: it outlives idle_timeout.
+    let mut feed = engine.http.get(format!("{}/v1/events", engine.base)).send().await.unwrap();
+    assert_eq!(feed.status(), 200);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let id = engine.submit("p", json!({})).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut text = String::new();
+        while let Some(chunk) = feed.chunk().await.unwrap() {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if text.contains(&id) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(got, Ok(true), "the feed was cut");
+    drop(feed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Over max_connections: 503 with Retry-After, and the held slots come back.
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), extra.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1") && answer.contains("limits.max_connections"), "{answer}");
+    // The silent ones are closed at idle_timeout; then everyone is served again.
+    for s in &mut held {
+        assert!(closed_within(s, Duration::from_secs(4)).await, "a silent connection was never closed");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(engine.get("/healthz").await.0, 200);
+}
