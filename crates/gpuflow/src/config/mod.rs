@@ -427,6 +427,8 @@ pub struct PipelineDef {
     pub core: Arc<Pipeline>,
     pub stages: Vec<StageExec>,
     pub inputs: BTreeMap<String, InputSpec>,
+    /// Inputs that are paths under `allowed_roots`, checked again when a stage starts.
+    pub path_inputs: Vec<String>,
     pub max_queued: u32,
 }
 
@@ -600,7 +602,9 @@ impl WorkflowLibrary {
             &mut errors,
         );
         match def {
-            Some(def) if errors.list.is_empty() => Ok(Arc::new(def)),
+            Some(def) if errors.list.is_empty() => {
+                Ok(Arc::new(PipelineDef { path_inputs: vec![self.input_key.clone()], ..def }))
+            }
             _ => Err(format!("workflow_config.workflow_chain: this chain cannot run: {}", ConfigErrors(errors.list))),
         }
     }
@@ -1303,7 +1307,14 @@ fn compile_pipeline(
     if errors.list.len() > before {
         return None;
     }
-    Some(PipelineDef { core: Arc::new(pipeline), stages, inputs, max_queued: file.max_queued.unwrap_or(1_000) })
+    let path_inputs = inputs.iter().filter(|(_, spec)| spec.kind == InputKind::Path).map(|(k, _)| k.clone()).collect();
+    Some(PipelineDef {
+        core: Arc::new(pipeline),
+        stages,
+        inputs,
+        path_inputs,
+        max_queued: file.max_queued.unwrap_or(1_000),
+    })
 }
 
 /// Parses a worker stage's `batch_key`: a template over the job input only, on a pool that
@@ -1489,6 +1500,20 @@ impl PipelineDef {
                     limits.total
                 )));
             }
+        }
+        Ok(())
+    }
+}
+
+impl PipelineDef {
+    /// Resolves the job's path inputs again, as they are now: a path that was inside
+    /// `allowed_roots` at admission may have become a symlink out of them since.
+    pub fn recheck_paths(&self, input: &Value, allowed_roots: &[PathBuf]) -> Result<(), String> {
+        for key in &self.path_inputs {
+            let Some(raw) = input.get(key).and_then(Value::as_str) else { continue };
+            check_path(raw, allowed_roots).map_err(|e| {
+                format!("input.{key}: checked again as the stage started, {e} (it was inside them at admission; a symlink or rename moved it out)")
+            })?;
         }
         Ok(())
     }

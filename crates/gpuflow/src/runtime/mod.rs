@@ -639,6 +639,9 @@ impl<S: Store> Runtime<S> {
         grant: &Grant,
         queued_ms: u64,
     ) -> Result<(), String> {
+        if let Some(active) = self.jobs.get(&job) {
+            active.pipeline.recheck_paths(&active.input, &self.config.allowed_roots)?;
+        }
         if let Some(pool) = self.pool_of(job, stage) {
             return self.dispatch_to_pool(&pool, (job, stage, attempt), queued_ms);
         }

@@ -266,3 +266,47 @@ pipelines:
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(engine.get("/healthz").await.0, 200);
 }
+
+#[tokio::test]
+async fn a_symlink_planted_after_admission_fails_the_stage_instead_of_escaping_the_root() {
+    let engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 2}
+allowed_roots: ["{DIR}/media"]
+pipelines:
+  read:
+    inputs:
+      video: {type: path}
+    stages:
+      - {name: wait, command: [sleep, "1.5"]}
+      - {name: copy, command: [cp, "{input.video}", "{job.dir}/copied"]}
+"#,
+    )
+    .await;
+    std::fs::create_dir_all(engine.path("media")).unwrap();
+    std::fs::write(engine.path("secret"), "outside the root").unwrap();
+    std::fs::write(engine.path("media/real.mp4"), "inside").unwrap();
+
+    // Neither path exists outside the root at admission: `later.mp4` does not exist yet.
+    let later = engine.path("media/later.mp4");
+    let escaping = engine.submit("read", json!({"video": later.display().to_string()})).await;
+    let honest = engine.submit("read", json!({"video": engine.path("media/real.mp4").display().to_string()})).await;
+    // While `wait` runs, a symlink out of the root appears under the admitted name.
+    std::os::unix::fs::symlink(engine.path("secret"), &later).unwrap();
+
+    let job = engine.wait_final(&escaping, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let copy = &job["stages"][1];
+    assert_eq!(copy["state"], "failed", "{job}");
+    let error = copy["error"].as_str().unwrap();
+    for needle in ["input.video", "checked again", "outside the allowed roots"] {
+        assert!(error.contains(needle), "`{error}` should mention `{needle}`");
+    }
+    assert_eq!(copy["attempts"], 1, "not retried: it would escape again: {job}");
+    assert!(!engine.path(&format!("data/jobs/{escaping}/copied")).exists(), "the stage ran and read outside the root");
+
+    // A path that stayed inside runs as before.
+    let job = engine.wait_final(&honest, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(std::fs::read_to_string(engine.path(&format!("data/jobs/{honest}/copied"))).unwrap(), "inside");
+}
