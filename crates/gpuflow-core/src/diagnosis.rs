@@ -24,6 +24,8 @@ pub enum FindingKind {
     WorkerUnhealthy,
     /// GPU memory held by a process that holds no lease: kept out of the inventory.
     GpuMemoryForeign,
+    /// The engine's store cannot be written (full or failing disk); admission is refused.
+    StoreUnwritable,
 }
 
 impl FindingKind {
@@ -38,10 +40,11 @@ impl FindingKind {
             FindingKind::CudaDevicesOverridden => "cuda_visible_devices_overridden",
             FindingKind::WorkerUnhealthy => "worker_unhealthy",
             FindingKind::GpuMemoryForeign => "gpu_memory_foreign",
+            FindingKind::StoreUnwritable => "store_unwritable",
         }
     }
 
-    pub const ALL: [FindingKind; 9] = [
+    pub const ALL: [FindingKind; 10] = [
         FindingKind::GpuMemoryForeign,
         FindingKind::TaskStalled,
         FindingKind::GpuUnused,
@@ -51,6 +54,7 @@ impl FindingKind {
         FindingKind::SharedMemorySmall,
         FindingKind::CudaDevicesOverridden,
         FindingKind::WorkerUnhealthy,
+        FindingKind::StoreUnwritable,
     ];
 }
 

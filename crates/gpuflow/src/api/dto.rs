@@ -364,8 +364,13 @@ pub struct ReloadResponse {
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
+    /// `starting`, `ok`, or `degraded` (running, but the store cannot be written: new jobs
+    /// get 507; see `reason`).
     pub status: String,
     pub version: String,
+    /// Why it is degraded: the error, the data directory and its free space.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One engine sharing the PostgreSQL queue.

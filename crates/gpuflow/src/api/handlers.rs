@@ -579,16 +579,18 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
 }
 
 /// Readiness. 503 `starting` until start-up (the sweep of a dead engine's processes and
-/// recovery) is done, then 200 `ok`. Not behind auth.
+/// recovery) is done, then 200 `ok`, or 200 `degraded` with a `reason` while the store cannot
+/// be written. Not behind auth.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health), (status = 503, body = Health)), security(()))]
 pub async fn healthz(State(app): State<AppState>) -> (StatusCode, Json<Health>) {
     let ready = app.engine.is_ready();
+    let reason = app.engine.degraded();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (
-        status,
-        Json(Health {
-            status: if ready { "ok" } else { "starting" }.into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        }),
-    )
+    // Degraded stays 200: the engine runs its stages and serves reads; restarting it frees nothing.
+    let word = match (ready, &reason) {
+        (false, _) => "starting",
+        (true, Some(_)) => "degraded",
+        (true, None) => "ok",
+    };
+    (status, Json(Health { status: word.into(), version: env!("CARGO_PKG_VERSION").into(), reason }))
 }

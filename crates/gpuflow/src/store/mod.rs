@@ -21,6 +21,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("idempotency key is already used by job {0}")]
     DuplicateKey(String),
+    /// Writing failed for want of a working disk (also how tests inject the fault).
+    #[error("the store cannot be written: {0}")]
+    Unwritable(String),
 }
 
 impl StoreError {
@@ -37,6 +40,28 @@ impl StoreError {
                 }
                 _ => false,
             },
+            _ => false,
+        }
+    }
+}
+
+impl StoreError {
+    /// The disk under the store is full, failing or read-only: the engine keeps what it
+    /// could not write and retries, instead of stopping.
+    pub fn is_unwritable(&self) -> bool {
+        match self {
+            StoreError::Unwritable(_) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                let code = db.code().unwrap_or_default();
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    // SQLite (extended codes carry the primary in the low byte): READONLY 8,
+                    // IOERR 10, FULL 13, CANTOPEN 14.
+                    code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 13 | 14))
+                } else {
+                    // PostgreSQL: disk_full, io_error.
+                    code == "53100" || code == "58030"
+                }
+            }
             _ => false,
         }
     }
