@@ -111,10 +111,21 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let rows = TurnRows::build(jobs, batch);
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        Self::write_turn_rows(&mut tx, jobs, &rows).await?;
-        tx.commit().await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        let result: StoreResult<()> = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+            Self::write_turn_rows(&mut tx, jobs, &rows).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            // On a full disk SQLite rolls the transaction back itself, sqlx's rollback then
+            // fails and the connection would come back "inside" a transaction that no longer
+            // exists: every later write on it would fail. Close it instead of reusing it.
+            conn.close_on_drop();
+        }
+        result
     }
 
     async fn next_job_seq(&self) -> StoreResult<i64> {
@@ -581,7 +592,7 @@ impl<'a> UpdateGroups<'a> {
 /// matches`, `INSERT_CHUNK` rows a statement. With `must_match`, a statement that updated
 /// fewer rows than it carried is an error with that text.
 async fn update_from_values<'a>(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Transaction<'_, Sqlite>,
     table: &'static str,
     assignments: &str,
     matches: &'static str,
@@ -610,7 +621,7 @@ async fn update_from_values<'a>(
 
 impl SqliteStore {
     async fn write_turn_rows(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Transaction<'_, Sqlite>,
         jobs: &[NewJob],
         rows: &TurnRows<'_>,
     ) -> StoreResult<()> {

@@ -310,3 +310,137 @@ pipelines:
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(std::fs::read_to_string(engine.path(&format!("data/jobs/{honest}/copied"))).unwrap(), "inside");
 }
+
+/// A tmpfs mounted for one test; unmounted (lazily) when dropped.
+struct SmallDisk {
+    at: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a `size` tmpfs at `at`, or says why it cannot (not root, no mount permission).
+    fn mount(at: &std::path::Path, size: &str) -> Result<SmallDisk, String> {
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not running as root".into());
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(SmallDisk { at: at.to_path_buf() })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.at).status();
+        if let Some(parent) = self.at.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+/// Fills the file system holding `dir` with one file, until it is full.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![7u8; 16 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let mut small = [7u8; 512];
+    while f.write_all(&small[..]).is_ok() {}
+    small[0] = 0;
+    while f.write_all(&small[..1]).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[tokio::test]
+async fn a_full_disk_degrades_the_engine_instead_of_killing_it_and_it_resumes_when_space_returns() {
+    let mut disk = Err(String::new());
+    let engine = Engine::start_prepared(
+        r#"
+resources: {gpus: none, cpu: 4}
+pipelines:
+  long: {stages: [{name: s, command: [sleep, "4"]}]}
+  quick: {stages: [{name: s, command: ["true"]}]}
+"#,
+        &[],
+        |dir| disk = SmallDisk::mount(&dir.join("data"), "4m"),
+    )
+    .await;
+    if let Err(why) = &disk {
+        eprintln!("skipped: the real full-disk run needs a small tmpfs ({why}); the in-process test covers the logic");
+        return;
+    }
+    let data = engine.path("data");
+    let pid = engine.pid() as i32;
+    let long = engine.submit("long", json!({})).await;
+    engine
+        .wait_until("the long stage runs", Duration::from_secs(10), async |e| e.job(&long).await["state"] == "running")
+        .await;
+
+    fill(&data.join("filler"));
+    // Submit until the store says it is full. The submission whose write failed first is
+    // held (answered once written), so its request may not answer now.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
+    let pad = "p".repeat(64 * 1024);
+    let mut accepted = Vec::new();
+    let mut refusal = None;
+    for _ in 0..200 {
+        let r = client
+            .post(format!("{}/v1/jobs", engine.base))
+            .json(&json!({"pipeline": "quick", "input": {"pad": pad}}))
+            .send()
+            .await;
+        let Ok(r) = r else { continue };
+        let status = r.status().as_u16();
+        let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let body: Value = r.json().await.unwrap();
+        match status {
+            201 => accepted.push(body["id"].as_str().unwrap().to_string()),
+            507 => {
+                refusal = Some((body, retry_after));
+                break;
+            }
+            other => panic!("a full disk answered {other}: {body}"),
+        }
+    }
+    let (body, retry_after) = refusal.expect("never refused although the disk is full");
+    assert_eq!(body["error"]["code"], "store_unwritable", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    let canonical = std::path::absolute(&data).unwrap().display().to_string();
+    assert!(message.contains(&canonical) && message.contains("free"), "{message}");
+    assert_eq!(retry_after.as_deref(), Some("10"));
+
+    // Degraded, not dead: health says why, reads work, the finding is open.
+    let (status, health) = engine.get("/healthz").await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("degraded")), "{health}");
+    assert!(health["reason"].as_str().unwrap().contains(&canonical), "{health}");
+    assert_eq!(engine.get(&format!("/v1/jobs/{long}")).await.0, 200, "reads keep working");
+    let (_, diagnosis) = engine.get("/v1/diagnosis").await;
+    assert!(diagnosis.to_string().contains("store_unwritable"), "{diagnosis}");
+    // The long stage ends while the disk is full; the engine is still there after it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(alive(pid), "the engine exited on a full disk:\n{}", engine.log());
+    assert_eq!(engine.get("/healthz").await.1["status"], "degraded");
+
+    // Space returns: the engine resumes by itself.
+    std::fs::remove_file(data.join("filler")).unwrap();
+    engine
+        .wait_until("health is ok again", Duration::from_secs(15), async |e| {
+            e.get("/healthz").await.1["status"] == "ok"
+        })
+        .await;
+    assert_eq!(engine.wait_final(&long, Duration::from_secs(20)).await["state"], "succeeded", "the report was kept");
+    for id in &accepted {
+        assert_eq!(engine.wait_final(id, Duration::from_secs(30)).await["state"], "succeeded");
+    }
+    let fresh = engine.submit("quick", json!({})).await;
+    assert_eq!(engine.wait_final(&fresh, Duration::from_secs(20)).await["state"], "succeeded");
+    let (_, findings) = engine.get("/v1/diagnosis").await;
+    assert!(alive(pid));
+    drop(findings);
+}
