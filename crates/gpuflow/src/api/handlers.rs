@@ -24,6 +24,7 @@ fn time(ms: i64) -> String {
         (status = 200, description = "An earlier job with the same idempotency key", body = SubmitJobResponse),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+        (status = 507, description = "The store cannot be written (full disk); see Retry-After", body = ErrorBody),
     ))]
 pub async fn submit_job(
     State(app): State<AppState>,
@@ -89,6 +90,7 @@ pub const BATCH_BODY_FACTOR: usize = 16;
         (status = 401, description = "Missing or wrong bearer token (when `auth` is set)", body = ErrorBody),
         (status = 413, description = "Body over 16 x limits.max_request_body", body = ErrorBody),
         (status = 503, description = "Shutting down, or the store is unreachable; nothing was admitted", body = ErrorBody),
+        (status = 507, description = "The store cannot be written (full disk); nothing was admitted", body = ErrorBody),
     ))]
 pub async fn submit_batch(
     State(app): State<AppState>,
@@ -197,6 +199,7 @@ fn refused(e: ApiError) -> BatchEntry {
         (status = 200, description = "An earlier job with the same idempotency key", body = WorkflowResponse),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+        (status = 507, description = "The store cannot be written (full disk); see Retry-After", body = ErrorBody),
     ))]
 pub async fn submit_workflow(
     State(app): State<AppState>,
