@@ -154,6 +154,7 @@ async fn run_engine<S: Store>(
             }
         }
     });
+    tokio::spawn(crate::retention::run(store.clone(), shared.clone(), stop_rx.clone()));
     let app = api::router(AppState { engine, reads: Arc::new(store), config: shared.clone() });
     let server = tokio::spawn(api::listener::serve(listener, app, shared, stop_rx.clone()));
     let result = runtime.run(wait_stop(stop_rx)).await;

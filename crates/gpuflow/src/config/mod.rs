@@ -83,6 +83,8 @@ struct FileConfig {
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
+    retention: RetentionFile,
+    #[serde(default)]
     workers: BTreeMap<String, Spanned<WorkerFile>>,
     workflows: Option<Spanned<WorkflowsFile>>,
     #[serde(default)]
@@ -250,6 +252,50 @@ struct LimitsFile {
     header_read_timeout: Option<Millis>,
     idle_timeout: Option<Millis>,
     max_connections: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    succeeded: Option<Keep>,
+    failed: Option<Keep>,
+    cancelled: Option<Keep>,
+    interval: Option<Millis>,
+}
+
+/// `keep`, or how long to keep a finished job.
+struct Keep(Option<u64>);
+
+impl<'de> Deserialize<'de> for Keep {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim() == "keep" {
+            return Ok(Keep(None));
+        }
+        units::parse_duration(&text)
+            .map(|ms| Keep(Some(ms)))
+            .map_err(|e| de::Error::custom(format!("{e}; or write `keep` to never remove these jobs")))
+    }
+}
+
+/// How long finished jobs are kept, per final state (`None`: for ever), and how often the
+/// background pass looks for expired ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub succeeded_ms: Option<u64>,
+    pub failed_ms: Option<u64>,
+    pub cancelled_ms: Option<u64>,
+    pub interval_ms: u64,
+}
+
+impl Retention {
+    /// `(state, keep for)` for each final state that is not kept for ever.
+    pub fn expiring(&self) -> Vec<(&'static str, u64)> {
+        [("succeeded", self.succeeded_ms), ("failed", self.failed_ms), ("cancelled", self.cancelled_ms)]
+            .into_iter()
+            .filter_map(|(state, ms)| ms.map(|ms| (state, ms)))
+            .collect()
+    }
 }
 
 /// How an agent takes part in a shared PostgreSQL queue.
@@ -499,6 +545,7 @@ pub struct Config {
     pub auth_token: Option<String>,
     pub allowed_roots: Vec<PathBuf>,
     pub limits: Limits,
+    pub retention: Retention,
     pub workers: BTreeMap<String, Arc<WorkerDef>>,
     pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
     pub workflows: Option<WorkflowLibrary>,
@@ -879,6 +926,12 @@ impl Config {
             auth_token,
             allowed_roots: file.allowed_roots,
             limits,
+            retention: Retention {
+                succeeded_ms: file.retention.succeeded.and_then(|k| k.0),
+                failed_ms: file.retention.failed.and_then(|k| k.0),
+                cancelled_ms: file.retention.cancelled.and_then(|k| k.0),
+                interval_ms: file.retention.interval.map(|m| m.0.max(100)).unwrap_or(60_000),
+            },
             workers,
             pipelines,
             workflows,

@@ -96,6 +96,13 @@ impl Store for FaultyStore {
     async fn job_stats(&self, since_ms: i64) -> StoreResult<JobStats> {
         self.inner.job_stats(since_ms).await
     }
+    async fn expired_jobs(&self, state: &str, before: i64, limit: u32) -> StoreResult<Vec<(String, i64)>> {
+        self.inner.expired_jobs(state, before, limit).await
+    }
+    async fn delete_finished_jobs(&self, ids: &[String]) -> StoreResult<u64> {
+        self.check_writable()?;
+        self.inner.delete_finished_jobs(ids).await
+    }
 }
 
 struct Harness {

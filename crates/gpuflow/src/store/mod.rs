@@ -294,6 +294,17 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn running_attempts(&self) -> impl Future<Output = StoreResult<Vec<(String, AttemptRecord)>>> + Send;
     /// Job counts by pipeline and state, and jobs finished per minute since `since_ms`.
     fn job_stats(&self, since_ms: i64) -> impl Future<Output = StoreResult<JobStats>> + Send;
+    /// Retention: up to `limit` jobs that ended in `state` before `finished_before_ms`, in
+    /// arrival order, as `(id, finished_at)`.
+    fn expired_jobs(
+        &self,
+        state: &str,
+        finished_before_ms: i64,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<(String, i64)>>> + Send;
+    /// Retention: deletes these jobs with their stages and attempts, in one transaction; a
+    /// job that is not finished is left alone. Returns how many jobs went.
+    fn delete_finished_jobs(&self, ids: &[String]) -> impl Future<Output = StoreResult<u64>> + Send;
 }
 
 /// What the dashboard's overview shows.

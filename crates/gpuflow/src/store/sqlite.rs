@@ -286,6 +286,45 @@ impl Store for SqliteStore {
         rows.iter().map(|r| Ok((r.try_get("job_id")?, attempt_from_row(r)?))).collect()
     }
 
+    async fn expired_jobs(&self, state: &str, finished_before_ms: i64, limit: u32) -> StoreResult<Vec<(String, i64)>> {
+        // `jobs_by_state` walks this state's jobs in arrival order, near enough finish order
+        // that a pass finds the expired ones first.
+        let rows = sqlx::query_as::<_, (String, i64)>(
+            "SELECT id, finished_at FROM jobs WHERE state = ?1 AND finished_at < ?2 ORDER BY seq LIMIT ?3",
+        )
+        .bind(state)
+        .bind(finished_before_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    async fn delete_finished_jobs(&self, ids: &[String]) -> StoreResult<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut conn = self.pool.acquire().await?;
+        let result: StoreResult<u64> = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+            for sql in [
+                    "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))",
+                    "DELETE FROM stages WHERE job_id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))",
+                ] {
+                    sqlx::query(sql).bind(&ids).execute(&mut *tx).await?;
+            }
+            let gone = sqlx::query("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))").bind(&ids).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(gone.rows_affected())
+        }
+        .await;
+        if result.is_err() {
+            conn.close_on_drop();
+        }
+        result
+    }
+
     async fn job_stats(&self, since_ms: i64) -> StoreResult<JobStats> {
         let counts = sqlx::query("SELECT pipeline, state, count(*) AS n FROM jobs GROUP BY pipeline, state")
             .fetch_all(&self.pool)

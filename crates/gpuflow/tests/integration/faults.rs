@@ -444,3 +444,82 @@ pipelines:
     assert!(alive(pid));
     drop(findings);
 }
+
+fn gc(engine: &Engine, config: &str, dry_run: bool) -> String {
+    let path = engine.path("gc.yaml");
+    let text = format!(
+        "data_dir: {}\nresources: {{gpus: none}}\n{config}pipelines: {{p: {{stages: [{{name: s, command: [\"true\"]}}]}}}}\n",
+        engine.path("data").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["gc", "--config"]).arg(&path);
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn retention_removes_expired_jobs_rows_and_directories_and_gc_dry_run_lists_them() {
+    let engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 2}
+retention: {succeeded: 6s, failed: keep, cancelled: keep, interval: 300ms}
+pipelines:
+  ok: {stages: [{name: s, command: [sh, -c, "echo hello"]}]}
+  bad: {stages: [{name: s, command: [sh, -c, "echo oops >&2; exit 1"], retry: {max_attempts: 1}}]}
+"#,
+    )
+    .await;
+    let mut ok = Vec::new();
+    for _ in 0..3 {
+        ok.push(engine.submit("ok", json!({})).await);
+    }
+    let bad = engine.submit("bad", json!({})).await;
+    for id in &ok {
+        assert_eq!(engine.wait_final(id, Duration::from_secs(20)).await["state"], "succeeded");
+    }
+    assert_eq!(engine.wait_final(&bad, Duration::from_secs(20)).await["state"], "failed");
+    let dir = |id: &str| engine.path(&format!("data/jobs/{id}"));
+    assert!(ok.iter().all(|id| dir(id).exists()) && dir(&bad).exists(), "job directories exist");
+
+    // A dry run with a shorter retention lists exactly the succeeded jobs and removes nothing.
+    let listed = gc(&engine, "retention: {succeeded: 1ms, failed: keep}\n", true);
+    for id in &ok {
+        assert!(listed.contains(&format!("would remove {id} succeeded")), "{listed}");
+    }
+    assert!(!listed.contains(&bad), "a kept job was listed: {listed}");
+    assert!(listed.contains("3 jobs"), "{listed}");
+    for id in &ok {
+        assert_eq!(engine.get(&format!("/v1/jobs/{id}")).await.0, 200, "a dry run removed {id}");
+        assert!(dir(id).exists());
+    }
+
+    // The engine's own pass removes the succeeded jobs once past 6 s: rows and directories.
+    engine
+        .wait_until("succeeded jobs expire", Duration::from_secs(20), async |e| {
+            let mut gone = true;
+            for id in &ok {
+                gone &= e.get(&format!("/v1/jobs/{id}")).await.0 == 404;
+            }
+            gone
+        })
+        .await;
+    assert!(ok.iter().all(|id| !dir(id).exists()), "a directory outlived its job");
+    assert_eq!(engine.get(&format!("/v1/jobs/{bad}")).await.0, 200, "`failed: keep` kept the failed job");
+    assert!(dir(&bad).exists());
+    let (_, list) = engine.get("/v1/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+
+    // `gpuflow gc` (not a dry run) removes now, beside the running engine.
+    let removed = gc(&engine, "retention: {failed: 1ms}\n", false);
+    assert!(removed.contains(&format!("removed {bad} failed")), "{removed}");
+    assert_eq!(engine.get(&format!("/v1/jobs/{bad}")).await.0, 404);
+    assert!(!dir(&bad).exists());
+    // The engine carries on.
+    let fresh = engine.submit("ok", json!({})).await;
+    assert_eq!(engine.wait_final(&fresh, Duration::from_secs(20)).await["state"], "succeeded");
+}
