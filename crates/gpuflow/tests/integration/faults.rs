@@ -1,6 +1,7 @@
 //! Faults the engine must ride out: bad bytes refused at the door, slow clients, paths that
 //! change after admission.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -522,4 +523,96 @@ pipelines:
     // The engine carries on.
     let fresh = engine.submit("ok", json!({})).await;
     assert_eq!(engine.wait_final(&fresh, Duration::from_secs(20)).await["state"], "succeeded");
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Listing jobs reads only the columns it shows: with 400 stored jobs of 900 KiB inputs, 40
+/// listings of 500 jobs, 8 at a time, keep the engine's RSS within 100 MiB of its idle value.
+#[tokio::test]
+async fn listing_jobs_with_big_inputs_keeps_memory_within_100_mib_of_idle() {
+    let engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 2}
+limits: {max_request_body: 2MiB}
+diagnosis: {sample_interval: 1h}
+pipelines:
+  big: {max_queued: 1000, stages: [{name: s, command: ["gpuflow:noop"]}]}
+"#,
+    )
+    .await;
+    let pad = "x".repeat(900 * 1024);
+    let mut ids = Vec::new();
+    for chunk in 0..50 {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (http, base, pad) = (engine.http.clone(), engine.base.clone(), pad.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = http
+                    .post(format!("{base}/v1/jobs"))
+                    .json(&json!({"pipeline": "big", "input": {"pad": pad}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 201, "job {chunk}");
+                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+            }));
+        }
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+    }
+    assert_eq!(ids.len(), 400);
+    for id in &ids {
+        assert_eq!(engine.wait_final(id, Duration::from_secs(60)).await["state"], "succeeded");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = engine.pid();
+    let idle = rss_bytes(pid);
+
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(idle));
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss_bytes(pid), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut bytes = 0;
+    for _ in 0..5 {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (http, base) = (engine.http.clone(), engine.base.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = http.get(format!("{base}/v1/jobs?limit=500")).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let body = r.bytes().await.unwrap();
+                let list: Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(list["jobs"].as_array().unwrap().len(), 400);
+                body.len()
+            }));
+        }
+        for t in tasks {
+            bytes = t.await.unwrap();
+        }
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!("idle {:.1} MiB, peak {:.1} MiB during 40 listings (response {} bytes)", mib(idle), mib(peak), bytes);
+    assert!(bytes < 1 << 20, "a listing carried the inputs: {bytes} bytes");
+    assert!(peak < idle + (100 << 20), "RSS rose from {:.1} to {:.1} MiB", mib(idle), mib(peak));
 }
