@@ -616,3 +616,113 @@ pipelines:
     assert!(bytes < 1 << 20, "a listing carried the inputs: {bytes} bytes");
     assert!(peak < idle + (100 << 20), "RSS rose from {:.1} to {:.1} MiB", mib(idle), mib(peak));
 }
+
+#[tokio::test]
+async fn a_stage_dies_with_its_engine_on_kill_9() {
+    let mut engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 1}
+pipelines:
+  long: {stages: [{name: s, command: [sh, -c, 'echo $$ > {DIR}/stage.pid; exec sleep 60']}]}
+"#,
+    )
+    .await;
+    let id = engine.submit("long", json!({})).await;
+    let pid_file = engine.path("stage.pid");
+    engine
+        .wait_until("the stage runs", Duration::from_secs(20), async |e| {
+            e.path("stage.pid").exists() && e.job(&id).await["state"] == "running"
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid = read_pid(&pid_file);
+    assert!(alive(pid));
+    engine.kill9();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!alive(pid), "the stage outlived its engine (no restart has swept it yet)");
+}
+
+/// Three agents on PostgreSQL; one is `kill -9`ed while it holds GPU stages. Each stage logs
+/// a tick every 100 ms while it runs; from those logs no stage ran on two agents at
+/// overlapping times, and the dead agent's stages stopped ticking when it died.
+#[tokio::test]
+async fn a_killed_agents_gpu_stages_die_with_it_and_never_overlap_their_reruns() {
+    let Some(db) = TestDb::create() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let log = shared.path().join("ticks.log");
+    let ticking = format!(
+        "[sh, -c, 'i=0; while [ $i -lt 25 ]; do echo \"$GPUFLOW_STAGE $GPUFLOW_JOB_ID $GPUFLOW_ATTEMPT $(date +%s%N) $GPUFLOW_JOB_DIR\" >> {}; i=$((i+1)); sleep 0.1; done']",
+        log.display()
+    );
+    let config = format!(
+        r#"
+store: {url}
+cluster: {{lease_ttl: 2000ms, poll_interval: 200ms}}
+limits: {{kill_grace: 1s}}
+resources:
+  gpus: [{{memory: 16GiB}}, {{memory: 16GiB}}]
+  cpu: 2
+pipelines:
+  gpu:
+    max_queued: 1000
+    stages: [{{name: infer, command: {ticking}, needs: {{gpu: 1}}}}]
+"#,
+        url = db.url
+    );
+    let mut agents = Vec::new();
+    for _ in 0..3 {
+        agents.push(Engine::start(&config).await);
+    }
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        ids.push(agents[i % 3].submit("gpu", json!({})).await);
+    }
+    agents[1]
+        .wait_until("agent 1 holds GPU stages", Duration::from_secs(30), async |a| {
+            a.resources().await["leases"].as_array().is_some_and(|l| !l.is_empty())
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = agents[1].dir.path().display().to_string();
+    let killed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    agents[1].kill9();
+    for id in &ids {
+        assert_eq!(agents[0].wait_final(id, Duration::from_secs(120)).await["state"], "succeeded");
+    }
+
+    // (job, stage, attempt) -> (agent, first tick, last tick)
+    let mut runs: std::collections::BTreeMap<(String, String, u32), (String, u128, u128)> = Default::default();
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        let p: Vec<&str> = line.split_whitespace().collect();
+        let (stage, job, attempt, t, dir) = (p[0], p[1], p[2].parse().unwrap(), p[3].parse::<u128>().unwrap(), p[4]);
+        let agent = agents.iter().map(|a| a.dir.path().display().to_string()).find(|d| dir.starts_with(d)).unwrap();
+        let run = runs.entry((job.into(), stage.into(), attempt)).or_insert((agent, t, t));
+        run.1 = run.1.min(t);
+        run.2 = run.2.max(t);
+    }
+    let victim_runs: Vec<_> = runs.iter().filter(|(_, (a, _, _))| *a == victim).collect();
+    assert!(
+        victim_runs.iter().any(|(_, (_, _, last))| *last + 150_000_000 >= killed_at),
+        "the kill hit no running stage"
+    );
+    for ((job, stage, attempt), (_, _, last)) in &victim_runs {
+        assert!(
+            *last < killed_at + 150_000_000,
+            "{job}/{stage}/{attempt} kept running {} ms after its agent died",
+            (last - killed_at) / 1_000_000
+        );
+    }
+    let mut twice = 0;
+    for ((job, stage, a1), (agent1, s1, e1)) in &runs {
+        for ((job2, stage2, a2), (agent2, s2, e2)) in &runs {
+            if job == job2 && stage == stage2 && a1 < a2 && agent1 != agent2 && s2 <= e1 && s1 <= e2 {
+                twice += 1;
+                eprintln!("{job}/{stage}: attempt {a1} on {agent1} overlapped attempt {a2} on {agent2}");
+            }
+        }
+    }
+    assert_eq!(twice, 0, "stages ran on two agents at once");
+}
