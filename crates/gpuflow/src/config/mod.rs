@@ -900,7 +900,7 @@ impl Config {
             ("max_connections", limits.max_connections as u64),
         ] {
             if value == 0 {
-                errors.at(&start, &format!("limits.{key}"), "must be more than 0");
+                errors.at(&start, format!("limits.{key}"), "must be more than 0");
             }
         }
 

@@ -40,7 +40,8 @@ pipelines:
     )
     .await;
     std::fs::create_dir_all(engine.path("media")).unwrap();
-    let auth = Some("Bearer s3cret-token-of-enough-length");
+    let bearer = "Bearer s3cret-token-of-enough-length";
+    let auth = Some(bearer);
     let cases: Vec<(&str, Value, &str, Vec<String>)> = vec![
         (
             "NUL in an argv value",
@@ -86,7 +87,7 @@ pipelines:
     let r = engine
         .http
         .post(format!("{}/v1/jobs/batch", engine.base))
-        .header("authorization", auth.unwrap())
+        .header("authorization", bearer)
         .json(&json!({"jobs": [{"pipeline": "echo", "input": {"text": "\u{0}"}}, {"pipeline": "echo", "input": {"text": "ok"}}]}))
         .send()
         .await
@@ -136,7 +137,7 @@ pipelines:
     assert_eq!(status, 201, "{body}");
     let id = body["id"].as_str().unwrap().to_string();
     let client = reqwest::Client::builder()
-        .default_headers([(reqwest::header::AUTHORIZATION, auth.unwrap().parse().unwrap())].into_iter().collect())
+        .default_headers([(reqwest::header::AUTHORIZATION, bearer.parse().unwrap())].into_iter().collect())
         .build()
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
