@@ -231,10 +231,15 @@ pipelines:
     assert!(closed_within(&mut s, Duration::from_secs(3)).await, "still open well after idle_timeout");
 
     // The live feed is a request in flight, not an idle connection: it outlives idle_timeout.
-    let mut feed = engine.http.get(format!("{}/v1/events", engine.base)).send().await.unwrap();
+    // (A client that keeps idle connections longer than idle_timeout may pick one the engine
+    // is closing; from here on, one without a pool.)
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let mut feed = fresh.get(format!("{}/v1/events", engine.base)).send().await.unwrap();
     assert_eq!(feed.status(), 200);
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let id = engine.submit("p", json!({})).await;
+    let r = fresh.post(format!("{}/v1/jobs", engine.base)).json(&json!({"pipeline": "p"})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let got = tokio::time::timeout(Duration::from_secs(5), async {
         let mut text = String::new();
         while let Some(chunk) = feed.chunk().await.unwrap() {
@@ -266,7 +271,8 @@ pipelines:
         assert!(closed_within(s, Duration::from_secs(4)).await, "a silent connection was never closed");
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(engine.get("/healthz").await.0, 200);
+    let health = fresh.get(format!("{}/healthz", engine.base)).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
 }
 
 #[tokio::test]
