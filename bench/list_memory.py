@@ -42,7 +42,7 @@ pipelines:
         pad = "x" * (args.input_kib * 1024)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: call(base, "POST", "/v1/jobs", {"pipeline": "big", "input": {"pad": pad}}), range(args.jobs)))
-        while call(base, "GET", "/v1/jobs?state=succeeded&limit=1000")["jobs"].__len__() < args.jobs:
+        while call(base, "GET", "/v1/jobs?state=succeeded&limit=500")["jobs"].__len__() < args.jobs:
             time.sleep(0.1)
         time.sleep(0.5)
         idle = rss(engine.pid)
