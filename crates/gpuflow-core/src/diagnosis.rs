@@ -29,6 +29,8 @@ pub enum FindingKind {
     ForkAfterCuda,
     /// GPU memory held by a leftover of ours (engine marker, no live lease): being reclaimed.
     GpuMemoryOrphaned,
+    /// The engine's store cannot be written (full or failing disk); admission is refused.
+    StoreUnwritable,
 }
 
 impl FindingKind {
@@ -45,10 +47,11 @@ impl FindingKind {
             FindingKind::GpuMemoryForeign => "gpu_memory_foreign",
             FindingKind::ForkAfterCuda => "fork_after_cuda",
             FindingKind::GpuMemoryOrphaned => "gpu_memory_orphaned",
+            FindingKind::StoreUnwritable => "store_unwritable",
         }
     }
 
-    pub const ALL: [FindingKind; 11] = [
+    pub const ALL: [FindingKind; 12] = [
         FindingKind::GpuMemoryForeign,
         FindingKind::TaskStalled,
         FindingKind::GpuUnused,
@@ -60,6 +63,7 @@ impl FindingKind {
         FindingKind::WorkerUnhealthy,
         FindingKind::ForkAfterCuda,
         FindingKind::GpuMemoryOrphaned,
+        FindingKind::StoreUnwritable,
     ];
 }
 

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod gpu;
+pub mod retention;
 pub mod runtime;
 pub mod serve;
 pub mod store;

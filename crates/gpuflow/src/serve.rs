@@ -154,9 +154,9 @@ async fn run_engine<S: Store>(
             }
         }
     });
-    let app = api::router(AppState { engine, reads: Arc::new(store), config: shared });
-    let server =
-        tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(wait_stop(stop_rx.clone())).into_future());
+    tokio::spawn(crate::retention::run(store.clone(), shared.clone(), stop_rx.clone()));
+    let app = api::router(AppState { engine, reads: Arc::new(store), config: shared.clone() });
+    let server = tokio::spawn(api::listener::serve(listener, app, shared, stop_rx.clone()));
     let result = runtime.run(wait_stop(stop_rx)).await;
     server.abort();
     result?;

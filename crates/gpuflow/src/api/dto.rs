@@ -14,7 +14,9 @@ use crate::gpu::GpuSource;
 pub struct SubmitJobRequest {
     /// Name of a pipeline in the pipeline file.
     pub pipeline: String,
-    /// The job input: a JSON object, checked against the pipeline's declared `inputs`.
+    /// The job input: a JSON object, checked against the pipeline's declared `inputs`. Left out or
+    /// `null`, it is `{}`. A value used in a command line may not hold a NUL byte, and the
+    /// command line it makes must fit the OS limits (else 400 `command_too_long`).
     #[serde(default = "empty_object")]
     pub input: Value,
     /// Higher runs first. Default 0.
@@ -378,8 +380,13 @@ pub struct ReloadResponse {
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
+    /// `starting`, `ok`, or `degraded` (running, but the store cannot be written: new jobs
+    /// get 507; see `reason`).
     pub status: String,
     pub version: String,
+    /// Why it is degraded: the error, the data directory and its free space.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One engine sharing the PostgreSQL queue.

@@ -52,11 +52,13 @@ impl From<EngineError> for ApiError {
             | EngineError::ReloadRefused(_) => StatusCode::CONFLICT,
             EngineError::ShuttingDown | EngineError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::NotClustered => StatusCode::CONFLICT,
+            EngineError::StoreUnwritable(_) => StatusCode::INSUFFICIENT_STORAGE,
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let retry_after_s = match e {
             EngineError::QueueFull { .. } => Some(5),
             EngineError::StoreUnavailable(_) => Some(1),
+            EngineError::StoreUnwritable(_) => Some(10),
             _ => None,
         };
         ApiError { status, code: e.code(), message: e.to_string(), retry_after_s }

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use super::dto::*;
 use super::error::{ApiError, ErrorBody};
 use super::{ApiJson, AppState};
-use crate::config::Config;
+use crate::config::{ArgLimits, CommandInputError, Config, PipelineDef};
 use crate::runtime::{MAX_BATCH, StageProgress, SubmitRequest, job_id_of};
 use crate::store::{JobDetail, JobFilter, JobRecord};
 
@@ -28,6 +28,7 @@ pub(crate) fn progress_view(p: StageProgress) -> ProgressView {
         (status = 200, description = "An earlier job with the same idempotency key", body = SubmitJobResponse),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+        (status = 507, description = "The store cannot be written (full disk); see Retry-After", body = ErrorBody),
     ))]
 pub async fn submit_job(
     State(app): State<AppState>,
@@ -55,10 +56,25 @@ fn check_submission(config: &Config, body: SubmitJobRequest) -> Result<SubmitReq
     if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
         return Err(ApiError::bad_request("idempotency_key: must be 1 to 200 characters"));
     }
+    // `input: null` is the same as leaving it out.
+    let raw = if body.input.is_null() { serde_json::Value::Object(Default::default()) } else { body.input };
     let input = def
-        .validate_input(&body.input, &config.allowed_roots)
+        .validate_input(&raw, &config.allowed_roots)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()))?;
+    check_command_line(config, def, &input)?;
     Ok(SubmitRequest { pipeline: body.pipeline, input, priority: body.priority, idempotency_key: body.idempotency_key })
+}
+
+/// Refuses an input no stage process could be started with (a NUL byte in a command-line
+/// value, a command line over the OS limits), instead of accepting it and failing the stage.
+fn check_command_line(config: &Config, def: &PipelineDef, input: &serde_json::Value) -> Result<(), ApiError> {
+    let jobs = config.data_dir.join("jobs");
+    let jobs = std::path::absolute(&jobs).unwrap_or(jobs);
+    let job_dir = format!("{}/", jobs.display());
+    def.check_command_input(input, &job_dir, ArgLimits::of_this_os()).map_err(|e| match e {
+        CommandInputError::Nul(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
+        CommandInputError::TooLong(_) => ApiError::new(StatusCode::BAD_REQUEST, "command_too_long", e.to_string()),
+    })
 }
 
 /// How much larger than `limits.max_request_body` a batch body may be. Each job of a batch
@@ -78,6 +94,7 @@ pub const BATCH_BODY_FACTOR: usize = 16;
         (status = 401, description = "Missing or wrong bearer token (when `auth` is set)", body = ErrorBody),
         (status = 413, description = "Body over 16 x limits.max_request_body", body = ErrorBody),
         (status = 503, description = "Shutting down, or the store is unreachable; nothing was admitted", body = ErrorBody),
+        (status = 507, description = "The store cannot be written (full disk); nothing was admitted", body = ErrorBody),
     ))]
 pub async fn submit_batch(
     State(app): State<AppState>,
@@ -186,6 +203,7 @@ fn refused(e: ApiError) -> BatchEntry {
         (status = 200, description = "An earlier job with the same idempotency key", body = WorkflowResponse),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+        (status = 507, description = "The store cannot be written (full disk); see Retry-After", body = ErrorBody),
     ))]
 pub async fn submit_workflow(
     State(app): State<AppState>,
@@ -210,11 +228,13 @@ pub async fn submit_workflow(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("video_path: {e}")))?;
     let mut input = serde_json::Map::new();
     input.insert(library.input_key.clone(), path.display().to_string().into());
+    let input = serde_json::Value::from(input);
+    check_command_line(&config, &def, &input)?;
     let submitted = app
         .engine
         .submit(SubmitRequest {
             pipeline: def.core.name.clone(),
-            input: input.into(),
+            input,
             priority: body.priority,
             idempotency_key: body.idempotency_key,
         })
@@ -574,16 +594,18 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
 }
 
 /// Readiness. 503 `starting` until start-up (the sweep of a dead engine's processes and
-/// recovery) is done, then 200 `ok`. Not behind auth.
+/// recovery) is done, then 200 `ok`, or 200 `degraded` with a `reason` while the store cannot
+/// be written. Not behind auth.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health), (status = 503, body = Health)), security(()))]
 pub async fn healthz(State(app): State<AppState>) -> (StatusCode, Json<Health>) {
     let ready = app.engine.is_ready();
+    let reason = app.engine.degraded();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (
-        status,
-        Json(Health {
-            status: if ready { "ok" } else { "starting" }.into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        }),
-    )
+    // Degraded stays 200: the engine runs its stages and serves reads; restarting it frees nothing.
+    let word = match (ready, &reason) {
+        (false, _) => "starting",
+        (true, Some(_)) => "degraded",
+        (true, None) => "ok",
+    };
+    (status, Json(Health { status: word.into(), version: env!("CARGO_PKG_VERSION").into(), reason }))
 }

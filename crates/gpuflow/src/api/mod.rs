@@ -6,6 +6,7 @@ pub mod dashboard;
 pub mod dto;
 pub mod error;
 mod handlers;
+pub mod listener;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -160,8 +161,10 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string)
+        // The scheme is case-insensitive (RFC 9110); the token is not.
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim_start().to_string())
         .or(from_query);
     let presented = presented.as_deref();
     match presented {

@@ -93,6 +93,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove finished jobs past their `retention` now (rows and directories), as the engine
+    /// does in the background; with --dry-run, only list them.
+    Gc {
+        #[arg(long, short, env = "GPUFLOW_CONFIG", default_value = "gpuflow.yaml")]
+        config: PathBuf,
+        /// List what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -208,11 +217,40 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Gc { config, dry_run } => gc(&config, dry_run).await,
         Command::Openapi => {
             println!("{}", crate::api::openapi_json());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn gc(file: &std::path::Path, dry_run: bool) -> Result<ExitCode> {
+    use crate::config::StoreSetting;
+    let config = crate::config::Config::load(file, &crate::gpu::NvmlProbe).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let retention = &config.retention;
+    if retention.expiring().is_empty() {
+        println!("{}: `retention` keeps every finished job; nothing to remove", file.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let data_dir = std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    let setting = match std::env::var("GPUFLOW_STORE") {
+        Ok(v) if !v.trim().is_empty() => StoreSetting::parse(&v).map_err(|e| anyhow::anyhow!("GPUFLOW_STORE: {e}"))?,
+        _ => config.store.clone(),
+    };
+    match setting {
+        StoreSetting::Sqlite => {
+            let db = data_dir.join("gpuflow.db");
+            anyhow::ensure!(db.exists(), "no store at {}: check `data_dir` in {}", db.display(), file.display());
+            let store = crate::store::SqliteStore::open(&db).await?;
+            crate::retention::gc(&store, retention, &data_dir, dry_run).await?;
+        }
+        StoreSetting::Postgres(url) => {
+            let store = crate::store::PgStore::connect(&url, &format!("gc-{}", uuid::Uuid::now_v7())).await?;
+            crate::retention::gc(&store, retention, &data_dir, dry_run).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(file: &std::path::Path) -> Result<ExitCode> {

@@ -83,6 +83,8 @@ struct FileConfig {
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
+    retention: RetentionFile,
+    #[serde(default)]
     workers: BTreeMap<String, Spanned<WorkerFile>>,
     workflows: Option<Spanned<WorkflowsFile>>,
     #[serde(default)]
@@ -252,6 +254,53 @@ struct LimitsFile {
     log_max: Option<Bytes>,
     output_max: Option<Bytes>,
     kill_grace: Option<Millis>,
+    header_read_timeout: Option<Millis>,
+    idle_timeout: Option<Millis>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    succeeded: Option<Keep>,
+    failed: Option<Keep>,
+    cancelled: Option<Keep>,
+    interval: Option<Millis>,
+}
+
+/// `keep`, or how long to keep a finished job.
+struct Keep(Option<u64>);
+
+impl<'de> Deserialize<'de> for Keep {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim() == "keep" {
+            return Ok(Keep(None));
+        }
+        units::parse_duration(&text)
+            .map(|ms| Keep(Some(ms)))
+            .map_err(|e| de::Error::custom(format!("{e}; or write `keep` to never remove these jobs")))
+    }
+}
+
+/// How long finished jobs are kept, per final state (`None`: for ever), and how often the
+/// background pass looks for expired ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub succeeded_ms: Option<u64>,
+    pub failed_ms: Option<u64>,
+    pub cancelled_ms: Option<u64>,
+    pub interval_ms: u64,
+}
+
+impl Retention {
+    /// `(state, keep for)` for each final state that is not kept for ever.
+    pub fn expiring(&self) -> Vec<(&'static str, u64)> {
+        [("succeeded", self.succeeded_ms), ("failed", self.failed_ms), ("cancelled", self.cancelled_ms)]
+            .into_iter()
+            .filter_map(|(state, ms)| ms.map(|ms| (state, ms)))
+            .collect()
+    }
 }
 
 /// How an agent takes part in a shared PostgreSQL queue.
@@ -431,6 +480,8 @@ pub struct PipelineDef {
     pub core: Arc<Pipeline>,
     pub stages: Vec<StageExec>,
     pub inputs: BTreeMap<String, InputSpec>,
+    /// Inputs that are paths under `allowed_roots`, checked again when a stage starts.
+    pub path_inputs: Vec<String>,
     pub max_queued: u32,
 }
 
@@ -477,6 +528,12 @@ pub struct Limits {
     pub log_max: u64,
     pub output_max: u64,
     pub kill_grace_ms: u64,
+    /// A client must send a request's whole head within this, from its first byte.
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no request in flight is closed after this long quiet.
+    pub idle_timeout_ms: u64,
+    /// Open API connections at most; one more is answered 503 and closed.
+    pub max_connections: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -495,6 +552,7 @@ pub struct Config {
     pub auth_token: Option<String>,
     pub allowed_roots: Vec<PathBuf>,
     pub limits: Limits,
+    pub retention: Retention,
     pub workers: BTreeMap<String, Arc<WorkerDef>>,
     pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
     pub workflows: Option<WorkflowLibrary>,
@@ -599,7 +657,9 @@ impl WorkflowLibrary {
             &mut errors,
         );
         match def {
-            Some(def) if errors.list.is_empty() => Ok(Arc::new(def)),
+            Some(def) if errors.list.is_empty() => {
+                Ok(Arc::new(PipelineDef { path_inputs: vec![self.input_key.clone()], ..def }))
+            }
             _ => Err(format!("workflow_config.workflow_chain: this chain cannot run: {}", ConfigErrors(errors.list))),
         }
     }
@@ -847,7 +907,19 @@ impl Config {
             log_max: file.limits.log_max.map(|b| b.0).unwrap_or(16 << 20),
             output_max: file.limits.output_max.map(|b| b.0).unwrap_or(1 << 20),
             kill_grace_ms: file.limits.kill_grace.map(|m| m.0).unwrap_or(5_000),
+            header_read_timeout_ms: file.limits.header_read_timeout.map(|m| m.0).unwrap_or(10_000),
+            idle_timeout_ms: file.limits.idle_timeout.map(|m| m.0).unwrap_or(60_000),
+            max_connections: file.limits.max_connections.unwrap_or(1024),
         };
+        for (key, value) in [
+            ("header_read_timeout", limits.header_read_timeout_ms),
+            ("idle_timeout", limits.idle_timeout_ms),
+            ("max_connections", limits.max_connections as u64),
+        ] {
+            if value == 0 {
+                errors.at(&start, format!("limits.{key}"), "must be more than 0");
+            }
+        }
 
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));
@@ -871,6 +943,12 @@ impl Config {
             auth_token,
             allowed_roots: file.allowed_roots,
             limits,
+            retention: Retention {
+                succeeded_ms: file.retention.succeeded.and_then(|k| k.0),
+                failed_ms: file.retention.failed.and_then(|k| k.0),
+                cancelled_ms: file.retention.cancelled.and_then(|k| k.0),
+                interval_ms: file.retention.interval.map(|m| m.0.max(100)).unwrap_or(60_000),
+            },
             workers,
             pipelines,
             workflows,
@@ -1316,7 +1394,14 @@ fn compile_pipeline(
     if errors.list.len() > before {
         return None;
     }
-    Some(PipelineDef { core: Arc::new(pipeline), stages, inputs, max_queued: file.max_queued.unwrap_or(1_000) })
+    let path_inputs = inputs.iter().filter(|(_, spec)| spec.kind == InputKind::Path).map(|(k, _)| k.clone()).collect();
+    Some(PipelineDef {
+        core: Arc::new(pipeline),
+        stages,
+        inputs,
+        path_inputs,
+        max_queued: file.max_queued.unwrap_or(1_000),
+    })
 }
 
 /// Parses a worker stage's `batch_key`: a template over the job input only, on a pool that
@@ -1364,6 +1449,43 @@ fn batch_key(
     Ok(template)
 }
 
+/// The OS limits on one command line, as admission checks them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArgLimits {
+    /// Longest single argument, in bytes.
+    pub per_arg: usize,
+    /// Most bytes all arguments may take together (strings, their NULs and pointers), after
+    /// the environment every stage gets.
+    pub total: usize,
+}
+
+impl ArgLimits {
+    /// This host's limits: `ARG_MAX` less the engine's own environment (which stages inherit)
+    /// and room for the `GPUFLOW_*` variables; on Linux, also 128 KiB per argument.
+    pub fn of_this_os() -> ArgLimits {
+        static LIMITS: std::sync::OnceLock<ArgLimits> = std::sync::OnceLock::new();
+        *LIMITS.get_or_init(|| {
+            // SAFETY: sysconf has no preconditions.
+            let arg_max = unsafe { libc::sysconf(libc::_SC_ARG_MAX) };
+            let arg_max = if arg_max > 0 { arg_max as usize } else { 128 * 1024 };
+            let env: usize = std::env::vars_os().map(|(k, v)| k.len() + v.len() + 2 + 8).sum();
+            let total = arg_max.saturating_sub(env + 8 * 1024);
+            // Linux's MAX_ARG_STRLEN: 32 pages, the terminating NUL included.
+            let per_arg = if cfg!(target_os = "linux") { 32 * 4096 - 1 } else { total };
+            ArgLimits { per_arg, total }
+        })
+    }
+}
+
+/// Why a job's input cannot make a command line.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandInputError {
+    #[error("{0}; a value used in a command line cannot hold a NUL byte")]
+    Nul(InputError),
+    #[error("{0}")]
+    TooLong(String),
+}
+
 /// A rejected job input: which field, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("input.{field}: {message}")]
@@ -1408,6 +1530,12 @@ impl PipelineDef {
             if !ok {
                 return Err(err(key, format!("expected {:?}, got {}", spec.kind, type_name(value)).to_lowercase()));
             }
+            if let Some(s) = value.as_str()
+                && s.contains('\0')
+                && matches!(spec.kind, InputKind::String | InputKind::Path)
+            {
+                return Err(err(key, "holds a NUL byte, which no command line, environment or path can carry".into()));
+            }
             let value = if spec.kind == InputKind::Path {
                 let raw = value.as_str().expect("checked");
                 Value::String(check_path(raw, allowed_roots).map_err(|m| err(key, m))?.display().to_string())
@@ -1417,6 +1545,64 @@ impl PipelineDef {
             out.insert(key.clone(), value);
         }
         Ok(Value::Object(out))
+    }
+}
+
+impl PipelineDef {
+    /// Renders what admission can of each command stage's argv (stage outputs count as empty)
+    /// so that a value no process could be started with is refused now, not when the stage
+    /// runs: a NUL byte, or a command line over the OS limits.
+    pub fn check_command_input(
+        &self,
+        input: &Value,
+        job_dir: &str,
+        limits: ArgLimits,
+    ) -> Result<(), CommandInputError> {
+        // Job ids are 26 to 36 characters; count the longest.
+        let job_id = "x".repeat(36);
+        let ctx = template::RenderContext { input, outputs: &[], job_dir, job_id: &job_id };
+        for (index, stage) in self.stages.iter().enumerate() {
+            let StageExec::Command { command, env, .. } = stage else { continue };
+            let name = &self.core.stages[index].name;
+            let mut total: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2 + 8).sum();
+            for (position, template) in command.iter().enumerate() {
+                let (len, nul) = template.admission_check(&ctx);
+                if let Some(field) = nul {
+                    return Err(CommandInputError::Nul(InputError {
+                        field,
+                        message: format!("holds a NUL byte and stage `{name}` puts it in its command line"),
+                    }));
+                }
+                if len > limits.per_arg {
+                    return Err(CommandInputError::TooLong(format!(
+                        "stage `{name}`: argument {position} of its command would be {len} bytes, over the OS limit of {} bytes for one argument; pass large values in a file (a `path` input) instead",
+                        limits.per_arg
+                    )));
+                }
+                total += len + 1 + 8;
+            }
+            if total > limits.total {
+                return Err(CommandInputError::TooLong(format!(
+                    "stage `{name}`: its command line would be {total} bytes, over the OS limit of {} bytes (ARG_MAX less the environment); pass large values in a file (a `path` input) instead",
+                    limits.total
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PipelineDef {
+    /// Resolves the job's path inputs again, as they are now: a path that was inside
+    /// `allowed_roots` at admission may have become a symlink out of them since.
+    pub fn recheck_paths(&self, input: &Value, allowed_roots: &[PathBuf]) -> Result<(), String> {
+        for key in &self.path_inputs {
+            let Some(raw) = input.get(key).and_then(Value::as_str) else { continue };
+            check_path(raw, allowed_roots).map_err(|e| {
+                format!("input.{key}: checked again as the stage started, {e} (it was inside them at admission; a symlink or rename moved it out)")
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -1438,6 +1624,9 @@ pub fn check_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
         return Err(format!(
             "`{raw}`: path inputs are refused because no `allowed_roots` are configured; add the directory to `allowed_roots` in the pipeline file"
         ));
+    }
+    if raw.contains('\0') {
+        return Err(format!("{raw:?} holds a NUL byte, which no path can carry"));
     }
     let path = Path::new(raw);
     if !path.is_absolute() {

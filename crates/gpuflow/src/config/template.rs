@@ -114,6 +114,27 @@ impl Template {
         }
         Ok(out)
     }
+    /// What admission can check before any stage ran, with stage outputs counted as empty:
+    /// the rendered length, and the first input read here whose string holds a NUL byte (no
+    /// argv element can carry one), named as `a.b`.
+    pub fn admission_check(&self, ctx: &RenderContext) -> (usize, Option<String>) {
+        let mut len = 0;
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(s) => len += s.len(),
+                Segment::Reference(Reference::JobDir) => len += ctx.job_dir.len(),
+                Segment::Reference(Reference::JobId) => len += ctx.job_id.len(),
+                Segment::Reference(Reference::Input(path)) => match lookup(ctx.input, path) {
+                    Some(Value::String(s)) if s.contains('\0') => return (len, Some(path.join("."))),
+                    Some(Value::String(s)) => len += s.len(),
+                    Some(other) => len += other.to_string().len(),
+                    None => {}
+                },
+                Segment::Reference(Reference::Stage { .. }) => {}
+            }
+        }
+        (len, None)
+    }
 }
 
 fn parse_reference(inner: &str, stage_index: &dyn Fn(&str) -> Result<usize, String>) -> Result<Reference, String> {

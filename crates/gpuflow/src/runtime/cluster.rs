@@ -146,6 +146,20 @@ impl<S: Store> Runtime<S> {
         let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
         let ttl = agent.settings.lease_ttl_ms;
         let mut stop: Vec<(JobId, String)> = Vec::new();
+        // Frozen (SIGSTOP, a paused VM) or cut off past the TTL: every lease held has expired
+        // whatever the database answers, so its processes stop now, before a round trip that
+        // may itself hang on a connection the server dropped meanwhile.
+        let silent_ms = agent.last_renewal.elapsed().as_millis() as u64;
+        if silent_ms > ttl {
+            for (local, c) in &agent.claims {
+                if !c.settled && !agent.stopping.contains(local) {
+                    stop.push((*local, format!("lease lost: this agent was not heard from for {silent_ms} ms, past lease_ttl ({ttl} ms); the stage may already run elsewhere, so this run was stopped")));
+                }
+            }
+            for (local, _) in &stop {
+                agent.stopping.insert(*local);
+            }
+        }
         match agent.store.heartbeat(ttl, &resources).await {
             Ok(held) => {
                 agent.last_renewal = tokio::time::Instant::now();

@@ -132,6 +132,10 @@ pub enum EngineError {
     NotClustered,
     #[error("the database is unreachable ({0}); retry shortly")]
     StoreUnavailable(String),
+    /// The disk under the store is full or failing; the message names the data directory
+    /// and its free space.
+    #[error("{0}")]
+    StoreUnwritable(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -150,6 +154,7 @@ impl EngineError {
             EngineError::ReloadRefused(_) => "reload_refused",
             EngineError::NotClustered => "not_clustered",
             EngineError::StoreUnavailable(_) => "store_unavailable",
+            EngineError::StoreUnwritable(_) => "store_unwritable",
             EngineError::ShuttingDown => "shutting_down",
             EngineError::Internal(_) => "internal",
         }
@@ -171,11 +176,27 @@ pub struct EngineHandle {
     pub(super) tx: mpsc::Sender<Command>,
     journal: Journal,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    degraded: super::Degraded,
 }
 
 impl EngineHandle {
-    pub(super) fn new(tx: mpsc::Sender<Command>, journal: Journal, ready: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        EngineHandle { tx, journal, ready }
+    pub(super) fn new(
+        tx: mpsc::Sender<Command>,
+        journal: Journal,
+        ready: Arc<std::sync::atomic::AtomicBool>,
+        degraded: super::Degraded,
+    ) -> Self {
+        EngineHandle { tx, journal, ready, degraded }
+    }
+
+    /// Why the engine is degraded (its store cannot be written), if it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded.reason()
+    }
+
+    /// Refuses a write at once while the store cannot be written, without queueing it.
+    fn writable(&self) -> Result<(), EngineError> {
+        self.degraded.reason().map_or(Ok(()), |r| Err(EngineError::StoreUnwritable(r)))
     }
 
     /// True once start-up is done: a dead engine's processes swept, unfinished jobs recovered
@@ -196,6 +217,7 @@ impl EngineHandle {
     }
 
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, EngineError> {
+        self.writable()?;
         self.ask(|reply| Command::Submit { request, reply }).await?
     }
 
@@ -205,10 +227,12 @@ impl EngineHandle {
         &self,
         requests: Vec<SubmitRequest>,
     ) -> Result<Vec<Result<Submitted, EngineError>>, EngineError> {
+        self.writable()?;
         self.ask(|reply| Command::SubmitBatch { requests, reply }).await
     }
 
     pub async fn cancel(&self, id: String) -> Result<String, EngineError> {
+        self.writable()?;
         self.ask(|reply| Command::Cancel { id, reply }).await?
     }
 
@@ -237,6 +261,7 @@ impl EngineHandle {
 
 impl<S: Store> Runtime<S> {
     pub(super) async fn on_command(&mut self, command: Command) -> Result<(), RuntimeError> {
+        let Some(command) = self.refuse_while_stalled(command) else { return Ok(()) };
         match command {
             Command::Submit { request, reply } => self.submit(request, reply).await,
             Command::SubmitBatch { requests, reply } => self.submit_batch(requests, ledger::oneshot_all(reply)).await,

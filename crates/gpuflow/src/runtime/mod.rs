@@ -4,6 +4,7 @@
 mod clock;
 mod cluster;
 mod commands;
+mod degraded;
 mod journal;
 mod ledger;
 mod metrics;
@@ -12,6 +13,8 @@ mod progress;
 mod recover;
 mod reload;
 mod watchdog;
+
+pub use degraded::{Degraded, free_bytes};
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -232,6 +235,9 @@ pub struct Runtime<S: Store> {
     api_address: String,
     /// Set once start-up (sweep, recovery) is done; read by `/healthz`.
     ready: Arc<std::sync::atomic::AtomicBool>,
+    /// A turn held because the store could not be written (`degraded.rs`).
+    stall: Option<degraded::Stall>,
+    degraded: degraded::Degraded,
 }
 
 pub fn job_id_of(id: &str) -> Option<JobId> {
@@ -281,9 +287,12 @@ impl<S: Store> Runtime<S> {
             ledger: ledger::Ledger::Local,
             api_address: String::new(),
             ready: Arc::default(),
+            stall: None,
+            degraded: degraded::Degraded::default(),
         };
         let ready = runtime.ready.clone();
-        (runtime, EngineHandle::new(cmd_tx, journal, ready))
+        let degraded = runtime.degraded.clone();
+        (runtime, EngineHandle::new(cmd_tx, journal, ready, degraded))
     }
 
     /// The address this engine's API listens on (agents advertise it in `/v1/agents`).
@@ -321,10 +330,14 @@ impl<S: Store> Runtime<S> {
             // is ready, decide it all, commit once, then act.
             // Batches that became due in the last turn go out before the loop waits again.
             self.flush_pools();
-            let wake = self.state.next_wakeup().map(|t| self.clock.instant_at(t));
+            // While a turn waits for the store nothing is decided: the only timer is its retry.
+            let wake = match self.stall_retry_at() {
+                Some(retry) => Some(retry),
+                None => self.state.next_wakeup().map(|t| self.clock.instant_at(t)),
+            };
             let batch_wake = self.next_batch_wakeup().map(|t| self.clock.instant_at(t));
             let progress_due = self.progress_feed.next_due().map(|t| self.clock.instant_at(t));
-            let backlog = !self.pending.is_empty() || self.schedule_owed;
+            let backlog = !self.is_stalled() && (!self.pending.is_empty() || self.schedule_owed);
             // Not `biased`: with internal events first, a steady stream of child exits starved
             // API commands and timers until the queue drained.
             let r = tokio::select! {
@@ -332,7 +345,12 @@ impl<S: Store> Runtime<S> {
                 _ = std::future::ready(()), if backlog => Ok(()),
                 Some(msg) = self.internal_rx.recv() => self.on_internal(msg).await,
                 Some(cmd) = self.commands.recv() => self.on_command(cmd).await,
-                _ = sleep_until(wake) => { self.step(Event::Tick); Ok(()) }
+                _ = sleep_until(wake) => {
+                    if !self.is_stalled() {
+                        self.step(Event::Tick);
+                    }
+                    Ok(())
+                }
                 // A forming batch's oldest task has waited `max_wait`: flushed at the top.
                 _ = sleep_until(batch_wake) => Ok(()),
                 _ = sleep_until(progress_due) => { self.flush_progress(); Ok(()) }
@@ -348,6 +366,13 @@ impl<S: Store> Runtime<S> {
             self.tolerate(r)?;
             self.journal_observe();
         }
+        if let Some(stall) = self.stall.take() {
+            // Never written: its callers learn so; a restart re-runs what the store holds.
+            let e = RuntimeError::Store(StoreError::Unwritable(
+                "the engine stopped before the store could be written".into(),
+            ));
+            self.abandon_turn(stall.turn, &e);
+        }
         self.stop_all().await;
         self.close_ledger().await;
         Ok(())
@@ -358,6 +383,10 @@ impl<S: Store> Runtime<S> {
         match result {
             Err(e) if self.ledger.rides_out(&e) => {
                 tracing::warn!("database unavailable, continuing: {e}");
+                Ok(())
+            }
+            Err(e) if self.is_unwritable(&e) => {
+                tracing::warn!("store unwritable, continuing: {e}");
                 Ok(())
             }
             other => other,
@@ -394,6 +423,9 @@ impl<S: Store> Runtime<S> {
     /// One turn: apply the pending events to the core, commit every write they imply in one
     /// transaction, and only then act and reply.
     async fn run_turn(&mut self) -> Result<(), RuntimeError> {
+        if self.is_stalled() {
+            return self.retry_stalled().await;
+        }
         self.decide();
         if self.turn.is_empty() {
             return Ok(());
@@ -402,6 +434,10 @@ impl<S: Store> Runtime<S> {
         match self.commit(&turn).await {
             Ok(()) => {
                 self.act(turn);
+                Ok(())
+            }
+            Err(e) if self.is_unwritable(&e) => {
+                self.stall(turn, &e);
                 Ok(())
             }
             Err(e) => {
@@ -427,7 +463,8 @@ impl<S: Store> Runtime<S> {
     }
 
     /// A turn that could not be committed: no effect happens and callers get the reason.
-    /// The loop then stops (the store failing is fatal); a restart recovers what was recorded.
+    /// The loop then stops (a store failing other than for its disk is fatal, see
+    /// `degraded.rs`); a restart recovers what was recorded.
     fn abandon_turn(&mut self, turn: Turn, error: &RuntimeError) {
         let reason = format!("the engine could not record this: {error}");
         for reply in turn.replies {
@@ -657,6 +694,9 @@ impl<S: Store> Runtime<S> {
         grant: &Grant,
         queued_ms: u64,
     ) -> Result<(), String> {
+        if let Some(active) = self.jobs.get(&job) {
+            active.pipeline.recheck_paths(&active.input, &self.config.allowed_roots)?;
+        }
         if let Some(pool) = self.pool_of(job, stage) {
             return self.dispatch_to_pool(&pool, (job, stage, attempt), queued_ms);
         }

@@ -26,7 +26,18 @@ impl GpuProbe for NoGpus {
 struct FaultyStore {
     inner: SqliteStore,
     fail_next_commit: Arc<AtomicBool>,
+    /// While set, every write fails as on a full disk.
+    unwritable: Arc<AtomicBool>,
     commits: Arc<AtomicUsize>,
+}
+
+impl FaultyStore {
+    fn check_writable(&self) -> StoreResult<()> {
+        if self.unwritable.load(Ordering::SeqCst) {
+            return Err(StoreError::Unwritable("injected: database or disk is full".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Store for FaultyStore {
@@ -34,6 +45,7 @@ impl Store for FaultyStore {
         if self.fail_next_commit.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Corrupt("injected commit failure".into()));
         }
+        self.check_writable()?;
         self.inner.write_turn(jobs, batch).await?;
         self.commits.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -63,6 +75,7 @@ impl Store for FaultyStore {
         self.inner.config_snapshot(hash).await
     }
     async fn open_finding(&self, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<i64> {
+        self.check_writable()?;
         self.inner.open_finding(f, at).await
     }
     async fn update_finding(&self, id: i64, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<()> {
@@ -83,11 +96,19 @@ impl Store for FaultyStore {
     async fn job_stats(&self, since_ms: i64) -> StoreResult<JobStats> {
         self.inner.job_stats(since_ms).await
     }
+    async fn expired_jobs(&self, state: &str, before: i64, limit: u32) -> StoreResult<Vec<(String, i64)>> {
+        self.inner.expired_jobs(state, before, limit).await
+    }
+    async fn delete_finished_jobs(&self, ids: &[String]) -> StoreResult<u64> {
+        self.check_writable()?;
+        self.inner.delete_finished_jobs(ids).await
+    }
 }
 
 struct Harness {
     rt: Runtime<FaultyStore>,
     commands: mpsc::Sender<Command>,
+    handle: EngineHandle,
     store: FaultyStore,
     dir: tempfile::TempDir,
 }
@@ -100,11 +121,16 @@ impl Harness {
         let text = format!("data_dir: {}\nresources: {resources}\npipelines:\n{pipelines}", data.display());
         let config = Config::parse(&text, "test.yaml", &NoGpus).unwrap();
         let inner = SqliteStore::open(&dir.path().join("gpuflow.db")).await.unwrap();
-        let store = FaultyStore { inner, fail_next_commit: Arc::default(), commits: Arc::default() };
+        let store = FaultyStore {
+            inner,
+            fail_next_commit: Arc::default(),
+            unwritable: Arc::default(),
+            commits: Arc::default(),
+        };
         let (mut rt, handle) =
             Runtime::new(SharedConfig::new(Arc::new(config)), store.clone(), ChildRegistry::default());
         rt.next_seq = store.next_job_seq().await.unwrap() as u64;
-        Harness { rt, commands: handle.tx.clone(), store, dir }
+        Harness { rt, commands: handle.tx.clone(), handle, store, dir }
     }
 
     fn submit(&self, pipeline: &str) -> oneshot::Receiver<Result<Submitted, EngineError>> {
@@ -267,5 +293,78 @@ async fn a_cancel_reply_describes_the_committed_state() {
     assert_eq!(h.stored(&waiting).await.unwrap().job.state, "cancelled");
     assert_eq!(running_cancel.try_recv().unwrap().unwrap(), "cancelling");
     assert_eq!(h.stored(&holder).await.unwrap().job.state, "running");
+    h.rt.stop_all().await;
+}
+
+/// A full disk: the turn that could not be written is held, not dropped, and the loop goes on.
+/// Admission is refused at once with the data directory and its free space, reads work, the
+/// running stage runs to its end, and when writing works again the held turn and the stage's
+/// report are both recorded, with no restart.
+#[tokio::test]
+async fn an_unwritable_store_holds_the_turn_refuses_admission_and_resumes_by_itself() {
+    const SHORT: &str = "  short: {stages: [{name: s, needs: {cpu: 1}, command: [sleep, \"0.3\"]}]}\n";
+    let mut h = Harness::start("{gpus: none, cpu: 2}", SHORT).await;
+    let mut first = h.submit("short");
+    h.turn().await;
+    let first = first.try_recv().unwrap().unwrap().id;
+    assert_eq!(h.rt.processes.len(), 1, "the first stage runs");
+
+    // The disk fills: the next submission's turn cannot be written.
+    h.store.unwritable.store(true, Ordering::SeqCst);
+    let mut held = h.submit("short");
+    h.rt.drain_ready().await.unwrap();
+    h.rt.run_turn().await.expect("the loop rides out a full disk");
+    assert!(h.rt.is_stalled());
+    assert!(held.try_recv().is_err(), "answered before it was written");
+    assert_eq!(h.rt.processes.len(), 1, "spawned for a turn that was not written");
+    let reason = h.handle.degraded().expect("degraded");
+    let data = std::path::absolute(h.dir.path().join("data")).unwrap();
+    assert!(reason.contains(&data.display().to_string()) && reason.contains("free"), "{reason}");
+
+    // Meanwhile: admission is refused at once (507 in the API), reads are served, the
+    // finding is open.
+    let refused = h
+        .handle
+        .submit(SubmitRequest { pipeline: "short".into(), input: json(), priority: 0, idempotency_key: None })
+        .await;
+    let error = refused.expect_err("admitted while the store cannot be written");
+    assert_eq!(error.code(), "store_unwritable");
+    assert!(h.stored(&first).await.is_some(), "reads keep working");
+    let open = h.rt.diagnosis_snapshot().open;
+    assert!(open.iter().any(|f| f.finding.kind.as_str() == "store_unwritable"), "no store_unwritable finding");
+
+    // The running stage ends; its report waits in memory.
+    let msg = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let msg = h.rt.internal_rx.recv().await.unwrap();
+            if matches!(msg, Internal::Exited { .. }) {
+                return msg;
+            }
+            h.rt.on_internal(msg).await.unwrap();
+        }
+    })
+    .await
+    .expect("the stage kept running and exited");
+    h.rt.on_internal(msg).await.unwrap();
+    h.rt.run_turn().await.unwrap();
+    assert!(h.rt.is_stalled(), "still unwritable");
+    assert_eq!(h.stored(&first).await.unwrap().job.state, "running", "the store cannot have it yet");
+
+    // Space returns: at the next retry the held turn is written and acted on, then the report.
+    h.store.unwritable.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.rt.run_turn().await.unwrap();
+    assert!(!h.rt.is_stalled(), "did not resume");
+    assert!(h.handle.degraded().is_none());
+    let second = held.try_recv().expect("answered once written").expect("accepted").id;
+    assert!(h.stored(&second).await.is_some(), "the held submission was written");
+    assert_eq!(h.rt.processes.len(), 1, "the held turn's stage started");
+    h.turn().await;
+    assert_eq!(h.stored(&first).await.unwrap().job.state, "succeeded", "the report was recorded");
+    let findings = h.store.findings(10).await.unwrap();
+    assert!(
+        findings.iter().any(|f| f.kind == "store_unwritable" && f.closed_at.is_some()),
+        "the episode is in the findings history"
+    );
     h.rt.stop_all().await;
 }

@@ -721,6 +721,10 @@ impl<S: Store> Runtime<S> {
     pub(super) fn diagnosis_snapshot(&self) -> super::commands::DiagnosisSnapshot {
         let now = self.clock.now_ms();
         let mut open: Vec<OpenFinding> = self.watchdog.open.values().cloned().collect();
+        // Not stored while the store cannot be written; recorded once it can.
+        if let Some((opened_ms, finding)) = self.stall_finding() {
+            open.push(OpenFinding { id: 0, opened_ms, finding, stored_ms: opened_ms });
+        }
         open.sort_by_key(|f| std::cmp::Reverse(f.opened_ms));
         let devices = self
             .config

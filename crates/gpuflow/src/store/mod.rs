@@ -21,6 +21,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("idempotency key is already used by job {0}")]
     DuplicateKey(String),
+    /// Writing failed for want of a working disk (also how tests inject the fault).
+    #[error("the store cannot be written: {0}")]
+    Unwritable(String),
 }
 
 impl StoreError {
@@ -37,6 +40,28 @@ impl StoreError {
                 }
                 _ => false,
             },
+            _ => false,
+        }
+    }
+}
+
+impl StoreError {
+    /// The disk under the store is full, failing or read-only: the engine keeps what it
+    /// could not write and retries, instead of stopping.
+    pub fn is_unwritable(&self) -> bool {
+        match self {
+            StoreError::Unwritable(_) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                let code = db.code().unwrap_or_default();
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    // SQLite (extended codes carry the primary in the low byte): READONLY 8,
+                    // IOERR 10, FULL 13, CANTOPEN 14.
+                    code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 13 | 14))
+                } else {
+                    // PostgreSQL: disk_full, io_error.
+                    code == "53100" || code == "58030"
+                }
+            }
             _ => false,
         }
     }
@@ -269,6 +294,17 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn running_attempts(&self) -> impl Future<Output = StoreResult<Vec<(String, AttemptRecord)>>> + Send;
     /// Job counts by pipeline and state, and jobs finished per minute since `since_ms`.
     fn job_stats(&self, since_ms: i64) -> impl Future<Output = StoreResult<JobStats>> + Send;
+    /// Retention: up to `limit` jobs that ended in `state` before `finished_before_ms`, in
+    /// arrival order, as `(id, finished_at)`.
+    fn expired_jobs(
+        &self,
+        state: &str,
+        finished_before_ms: i64,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<(String, i64)>>> + Send;
+    /// Retention: deletes these jobs with their stages and attempts, in one transaction; a
+    /// job that is not finished is left alone. Returns how many jobs went.
+    fn delete_finished_jobs(&self, ids: &[String]) -> impl Future<Output = StoreResult<u64>> + Send;
 }
 
 /// What the dashboard's overview shows.

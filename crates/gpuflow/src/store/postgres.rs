@@ -1015,6 +1015,34 @@ impl Store for PgStore {
         rows.iter().map(|r| Ok((r.try_get("job_id")?, attempt_from_row(r)?))).collect()
     }
 
+    async fn expired_jobs(&self, state: &str, finished_before_ms: i64, limit: u32) -> StoreResult<Vec<(String, i64)>> {
+        let rows = sqlx::query_as::<_, (String, i64)>(
+            "SELECT id, finished_at FROM jobs WHERE state = $1 AND finished_at < $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(state)
+        .bind(finished_before_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    async fn delete_finished_jobs(&self, ids: &[String]) -> StoreResult<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'cancelled'))",
+            "DELETE FROM stages WHERE job_id IN (SELECT id FROM jobs WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'cancelled'))",
+        ] {
+            sqlx::query(sql).bind(ids).execute(&mut *tx).await?;
+        }
+        let gone = sqlx::query("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'cancelled'))").bind(ids).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(gone.rows_affected())
+    }
+
     async fn job_stats(&self, since_ms: i64) -> StoreResult<JobStats> {
         let counts = sqlx::query("SELECT pipeline, state, count(*) AS n FROM jobs GROUP BY pipeline, state")
             .fetch_all(&self.pool)

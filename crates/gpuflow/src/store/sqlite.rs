@@ -111,10 +111,21 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let rows = TurnRows::build(jobs, batch);
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        Self::write_turn_rows(&mut tx, jobs, &rows).await?;
-        tx.commit().await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        let result: StoreResult<()> = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+            Self::write_turn_rows(&mut tx, jobs, &rows).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            // On a full disk SQLite rolls the transaction back itself, sqlx's rollback then
+            // fails and the connection would come back "inside" a transaction that no longer
+            // exists: every later write on it would fail. Close it instead of reusing it.
+            conn.close_on_drop();
+        }
+        result
     }
 
     async fn next_job_seq(&self) -> StoreResult<i64> {
@@ -273,6 +284,45 @@ impl Store for SqliteStore {
     async fn running_attempts(&self) -> StoreResult<Vec<(String, AttemptRecord)>> {
         let rows = sqlx::query("SELECT * FROM attempts WHERE state = 'running'").fetch_all(&self.pool).await?;
         rows.iter().map(|r| Ok((r.try_get("job_id")?, attempt_from_row(r)?))).collect()
+    }
+
+    async fn expired_jobs(&self, state: &str, finished_before_ms: i64, limit: u32) -> StoreResult<Vec<(String, i64)>> {
+        // `jobs_by_state` walks this state's jobs in arrival order, near enough finish order
+        // that a pass finds the expired ones first.
+        let rows = sqlx::query_as::<_, (String, i64)>(
+            "SELECT id, finished_at FROM jobs WHERE state = ?1 AND finished_at < ?2 ORDER BY seq LIMIT ?3",
+        )
+        .bind(state)
+        .bind(finished_before_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    async fn delete_finished_jobs(&self, ids: &[String]) -> StoreResult<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut conn = self.pool.acquire().await?;
+        let result: StoreResult<u64> = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+            for sql in [
+                    "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))",
+                    "DELETE FROM stages WHERE job_id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))",
+                ] {
+                    sqlx::query(sql).bind(&ids).execute(&mut *tx).await?;
+            }
+            let gone = sqlx::query("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))").bind(&ids).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(gone.rows_affected())
+        }
+        .await;
+        if result.is_err() {
+            conn.close_on_drop();
+        }
+        result
     }
 
     async fn job_stats(&self, since_ms: i64) -> StoreResult<JobStats> {
@@ -581,7 +631,7 @@ impl<'a> UpdateGroups<'a> {
 /// matches`, `INSERT_CHUNK` rows a statement. With `must_match`, a statement that updated
 /// fewer rows than it carried is an error with that text.
 async fn update_from_values<'a>(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Transaction<'_, Sqlite>,
     table: &'static str,
     assignments: &str,
     matches: &'static str,
@@ -610,7 +660,7 @@ async fn update_from_values<'a>(
 
 impl SqliteStore {
     async fn write_turn_rows(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Transaction<'_, Sqlite>,
         jobs: &[NewJob],
         rows: &TurnRows<'_>,
     ) -> StoreResult<()> {

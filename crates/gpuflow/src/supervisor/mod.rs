@@ -77,7 +77,35 @@ pub(crate) fn supervised_command(
     if let Some(cwd) = cwd {
         command.current_dir(cwd);
     }
+    die_with_the_engine(&mut command);
     command
+}
+
+/// The process gets SIGKILL when the engine dies, `kill -9` included, so a dead agent's
+/// stages cannot run on while the others re-run them. Linux sends it when the *thread* that
+/// spawned the child exits: spawns happen on the runtime's worker threads, which live as long
+/// as the engine. It covers the stage's own process; processes that stage starts are not
+/// covered unless they `exec` in its place or are killed by it (a known limit).
+fn die_with_the_engine(command: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let engine = std::process::id();
+        // SAFETY: prctl, getppid and _exit are async-signal-safe, as pre_exec requires.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The engine died between fork and prctl: the signal will never come.
+                if libc::getppid() as u32 != engine {
+                    libc::_exit(137);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Why a program could not be started, in words a user can act on.

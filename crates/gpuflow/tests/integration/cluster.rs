@@ -268,6 +268,18 @@ async fn frozen_agent_is_fenced_and_its_processes_killed() {
         })
         .await;
     frozen.signal(Signal::SIGCONT);
+    // It knows at once that it was silent past its lease, and stops the stale run without
+    // waiting for the database to say so.
+    let resumed = Instant::now();
+    while alive(long_pid) && resumed.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped_after = resumed.elapsed();
+    assert!(
+        stopped_after < Duration::from_millis(1_500),
+        "the stale run was stopped {stopped_after:?} after the agent resumed"
+    );
+    assert!(frozen.log().contains("past lease_ttl"), "{}", frozen.log());
 
     for id in [&short, &long] {
         let job = other.wait_final(id, Duration::from_secs(40)).await;

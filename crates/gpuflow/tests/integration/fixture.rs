@@ -29,11 +29,18 @@ impl Engine {
     /// Like `start`, with `(name, contents)` files written into the temp dir first (worker
     /// scripts, which run as soon as the engine starts).
     pub async fn start_with_files(body: &str, files: &[(&str, &str)]) -> Engine {
+        Engine::start_prepared(body, files, |_| {}).await
+    }
+
+    /// Like `start_with_files`, with `prepare` run on the temp dir before the engine starts
+    /// (e.g. to mount a small file system as its data directory).
+    pub async fn start_prepared(body: &str, files: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Engine {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().expect("tempdir");
         for (name, contents) in files {
             std::fs::write(dir.path().join(name), contents).unwrap();
         }
+        prepare(dir.path());
         let mut engine =
             Engine { dir, child: None, base: String::new(), http: reqwest::Client::new(), env: Vec::new() };
         engine.write_config(body);

@@ -15,6 +15,7 @@ mod diagnosis;
 mod diagnosis_trees;
 mod durability;
 mod failures;
+mod faults;
 mod order;
 mod pools;
 mod processes;
