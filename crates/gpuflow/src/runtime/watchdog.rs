@@ -723,7 +723,7 @@ impl<S: Store> Runtime<S> {
         let mut open: Vec<OpenFinding> = self.watchdog.open.values().cloned().collect();
         // Not stored while the store cannot be written; recorded once it can.
         if let Some((opened_ms, finding)) = self.stall_finding() {
-            open.push(OpenFinding { id: 0, opened_ms, finding, stored_ms: opened_ms });
+            open.push(OpenFinding { id: 0, opened_ms, finding, stored_ms: opened_ms, clear_since: None });
         }
         open.sort_by_key(|f| std::cmp::Reverse(f.opened_ms));
         let devices = self
