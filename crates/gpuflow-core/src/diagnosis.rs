@@ -980,7 +980,10 @@ mod tests {
         let mut seen: Vec<FindingKind> = kinds(&f);
         seen.sort();
         seen.dedup();
-        assert_eq!(seen.len(), FindingKind::ALL.len(), "every kind is exercised: {seen:?}");
+        // `store_unwritable` is raised by the runtime when a commit fails, not by `evaluate`.
+        let evaluated: Vec<FindingKind> =
+            FindingKind::ALL.into_iter().filter(|k| *k != FindingKind::StoreUnwritable).collect();
+        assert_eq!(seen.len(), evaluated.len(), "every kind is exercised: {seen:?}");
         for x in &f {
             for text in [&x.summary, &x.cause, &x.fix] {
                 assert!(!text.to_lowercase().contains("report 0"), "{:?}: {text}", x.kind);

@@ -50,7 +50,8 @@ async fn wait_finding(
     }
 }
 
-fn evidence(f: &Value, label: &str) -> Vec<String> {
+/// The values of a finding's evidence rows with this label.
+pub(crate) fn evidence(f: &Value, label: &str) -> Vec<String> {
     f["evidence"]
         .as_array()
         .unwrap()

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::diagnosis::evidence;
 use crate::fixture::*;
 
 /// Thresholds of a few seconds; a finding closes 1 s after its condition clears.
@@ -39,16 +40,6 @@ async fn diagnosis(engine: &Engine) -> Value {
 
 fn find<'a>(list: &'a Value, kind: &str, needle: &str) -> Option<&'a Value> {
     list.as_array().unwrap().iter().find(|f| f["kind"] == kind && f["summary"].as_str().unwrap().contains(needle))
-}
-
-fn evidence(f: &Value, label: &str) -> Vec<String> {
-    f["evidence"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["label"] == label)
-        .map(|e| e["value"].as_str().unwrap().to_string())
-        .collect()
 }
 
 async fn wait_open(engine: &Engine, kind: &str, needle: &str, since: Instant, within: Duration) -> (Value, Duration) {
