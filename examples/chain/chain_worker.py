@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""gpuflow worker for report 004's chain: simulates each stage by sleeping for its duration.
+"""gpuflow worker for the six-stage video OCR chain: simulates each stage by sleeping for its duration.
 
 One script serves both pools (the CPU pool runs extract, stitch and finalize; the GPU pool
 detect, crop and ocr): the task's stage name picks the duration. Durations are multiplied by
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import gpuflow  # noqa: E402
 
-# Seconds per stage at scale 1 (report 004).
+# Seconds per stage at scale 1.
 SECONDS = {"extract": 2, "detect": 1, "crop": 2, "stitch": 1, "ocr": 3, "finalize": 1}
 
 

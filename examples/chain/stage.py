@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One stage of report 004's chain as a fresh process (command-stage mode): sleeps for the
+"""One stage of the six-stage video OCR chain as a fresh process (command-stage mode): sleeps for the
 stage's duration times `$CHAIN_SCALE` (default 1).
 
 Usage: stage.py STAGE. Writes {"stage", "began", "ended"} to `$GPUFLOW_OUTPUT`, where `began`
