@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Report 004's chain against its makespan bound, fill and drain included.
+"""The six-stage video OCR chain (examples/chain) against its makespan bound, fill and drain included.
 
 The chain: extract (CPU 2), detect (GPU 1), crop (GPU 2), stitch (CPU 1), ocr (GPU 3),
 finalize (CPU 1), in units of --scale seconds, as examples/chain/ runs it: N jobs on warm pools

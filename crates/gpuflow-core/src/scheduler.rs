@@ -1647,7 +1647,7 @@ mod tests {
         assert!(most <= 2, "a pass visited {most} entries");
     }
 
-    /// Report 004's chain: (name, GPU?, seconds).
+    /// The six-stage video OCR chain of examples/chain: (name, GPU?, seconds).
     const CHAIN: [(&str, bool, u64); 6] = [
         ("extract", false, 2),
         ("detect", true, 1),
