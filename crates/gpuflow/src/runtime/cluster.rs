@@ -372,7 +372,7 @@ impl<S: Store> Runtime<S> {
         let mut outputs = claim.outputs;
         outputs.resize(n, None);
         tracing::info!(job = %claim.job, stage = %def.core.stages[claim.stage].name, attempt = claim.attempt, token = claim.token, "claimed");
-        self.track(local, claim.job, claim.pipeline, def, claim.input, outputs);
+        self.track(local, claim.job, claim.pipeline, def, Some(claim.input), outputs);
         self.step(Event::Restored {
             job: local,
             seq: claim.token as u64,

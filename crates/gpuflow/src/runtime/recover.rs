@@ -110,7 +110,10 @@ impl<S: Store> Runtime<S> {
             })
             .collect();
         let outputs = job.stages.iter().map(|s| s.output.clone()).collect();
-        self.track(id, job.job.id.clone(), job.job.pipeline.clone(), def.clone(), job.job.input.clone(), outputs);
+        // A large input comes back as null (`recovered_job_columns`); it is read when a stage
+        // starts. (A stored null input is read back the same way, as itself.)
+        let input = Some(job.job.input.clone()).filter(|i| !i.is_null());
+        self.track(id, job.job.id.clone(), job.job.pipeline.clone(), def.clone(), input, outputs);
         self.step(Event::Restored {
             job: id,
             seq: job.job.seq as u64,

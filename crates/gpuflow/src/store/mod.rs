@@ -271,6 +271,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;
     /// The text of the pipeline file with this content hash (see `NewJob::config_hash`).
+    /// The stored inputs of these jobs (those that exist), read when their stages start.
+    fn job_inputs(&self, ids: &[String]) -> impl Future<Output = StoreResult<Vec<(String, Value)>>> + Send;
     fn config_snapshot(&self, hash: &str) -> impl Future<Output = StoreResult<Option<String>>> + Send;
     /// Records a newly opened finding; returns its id.
     fn open_finding(
@@ -346,6 +348,17 @@ macro_rules! listed_job_columns {
     };
 }
 use listed_job_columns;
+
+/// The columns recovery reads: a large input (over 64 KiB of text) comes back as NULL, to be
+/// read when a stage of its job starts (`Store::job_inputs`), so restoring a page of queued
+/// jobs does not load every input.
+macro_rules! recovered_job_columns {
+    () => {
+        "seq, id, pipeline, CASE WHEN length(input) > 65536 THEN NULL ELSE input END AS input, \
+         priority, state, idempotency_key, config_hash, created_at, started_at, finished_at, error, output"
+    };
+}
+use recovered_job_columns;
 
 fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
     Ok(JobRecord {

@@ -922,7 +922,7 @@ impl Store for PgStore {
     async fn unfinished_jobs(&self, after: Option<RecoveryCursor>, limit: u32) -> StoreResult<Vec<UnfinishedJob>> {
         let RecoveryCursor(p, s) = after.unwrap_or(RecoveryCursor::start());
         let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE state IN ('queued', 'running') AND (-priority::bigint, seq) > ($1, $2) ORDER BY -priority::bigint, seq LIMIT $3",
+            concat!("SELECT ", recovered_job_columns!(), " FROM jobs WHERE state IN ('queued', 'running') AND (-priority::bigint, seq) > ($1, $2) ORDER BY -priority::bigint, seq LIMIT $3"),
         )
         .bind(p)
         .bind(s)
@@ -1025,6 +1025,11 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)
+    }
+
+    async fn job_inputs(&self, ids: &[String]) -> StoreResult<Vec<(String, Value)>> {
+        let rows = sqlx::query("SELECT id, input FROM jobs WHERE id = ANY($1)").bind(ids).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((r.required_text("id")?, r.json("input")?.unwrap_or(Value::Null)))).collect()
     }
 
     async fn delete_finished_jobs(&self, ids: &[String]) -> StoreResult<u64> {

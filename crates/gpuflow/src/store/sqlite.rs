@@ -197,7 +197,7 @@ impl Store for SqliteStore {
         // each page; the OR form, unlike a row-value comparison, lets it seek).
         let RecoveryCursor(p, s) = after.unwrap_or(RecoveryCursor::start());
         let rows = sqlx::query(
-            "SELECT * FROM jobs INDEXED BY jobs_unfinished_in_order WHERE state IN ('queued', 'running') AND (-priority > ?1 OR (-priority = ?1 AND seq > ?2)) ORDER BY -priority, seq LIMIT ?3",
+            concat!("SELECT ", recovered_job_columns!(), " FROM jobs INDEXED BY jobs_unfinished_in_order WHERE state IN ('queued', 'running') AND (-priority > ?1 OR (-priority = ?1 AND seq > ?2)) ORDER BY -priority, seq LIMIT ?3"),
         )
         .bind(p)
         .bind(s)
@@ -298,6 +298,15 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)
+    }
+
+    async fn job_inputs(&self, ids: &[String]) -> StoreResult<Vec<(String, Value)>> {
+        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query("SELECT id, input FROM jobs WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.required_text("id")?, r.json("input")?.unwrap_or(Value::Null)))).collect()
     }
 
     async fn delete_finished_jobs(&self, ids: &[String]) -> StoreResult<u64> {
