@@ -29,6 +29,8 @@ struct FaultyStore {
     /// While set, every write fails as on a full disk.
     unwritable: Arc<AtomicBool>,
     commits: Arc<AtomicUsize>,
+    /// While set, reading job inputs back fails.
+    fail_input_reads: Arc<AtomicBool>,
 }
 
 impl FaultyStore {
@@ -70,6 +72,12 @@ impl Store for FaultyStore {
     }
     async fn unfinished_jobs(&self, after: Option<RecoveryCursor>, limit: u32) -> StoreResult<Vec<UnfinishedJob>> {
         self.inner.unfinished_jobs(after, limit).await
+    }
+    async fn job_inputs(&self, ids: &[String]) -> StoreResult<Vec<(String, Value)>> {
+        if self.fail_input_reads.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("injected: input read failed".into()));
+        }
+        self.inner.job_inputs(ids).await
     }
     async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {
         self.inner.config_snapshot(hash).await
@@ -126,6 +134,7 @@ impl Harness {
             fail_next_commit: Arc::default(),
             unwritable: Arc::default(),
             commits: Arc::default(),
+            fail_input_reads: Arc::default(),
         };
         let (mut rt, handle) =
             Runtime::new(SharedConfig::new(Arc::new(config)), store.clone(), ChildRegistry::default());
@@ -134,8 +143,12 @@ impl Harness {
     }
 
     fn submit(&self, pipeline: &str) -> oneshot::Receiver<Result<Submitted, EngineError>> {
+        self.submit_input(pipeline, json())
+    }
+
+    fn submit_input(&self, pipeline: &str, input: Value) -> oneshot::Receiver<Result<Submitted, EngineError>> {
         let (reply, rx) = oneshot::channel();
-        let request = SubmitRequest { pipeline: pipeline.into(), input: json(), priority: 0, idempotency_key: None };
+        let request = SubmitRequest { pipeline: pipeline.into(), input, priority: 0, idempotency_key: None };
         self.commands.try_send(Command::Submit { request, reply }).unwrap_or_else(|_| panic!("queue full"));
         rx
     }
@@ -157,6 +170,23 @@ impl Harness {
     async fn turn(&mut self) {
         self.rt.drain_ready().await.unwrap();
         self.rt.run_turn().await.unwrap();
+    }
+
+    /// Runs the loop (child exits, timers, turns) until the stored job `id` satisfies `done`,
+    /// for at most 20 s; the stored job either way.
+    async fn run_until(&mut self, id: &str, done: impl Fn(&JobDetail) -> bool) -> JobDetail {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let stored = self.stored(id).await.unwrap();
+            if done(&stored) || tokio::time::Instant::now() > deadline {
+                return stored;
+            }
+            tokio::select! {
+                Some(msg) = self.rt.internal_rx.recv() => self.rt.on_internal(msg).await.unwrap(),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => self.rt.step(Event::Tick),
+            }
+            self.turn().await;
+        }
     }
 
     async fn stored(&self, id: &str) -> Option<JobDetail> {
@@ -366,5 +396,43 @@ async fn an_unwritable_store_holds_the_turn_refuses_admission_and_resumes_by_its
         findings.iter().any(|f| f.kind == "store_unwritable" && f.closed_at.is_some()),
         "the episode is in the findings history"
     );
+    h.rt.stop_all().await;
+}
+
+/// A queued job's large input is not in memory; the turn that starts its stage reads it back.
+/// A failed read fails that attempt retryably (a store fault, not the job's), and the retry
+/// gets the input.
+#[tokio::test]
+async fn a_large_input_is_read_back_when_its_stage_starts_and_a_failed_read_is_retried() {
+    let pipelines = format!(
+        "{SLEEPER}  big: {{stages: [{{name: s, needs: {{cpu: 1}}, retry: {{max_attempts: 3, backoff: {{initial: 10ms}}}}, command: [sh, -c, 'echo \"$0\" > \"$1\"', \"{{input.n}}\", \"{{job.dir}}/n\"]}}]}}\n"
+    );
+    let mut h = Harness::start("{gpus: none, cpu: 1}", &pipelines).await;
+    let mut sleeper = h.submit("sleeper");
+    h.turn().await;
+    let sleeper = sleeper.try_recv().unwrap().unwrap().id;
+    let pad = "x".repeat(super::INPUT_KEPT_BYTES + 1);
+    let mut big = h.submit_input("big", serde_json::json!({"pad": pad, "n": 7}));
+    let mut small = h.submit_input("big", serde_json::json!({"n": 8}));
+    h.turn().await;
+    let (big, small) = (big.try_recv().unwrap().unwrap().id, small.try_recv().unwrap().unwrap().id);
+    let held = |h: &Harness, id: &str| h.rt.jobs.values().find(|a| a.id() == id).map(|a| a.input.is_some());
+    assert_eq!(held(&h, &big), Some(false), "a queued job kept its large input in memory");
+    assert_eq!(held(&h, &small), Some(true), "a small input is kept (no read needed)");
+
+    h.store.fail_input_reads.store(true, Ordering::SeqCst);
+    let mut cancelled = h.cancel(&sleeper);
+    let stored = h.run_until(&big, |j| j.attempts.iter().any(|a| a.state == "failed")).await;
+    cancelled.try_recv().unwrap().unwrap();
+    let error = stored.attempts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("input could not be read"), "{:?}", stored.attempts);
+    assert_ne!(stored.job.state, "failed", "a store fault failed the job for good");
+
+    h.store.fail_input_reads.store(false, Ordering::SeqCst);
+    let done = h.run_until(&big, |j| j.job.state == "succeeded").await;
+    assert_eq!(done.job.state, "succeeded", "{:?}", done.attempts);
+    let seen = std::fs::read_to_string(h.rt.job_dir(&big).join("n")).unwrap();
+    assert_eq!(seen.trim(), "7", "the retried stage rendered its own input");
+    assert_eq!(held(&h, &big), None, "the finished job is no longer active");
     h.rt.stop_all().await;
 }
