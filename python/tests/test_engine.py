@@ -48,9 +48,10 @@ def free_port():
 def config_text(tmp, port):
     greet = (
         "import json, os, sys; print('out:' + sys.argv[1]); print('err:' + sys.argv[1], file=sys.stderr); "
-        "json.dump({'greeting': 'hi ' + sys.argv[1]}, open(os.environ['GPUFLOW_OUTPUT'], 'w'))"
+        "json.dump(dict(greeting='hi ' + sys.argv[1]), open(os.environ['GPUFLOW_OUTPUT'], 'w'))"
     )
-    size = "import json, os, sys; json.dump({'bytes': os.path.getsize(sys.argv[1])}, open(os.environ['GPUFLOW_OUTPUT'], 'w'))"
+    size = "import json, os, sys; json.dump(dict(bytes=os.path.getsize(sys.argv[1])), open(os.environ['GPUFLOW_OUTPUT'], 'w'))"
+    # No braces in the stage programs: `{...}` in a command is a template.
     return f"""
 listen: 127.0.0.1:{port}
 data_dir: {tmp}/data
@@ -67,7 +68,8 @@ workers:
     command: [{json.dumps(PYTHON)}, {json.dumps(str(TESTS_DIR / "worker_app.py"))}]
     instances: 1
     needs: {{cpu: 1}}
-    env: {{PYTHONPATH: {json.dumps(str(PYTHON_DIR))}, GPUFLOW_TEST_TEARDOWN_FILE: {json.dumps(str(tmp / "teardown.log"))}}}
+    # worker_app.py prints at import, before serve() guards stdout: that needs a buffered stdout.
+    env: {{PYTHONPATH: {json.dumps(str(PYTHON_DIR))}, PYTHONUNBUFFERED: "", GPUFLOW_TEST_TEARDOWN_FILE: {json.dumps(str(tmp / "teardown.log"))}}}
 pipelines:
   hello:
     inputs:
@@ -355,6 +357,10 @@ class RestartTest(unittest.TestCase):
         teardown = self.tmp / "teardown.log"
         self.assertFalse(teardown.exists() and teardown.read_text(), "torn down while the engine runs")
         self.engine.stop()
+        # The engine sends `shutdown` (then SIGTERM) and waits for its workers up to kill_grace.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (teardown.exists() and teardown.read_text().endswith("done\n")):
+            time.sleep(0.05)
         self.assertEqual(teardown.read_text(), "start after 1 tasks\ndone\n")
 
 
