@@ -138,7 +138,8 @@ async function main() {
   fs.mkdirSync(shots, { recursive: true });
   startTelemetry();
   const base = await startEngine(writeConfig());
-  const origin = new URL(base).origin;
+  // The engines' own origins (a second one starts for the shares step).
+  const origins = new Set([new URL(base).origin]);
   log(`engine at ${base}, data in ${tmp}`);
 
   context = await chromium.launchPersistentContext(path.join(tmp, 'profile'), {
@@ -156,7 +157,7 @@ async function main() {
   page.on('pageerror', (e) => consoleErrors.push(`uncaught: ${e.message}`));
   page.on('request', (r) => {
     const url = new URL(r.url());
-    if (url.protocol.startsWith('http') && url.origin !== origin) foreign.push(r.url());
+    if (url.protocol.startsWith('http') && !origins.has(url.origin)) foreign.push(r.url());
   });
 
   // 1. The page loads, connects to the live feed, and logs no error.
@@ -289,11 +290,11 @@ async function main() {
   // 6. GPU shares, on a second engine: a pool instance's 6 GiB and stages' 4 GiB shares are
   //    shown as shares, a device they hold is not "free", the overview counts it as shared,
   //    and lease labels never overlap, even with several leases on one device at once.
-  await shares(page, consoleErrors);
+  await shares(page, consoleErrors, origins);
 
   assert.deepEqual(consoleErrors, [], 'console errors');
   assert.deepEqual(foreign, [], 'requests to other origins');
-  log(`screenshots in ${path.relative(repo, shots)}/: overview.png, job.png, gpus-progress.png, gpus.png, job-cancelled.png, shares-gpus.png`);
+  log(`screenshots in ${path.relative(repo, shots)}/: overview.png, job.png, gpus-progress.png, gpus.png, job-cancelled.png, shares-gpus.png, shares-gpus-ended.png`);
 }
 
 // Labels (and progress messages) on a lane whose bounding boxes intersect, as pairs.
@@ -325,8 +326,9 @@ async function overlappingLabels(page) {
   });
 }
 
-async function shares(page, consoleErrors) {
+async function shares(page, consoleErrors, origins) {
   const base = await startEngine(writeSharesConfig(), 'shares-data');
+  origins.add(new URL(base).origin);
   log(`shares engine at ${base}`);
   // The pool instance takes its 6 GiB once it starts.
   let poolDevice = null;
@@ -382,7 +384,10 @@ async function shares(page, consoleErrors) {
   await page.screenshot({ path: path.join(shots, 'shares-gpus.png'), fullPage: true });
   // ...and once they ended, side by side in history.
   await page.waitForFunction((jobs) => jobs.every((j) => document.querySelectorAll(`a.lease.closed[data-job="${j}"]`).length === 2), stageShares, { timeout: 60_000 });
+  // Now the bars are seconds wide: leases side by side carry labels, and still none overlaps.
+  await page.waitForFunction(() => document.querySelectorAll('a.lease[data-row="1"] text.lease-label').length > 0);
   assert.deepEqual(await overlappingLabels(page), [], 'lease labels overlap after the leases ended');
+  await page.screenshot({ path: path.join(shots, 'shares-gpus-ended.png'), fullPage: true });
 
   await page.goto(`${base}/#/pools`);
   await page.waitForSelector('.view-pools[data-loaded="true"]');

@@ -16,6 +16,8 @@ let reload = () => {};
 const LANE_H = 96;
 const BAR_TOP = 20;
 const BAR_H = 44;
+// The least height of one row of leases when several are held at once: room for a label.
+const ROW_MIN_H = 20;
 const AXIS_H = 18;
 
 export const gpusView = {
@@ -189,7 +191,11 @@ function fitLabels(container) {
 
 function lane(d, data, since, now, width) {
   const x = (t) => ((Math.max(t, since) - since) / (now - since)) * width;
-  const plotH = LANE_H - AXIS_H;
+  // Leases held at once get a row each; the lane grows so each row keeps room for a label.
+  const { rows, count } = leaseRows(d.leases, now);
+  const band = Math.max(BAR_H, count * ROW_MIN_H);
+  const laneH = LANE_H + band - BAR_H;
+  const plotH = laneH - AXIS_H;
   const samples = d.samples.filter((p) => p[0] >= since);
   const held = d.leases.find((l) => l.end_ms === null);
   const idle = d.idle_under_lease;
@@ -203,11 +209,10 @@ function lane(d, data, since, now, width) {
   const step = [10_000, 30_000, 60_000, 120_000, 300_000, 600_000].find((st) => span / st <= 10) || 900_000;
   for (let t = Math.ceil(since / step) * step; t <= now; t += step) {
     parts.push(s('line', { x1: x(t), x2: x(t), y1: 0, y2: plotH, class: 'grid-line' }));
-    parts.push(s('text', { x: x(t) + 3, y: LANE_H - 5, class: 'axis-label' }, step < 60_000 ? clock(t) : clock(t).slice(0, 5)));
+    parts.push(s('text', { x: x(t) + 3, y: laneH - 5, class: 'axis-label' }, step < 60_000 ? clock(t) : clock(t).slice(0, 5)));
   }
-  // Leases, one row per set of leases held at once.
-  const { rows, count } = leaseRows(d.leases, now);
-  const rowH = BAR_H / count;
+  // Leases.
+  const rowH = band / count;
   for (const l of d.leases) {
     const top = BAR_TOP + rows.get(l) * rowH;
     const barH = rowH - (count > 1 ? 2 : 0);
@@ -280,6 +285,6 @@ function lane(d, data, since, now, width) {
       holdBadge(d, data, held),
       held && held.progress ? h('span', { class: 'lane-progress' }, progressBar(held.progress)) : null,
       idle ? h('span', { class: 'badge idle-badge' }, `idle under lease ${duration(d.idle_ms)}`) : null),
-    s('svg', { width, height: LANE_H, viewBox: `0 0 ${width} ${LANE_H}`, class: 'timeline', role: 'img',
+    s('svg', { width, height: laneH, viewBox: `0 0 ${width} ${laneH}`, class: 'timeline', role: 'img',
       'aria-label': `GPU ${d.index} timeline` }, parts));
 }
