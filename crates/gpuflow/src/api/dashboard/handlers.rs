@@ -153,8 +153,9 @@ pub async fn gpu_timeline(
     for i in app.engine.journal().lease_intervals(since_ms) {
         // A worker stage's interval is its instance's devices; the share is the pool's.
         let pool = worker_pool(&config, &i.pipeline, &i.stage);
-        let memory_bytes =
-            i.memory_bytes.or_else(|| pool.as_deref().and_then(|p| crate::api::handlers::pool_memory_share(&config, p)));
+        let memory_bytes = i
+            .memory_bytes
+            .or_else(|| pool.as_deref().and_then(|p| crate::api::handlers::pool_memory_share(&config, p)));
         by_device.entry(i.device).or_default().push(LeaseIntervalView {
             job: i.job,
             pipeline: i.pipeline,
