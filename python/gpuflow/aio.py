@@ -46,7 +46,7 @@ class _Connection:
         self.writer.close()
         try:
             await self.writer.wait_closed()
-        except (OSError, asyncio.CancelledError):
+        except OSError:
             pass
 
     async def read_head(self) -> _http.Head:
