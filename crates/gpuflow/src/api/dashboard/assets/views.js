@@ -47,10 +47,11 @@ export function gpuCounts(gpus) {
 function gpuSummary(gpus) {
   if (!gpus.length) return 'none';
   const { whole, shared, free } = gpuCounts(gpus);
+  // Only the kinds there are: "1 leased", "1 shared, 1 free", "2 free".
   const parts = [];
   if (whole) parts.push(`${whole} leased`);
   if (shared) parts.push(`${shared} shared`);
-  parts.push(`${free} free`);
+  if (free) parts.push(`${free} free`);
   return parts.join(', ');
 }
 
