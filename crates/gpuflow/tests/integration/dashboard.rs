@@ -286,8 +286,13 @@ pipelines:
   plain:
     stages:
       - {name: infer, command: [sleep, "0.3"], needs: {gpu_memory: 2GiB}}
+allowed_roots: ["{DIR}"]
+workflows:
+  stages:
+    model.infer: {worker: model}
 "#;
-    let engine = Engine::start_with_files(config, &[("worker.py", crate::pools::WORKER)]).await;
+    let engine =
+        Engine::start_with_files(config, &[("worker.py", crate::pools::WORKER), ("video.mp4", "not a video")]).await;
     let instance = |r: &Value| {
         r["pools"].as_array().unwrap().iter().find(|p| p["name"] == "model").unwrap()["instances"][0].clone()
     };
@@ -302,8 +307,15 @@ pipelines:
 
     let pooled = engine.submit("pooled", json!({})).await;
     let plain = engine.submit("plain", json!({})).await;
-    engine.wait_final(&pooled, Duration::from_secs(30)).await;
-    engine.wait_final(&plain, Duration::from_secs(30)).await;
+    let video = engine.path("video.mp4").display().to_string();
+    let (status, body) = engine
+        .post("/v1/workflows", json!({"video_path": video, "workflow_config": {"workflow_chain": ["model.infer"]}}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let chained = body["id"].as_str().unwrap().to_string();
+    for job in [&pooled, &plain, &chained] {
+        engine.wait_final(job, Duration::from_secs(30)).await;
+    }
     let (status, t) = engine.get("/v1/gpus/timeline?window_s=60").await;
     assert_eq!(status, 200, "{t}");
     let leases = t["devices"][0]["leases"].as_array().unwrap();
@@ -317,6 +329,14 @@ pipelines:
         (Some(6u64 << 30), Some("model")),
         "{worker:#}"
     );
+    // Also in a workflow chain, whose pipeline is rebuilt from the name its job records.
+    let chain_worker = of(&chained);
+    assert_eq!(
+        (chain_worker["memory_bytes"].as_u64(), chain_worker["pool"].as_str()),
+        (Some(6u64 << 30), Some("model"))
+    );
+    let (_, log) = engine.get(&format!("/v1/jobs/{chained}/stages/model_infer/log")).await;
+    assert!(log["note"].as_str().unwrap_or_default().contains("pool `model`"), "{log}");
     let command = of(&plain);
     assert_eq!((command["memory_bytes"].as_u64(), command["pool"].as_str()), (Some(2u64 << 30), None), "{command:#}");
 }
