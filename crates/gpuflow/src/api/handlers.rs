@@ -484,11 +484,11 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
             },
         })
         .collect();
+    let config = app.config.get();
     let pools = s
         .pools
         .into_iter()
         .map(|p| PoolView {
-            name: p.name,
             instances: p
                 .instances
                 .into_iter()
@@ -496,6 +496,7 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
                     index: i.index,
                     state: i.state.to_string(),
                     pid: i.pid,
+                    gpu_memory_bytes: pool_memory_share(&config, &p.name).filter(|_| !i.devices.is_empty()),
                     devices: i.devices,
                     task: i.task,
                     queued: i.queued,
@@ -507,10 +508,18 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
                     progress: i.progress.map(progress_view),
                 })
                 .collect(),
+            name: p.name,
         })
         .collect();
     let cpu = CountView { capacity: s.capacity.cpu as u64, leased: s.usage.cpu as u64 };
     Ok(Json(ResourcesView { gpus, cpu, counters, leases, waiting, pools }))
+}
+
+/// The memory share each instance of a pool holds on its device: `Some` for a pool that needs
+/// `gpu_memory` and no whole GPU, so pages can say "6 GiB of GPU 0" instead of "whole device".
+pub(crate) fn pool_memory_share(config: &Config, pool: &str) -> Option<u64> {
+    let needs = &config.workers.get(pool)?.needs;
+    (needs.gpus == 0 && needs.gpu_memory > 0).then_some(needs.gpu_memory)
 }
 
 /// Re-read the pipeline file. Changes that cannot apply while jobs run are refused (409) with
