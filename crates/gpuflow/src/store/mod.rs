@@ -2,7 +2,9 @@
 //! embedded default. Every write the runtime makes for one step goes in one transaction, and
 //! it acts only after that transaction has committed.
 
+mod dialect;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::future::Future;
@@ -317,7 +319,7 @@ pub struct JobStats {
 }
 
 /// Typed column access shared by the backends, so each record is decoded in one place.
-trait Columns {
+pub(crate) trait Columns {
     fn text(&self, column: &str) -> StoreResult<Option<String>>;
     fn int(&self, column: &str) -> StoreResult<Option<i64>>;
 

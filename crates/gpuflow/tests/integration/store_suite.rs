@@ -1,5 +1,9 @@
-//! One store test suite, run against every backend: the embedded SQLite store and PostgreSQL.
-//! Then the shared queue's claims, expiry and fencing, on PostgreSQL, without an engine.
+//! The store suite: each behaviour every backend must share is one generic async fn, and
+//! `store_suite!` makes one `#[tokio::test]` of it per backend, so a failure names both the
+//! behaviour and the backend (`store_suite::postgres::retention_deletes_only_finished_jobs`).
+//! Each PostgreSQL test gets a database of its own (`TestDb`); without a server those tests
+//! are skipped, except under `CI`, where they fail. Then the shared queue's claims, expiry and
+//! fencing, on PostgreSQL, without an engine.
 
 use std::time::Duration;
 
@@ -48,94 +52,187 @@ fn ended(job: &str, stage: usize, attempt: u32, result: &'static str, stage_stat
     }
 }
 
-/// The behaviour every backend must share.
-async fn conformance<S: Store>(store: S) {
-    // Insert and read back, unicode and JSON intact.
+fn started(job: &str, stage: usize, attempt: u32, at: i64) -> Write {
+    Write::AttemptStarted { job: job.into(), stage, attempt, grant: json!({"gpus": [0], "cpu": 1}).to_string(), at }
+}
+
+fn job_finished(job: &str, state: &'static str, at: i64) -> Write {
+    Write::JobFinished { job: job.into(), state, error: (state != "succeeded").then(|| "x".into()), output: None, at }
+}
+
+/// Runs a job's only stage to `state` and finishes the job so at `at`.
+async fn finish_job<S: Store>(store: &S, id: &str, state: &'static str, at: i64) {
+    store.insert_job(&new_job(id, None, vec![("a", vec![])])).await.unwrap();
+    let result = if state == "succeeded" { "succeeded" } else { "failed" };
+    let mut end = ended(id, 0, 1, result, state);
+    if let Write::AttemptEnded { at: a, .. } = &mut end {
+        *a = at;
+    }
+    store.write(&[started(id, 0, 1, at - 1), end, job_finished(id, state, at)]).await.unwrap();
+}
+
+/// One `#[tokio::test]` per behaviour per backend, in a module named after the backend.
+macro_rules! store_suite {
+    ($($behaviour:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = gpuflow::store::SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+                    super::$behaviour(store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    let Some(db) = crate::fixture::TestDb::create() else { return };
+                    let store = gpuflow::store::PgStore::connect(&db.url, "agent-a").await.unwrap();
+                    super::$behaviour(store).await;
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    inserted_jobs_read_back_intact,
+    idempotency_keys_are_unique,
+    a_running_attempt_is_a_held_lease,
+    a_failed_batch_writes_nothing,
+    a_turn_admits_and_writes_in_one_transaction,
+    listings_are_newest_first_filtered_and_paged,
+    job_stats_count_by_pipeline_state_and_minute,
+    findings_open_update_close_and_list_open_first,
+    recovery_pages_follow_serving_order,
+    retention_finds_and_deletes_only_finished_jobs,
+    arrival_numbers_only_grow,
+);
+
+/// Insert and read back, unicode and JSON intact, in arrival order.
+async fn inserted_jobs_read_back_intact<S: Store>(store: S) {
     let seq1 = store.insert_job(&new_job("j1", Some("k1"), vec![("a", vec![]), ("b", vec![0])])).await.unwrap();
     let seq2 = store.insert_job(&new_job("j2", None, vec![("a", vec![])])).await.unwrap();
     assert!(seq2 > seq1, "arrival order");
     let d = store.job("j1").await.unwrap().unwrap();
     assert_eq!(d.job.input, json!({"text": "héllo ✓", "n": 1}));
     assert_eq!(d.job.state, "queued");
-    assert_eq!(d.stages.len(), 2);
+    assert_eq!((d.job.seq, d.job.pipeline.as_str(), d.job.created_at), (seq1, "p", 1_000));
+    assert_eq!(d.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
     assert_eq!(d.stages[1].deps, vec![0]);
+    assert!(d.attempts.is_empty());
     assert_eq!(store.config_snapshot("h1").await.unwrap().as_deref(), Some("pipelines: {}"));
+    assert_eq!(store.config_snapshot("h2").await.unwrap(), None);
     assert!(store.job("nope").await.unwrap().is_none());
+}
 
-    // Idempotency keys are unique.
+/// A second job under a used key is refused whole, and the key finds the first.
+async fn idempotency_keys_are_unique<S: Store>(store: S) {
+    store.insert_job(&new_job("j1", Some("k1"), vec![("a", vec![])])).await.unwrap();
     assert_eq!(store.job_by_idempotency_key("k1").await.unwrap().unwrap().id, "j1");
+    assert!(store.job_by_idempotency_key("k2").await.unwrap().is_none());
     let dup = store.insert_job(&new_job("j3", Some("k1"), vec![("a", vec![])])).await;
-    assert!(matches!(dup, Err(StoreError::DuplicateKey(k)) if k == "k1"), "duplicate key refused");
+    assert!(matches!(dup, Err(StoreError::DuplicateKey(k)) if k == "k1"), "duplicate key refused: {dup:?}");
     assert!(store.job("j3").await.unwrap().is_none(), "nothing half-written");
+}
 
-    // A running attempt is a held lease; its end releases it.
-    let grant = json!({"gpus": [0], "cpu": 1});
-    store
-        .write(&[Write::AttemptStarted { job: "j1".into(), stage: 0, attempt: 1, grant: grant.to_string(), at: 1_500 }])
-        .await
-        .unwrap();
+/// A running attempt is a held lease; its end releases it and records how it went.
+async fn a_running_attempt_is_a_held_lease<S: Store>(store: S) {
+    store.insert_job(&new_job("j1", None, vec![("a", vec![]), ("b", vec![0])])).await.unwrap();
+    store.write(&[started("j1", 0, 1, 1_500)]).await.unwrap();
     let running = store.running_attempts().await.unwrap();
     assert_eq!(running.len(), 1);
     assert_eq!(running[0].0, "j1");
-    assert_eq!(running[0].1.grant, grant);
-    assert_eq!(store.job("j1").await.unwrap().unwrap().job.state, "running");
+    assert_eq!(running[0].1.grant, json!({"gpus": [0], "cpu": 1}));
+    let d = store.job("j1").await.unwrap().unwrap();
+    assert_eq!((d.job.state.as_str(), d.job.started_at), ("running", Some(1_500)));
+    assert_eq!((d.stages[0].state.as_str(), d.stages[0].attempts), ("running", 1));
     store.write(&[ended("j1", 0, 1, "succeeded", "succeeded")]).await.unwrap();
     assert!(store.running_attempts().await.unwrap().is_empty());
     let d = store.job("j1").await.unwrap().unwrap();
     assert_eq!(d.stages[0].state, "succeeded");
     assert_eq!(d.stages[0].output, Some(json!({"k": [1, 2]})));
+    assert_eq!(d.stages[0].finished_at, Some(2_000));
     assert_eq!(d.attempts[0].state, "succeeded");
     assert_eq!(d.attempts[0].exit_code, Some(0));
     assert_eq!(d.attempts[0].batch_size, Some(4), "the batch size is kept with the attempt");
+}
 
-    // A batch is atomic: ending an attempt that is not running fails the whole batch.
-    let bad = store
-        .write(&[
-            Write::AttemptStarted { job: "j1".into(), stage: 1, attempt: 1, grant: "{}".into(), at: 3_000 },
-            ended("j1", 0, 7, "failed", "failed"),
-        ])
-        .await;
+/// A batch is atomic: ending an attempt that is not running fails the whole batch.
+async fn a_failed_batch_writes_nothing<S: Store>(store: S) {
+    store.insert_job(&new_job("j1", None, vec![("a", vec![]), ("b", vec![0])])).await.unwrap();
+    let bad = store.write(&[started("j1", 1, 1, 3_000), ended("j1", 0, 7, "failed", "failed")]).await;
     assert!(matches!(bad, Err(StoreError::Corrupt(_))), "{bad:?}");
     let d = store.job("j1").await.unwrap().unwrap();
     assert_eq!(d.stages[1].state, "pending", "the first write of the failed batch was rolled back");
+    assert_eq!(d.job.state, "queued");
     assert!(store.running_attempts().await.unwrap().is_empty());
+}
 
-    // Finishing, listing and paging.
+/// A turn's admissions and state changes land together; a job admitted, run and finished in
+/// one turn is stored in its final state.
+async fn a_turn_admits_and_writes_in_one_transaction<S: Store>(store: S) {
+    let job = new_job("t1", None, vec![("a", vec![])]);
     store
-        .write(&[Write::JobFinished {
-            job: "j2".into(),
-            state: "failed",
-            error: Some("x".into()),
-            output: None,
-            at: 4_000,
-        }])
+        .write_turn(
+            std::slice::from_ref(&job),
+            &[started("t1", 0, 1, 1_100), ended("t1", 0, 1, "succeeded", "succeeded"), job_finished("t1", "succeeded", 2_100)],
+        )
         .await
         .unwrap();
-    let unfinished: Vec<String> =
-        store.unfinished_jobs(None, 100).await.unwrap().into_iter().map(|u| u.job.id).collect();
-    assert_eq!(unfinished, vec!["j1"]);
-    let all = store.list_jobs(&JobFilter { limit: 10, ..Default::default() }).await.unwrap();
-    assert_eq!(all.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["j2", "j1"], "newest first");
-    assert!(all.iter().all(|j| j.input.is_null() && j.output.is_none()), "a listing read inputs or outputs");
-    let failed =
-        store.list_jobs(&JobFilter { state: Some("failed".into()), limit: 10, ..Default::default() }).await.unwrap();
-    assert_eq!(failed.len(), 1);
-    let page2 =
-        store.list_jobs(&JobFilter { before_seq: Some(all[0].seq), limit: 10, ..Default::default() }).await.unwrap();
-    assert_eq!(page2.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["j1"]);
-    let other =
-        store.list_jobs(&JobFilter { pipeline: Some("q".into()), limit: 10, ..Default::default() }).await.unwrap();
-    assert!(other.is_empty());
+    let d = store.job("t1").await.unwrap().unwrap();
+    assert_eq!((d.job.state.as_str(), d.job.started_at, d.job.finished_at), ("succeeded", Some(1_100), Some(2_100)));
+    assert_eq!(d.stages[0].state, "succeeded");
+    assert_eq!(d.attempts.len(), 1);
+    // A turn whose write fails admits nothing either.
+    let bad = store.write_turn(&[new_job("t2", None, vec![("a", vec![])])], &[ended("t1", 0, 9, "failed", "failed")]).await;
+    assert!(bad.is_err(), "ending an attempt that never ran is refused");
+    assert!(store.job("t2").await.unwrap().is_none(), "the turn's admission was rolled back");
+}
 
-    // Counts per pipeline and state, and jobs finished per minute (the dashboard's overview).
+/// Listings: newest first, by state, by pipeline, a page before a cursor, without inputs.
+async fn listings_are_newest_first_filtered_and_paged<S: Store>(store: S) {
+    store.insert_job(&new_job("j1", None, vec![("a", vec![])])).await.unwrap();
+    finish_job(&store, "j2", "failed", 4_000).await;
+    store.insert_job(&NewJob { pipeline: "q".into(), ..new_job("j3", None, vec![("a", vec![])]) }).await.unwrap();
+    let ids = |jobs: Vec<gpuflow::store::JobRecord>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let all = store.list_jobs(&JobFilter { limit: 10, ..Default::default() }).await.unwrap();
+    assert!(all.iter().all(|j| j.input.is_null() && j.output.is_none()), "a listing read inputs or outputs");
+    assert_eq!(ids(all.clone()), vec!["j3", "j2", "j1"], "newest first");
+    let failed = JobFilter { state: Some("failed".into()), limit: 10, ..Default::default() };
+    assert_eq!(ids(store.list_jobs(&failed).await.unwrap()), vec!["j2"]);
+    let of_p = JobFilter { pipeline: Some("p".into()), limit: 10, ..Default::default() };
+    assert_eq!(ids(store.list_jobs(&of_p).await.unwrap()), vec!["j2", "j1"]);
+    let queued_q = JobFilter { state: Some("queued".into()), pipeline: Some("q".into()), limit: 10, ..Default::default() };
+    assert_eq!(ids(store.list_jobs(&queued_q).await.unwrap()), vec!["j3"]);
+    let page2 = JobFilter { before_seq: Some(all[1].seq), limit: 10, ..Default::default() };
+    assert_eq!(ids(store.list_jobs(&page2).await.unwrap()), vec!["j1"]);
+    let first = JobFilter { limit: 1, ..Default::default() };
+    assert_eq!(ids(store.list_jobs(&first).await.unwrap()), vec!["j3"], "the limit holds");
+    let none = JobFilter { pipeline: Some("nope".into()), limit: 10, ..Default::default() };
+    assert!(store.list_jobs(&none).await.unwrap().is_empty());
+}
+
+/// Counts per pipeline and state, and jobs finished per minute (the dashboard's overview).
+async fn job_stats_count_by_pipeline_state_and_minute<S: Store>(store: S) {
+    finish_job(&store, "j1", "failed", 4_000).await;
+    finish_job(&store, "j2", "succeeded", 61_000).await;
+    store.insert_job(&new_job("j3", None, vec![("a", vec![])])).await.unwrap();
     let stats = store.job_stats(0).await.unwrap();
     let mut counts = stats.counts.clone();
     counts.sort();
-    assert_eq!(counts, vec![("p".to_string(), "failed".to_string(), 1), ("p".to_string(), "running".to_string(), 1)]);
-    assert_eq!(stats.finished, vec![("p".to_string(), "failed".to_string(), 0, 1)]);
-    assert!(store.job_stats(60_000).await.unwrap().finished.is_empty());
+    let count = |state: &str| ("p".to_string(), state.to_string(), 1);
+    assert_eq!(counts, vec![count("failed"), count("queued"), count("succeeded")]);
+    let minute = |state: &str, at: i64| ("p".to_string(), state.to_string(), at, 1);
+    assert_eq!(stats.finished, vec![minute("failed", 0), minute("succeeded", 60_000)], "oldest minute first");
+    assert_eq!(store.job_stats(60_000).await.unwrap().finished, vec![minute("succeeded", 60_000)]);
+    assert!(store.job_stats(120_000).await.unwrap().finished.is_empty());
+}
 
-    // Findings open, update, close, and list open ones first.
+/// Findings open, update, close, list open ones first, and a restart closes what was open.
+async fn findings_open_update_close_and_list_open_first<S: Store>(store: S) {
     let finding = Finding {
         kind: FindingKind::QueueStalled,
         subject: "pipeline p".into(),
@@ -146,18 +243,28 @@ async fn conformance<S: Store>(store: S) {
     };
     let a = store.open_finding(&finding, 10).await.unwrap();
     let b = store.open_finding(&finding, 11).await.unwrap();
+    assert_ne!(a, b);
     store.update_finding(a, &Finding { summary: "still stuck".into(), ..finding.clone() }, 12).await.unwrap();
     store.close_finding(b, 13).await.unwrap();
     let list = store.findings(10).await.unwrap();
-    assert_eq!(list[0].id, a);
-    assert_eq!(list[0].summary, "still stuck");
+    assert_eq!(list.len(), 2);
+    assert_eq!((list[0].id, list[0].summary.as_str(), list[0].updated_at), (a, "still stuck", 12));
+    assert_eq!(list[0].kind, FindingKind::QueueStalled.as_str());
     assert_eq!(list[0].evidence, finding.evidence);
-    assert_eq!(list[1].closed_at, Some(13));
+    assert_eq!((list[1].id, list[1].closed_at), (b, Some(13)));
+    assert_eq!(store.findings(1).await.unwrap().len(), 1, "the limit holds");
     assert_eq!(store.close_open_findings(20).await.unwrap(), 1);
-    // Recovery pages come in the order jobs are served: priority (high first), then arrival.
-    for (id, priority) in [("r1", 0), ("r2", 5), ("r3", 0), ("r4", 5)] {
+    assert!(store.findings(10).await.unwrap().iter().all(|f| f.closed_at.is_some()));
+}
+
+/// Recovery pages come in the order jobs are served (priority, high first, then arrival),
+/// with their stages, and leave finished jobs out.
+async fn recovery_pages_follow_serving_order<S: Store>(store: S) {
+    finish_job(&store, "done", "succeeded", 2_000).await;
+    for (id, priority) in [("r1", 0), ("r2", 5), ("r3", 0), ("r4", 5), ("r5", -2)] {
         store.insert_job(&NewJob { priority, ..new_job(id, None, vec![("a", vec![]), ("b", vec![0])]) }).await.unwrap();
     }
+    store.write(&[started("r3", 0, 1, 1_500)]).await.unwrap();
     let mut order = Vec::new();
     let mut after = None;
     while let Some(last) = store
@@ -173,19 +280,44 @@ async fn conformance<S: Store>(store: S) {
     {
         after = Some(RecoveryCursor::of(&last.job));
     }
-    assert_eq!(order, vec!["r2", "r4", "j1", "r1", "r3"]);
+    assert_eq!(order, vec!["r2", "r4", "r1", "r3", "r5"], "a running job is recovered too; a finished one is not");
 }
 
-#[tokio::test]
-async fn sqlite_passes_the_store_suite() {
-    let dir = tempfile::tempdir().unwrap();
-    conformance(SqliteStore::open(&dir.path().join("t.db")).await.unwrap()).await;
+/// Retention finds jobs that ended in a state before a time, and deletes them with their
+/// stages and attempts; a job that has not finished is never deleted.
+async fn retention_finds_and_deletes_only_finished_jobs<S: Store>(store: S) {
+    finish_job(&store, "old", "succeeded", 1_000).await;
+    finish_job(&store, "new", "succeeded", 9_000).await;
+    finish_job(&store, "bad", "failed", 1_000).await;
+    store.insert_job(&new_job("live", None, vec![("a", vec![])])).await.unwrap();
+    assert_eq!(store.expired_jobs("succeeded", 5_000, 10).await.unwrap(), vec![("old".to_string(), 1_000)]);
+    assert_eq!(store.expired_jobs("succeeded", 10_000, 1).await.unwrap().len(), 1, "the limit holds");
+    assert_eq!(store.expired_jobs("failed", 5_000, 10).await.unwrap(), vec![("bad".to_string(), 1_000)]);
+    assert_eq!(store.delete_finished_jobs(&[]).await.unwrap(), 0);
+    let ids = ["old", "bad", "live", "missing"].map(String::from);
+    assert_eq!(store.delete_finished_jobs(&ids).await.unwrap(), 2, "only the finished jobs go");
+    assert!(store.job("old").await.unwrap().is_none());
+    assert!(store.job("bad").await.unwrap().is_none());
+    assert!(store.job("live").await.unwrap().is_some(), "an unfinished job is left alone");
+    let new = store.job("new").await.unwrap().unwrap();
+    assert_eq!((new.stages.len(), new.attempts.len()), (1, 1), "a job not named keeps its rows");
+    // The deleted job's stages and attempts went with it: its id can be admitted again.
+    store.insert_job(&new_job("old", None, vec![("a", vec![])])).await.unwrap();
+    let again = store.job("old").await.unwrap().unwrap();
+    assert!(again.attempts.is_empty(), "no attempt of the deleted job is left behind");
 }
 
-#[tokio::test]
-async fn postgres_passes_the_store_suite() {
-    let Some(db) = TestDb::create() else { return };
-    conformance(PgStore::connect(&db.url, "agent-a").await.unwrap()).await;
+/// The next arrival number is past every number used, even when the newest job was deleted.
+async fn arrival_numbers_only_grow<S: Store>(store: S) {
+    assert_eq!(store.next_job_seq().await.unwrap(), 1, "an empty store starts at 1");
+    store.insert_job(&new_job("j1", None, vec![("a", vec![])])).await.unwrap();
+    finish_job(&store, "j2", "succeeded", 1_000).await;
+    let last = store.job("j2").await.unwrap().unwrap().job.seq;
+    assert_eq!(store.next_job_seq().await.unwrap(), last + 1);
+    assert_eq!(store.delete_finished_jobs(&["j2".to_string()]).await.unwrap(), 1);
+    assert_eq!(store.next_job_seq().await.unwrap(), last + 1, "a deletion gives no number back");
+    let seq = store.insert_job(&new_job("j3", None, vec![("a", vec![])])).await.unwrap();
+    assert!(seq > last, "the next job comes after the deleted one");
 }
 
 fn claim_all(offered: &[gpuflow::store::ClaimCandidate]) -> Vec<usize> {
