@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use gpuflow::store::{
-    AttemptDetails, Finish, JobFilter, NewJob, PgStore, RecoveryCursor, SharedCancel, SqliteStore, Store, StoreError,
+    AttemptDetails, Finish, JobFilter, NewJob, PgStore, RecoveryCursor, SharedCancel, Store, StoreError,
     Write,
 };
 use gpuflow_core::cluster::{self, SharedEnd, SharedStage, Transition};
@@ -134,7 +134,7 @@ async fn idempotency_keys_are_unique<S: Store>(store: S) {
     assert_eq!(store.job_by_idempotency_key("k1").await.unwrap().unwrap().id, "j1");
     assert!(store.job_by_idempotency_key("k2").await.unwrap().is_none());
     let dup = store.insert_job(&new_job("j3", Some("k1"), vec![("a", vec![])])).await;
-    assert!(matches!(dup, Err(StoreError::DuplicateKey(k)) if k == "k1"), "duplicate key refused: {dup:?}");
+    assert!(matches!(&dup, Err(StoreError::DuplicateKey(k)) if k == "k1"), "duplicate key refused: {dup:?}");
     assert!(store.job("j3").await.unwrap().is_none(), "nothing half-written");
 }
 
