@@ -16,6 +16,6 @@ pub use pipeline::{Pipeline, PipelineError, StageIndex, StageSpec};
 pub use resources::{ByteSize, Capacity, GpuDevice, Grant, Inventory, RequestError, ResourceRequest, Usage};
 pub use retry::RetryPolicy;
 pub use scheduler::{
-    Action, ApplyError, AttemptResult, Event, JobId, JobRun, JobState, KillReason, Lease, Outcome, RestoredStage,
+    Action, ApplyError, AttemptResult, Event, JobId, JobRun, JobState, KillReason, Lease, Outcome, RestoredStage, StageState,
     RestoredStatus, RunningAttempt, SchedulerConfig, StageCounters, StageNext, StageRun, StageStatus, State, Waiting,
 };

@@ -15,6 +15,11 @@ pub struct Dialect {
     /// when told the index and given the OR form (checked with EXPLAIN QUERY PLAN: it sorted
     /// every unfinished job for each page otherwise); PostgreSQL seeks with a row comparison.
     pub unfinished_after: &'static str,
+    /// Taken inside the migration transaction so that engines starting together migrate one
+    /// at a time (SQLite's `BEGIN IMMEDIATE` already serializes them).
+    pub migration_lock: Option<&'static str>,
+    /// The time now, in milliseconds since the epoch.
+    pub now_ms: &'static str,
 }
 
 pub const SQLITE: Dialect = Dialect {
@@ -22,10 +27,14 @@ pub const SQLITE: Dialect = Dialect {
     json_text_rows: "SELECT value FROM json_each($1)",
     unfinished_after: "FROM jobs INDEXED BY jobs_unfinished_in_order WHERE state IN ('queued', 'running') \
                        AND (-priority > $1 OR (-priority = $1 AND seq > $2))",
+    migration_lock: None,
+    now_ms: "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
 };
 
 pub const POSTGRES: Dialect = Dialect {
     begin_write: "BEGIN",
     json_text_rows: "SELECT value FROM json_array_elements_text($1::json)",
     unfinished_after: "FROM jobs WHERE state IN ('queued', 'running') AND (-priority, seq) > ($1, $2)",
+    migration_lock: Some("SELECT pg_advisory_xact_lock(70707070)"),
+    now_ms: "gpuflow_now_ms()",
 };

@@ -10,6 +10,7 @@ mod sqlite;
 use std::future::Future;
 use std::sync::Arc;
 
+use gpuflow_core::{JobState, StageState};
 use serde_json::Value;
 
 pub use postgres::{AgentRecord, AttemptDetails, Claim, ClaimCandidate, Finish, LostLease, PgStore, SharedCancel};
@@ -107,8 +108,10 @@ pub enum Write {
         attempt: u32,
         /// How the attempt ended: succeeded, failed, timed_out, cancelled, interrupted.
         result: &'static str,
-        /// The stage's state now: succeeded, backoff, pending, failed, cancelled.
-        stage_state: &'static str,
+        /// The stage's state now: succeeded, queued, backoff, failed or cancelled.
+        stage_state: StageState,
+        /// Stages the attempt's success made ready: queued from now on.
+        readied: Vec<usize>,
         not_before: Option<i64>,
         error: Option<String>,
         output: Option<Value>,
@@ -127,7 +130,7 @@ pub enum Write {
     },
     JobFinished {
         job: String,
-        state: &'static str,
+        state: JobState,
         error: Option<String>,
         output: Option<Value>,
         at: i64,
@@ -141,7 +144,7 @@ pub struct JobRecord {
     pub pipeline: String,
     pub input: Value,
     pub priority: i32,
-    pub state: String,
+    pub state: JobState,
     pub idempotency_key: Option<String>,
     pub config_hash: String,
     pub created_at: i64,
@@ -156,7 +159,7 @@ pub struct StageRecord {
     pub idx: usize,
     pub name: String,
     pub deps: Vec<usize>,
-    pub state: String,
+    pub state: StageState,
     pub attempts: u32,
     pub failures: u32,
     pub interruptions: u32,
@@ -227,7 +230,7 @@ pub struct UnfinishedJob {
 
 #[derive(Clone, Debug, Default)]
 pub struct JobFilter {
-    pub state: Option<String>,
+    pub state: Option<JobState>,
     pub pipeline: Option<String>,
     /// Only jobs older than this arrival number (the cursor of the previous page).
     pub before_seq: Option<i64>,
@@ -337,6 +340,11 @@ pub(crate) trait Columns {
     fn small(&self, column: &str) -> StoreResult<Option<i32>> {
         Ok(self.int(column)?.map(|v| v as i32))
     }
+    /// The `state` column of a row of `table`, as its enum.
+    fn state<T>(&self, table: &str, parse: fn(&str) -> Option<T>) -> StoreResult<T> {
+        let text = self.required_text("state")?;
+        parse(&text).ok_or_else(|| StoreError::Corrupt(format!("{table}.state: `{text}` is not a state")))
+    }
 }
 
 /// The columns a job listing reads: every column of `jobs` but the input and the output
@@ -356,7 +364,7 @@ fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
         pipeline: row.required_text("pipeline")?,
         input: row.json("input")?.unwrap_or(Value::Null),
         priority: row.required_int("priority")? as i32,
-        state: row.required_text("state")?,
+        state: row.state("jobs", JobState::parse)?,
         idempotency_key: row.text("idempotency_key")?,
         config_hash: row.required_text("config_hash")?,
         created_at: row.required_int("created_at")?,
@@ -374,7 +382,7 @@ fn stage_from_row(row: &impl Columns) -> StoreResult<StageRecord> {
         idx: row.required_int("idx")? as usize,
         name: row.required_text("name")?,
         deps,
-        state: row.required_text("state")?,
+        state: row.state("stages", StageState::parse)?,
         attempts: row.required_int("attempts")? as u32,
         failures: row.required_int("failures")? as u32,
         interruptions: row.required_int("interruptions")? as u32,

@@ -11,14 +11,14 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use gpuflow_core::JobState;
+use gpuflow_core::{JobState, StageState};
 use gpuflow_core::cluster::{self, SharedStage, SharedStageState, StageChange, Transition};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::dialect::{self, Dialect};
-use super::sql::SqlBackend;
+use super::sql::{SqlBackend, SqlDb};
 use super::*;
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -147,37 +147,12 @@ impl PgStore {
             .connect_with(options)
             .await?;
         let store = PgStore { pool, url: url.to_string(), agent: agent.to_string() };
-        store.migrate().await?;
+        store.pool.migrate(Self::DIALECT, MIGRATIONS).await?;
         Ok(store)
     }
 
     pub fn agent(&self) -> &str {
         &self.agent
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(70707070)").execute(&mut *tx).await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
-        .execute(&mut *tx)
-        .await?;
-        for (version, sql) in MIGRATIONS {
-            let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
-                .bind(version)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if applied.is_none() {
-                sqlx::raw_sql(*sql).execute(&mut *tx).await?;
-                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, gpuflow_now_ms())")
-                    .bind(version)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// A listener for `QUEUE_CHANNEL`. It reconnects by itself; notifications sent while it
@@ -190,7 +165,7 @@ impl PgStore {
 
     async fn insert(&self, job: &NewJob, shared: bool) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await?;
-        let seq = Self::insert_in(&mut tx, job, shared).await?;
+        let seq = Self::insert_in(&mut tx, job).await?;
         if shared {
             notify(&mut tx).await?;
         }
@@ -198,7 +173,7 @@ impl PgStore {
         Ok(seq)
     }
 
-    async fn insert_in(tx: &mut Transaction<'static, Postgres>, job: &NewJob, shared: bool) -> StoreResult<i64> {
+    async fn insert_in(tx: &mut Transaction<'static, Postgres>, job: &NewJob) -> StoreResult<i64> {
         sqlx::query("INSERT INTO config_snapshots (hash, text, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(&job.config_hash)
             .bind(&*job.config_text)
@@ -227,9 +202,12 @@ impl PgStore {
         let names: Vec<&str> = job.stages.iter().map(|(n, _)| n.as_str()).collect();
         let deps: Vec<String> =
             job.stages.iter().map(|(_, d)| serde_json::to_string(d).expect("serializable")).collect();
-        // In the shared queue a stage with no predecessors is claimable at once.
-        let states: Vec<&str> =
-            job.stages.iter().map(|(_, d)| if shared && d.is_empty() { "queued" } else { "pending" }).collect();
+        // A stage with no predecessors is ready (in the shared queue: claimable) at once.
+        let states: Vec<&str> = job
+            .stages
+            .iter()
+            .map(|(_, d)| if d.is_empty() { StageState::Queued } else { StageState::Pending }.as_str())
+            .collect();
         sqlx::query(
             "INSERT INTO stages (job_id, idx, name, deps, state, priority, job_seq) SELECT $1, ord - 1, name, deps, state, $5, $6 FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(name, deps, state, ord)",
         )
@@ -801,6 +779,7 @@ impl PgStore {
                 attempt,
                 result,
                 stage_state,
+                readied,
                 not_before,
                 error,
                 output,
@@ -818,11 +797,19 @@ impl PgStore {
                 if updated.rows_affected() != 1 {
                     return Err(StoreError::Corrupt(format!("attempt {job}/{stage}/{attempt} was not running")));
                 }
-                let finished = matches!(*stage_state, "succeeded" | "failed" | "cancelled").then_some(*at);
+                let finished = stage_state.is_final().then_some(*at);
                 sqlx::query("UPDATE stages SET state = $3, not_before = $4, error = $5, output = $6, exit_code = $7, failures = $8, interruptions = $9, finished_at = $10 WHERE job_id = $1 AND idx = $2")
-                    .bind(job).bind(*stage as i64).bind(*stage_state).bind(not_before).bind(error)
+                    .bind(job).bind(*stage as i64).bind(stage_state.as_str()).bind(not_before).bind(error)
                     .bind(output.as_ref().map(Value::to_string)).bind(exit_code.map(i64::from)).bind(*failures as i64).bind(*interruptions as i64).bind(finished)
                     .execute(&mut **tx).await?;
+                if !readied.is_empty() {
+                    let readied: Vec<i64> = readied.iter().map(|i| *i as i64).collect();
+                    sqlx::query("UPDATE stages SET state = 'queued' WHERE job_id = $1 AND idx = ANY($2)")
+                        .bind(job)
+                        .bind(readied)
+                        .execute(&mut **tx)
+                        .await?;
+                }
             }
             Write::StageCancelled { job, stage, at } => {
                 sqlx::query("UPDATE stages SET state = 'cancelled', not_before = NULL, finished_at = $3 WHERE job_id = $1 AND idx = $2")
@@ -832,7 +819,7 @@ impl PgStore {
             Write::JobFinished { job, state, error, output, at } => {
                 sqlx::query("UPDATE jobs SET state = $2, error = $3, output = $4, finished_at = $5 WHERE id = $1")
                     .bind(job)
-                    .bind(*state)
+                    .bind(state.as_str())
                     .bind(error)
                     .bind(output.as_ref().map(Value::to_string))
                     .bind(at)
@@ -868,7 +855,7 @@ impl SqlBackend for PgStore {
         }
         let mut tx = self.pool.begin().await?;
         for job in jobs {
-            Self::insert_in(&mut tx, job, false).await?;
+            Self::insert_in(&mut tx, job).await?;
         }
         for w in batch {
             Self::write_one(&mut tx, w).await?;

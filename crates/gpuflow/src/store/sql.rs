@@ -5,7 +5,9 @@
 
 use std::future::Future;
 
-use sqlx::{Arguments, AssertSqlSafe, Database, Encode, Executor, IntoArguments, Pool, SqlSafeStr, Type};
+use sqlx::{Arguments, AssertSqlSafe, Database, Encode, Executor, IntoArguments, Pool, SqlSafeStr, SqlStr, Type};
+
+use gpuflow_core::JobState;
 
 use super::dialect::Dialect;
 use super::*;
@@ -23,15 +25,18 @@ pub(crate) trait SqlDb: Send + Sync {
     type Row: Columns + Send;
     fn rows(
         &self,
-        sql: impl SqlSafeStr + Send,
+        sql: SqlStr,
         args: &[Arg<'_>],
     ) -> impl Future<Output = StoreResult<Vec<Self::Row>>> + Send;
     fn row(
         &self,
-        sql: impl SqlSafeStr + Send,
+        sql: SqlStr,
         args: &[Arg<'_>],
     ) -> impl Future<Output = StoreResult<Option<Self::Row>>> + Send;
-    fn execute(&self, sql: impl SqlSafeStr + Send, args: &[Arg<'_>]) -> impl Future<Output = StoreResult<u64>> + Send;
+    fn execute(&self, sql: SqlStr, args: &[Arg<'_>]) -> impl Future<Output = StoreResult<u64>> + Send;
+    /// Applies the migrations not applied yet, in order, in one transaction. Versions may
+    /// have gaps (a backend skips those it does not need).
+    fn migrate(&self, d: &Dialect, migrations: &[(i64, &'static str)]) -> impl Future<Output = StoreResult<()>> + Send;
     /// Runs the statements in one transaction begun with `begin`; the rows each changed.
     fn execute_all(
         &self,
@@ -86,82 +91,105 @@ where
 {
     type Row = DB::Row;
 
-    async fn rows(&self, sql: impl SqlSafeStr + Send, args: &[Arg<'_>]) -> StoreResult<Vec<DB::Row>> {
+    async fn rows(&self, sql: SqlStr, args: &[Arg<'_>]) -> StoreResult<Vec<DB::Row>> {
         Ok(sqlx::query_with(sql, arguments::<DB>(args)?).fetch_all(self).await?)
     }
 
-    async fn row(&self, sql: impl SqlSafeStr + Send, args: &[Arg<'_>]) -> StoreResult<Option<DB::Row>> {
+    async fn row(&self, sql: SqlStr, args: &[Arg<'_>]) -> StoreResult<Option<DB::Row>> {
         Ok(sqlx::query_with(sql, arguments::<DB>(args)?).fetch_optional(self).await?)
     }
 
-    async fn execute(&self, sql: impl SqlSafeStr + Send, args: &[Arg<'_>]) -> StoreResult<u64> {
+    async fn execute(&self, sql: SqlStr, args: &[Arg<'_>]) -> StoreResult<u64> {
         Ok(RowsChanged::rows_changed(&sqlx::query_with(sql, arguments::<DB>(args)?).execute(self).await?))
+    }
+
+    async fn migrate(&self, d: &Dialect, migrations: &[(i64, &'static str)]) -> StoreResult<()> {
+        let mut tx = self.begin_with(SqlStr::from_static(d.begin_write)).await?;
+        if let Some(lock) = d.migration_lock {
+            sqlx::query(SqlStr::from_static(lock)).execute(&mut *tx).await?;
+        }
+        sqlx::raw_sql(MIGRATIONS_TABLE).execute(&mut *tx).await?;
+        for (version, sql) in migrations {
+            let version = [Arg::Int(*version)];
+            let applied = sqlx::query_with(MIGRATION_APPLIED, arguments::<DB>(&version)?).fetch_optional(&mut *tx).await?;
+            if applied.is_none() {
+                sqlx::raw_sql(SqlStr::from_static(*sql)).execute(&mut *tx).await?;
+                let record = format!("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, {})", d.now_ms);
+                sqlx::query_with(built(record), arguments::<DB>(&version)?).execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn execute_all(&self, begin: &'static str, statements: Vec<(String, Vec<Arg<'_>>)>) -> StoreResult<Vec<u64>> {
         let mut conn = self.acquire().await?;
         let result: StoreResult<Vec<u64>> = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, begin).await?;
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, SqlStr::from_static(begin)).await?;
             let mut changed = Vec::with_capacity(statements.len());
             for (sql, args) in &statements {
-                let done = sqlx::query_with(AssertSqlSafe(sql.clone()), arguments::<DB>(args)?).execute(&mut *tx).await?;
+                let done = sqlx::query_with(built(sql.clone()), arguments::<DB>(args)?).execute(&mut *tx).await?;
                 changed.push(RowsChanged::rows_changed(&done));
             }
             tx.commit().await?;
             Ok(changed)
         }
         .await;
-        if result.is_err() {
-            // On a full disk SQLite rolls the transaction back itself, sqlx's rollback then
-            // fails and the connection would come back "inside" a transaction that no longer
-            // exists: every later write on it would fail. Close it instead of reusing it.
-            conn.close_on_drop();
-        }
+        close_if_failed(&mut conn, &result);
         result
+    }
+}
+
+/// After a failed write transaction, closes its connection instead of handing it back. On a
+/// full disk SQLite rolls the transaction back itself, sqlx's rollback then fails and the
+/// connection would come back "inside" a transaction that no longer exists: every later write
+/// on it would fail.
+pub(crate) fn close_if_failed<DB: Database, T>(conn: &mut sqlx::pool::PoolConnection<DB>, result: &StoreResult<T>) {
+    if result.is_err() {
+        conn.close_on_drop();
     }
 }
 
 // ---- statements -------------------------------------------------------------------------
 
-const JOB_BY_ID: &str = "SELECT * FROM jobs WHERE id = $1";
-const JOB_BY_KEY: &str = "SELECT * FROM jobs WHERE idempotency_key = $1";
-const STAGES_OF_JOB: &str = "SELECT * FROM stages WHERE job_id = $1 ORDER BY idx";
-const ATTEMPTS_OF_JOB: &str = "SELECT * FROM attempts WHERE job_id = $1 ORDER BY stage_idx, attempt";
-const CONFIG_SNAPSHOT: &str = "SELECT text FROM config_snapshots WHERE hash = $1";
-const RUNNING_ATTEMPTS: &str = "SELECT * FROM attempts WHERE state = 'running'";
+const MIGRATIONS_TABLE: SqlStr = SqlStr::from_static("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)");
+const MIGRATION_APPLIED: SqlStr = SqlStr::from_static("SELECT version FROM schema_migrations WHERE version = $1");
+
+const JOB_BY_ID: SqlStr = SqlStr::from_static("SELECT * FROM jobs WHERE id = $1");
+const JOB_BY_KEY: SqlStr = SqlStr::from_static("SELECT * FROM jobs WHERE idempotency_key = $1");
+const STAGES_OF_JOB: SqlStr = SqlStr::from_static("SELECT * FROM stages WHERE job_id = $1 ORDER BY idx");
+const ATTEMPTS_OF_JOB: SqlStr = SqlStr::from_static("SELECT * FROM attempts WHERE job_id = $1 ORDER BY stage_idx, attempt");
+const CONFIG_SNAPSHOT: SqlStr = SqlStr::from_static("SELECT text FROM config_snapshots WHERE hash = $1");
+const RUNNING_ATTEMPTS: SqlStr = SqlStr::from_static("SELECT * FROM attempts WHERE state = 'running'");
 
 // One statement per filter combination, so the planner can use the (state, seq) and
 // (pipeline, seq) indexes; `$1 IS NULL OR state = $1` would scan every job. A listing leaves
 // out inputs and outputs (see `listed_job_columns`).
-const LIST_JOBS: &str = concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE seq < $3 ORDER BY seq DESC LIMIT $4");
-const LIST_JOBS_IN_STATE: &str =
-    concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE state = $1 AND seq < $3 ORDER BY seq DESC LIMIT $4");
-const LIST_JOBS_OF_PIPELINE: &str =
-    concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE pipeline = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4");
-const LIST_JOBS_OF_PIPELINE_IN_STATE: &str = concat!(
+const LIST_JOBS: SqlStr = SqlStr::from_static(concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE seq < $3 ORDER BY seq DESC LIMIT $4"));
+const LIST_JOBS_IN_STATE: SqlStr = SqlStr::from_static(concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE state = $1 AND seq < $3 ORDER BY seq DESC LIMIT $4"));
+const LIST_JOBS_OF_PIPELINE: SqlStr = SqlStr::from_static(concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE pipeline = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"));
+const LIST_JOBS_OF_PIPELINE_IN_STATE: SqlStr = SqlStr::from_static(concat!(
     "SELECT ",
     listed_job_columns!(),
     " FROM jobs WHERE state = $1 AND pipeline = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
-);
+));
 
 // Findings belong to the engine that opened them (`SqlBackend::findings_owner`): an agent
 // closes only its own when it restarts.
-const OPEN_FINDING: &str = "INSERT INTO findings (agent_id, kind, subject, summary, evidence, cause, fix, opened_at, updated_at) \
-                            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id";
-const UPDATE_FINDING: &str = "UPDATE findings SET summary = $2, evidence = $3, updated_at = $4 WHERE id = $1";
-const CLOSE_FINDING: &str = "UPDATE findings SET closed_at = $2, updated_at = $2 WHERE id = $1";
-const CLOSE_OPEN_FINDINGS: &str =
-    "UPDATE findings SET closed_at = $2, updated_at = $2 WHERE closed_at IS NULL AND agent_id = $1";
-const FINDINGS: &str =
-    "SELECT * FROM findings ORDER BY closed_at IS NOT NULL, COALESCE(closed_at, opened_at) DESC LIMIT $1";
+const OPEN_FINDING: SqlStr = SqlStr::from_static("INSERT INTO findings (agent_id, kind, subject, summary, evidence, cause, fix, opened_at, updated_at) \
+                            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id");
+const UPDATE_FINDING: SqlStr = SqlStr::from_static("UPDATE findings SET summary = $2, evidence = $3, updated_at = $4 WHERE id = $1");
+const CLOSE_FINDING: SqlStr = SqlStr::from_static("UPDATE findings SET closed_at = $2, updated_at = $2 WHERE id = $1");
+const CLOSE_OPEN_FINDINGS: SqlStr = SqlStr::from_static("UPDATE findings SET closed_at = $2, updated_at = $2 WHERE closed_at IS NULL AND agent_id = $1");
+const FINDINGS: SqlStr = SqlStr::from_static("SELECT * FROM findings ORDER BY closed_at IS NOT NULL, COALESCE(closed_at, opened_at) DESC LIMIT $1");
 
-const JOB_COUNTS: &str = "SELECT pipeline, state, count(*) AS n FROM jobs GROUP BY pipeline, state";
-const JOBS_FINISHED_PER_MINUTE: &str = "SELECT pipeline, state, (finished_at / 60000) * 60000 AS minute, count(*) AS n \
-                                        FROM jobs WHERE finished_at >= $1 GROUP BY pipeline, state, minute ORDER BY minute";
+const JOB_COUNTS: SqlStr = SqlStr::from_static("SELECT pipeline, state, count(*) AS n FROM jobs GROUP BY pipeline, state");
+const JOBS_FINISHED_PER_MINUTE: SqlStr = SqlStr::from_static("SELECT pipeline, state, (finished_at / 60000) * 60000 AS minute, count(*) AS n \
+                                        FROM jobs WHERE finished_at >= $1 GROUP BY pipeline, state, minute ORDER BY minute");
 
 // `jobs_by_state` walks a state's jobs in arrival order, near enough finish order that a pass
 // finds the expired ones first.
-const EXPIRED_JOBS: &str = "SELECT id, finished_at FROM jobs WHERE state = $1 AND finished_at < $2 ORDER BY seq LIMIT $3";
+const EXPIRED_JOBS: SqlStr = SqlStr::from_static("SELECT id, finished_at FROM jobs WHERE state = $1 AND finished_at < $2 ORDER BY seq LIMIT $3");
 
 /// The finished jobs among `$1` (a JSON array of ids): retention never deletes a live job.
 fn finished_among(d: &Dialect) -> String {
@@ -205,6 +233,12 @@ pub(crate) trait SqlBackend: Clone + Send + Sync + 'static {
     fn commit_turn(&self, jobs: &[NewJob], batch: &[Write]) -> impl Future<Output = StoreResult<()>> + Send;
     /// `Store::next_job_seq`.
     fn next_arrival(&self) -> impl Future<Output = StoreResult<i64>> + Send;
+}
+
+/// A statement put together at run time from the shared text and a dialect's words (never
+/// from input: every value is bound).
+fn built(sql: String) -> SqlStr {
+    AssertSqlSafe(sql).into_sql_str()
 }
 
 fn text(s: &str) -> Arg<'_> {
@@ -252,7 +286,7 @@ impl<B: SqlBackend> Store for B {
             (Some(_), Some(_)) => LIST_JOBS_OF_PIPELINE_IN_STATE,
         };
         let args = [
-            Arg::Text(filter.state.as_deref()),
+            Arg::Text(filter.state.map(JobState::as_str)),
             Arg::Text(filter.pipeline.as_deref()),
             Arg::Int(filter.before_seq.unwrap_or(i64::MAX)),
             Arg::Int(filter.limit as i64),
@@ -264,8 +298,8 @@ impl<B: SqlBackend> Store for B {
         let RecoveryCursor(p, s) = after.unwrap_or(RecoveryCursor::start());
         let args = [Arg::Int(p), Arg::Int(s), Arg::Int(limit as i64)];
         let db = self.db();
-        let rows = db.rows(AssertSqlSafe(unfinished_page(Self::DIALECT)), &args).await?;
-        let stage_rows = db.rows(AssertSqlSafe(unfinished_page_stages(Self::DIALECT)), &args).await?;
+        let rows = db.rows(built(unfinished_page(Self::DIALECT)), &args).await?;
+        let stage_rows = db.rows(built(unfinished_page_stages(Self::DIALECT)), &args).await?;
         let jobs = rows.iter().map(job_from_row).collect::<StoreResult<Vec<_>>>()?;
         let stages = stage_rows
             .iter()

@@ -12,8 +12,10 @@ use std::collections::HashMap;
 
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
+use gpuflow_core::{JobState, StageState};
+
 use super::dialect::{self, Dialect};
-use super::sql::SqlBackend;
+use super::sql::{SqlBackend, SqlDb, close_if_failed};
 use super::*;
 
 /// Schema migrations, applied in order once each.
@@ -43,32 +45,8 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         let store = SqliteStore { pool };
-        store.migrate().await?;
+        store.pool.migrate(Self::DIALECT, MIGRATIONS).await?;
         Ok(store)
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
-        )
-        .execute(&mut *tx)
-        .await?;
-        for (version, sql) in MIGRATIONS {
-            let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?1")
-                .bind(version)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if applied.is_none() {
-                sqlx::raw_sql(*sql).execute(&mut *tx).await?;
-                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, strftime('%s','now'))")
-                    .bind(version)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Runs SQLite's own consistency check; "ok" when sound.
@@ -111,18 +89,13 @@ impl SqlBackend for SqliteStore {
         let rows = TurnRows::build(jobs, batch);
         let mut conn = self.pool.acquire().await?;
         let result: StoreResult<()> = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, Self::DIALECT.begin_write).await?;
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, sqlx::SqlStr::from_static(Self::DIALECT.begin_write)).await?;
             Self::write_turn_rows(&mut tx, jobs, &rows).await?;
             tx.commit().await?;
             Ok(())
         }
         .await;
-        if result.is_err() {
-            // On a full disk SQLite rolls the transaction back itself, sqlx's rollback then
-            // fails and the connection would come back "inside" a transaction that no longer
-            // exists: every later write on it would fail. Close it instead of reusing it.
-            conn.close_on_drop();
-        }
+        close_if_failed(&mut conn, &result);
         result
     }
 
@@ -153,10 +126,11 @@ struct StageCols<'a> {
 }
 
 impl<'a> StageCols<'a> {
-    /// A stage row as `insert_job` creates it.
-    fn fresh() -> Self {
+    /// A stage row as `insert_job` creates it: queued at once without predecessors.
+    fn fresh(deps: &[usize]) -> Self {
+        let state = if deps.is_empty() { StageState::Queued } else { StageState::Pending };
         StageCols {
-            state: Some("pending"),
+            state: Some(state.as_str()),
             attempts: Some(0),
             failures: Some(0),
             interruptions: Some(0),
@@ -215,8 +189,8 @@ impl<'a> TurnRows<'a> {
         let mut rows = TurnRows::default();
         for job in jobs {
             rows.new_jobs.insert(&job.id, JobCols::default());
-            for idx in 0..job.stages.len() {
-                rows.stage(&job.id, idx as i64, StageCols::fresh());
+            for (idx, (_, deps)) in job.stages.iter().enumerate() {
+                rows.stage(&job.id, idx as i64, StageCols::fresh(deps));
             }
         }
         for w in writes {
@@ -263,7 +237,7 @@ impl<'a> TurnRows<'a> {
                     batch_size: None,
                 });
                 let s = self.stage(job, key.1, StageCols::default());
-                s.state = Some("running");
+                s.state = Some(StageState::Running.as_str());
                 s.attempts = Some(key.2);
                 s.not_before = Some(None);
                 s.started_at = Some(Some(*at));
@@ -271,7 +245,7 @@ impl<'a> TurnRows<'a> {
                 s.error = Some(None);
                 s.exit_code = Some(None);
                 let j = self.job(job);
-                j.state = Some("running");
+                j.state = Some(JobState::Running.as_str());
                 j.started_at = j.started_at.or(Some(*at));
             }
             Write::AttemptEnded {
@@ -280,6 +254,7 @@ impl<'a> TurnRows<'a> {
                 attempt,
                 result,
                 stage_state,
+                readied,
                 not_before,
                 error,
                 output,
@@ -302,9 +277,9 @@ impl<'a> TurnRows<'a> {
                     }
                     None => self.ended_earlier.push(w),
                 }
-                let finished = matches!(*stage_state, "succeeded" | "failed" | "cancelled").then_some(*at);
+                let finished = stage_state.is_final().then_some(*at);
                 let s = self.stage(job, *stage as i64, StageCols::default());
-                s.state = Some(stage_state);
+                s.state = Some(stage_state.as_str());
                 s.not_before = Some(*not_before);
                 s.error = Some(error.as_deref());
                 s.output = Some(output.as_ref().map(Value::to_string));
@@ -312,16 +287,19 @@ impl<'a> TurnRows<'a> {
                 s.failures = Some(*failures as i64);
                 s.interruptions = Some(*interruptions as i64);
                 s.finished_at = Some(finished);
+                for next in readied {
+                    self.stage(job, *next as i64, StageCols::default()).state = Some(StageState::Queued.as_str());
+                }
             }
             Write::StageCancelled { job, stage, at } => {
                 let s = self.stage(job, *stage as i64, StageCols::default());
-                s.state = Some("cancelled");
+                s.state = Some(StageState::Cancelled.as_str());
                 s.not_before = Some(None);
                 s.finished_at = Some(Some(*at));
             }
             Write::JobFinished { job, state, error, output, at } => {
                 let j = self.job(job);
-                j.state = Some(state);
+                j.state = Some(state.as_str());
                 j.error = Some(error.as_deref());
                 j.output = Some(output.as_ref().map(Value::to_string));
                 j.finished_at = Some(*at);
@@ -478,7 +456,7 @@ impl SqliteStore {
                     .push_bind(&job.pipeline)
                     .push_bind(job.input.to_string())
                     .push_bind(job.priority)
-                    .push_bind(cols.state.unwrap_or("queued"))
+                    .push_bind(cols.state.unwrap_or(JobState::Queued.as_str()))
                     .push_bind(&job.idempotency_key)
                     .push_bind(&job.config_hash)
                     .push_bind(job.created_at)
@@ -522,7 +500,7 @@ impl SqliteStore {
                     .push_bind(key.1)
                     .push_bind(names[key])
                     .push_bind(&deps[key])
-                    .push_bind(s.state.unwrap_or("pending"))
+                    .push_bind(s.state.unwrap_or(StageState::Pending.as_str()))
                     .push_bind(s.attempts.unwrap_or(0))
                     .push_bind(s.failures.unwrap_or(0))
                     .push_bind(s.interruptions.unwrap_or(0))
