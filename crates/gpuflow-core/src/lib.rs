@@ -16,6 +16,7 @@ pub use pipeline::{Pipeline, PipelineError, StageIndex, StageSpec};
 pub use resources::{ByteSize, Capacity, GpuDevice, Grant, Inventory, RequestError, ResourceRequest, Usage};
 pub use retry::RetryPolicy;
 pub use scheduler::{
-    Action, ApplyError, AttemptResult, Event, JobId, JobRun, JobState, KillReason, Lease, Outcome, RestoredStage, StageState,
-    RestoredStatus, RunningAttempt, SchedulerConfig, StageCounters, StageNext, StageRun, StageStatus, State, Waiting,
+    Action, ApplyError, AttemptResult, Event, JobId, JobRun, JobState, KillReason, Lease, Outcome, RestoredStage,
+    RestoredStatus, RunningAttempt, SchedulerConfig, StageCounters, StageNext, StageRun, StageState, StageStatus,
+    State, Waiting,
 };

@@ -21,7 +21,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuflow_core::{Action, AttemptResult, Event, Grant, JobId, KillReason, Outcome, StageIndex, StageNext, StageState, State};
+use gpuflow_core::{
+    Action, AttemptResult, Event, Grant, JobId, KillReason, Outcome, StageIndex, StageNext, StageState, State,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};

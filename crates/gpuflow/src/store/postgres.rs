@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use gpuflow_core::{JobState, StageState};
 use gpuflow_core::cluster::{self, SharedStage, SharedStageState, StageChange, Transition};
+use gpuflow_core::{JobState, StageState};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -867,10 +867,9 @@ impl SqlBackend for PgStore {
     async fn next_arrival(&self) -> StoreResult<i64> {
         // The serial's counter, not the largest stored number: retention may have deleted the
         // newest job, and its number must not be handed out again.
-        let used: i64 =
-            sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM jobs_seq_seq")
-                .fetch_one(&self.pool)
-                .await?;
+        let used: i64 = sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM jobs_seq_seq")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(used + 1)
     }
 }

@@ -23,16 +23,8 @@ pub(crate) enum Arg<'a> {
 /// databases, so the sqlx bounds are written once, here.
 pub(crate) trait SqlDb: Send + Sync {
     type Row: Columns + Send;
-    fn rows(
-        &self,
-        sql: SqlStr,
-        args: &[Arg<'_>],
-    ) -> impl Future<Output = StoreResult<Vec<Self::Row>>> + Send;
-    fn row(
-        &self,
-        sql: SqlStr,
-        args: &[Arg<'_>],
-    ) -> impl Future<Output = StoreResult<Option<Self::Row>>> + Send;
+    fn rows(&self, sql: SqlStr, args: &[Arg<'_>]) -> impl Future<Output = StoreResult<Vec<Self::Row>>> + Send;
+    fn row(&self, sql: SqlStr, args: &[Arg<'_>]) -> impl Future<Output = StoreResult<Option<Self::Row>>> + Send;
     fn execute(&self, sql: SqlStr, args: &[Arg<'_>]) -> impl Future<Output = StoreResult<u64>> + Send;
     /// Applies the migrations not applied yet, in order, in one transaction. Versions may
     /// have gaps (a backend skips those it does not need).
@@ -111,9 +103,10 @@ where
         sqlx::raw_sql(MIGRATIONS_TABLE).execute(&mut *tx).await?;
         for (version, sql) in migrations {
             let version = [Arg::Int(*version)];
-            let applied = sqlx::query_with(MIGRATION_APPLIED, arguments::<DB>(&version)?).fetch_optional(&mut *tx).await?;
+            let applied =
+                sqlx::query_with(MIGRATION_APPLIED, arguments::<DB>(&version)?).fetch_optional(&mut *tx).await?;
             if applied.is_none() {
-                sqlx::raw_sql(SqlStr::from_static(*sql)).execute(&mut *tx).await?;
+                sqlx::raw_sql(SqlStr::from_static(sql)).execute(&mut *tx).await?;
                 let record = format!("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, {})", d.now_ms);
                 sqlx::query_with(built(record), arguments::<DB>(&version)?).execute(&mut *tx).await?;
             }
@@ -152,22 +145,37 @@ pub(crate) fn close_if_failed<DB: Database, T>(conn: &mut sqlx::pool::PoolConnec
 
 // ---- statements -------------------------------------------------------------------------
 
-const MIGRATIONS_TABLE: SqlStr = SqlStr::from_static("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)");
+const MIGRATIONS_TABLE: SqlStr = SqlStr::from_static(
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+);
 const MIGRATION_APPLIED: SqlStr = SqlStr::from_static("SELECT version FROM schema_migrations WHERE version = $1");
 
 const JOB_BY_ID: SqlStr = SqlStr::from_static("SELECT * FROM jobs WHERE id = $1");
 const JOB_BY_KEY: SqlStr = SqlStr::from_static("SELECT * FROM jobs WHERE idempotency_key = $1");
 const STAGES_OF_JOB: SqlStr = SqlStr::from_static("SELECT * FROM stages WHERE job_id = $1 ORDER BY idx");
-const ATTEMPTS_OF_JOB: SqlStr = SqlStr::from_static("SELECT * FROM attempts WHERE job_id = $1 ORDER BY stage_idx, attempt");
+const ATTEMPTS_OF_JOB: SqlStr =
+    SqlStr::from_static("SELECT * FROM attempts WHERE job_id = $1 ORDER BY stage_idx, attempt");
 const CONFIG_SNAPSHOT: SqlStr = SqlStr::from_static("SELECT text FROM config_snapshots WHERE hash = $1");
 const RUNNING_ATTEMPTS: SqlStr = SqlStr::from_static("SELECT * FROM attempts WHERE state = 'running'");
 
 // One statement per filter combination, so the planner can use the (state, seq) and
 // (pipeline, seq) indexes; `$1 IS NULL OR state = $1` would scan every job. A listing leaves
 // out inputs and outputs (see `listed_job_columns`).
-const LIST_JOBS: SqlStr = SqlStr::from_static(concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE seq < $3 ORDER BY seq DESC LIMIT $4"));
-const LIST_JOBS_IN_STATE: SqlStr = SqlStr::from_static(concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE state = $1 AND seq < $3 ORDER BY seq DESC LIMIT $4"));
-const LIST_JOBS_OF_PIPELINE: SqlStr = SqlStr::from_static(concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE pipeline = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"));
+const LIST_JOBS: SqlStr = SqlStr::from_static(concat!(
+    "SELECT ",
+    listed_job_columns!(),
+    " FROM jobs WHERE seq < $3 ORDER BY seq DESC LIMIT $4"
+));
+const LIST_JOBS_IN_STATE: SqlStr = SqlStr::from_static(concat!(
+    "SELECT ",
+    listed_job_columns!(),
+    " FROM jobs WHERE state = $1 AND seq < $3 ORDER BY seq DESC LIMIT $4"
+));
+const LIST_JOBS_OF_PIPELINE: SqlStr = SqlStr::from_static(concat!(
+    "SELECT ",
+    listed_job_columns!(),
+    " FROM jobs WHERE pipeline = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
+));
 const LIST_JOBS_OF_PIPELINE_IN_STATE: SqlStr = SqlStr::from_static(concat!(
     "SELECT ",
     listed_job_columns!(),
@@ -176,20 +184,31 @@ const LIST_JOBS_OF_PIPELINE_IN_STATE: SqlStr = SqlStr::from_static(concat!(
 
 // Findings belong to the engine that opened them (`SqlBackend::findings_owner`): an agent
 // closes only its own when it restarts.
-const OPEN_FINDING: SqlStr = SqlStr::from_static("INSERT INTO findings (agent_id, kind, subject, summary, evidence, cause, fix, opened_at, updated_at) \
-                            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id");
-const UPDATE_FINDING: SqlStr = SqlStr::from_static("UPDATE findings SET summary = $2, evidence = $3, updated_at = $4 WHERE id = $1");
+const OPEN_FINDING: SqlStr = SqlStr::from_static(
+    "INSERT INTO findings (agent_id, kind, subject, summary, evidence, cause, fix, opened_at, updated_at) \
+                            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id",
+);
+const UPDATE_FINDING: SqlStr =
+    SqlStr::from_static("UPDATE findings SET summary = $2, evidence = $3, updated_at = $4 WHERE id = $1");
 const CLOSE_FINDING: SqlStr = SqlStr::from_static("UPDATE findings SET closed_at = $2, updated_at = $2 WHERE id = $1");
-const CLOSE_OPEN_FINDINGS: SqlStr = SqlStr::from_static("UPDATE findings SET closed_at = $2, updated_at = $2 WHERE closed_at IS NULL AND agent_id = $1");
-const FINDINGS: SqlStr = SqlStr::from_static("SELECT * FROM findings ORDER BY closed_at IS NOT NULL, COALESCE(closed_at, opened_at) DESC LIMIT $1");
+const CLOSE_OPEN_FINDINGS: SqlStr = SqlStr::from_static(
+    "UPDATE findings SET closed_at = $2, updated_at = $2 WHERE closed_at IS NULL AND agent_id = $1",
+);
+const FINDINGS: SqlStr = SqlStr::from_static(
+    "SELECT * FROM findings ORDER BY closed_at IS NOT NULL, COALESCE(closed_at, opened_at) DESC LIMIT $1",
+);
 
-const JOB_COUNTS: SqlStr = SqlStr::from_static("SELECT pipeline, state, count(*) AS n FROM jobs GROUP BY pipeline, state");
-const JOBS_FINISHED_PER_MINUTE: SqlStr = SqlStr::from_static("SELECT pipeline, state, (finished_at / 60000) * 60000 AS minute, count(*) AS n \
-                                        FROM jobs WHERE finished_at >= $1 GROUP BY pipeline, state, minute ORDER BY minute");
+const JOB_COUNTS: SqlStr =
+    SqlStr::from_static("SELECT pipeline, state, count(*) AS n FROM jobs GROUP BY pipeline, state");
+const JOBS_FINISHED_PER_MINUTE: SqlStr = SqlStr::from_static(
+    "SELECT pipeline, state, (finished_at / 60000) * 60000 AS minute, count(*) AS n \
+                                        FROM jobs WHERE finished_at >= $1 GROUP BY pipeline, state, minute ORDER BY minute",
+);
 
 // `jobs_by_state` walks a state's jobs in arrival order, near enough finish order that a pass
 // finds the expired ones first.
-const EXPIRED_JOBS: SqlStr = SqlStr::from_static("SELECT id, finished_at FROM jobs WHERE state = $1 AND finished_at < $2 ORDER BY seq LIMIT $3");
+const EXPIRED_JOBS: SqlStr =
+    SqlStr::from_static("SELECT id, finished_at FROM jobs WHERE state = $1 AND finished_at < $2 ORDER BY seq LIMIT $3");
 
 /// The finished jobs among `$1` (a JSON array of ids): retention never deletes a live job.
 fn finished_among(d: &Dialect) -> String {
@@ -272,7 +291,8 @@ impl<B: SqlBackend> Store for B {
             return Ok(None);
         };
         let job = job_from_row(&row)?;
-        let stages = db.rows(STAGES_OF_JOB, &[text(id)]).await?.iter().map(stage_from_row).collect::<StoreResult<_>>()?;
+        let stages =
+            db.rows(STAGES_OF_JOB, &[text(id)]).await?.iter().map(stage_from_row).collect::<StoreResult<_>>()?;
         let attempts =
             db.rows(ATTEMPTS_OF_JOB, &[text(id)]).await?.iter().map(attempt_from_row).collect::<StoreResult<_>>()?;
         Ok(Some(JobDetail { job, stages, attempts }))

@@ -89,7 +89,8 @@ impl SqlBackend for SqliteStore {
         let rows = TurnRows::build(jobs, batch);
         let mut conn = self.pool.acquire().await?;
         let result: StoreResult<()> = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, sqlx::SqlStr::from_static(Self::DIALECT.begin_write)).await?;
+            let mut tx =
+                sqlx::Connection::begin_with(&mut *conn, sqlx::SqlStr::from_static(Self::DIALECT.begin_write)).await?;
             Self::write_turn_rows(&mut tx, jobs, &rows).await?;
             tx.commit().await?;
             Ok(())
@@ -438,12 +439,14 @@ impl SqliteStore {
             }
         }
         for (hash, text, at) in snapshots {
-            sqlx::query("INSERT INTO config_snapshots (hash, text, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-                .bind(hash)
-                .bind(text)
-                .bind(at)
-                .execute(&mut **tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO config_snapshots (hash, text, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(hash)
+            .bind(text)
+            .bind(at)
+            .execute(&mut **tx)
+            .await?;
         }
         for chunk in jobs.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(

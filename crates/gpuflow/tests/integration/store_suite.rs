@@ -8,12 +8,11 @@
 use std::time::Duration;
 
 use gpuflow::store::{
-    AttemptDetails, Finish, JobFilter, NewJob, PgStore, RecoveryCursor, SharedCancel, Store, StoreError,
-    Write,
+    AttemptDetails, Finish, JobFilter, NewJob, PgStore, RecoveryCursor, SharedCancel, Store, StoreError, Write,
 };
+use gpuflow_core::JobState::{self, Failed, Queued, Running, Succeeded};
 use gpuflow_core::cluster::{self, SharedEnd, SharedStage, Transition};
 use gpuflow_core::diagnosis::{Finding, FindingKind};
-use gpuflow_core::JobState::{self, Failed, Queued, Running, Succeeded};
 use gpuflow_core::{RetryPolicy, StageState};
 use serde_json::json;
 
@@ -182,7 +181,11 @@ async fn a_turn_admits_and_writes_in_one_transaction<S: Store>(store: S) {
     store
         .write_turn(
             std::slice::from_ref(&job),
-            &[started("t1", 0, 1, 1_100), ended("t1", 0, 1, "succeeded", StageState::Succeeded), job_finished("t1", Succeeded, 2_100)],
+            &[
+                started("t1", 0, 1, 1_100),
+                ended("t1", 0, 1, "succeeded", StageState::Succeeded),
+                job_finished("t1", Succeeded, 2_100),
+            ],
         )
         .await
         .unwrap();
@@ -191,7 +194,9 @@ async fn a_turn_admits_and_writes_in_one_transaction<S: Store>(store: S) {
     assert_eq!(d.stages[0].state, StageState::Succeeded);
     assert_eq!(d.attempts.len(), 1);
     // A turn whose write fails admits nothing either.
-    let bad = store.write_turn(&[new_job("t2", None, vec![("a", vec![])])], &[ended("t1", 0, 9, "failed", StageState::Failed)]).await;
+    let bad = store
+        .write_turn(&[new_job("t2", None, vec![("a", vec![])])], &[ended("t1", 0, 9, "failed", StageState::Failed)])
+        .await;
     assert!(bad.is_err(), "ending an attempt that never ran is refused");
     assert!(store.job("t2").await.unwrap().is_none(), "the turn's admission was rolled back");
 }
@@ -361,9 +366,8 @@ async fn sqlite_migration_records_ready_stages_as_queued() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
     let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", path.display())).await.unwrap();
-    let mut schema = String::from(
-        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);\n",
-    );
+    let mut schema =
+        String::from("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);\n");
     for (version, sql) in [
         (1, include_str!("../../migrations/sqlite/0001_init.sql")),
         (2, include_str!("../../migrations/sqlite/0002_findings.sql")),
@@ -383,6 +387,29 @@ async fn sqlite_migration_records_ready_stages_as_queued() {
     assert_eq!(states(store.job("live").await.unwrap().unwrap()), vec![Done, Ready, Pending, Ready]);
     assert_eq!(states(store.job("over").await.unwrap().unwrap()), vec![Done, Cancelled]);
     assert_eq!(store.findings(10).await.unwrap().len(), 1, "findings keep their rows");
+}
+
+/// The same on PostgreSQL, for jobs admitted through `Store::insert_job` before.
+#[tokio::test]
+async fn postgres_migration_records_ready_stages_as_queued() {
+    let Some(db) = TestDb::create() else { return };
+    db.sql(include_str!("../../migrations/postgres/0001_init.sql"));
+    db.sql(include_str!("../../migrations/postgres/0004_batch_size.sql"));
+    db.sql(
+        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL); \
+         INSERT INTO schema_migrations VALUES (1, 0), (4, 0);",
+    );
+    db.sql(
+        &OLD_ROWS
+            .replace("INSERT INTO findings (kind,", "INSERT INTO findings (agent_id, kind,")
+            .replace("VALUES ('queue_stalled',", "VALUES ('agent-a', 'queue_stalled',"),
+    );
+    let store = PgStore::connect(&db.url, "agent-a").await.unwrap();
+    let states = |d: gpuflow::store::JobDetail| d.stages.iter().map(|s| s.state).collect::<Vec<_>>();
+    use StageState::{Cancelled, Pending, Queued as Ready, Succeeded as Done};
+    assert_eq!(states(store.job("live").await.unwrap().unwrap()), vec![Done, Ready, Pending, Ready]);
+    assert_eq!(states(store.job("over").await.unwrap().unwrap()), vec![Done, Cancelled]);
+    assert_eq!(db.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"), "1,4,7");
 }
 
 /// Rows as the embedded engine wrote them before: ready stages left `pending`.
