@@ -341,7 +341,7 @@ impl<S: Store> Runtime<S> {
         };
         // A job admitted earlier in this turn is not in the store yet.
         let (id, state, same) = match self.turn.keys.get(key).map(|i| &self.turn.jobs[*i]) {
-            Some(j) => (j.id.clone(), JobState::Queued.as_str().to_string(), same(&j.pipeline, &j.input, j.priority)),
+            Some(j) => (j.id.clone(), JobState::Queued, same(&j.pipeline, &j.input, j.priority)),
             None => match self.store.job_by_idempotency_key(key).await? {
                 Some(j) => {
                     let same = same(&j.pipeline, &j.input, j.priority);
@@ -353,7 +353,7 @@ impl<S: Store> Runtime<S> {
         if !same {
             return Err(AdmitError::Refused(EngineError::IdempotencyConflict { key: key.clone(), existing: id }));
         }
-        Ok(Some(Submitted { id, state, created: false }))
+        Ok(Some(Submitted { id, state: state.as_str().to_string(), created: false }))
     }
 
     /// The row to insert for an admitted request, with the pipeline file it is accepted under.

@@ -21,7 +21,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuflow_core::{Action, AttemptResult, Event, Grant, JobId, KillReason, Outcome, StageIndex, StageNext, State};
+use gpuflow_core::{
+    Action, AttemptResult, Event, Grant, JobId, KillReason, Outcome, StageIndex, StageNext, StageState, State,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -644,13 +646,15 @@ impl<S: Store> Runtime<S> {
                 at,
             },
             Action::Kill { .. } => return None,
-            Action::AttemptEnded { job, stage, attempt, result, next, error, counters, .. } => {
+            Action::AttemptEnded { job, stage, attempt, result, next, error, counters, readied, .. } => {
                 let details = self.exits.get(&(*job, *stage, *attempt));
+                // As the core holds it: a retry due now is queued, a later one waits in backoff.
                 let (stage_state, not_before) = match next {
-                    StageNext::Succeeded => ("succeeded", None),
-                    StageNext::Retry { at } => ("backoff", Some(*at as i64)),
-                    StageNext::Failed => ("failed", None),
-                    StageNext::Cancelled => ("cancelled", None),
+                    StageNext::Succeeded => (StageState::Succeeded, None),
+                    StageNext::Retry { at } if *at <= now => (StageState::Queued, None),
+                    StageNext::Retry { at } => (StageState::Backoff, Some(*at as i64)),
+                    StageNext::Failed => (StageState::Failed, None),
+                    StageNext::Cancelled => (StageState::Cancelled, None),
                 };
                 Write::AttemptEnded {
                     job: job_id(job)?,
@@ -658,6 +662,7 @@ impl<S: Store> Runtime<S> {
                     attempt: *attempt,
                     result: result.as_str(),
                     stage_state,
+                    readied: readied.clone(),
                     not_before,
                     error: error.clone(),
                     output: if *result == AttemptResult::Succeeded {
@@ -677,7 +682,7 @@ impl<S: Store> Runtime<S> {
             Action::JobFinished { job, state, error } => {
                 let active = self.jobs.get(job)?;
                 let output = (*state == gpuflow_core::JobState::Succeeded).then(|| self.job_output(active)).flatten();
-                Write::JobFinished { job: active.id(), state: state.as_str(), error: error.clone(), output, at }
+                Write::JobFinished { job: active.id(), state: *state, error: error.clone(), output, at }
             }
         })
     }
