@@ -364,7 +364,7 @@ use listed_job_columns;
 /// jobs does not load every input.
 macro_rules! recovered_job_columns {
     () => {
-        "seq, id, pipeline, CASE WHEN length(input) > 65536 THEN NULL ELSE input END AS input, \
+        "seq, id, pipeline, CASE WHEN octet_length(input) > 65536 THEN NULL ELSE input END AS input, \
          priority, state, idempotency_key, config_hash, created_at, started_at, finished_at, error, output"
     };
 }

@@ -112,6 +112,7 @@ store_suite!(
     retention_finds_and_deletes_only_finished_jobs,
     arrival_numbers_only_grow,
     pending_waits_for_predecessors_and_queued_is_ready,
+    large_inputs_stay_out_of_recovery_pages_and_are_read_by_id,
 );
 
 /// Insert and read back, unicode and JSON intact, in arrival order.
@@ -290,6 +291,21 @@ async fn recovery_pages_follow_serving_order<S: Store>(store: S) {
         after = Some(RecoveryCursor::of(&last.job));
     }
     assert_eq!(order, vec!["r2", "r4", "r1", "r3", "r5"], "a running job is recovered too; a finished one is not");
+}
+
+/// Recovery reads a large input (over 64 KiB of text) as null, so restoring queued jobs does
+/// not load their inputs; `job_inputs` reads them whole, by id, when a stage starts.
+async fn large_inputs_stay_out_of_recovery_pages_and_are_read_by_id<S: Store>(store: S) {
+    let big = json!({"pad": "é".repeat(40 * 1024), "n": 2});
+    store.insert_job(&NewJob { input: big.clone(), ..new_job("big", None, vec![("a", vec![])]) }).await.unwrap();
+    store.insert_job(&new_job("small", None, vec![("a", vec![])])).await.unwrap();
+    let page = store.unfinished_jobs(None, 10).await.unwrap();
+    let input_of = |id: &str| page.iter().find(|u| u.job.id == id).map(|u| u.job.input.clone());
+    assert_eq!(input_of("big"), Some(serde_json::Value::Null), "recovery loaded a large input");
+    assert_eq!(input_of("small"), Some(json!({"text": "héllo ✓", "n": 1})), "a small input comes back whole");
+    let mut inputs = store.job_inputs(&["big".into(), "small".into(), "absent".into()]).await.unwrap();
+    inputs.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(inputs, vec![("big".to_string(), big), ("small".to_string(), json!({"text": "héllo ✓", "n": 1}))]);
 }
 
 /// Retention finds jobs that ended in a state before a time, and deletes them with their
