@@ -14,6 +14,11 @@ use gpuflow_core::{AttemptResult, StageNext};
 use super::*;
 
 type Labels = Vec<(String, String)>;
+
+/// The `resource` label of `gpuflow_lease_hold_seconds`.
+const LEASE_KINDS: [&str; 4] = ["gpu", "gpu_memory", "cpu", "counter"];
+/// The `state` label of `gpuflow_jobs_finished_total`.
+const FINAL_STATES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -154,7 +159,7 @@ impl Default for Metrics {
             m.lease_hold.clone(),
         );
         registry.register("gpuflow_retries", "Attempts that ended in a retry", m.retries.clone());
-        registry.register("nv_gpu_utilization", "GPU utilisation (0..1)", m.gpu_utilization.clone());
+        registry.register("nv_gpu_utilization_ratio", "GPU utilisation (0..1)", m.gpu_utilization.clone());
         registry.register(
             "nv_gpu_memory_used_bytes",
             "GPU memory used, as the device reports it",
@@ -296,13 +301,8 @@ impl Metrics {
                 })
                 .inc();
         }
-        let kinds = [
-            ("gpu", needs.gpus > 0),
-            ("gpu_memory", needs.gpu_memory > 0),
-            ("cpu", needs.cpu > 0),
-            ("counter", !needs.counters.is_empty()),
-        ];
-        for (kind, held) in kinds {
+        let held = [needs.gpus > 0, needs.gpu_memory > 0, needs.cpu > 0, !needs.counters.is_empty()];
+        for (kind, held) in LEASE_KINDS.into_iter().zip(held) {
             if held {
                 self.lease_hold.get_or_create(&labels(&[("resource", kind)])).observe(secs);
             }
@@ -315,16 +315,36 @@ impl Metrics {
 }
 
 impl<S: Store> Runtime<S> {
-    /// Refreshes the gauges from the loop's state and renders the text format.
+    /// Refreshes the gauges from the loop's state and renders the text format. Every series
+    /// whose labels the configuration already names is there from the start, at 0, so a
+    /// query never has to tell "nothing yet" from "no such series".
     pub(super) fn metrics_text(&self) -> String {
         let m = &self.metrics;
         m.queue_depth.clear();
+        m.running.clear();
+        for (name, def) in &self.config.pipelines {
+            let _ = m.jobs_submitted.get_or_create_owned(&labels(&[("pipeline", name)]));
+            for state in FINAL_STATES {
+                let _ = m.jobs_finished.get_or_create_owned(&labels(&[("pipeline", name), ("state", state)]));
+            }
+            for stage in &def.core.stages {
+                let by_stage = labels(&[("pipeline", name), ("stage", &stage.name)]);
+                m.queue_depth.get_or_create(&by_stage).set(0);
+                m.running.get_or_create(&by_stage).set(0);
+                let _ = m.retries.get_or_create_owned(&by_stage);
+            }
+        }
+        for kind in LEASE_KINDS {
+            let _ = m.lease_hold.get_or_create_owned(&labels(&[("resource", kind)]));
+        }
+        for kind in gpuflow_core::diagnosis::FindingKind::ALL {
+            let _ = m.findings_opened.get_or_create_owned(&labels(&[("kind", kind.as_str())]));
+        }
         for w in self.state.waiting() {
             m.queue_depth
                 .get_or_create(&labels(&[("pipeline", &w.pipeline.name), ("stage", &w.pipeline.stages[w.stage].name)]))
                 .inc();
         }
-        m.running.clear();
         for l in self.state.leases() {
             m.running
                 .get_or_create(&labels(&[("pipeline", &l.pipeline.name), ("stage", &l.pipeline.stages[l.stage].name)]))
