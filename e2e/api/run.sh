@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The API against its own OpenAPI document:
+# The API against its own OpenAPI document, and the metrics against Prometheus' rules:
 #   1. `openapi-spec-validator` on the document without auth (`gpuflow openapi`) and on the one
 #      an engine with `auth.token` serves;
-#   2. a bounded schemathesis run against a live engine (fixed seed, a few examples per
+#   2. `/metrics` of a fresh engine through the official client's OpenMetrics parser
+#      (`check_metrics.py`);
+#   3. a bounded schemathesis run against a live engine (fixed seed, a few examples per
 #      operation): no 5xx, every status, content type and body as documented.
 #
 #   bash e2e/api/run.sh [path/to/gpuflow]      (default: target/debug/gpuflow)
@@ -14,12 +16,13 @@ bin="$(realpath "${1:-${GPUFLOW_BIN:-$repo/target/debug/gpuflow}}")"
 venv="$repo/target/api-venv"
 SCHEMATHESIS=3.39.16
 VALIDATOR=0.7.1
+PROMETHEUS_CLIENT=0.21.1
 EXAMPLES="${API_MAX_EXAMPLES:-25}"
 
-if ! "$venv/bin/python" -c "import schemathesis, openapi_spec_validator" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import schemathesis, openapi_spec_validator, prometheus_client" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    "schemathesis==$SCHEMATHESIS" "openapi-spec-validator==$VALIDATOR"
+    "schemathesis==$SCHEMATHESIS" "openapi-spec-validator==$VALIDATOR" "prometheus-client==$PROMETHEUS_CLIENT"
 fi
 
 work="$(mktemp -d)"
@@ -62,6 +65,8 @@ curl -fsS -H "Authorization: Bearer $token" "$base/openapi.json" >"$work/openapi
 stop_engine
 
 start_engine "" plain
+echo "metrics of a fresh engine, read by the Prometheus client's OpenMetrics parser"
+"$venv/bin/python" "$repo/e2e/api/check_metrics.py" "$base" quick prepare,infer "$repo/docs/pipelines.md"
 echo "schemathesis $SCHEMATHESIS against $base ($EXAMPLES examples per operation, seed 1)"
 # The live feed never ends by design; it has its own tests (integration `dashboard::`).
 "$venv/bin/st" run "$base/openapi.json" \

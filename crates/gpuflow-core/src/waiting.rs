@@ -159,7 +159,7 @@ impl Blocker {
                 } else {
                     format!("{crash_looping} of {instances} instances are crash-looping and none is ready")
                 };
-                let error = last_error.as_deref().map(|e| format!("; last error: {}", tail(e, 160))).unwrap_or_default();
+                let error = last_error.as_deref().map(|e| format!("; last error: {}", one_line(e))).unwrap_or_default();
                 format!("Pool {pool} has no ready instance: {which} ({failures} failures in a row{error})")
             }
             Blocker::PoolNotReady { pool, instances } => {
@@ -309,10 +309,19 @@ fn plural(n: u64, word: &str) -> String {
     if n == 1 { format!("1 {word}") } else { format!("{n} {word}s") }
 }
 
-fn tail(s: &str, max: usize) -> String {
-    let s = s.trim();
-    let n = s.chars().count();
-    if n <= max { s.to_string() } else { format!("…{}", s.chars().skip(n - max).collect::<String>()) }
+/// An error on one line for a sentence: its first line and, when the rest says more, its last
+/// (a worker's error ends with the tail of its stderr, whose last line is the exception), at
+/// most 200 characters.
+fn one_line(error: &str) -> String {
+    let lines: Vec<&str> = error.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let text = match lines.as_slice() {
+        [] => String::new(),
+        [first] => first.to_string(),
+        [first, .., last] if first.contains(last) => first.to_string(),
+        [first, .., last] => format!("{first} … {last}"),
+    };
+    let n = text.chars().count();
+    if n <= 200 { text } else { format!("{}…", text.chars().take(199).collect::<String>()) }
 }
 
 /// Binary units, as the dashboard prints them: `16 GiB`, `15.5 GiB`, `512 MiB`.
@@ -475,6 +484,15 @@ mod tests {
         let Blocker::Cpu { held_by, held_by_count, .. } = &r.blockers[0] else { panic!("{r:?}") };
         assert_eq!((held_by.len(), *held_by_count), (HOLDERS_NAMED, 20));
         assert!(r.sentence.ends_with("00000002/s and 17 more"), "{}", r.sentence);
+    }
+
+    #[test]
+    fn a_multi_line_error_reads_as_one_line() {
+        let repeated = "instance exited with status 1; stderr ends with: ImportError: x\nImportError: x\nImportError: x";
+        assert_eq!(one_line(repeated), "instance exited with status 1; stderr ends with: ImportError: x");
+        let traceback = "exited with status 1; stderr ends with: Traceback (most recent call last):\n  File \"w.py\"\nKeyError: 'a'";
+        assert_eq!(one_line(traceback), "exited with status 1; stderr ends with: Traceback (most recent call last): … KeyError: 'a'");
+        assert_eq!(one_line(&"x".repeat(300)).chars().count(), 200);
     }
 
     #[test]
