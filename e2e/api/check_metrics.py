@@ -100,7 +100,7 @@ def main():
 
     request = urllib.request.Request(
         f"{base}/v1/jobs",
-        data=json.dumps({"pipeline": pipeline}).encode(),
+        data=json.dumps({"pipeline": pipeline, "input": {"text": "metrics"}}).encode(),
         headers={"content-type": "application/json"},
     )
     job = json.load(urllib.request.urlopen(request, timeout=10))

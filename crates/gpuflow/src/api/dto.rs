@@ -11,6 +11,7 @@ use crate::gpu::GpuSource;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"pipeline": "quickstart", "input": {"text": "hello gpus"}}))]
 pub struct SubmitJobRequest {
     /// Name of a pipeline in the pipeline file.
     pub pipeline: String,
