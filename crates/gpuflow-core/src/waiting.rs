@@ -72,21 +72,62 @@ pub struct Situation<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Blocker {
     /// Not enough whole devices free (no lease, no share, no foreign memory on them).
-    Gpus { needs: u32, free: u32, total: u32, held_by: Vec<Holder>, held_by_count: usize },
+    Gpus {
+        needs: u32,
+        free: u32,
+        total: u32,
+        held_by: Vec<Holder>,
+        held_by_count: usize,
+    },
     /// No device has this much memory free; `foreign` is what other programs hold in all.
-    GpuMemory { needs: u64, free_at_most: u64, foreign: u64, held_by: Vec<Holder>, held_by_count: usize },
-    Cpu { needs: u32, free: u32, capacity: u32, held_by: Vec<Holder>, held_by_count: usize },
+    GpuMemory {
+        needs: u64,
+        free_at_most: u64,
+        foreign: u64,
+        held_by: Vec<Holder>,
+        held_by_count: usize,
+    },
+    Cpu {
+        needs: u32,
+        free: u32,
+        capacity: u32,
+        held_by: Vec<Holder>,
+        held_by_count: usize,
+    },
     /// A named counter (not a pool's).
-    Counter { name: String, needs: u64, free: u64, capacity: u64, held_by: Vec<Holder>, held_by_count: usize },
+    Counter {
+        name: String,
+        needs: u64,
+        free: u64,
+        capacity: u64,
+        held_by: Vec<Holder>,
+        held_by_count: usize,
+    },
     /// Every ready instance of the pool is busy.
-    PoolBusy { pool: String, ready: u32, held_by: Vec<Holder>, held_by_count: usize },
+    PoolBusy {
+        pool: String,
+        ready: u32,
+        held_by: Vec<Holder>,
+        held_by_count: usize,
+    },
     /// No instance is ready and some fail again and again.
-    PoolCrashLooping { pool: String, instances: u32, crash_looping: u32, failures: u32, last_error: Option<String> },
+    PoolCrashLooping {
+        pool: String,
+        instances: u32,
+        crash_looping: u32,
+        failures: u32,
+        last_error: Option<String>,
+    },
     /// No instance is ready yet (starting or restarting).
-    PoolNotReady { pool: String, instances: u32 },
+    PoolNotReady {
+        pool: String,
+        instances: u32,
+    },
     /// Its resources are free; `ahead` entries earlier in the queue are served first
     /// (one that waited past the starvation bound holds capacity back for itself).
-    Queue { ahead: usize },
+    Queue {
+        ahead: usize,
+    },
     /// Its resources are free and nothing is ahead: the next scheduling pass starts it.
     Starting,
 }
@@ -167,7 +208,11 @@ impl Blocker {
                 format!("Pool {pool} has no ready instance yet ({n}, starting or restarting)")
             }
             Blocker::Queue { ahead } => {
-                let entries = if *ahead == 1 { "1 earlier entry goes".to_string() } else { format!("{ahead} earlier entries go") };
+                let entries = if *ahead == 1 {
+                    "1 earlier entry goes".to_string()
+                } else {
+                    format!("{ahead} earlier entries go")
+                };
                 format!("Its resources are free; {entries} first")
             }
             Blocker::Starting => "Its resources are free: starting".to_string(),
@@ -209,7 +254,13 @@ pub fn explain(needs: &ResourceRequest, position: usize, s: &Situation<'_>) -> W
             let fits = |d: usize| s.capacity.gpus.get(d).is_some_and(|g| g.memory >= needs.gpu_memory);
             let (held_by, held_by_count) = holders(s, |g| on_device(g, &fits));
             let foreign = (0..devices).filter(|d| fits(*d)).map(foreign).sum();
-            blockers.push(Blocker::GpuMemory { needs: needs.gpu_memory, free_at_most, foreign, held_by, held_by_count });
+            blockers.push(Blocker::GpuMemory {
+                needs: needs.gpu_memory,
+                free_at_most,
+                foreign,
+                held_by,
+                held_by_count,
+            });
         }
     }
     if needs.cpu > 0 {
@@ -229,7 +280,14 @@ pub fn explain(needs: &ResourceRequest, position: usize, s: &Situation<'_>) -> W
         }
         let (held_by, held_by_count) = holders(s, |g| g.counters.get(name).is_some_and(|n| *n > 0));
         let Some(pool) = s.pools.iter().find(|p| &p.counter == name) else {
-            blockers.push(Blocker::Counter { name: name.clone(), needs: *want, free, capacity, held_by, held_by_count });
+            blockers.push(Blocker::Counter {
+                name: name.clone(),
+                needs: *want,
+                free,
+                capacity,
+                held_by,
+                held_by_count,
+            });
             continue;
         };
         blockers.push(if pool.ready > 0 {
@@ -364,7 +422,8 @@ mod tests {
     #[test]
     fn gpu_memory_names_the_need_the_best_free_and_the_holder() {
         let cap = capacity(&[80 * GIB], 8, &[]);
-        let usage = Usage { gpu_exclusive: vec![false], gpu_memory_used: vec![65 * GIB], cpu: 1, counters: BTreeMap::new() };
+        let usage =
+            Usage { gpu_exclusive: vec![false], gpu_memory_used: vec![65 * GIB], cpu: 1, counters: BTreeMap::new() };
         let holders =
             vec![(stage(JOB, "generate"), Grant { gpu_memory: Some((0, 65 * GIB)), cpu: 1, ..Default::default() })];
         let s = Situation {
@@ -415,7 +474,14 @@ mod tests {
             failures: 6,
             last_error: Some("exited with status 1: ImportError: no module named paddle".into()),
         }];
-        let s = Situation { capacity: &cap, usage: &usage, foreign: &[], available: &available, holders: &[], pools: &pools };
+        let s = Situation {
+            capacity: &cap,
+            usage: &usage,
+            foreign: &[],
+            available: &available,
+            holders: &[],
+            pools: &pools,
+        };
         let needs = ResourceRequest { counters: [("pool:ocr".to_string(), 1)].into(), ..Default::default() };
         let r = explain(&needs, 0, &s);
         assert_eq!(r.blockers[0].kind(), "pool_crash_looping");
@@ -469,9 +535,8 @@ mod tests {
     fn holders_past_three_are_counted_and_past_ten_not_listed() {
         let cap = capacity(&[], 20, &[]);
         let usage = Usage { cpu: 20, ..Default::default() };
-        let holders: Vec<(Holder, Grant)> = (0..20)
-            .map(|i| (stage(&format!("job-{i:08}"), "s"), Grant { cpu: 1, ..Default::default() }))
-            .collect();
+        let holders: Vec<(Holder, Grant)> =
+            (0..20).map(|i| (stage(&format!("job-{i:08}"), "s"), Grant { cpu: 1, ..Default::default() })).collect();
         let s = Situation {
             capacity: &cap,
             usage: &usage,
@@ -488,10 +553,14 @@ mod tests {
 
     #[test]
     fn a_multi_line_error_reads_as_one_line() {
-        let repeated = "instance exited with status 1; stderr ends with: ImportError: x\nImportError: x\nImportError: x";
+        let repeated =
+            "instance exited with status 1; stderr ends with: ImportError: x\nImportError: x\nImportError: x";
         assert_eq!(one_line(repeated), "instance exited with status 1; stderr ends with: ImportError: x");
         let traceback = "exited with status 1; stderr ends with: Traceback (most recent call last):\n  File \"w.py\"\nKeyError: 'a'";
-        assert_eq!(one_line(traceback), "exited with status 1; stderr ends with: Traceback (most recent call last): … KeyError: 'a'");
+        assert_eq!(
+            one_line(traceback),
+            "exited with status 1; stderr ends with: Traceback (most recent call last): … KeyError: 'a'"
+        );
         assert_eq!(one_line(&"x".repeat(300)).chars().count(), 200);
     }
 

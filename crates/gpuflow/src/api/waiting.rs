@@ -34,8 +34,12 @@ pub(crate) fn waiting_for_job(snapshot: &ResourcesSnapshot, job: &str) -> Vec<(S
 /// A stage waiting for the stages it runs after (`waiting_on`: those not succeeded yet).
 pub(crate) fn dependency(waiting_on: Vec<String>) -> WaitingForView {
     let sentence = waiting::dependency_sentence(&waiting_on);
-    let reason =
-        WaitReasonView { kind: "dependency".into(), sentence: sentence.clone(), after: Some(waiting_on), ..Default::default() };
+    let reason = WaitReasonView {
+        kind: "dependency".into(),
+        sentence: sentence.clone(),
+        after: Some(waiting_on),
+        ..Default::default()
+    };
     WaitingForView { sentence, reasons: vec![reason] }
 }
 

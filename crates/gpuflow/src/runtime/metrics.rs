@@ -168,9 +168,17 @@ impl Default for Metrics {
             Always(m.jobs_finished.clone()),
         );
         registry.register("gpuflow_queue_depth", "Stages waiting for resources", Always(m.queue_depth.clone()));
-        registry.register("gpuflow_queue_wait_seconds", "Time a stage waited for its resources", Always(m.queue_wait.clone()));
+        registry.register(
+            "gpuflow_queue_wait_seconds",
+            "Time a stage waited for its resources",
+            Always(m.queue_wait.clone()),
+        );
         registry.register("gpuflow_running_tasks", "Attempts running now", Always(m.running.clone()));
-        registry.register("gpuflow_task_duration_seconds", "Attempt duration, by outcome", Always(m.task_duration.clone()));
+        registry.register(
+            "gpuflow_task_duration_seconds",
+            "Attempt duration, by outcome",
+            Always(m.task_duration.clone()),
+        );
         registry.register(
             "gpuflow_lease_hold_seconds",
             "How long leases were held, by resource kind",
@@ -189,9 +197,17 @@ impl Default for Metrics {
             "GPU memory leased by gpuflow",
             Always(m.gpu_memory_leased.clone()),
         );
-        registry.register("gpuflow_pool_instances", "Worker-pool instances, by state", Always(m.pool_instances.clone()));
+        registry.register(
+            "gpuflow_pool_instances",
+            "Worker-pool instances, by state",
+            Always(m.pool_instances.clone()),
+        );
         registry.register("gpuflow_findings_open", "Open diagnosis findings, by kind", Always(m.findings_open.clone()));
-        registry.register("gpuflow_findings_opened", "Diagnosis findings opened, by kind", Always(m.findings_opened.clone()));
+        registry.register(
+            "gpuflow_findings_opened",
+            "Diagnosis findings opened, by kind",
+            Always(m.findings_opened.clone()),
+        );
         registry.register(
             "gpuflow_inference_count",
             "Worker tasks sent to pool instances (each task of a batch counts)",

@@ -276,9 +276,12 @@ async fn the_spec_documents_bearer_auth_and_401_only_when_a_token_is_set_and_say
     assert_eq!(status, 400, "`typed` requires n: {body}");
     let (status, body) = engine.post("/v1/jobs", json!({"pipeline": "slow", "input": null})).await;
     assert_eq!(status, 201, "`input: null` is `{{}}`: {body}");
-    let (status, body) = engine.post("/v1/workflows", json!({"video_path": "x", "workflow_config": {"workflow_chain": []}})).await;
+    let (status, body) =
+        engine.post("/v1/workflows", json!({"video_path": "x", "workflow_config": {"workflow_chain": []}})).await;
     assert_eq!(status, 400, "an empty chain is refused: {body}");
-    let (status, _) = engine.post("/v1/workflows", json!({"video_path": "x", "workflow_config": {"workflow_chain": ["a", "a"]}})).await;
+    let (status, _) = engine
+        .post("/v1/workflows", json!({"video_path": "x", "workflow_config": {"workflow_chain": ["a", "a"]}}))
+        .await;
     assert_eq!(status, 400, "a repeated stage is refused");
     let (status, body) = engine.post("/v1/jobs/not-a-uuid/cancel", json!({})).await;
     assert_eq!(status, 400, "{body}");

@@ -55,8 +55,12 @@ async fn every_documented_family_is_there_from_the_start_and_idle_gauges_read_ze
     let text = scrape(&engine).await;
     for (name, kind) in documented() {
         // A counter's family is named without the `_total` its samples carry.
-        let family = if kind == "counter" { name.strip_suffix("_total").expect("counters end in _total") } else { &name };
-        assert!(text.contains(&format!("\n# TYPE {family} {kind}\n")), "documented {kind} {name} missing at start:\n{text}");
+        let family =
+            if kind == "counter" { name.strip_suffix("_total").expect("counters end in _total") } else { &name };
+        assert!(
+            text.contains(&format!("\n# TYPE {family} {kind}\n")),
+            "documented {kind} {name} missing at start:\n{text}"
+        );
     }
     assert!(!text.contains("# TYPE nv_gpu_utilization gauge"), "renamed to nv_gpu_utilization_ratio");
 

@@ -63,7 +63,9 @@ async fn each_blocked_resource_is_named_with_its_numbers_and_holder() {
     let engine = Engine::start(&config()).await;
     let hold = engine.submit("hold", json!({})).await;
     engine
-        .wait_until("hold running", Duration::from_secs(20), async |e| stage(&e.job(&hold).await, "hold")["state"] == "running")
+        .wait_until("hold running", Duration::from_secs(20), async |e| {
+            stage(&e.job(&hold).await, "hold")["state"] == "running"
+        })
         .await;
     let short = &hold[hold.len() - 8..];
 
@@ -82,24 +84,31 @@ async fn each_blocked_resource_is_named_with_its_numbers_and_holder() {
     let w = waiting_stage(&engine, &whole, "whole", "queued").await;
     let r = &w["waiting_for"]["reasons"][0];
     assert_eq!((r["kind"].as_str(), r["needs"].as_u64(), r["free"].as_u64()), (Some("gpu"), Some(1), Some(0)), "{w:#}");
-    assert_eq!(holder_job(r), [hold.clone()]);
+    assert_eq!(holder_job(r), [hold.as_str()]);
     assert_eq!(w["waiting_for"]["sentence"], format!("Needs 1 GPU, the only one is held by {short}/hold"));
 
     let s = waiting_stage(&engine, &share, "share", "queued").await;
     let r = &s["waiting_for"]["reasons"][0];
     assert_eq!(r["kind"], "gpu_memory", "{s:#}");
     assert_eq!((r["needs_bytes"].as_u64(), r["free_at_most_bytes"].as_u64()), (Some(8 << 30), Some(0)));
-    assert_eq!(s["waiting_for"]["sentence"], format!("Needs 8 GiB of GPU memory, at most 0 B free; held by {short}/hold"));
+    assert_eq!(
+        s["waiting_for"]["sentence"],
+        format!("Needs 8 GiB of GPU memory, at most 0 B free; held by {short}/hold")
+    );
 
     let l = waiting_stage(&engine, &lic, "lic", "queued").await;
     let r = &l["waiting_for"]["reasons"][0];
     assert_eq!((r["kind"].as_str(), r["name"].as_str()), (Some("counter"), Some("license")), "{l:#}");
-    assert_eq!(holder_job(r), [hold.clone()]);
+    assert_eq!(holder_job(r), [hold.as_str()]);
     assert_eq!(l["waiting_for"]["sentence"], format!("Needs 1 of counter license, 1 of 1 held by {short}/hold"));
 
     let c = waiting_stage(&engine, &cpu2, "cpu2", "queued").await;
     let r = &c["waiting_for"]["reasons"][0];
-    assert_eq!((r["kind"].as_str(), r["free"].as_u64(), r["capacity"].as_u64()), (Some("cpu"), Some(1), Some(2)), "{c:#}");
+    assert_eq!(
+        (r["kind"].as_str(), r["free"].as_u64(), r["capacity"].as_u64()),
+        (Some("cpu"), Some(1), Some(2)),
+        "{c:#}"
+    );
     assert_eq!(c["waiting_for"]["sentence"], format!("Needs 2 CPU slots, 1 of 2 held by {short}/hold"));
 
     // The waiting queue says the same, entry by entry.
@@ -149,7 +158,9 @@ pipelines:
     .await;
     let hold = engine.submit("hold", json!({})).await;
     engine
-        .wait_until("hold running", Duration::from_secs(20), async |e| stage(&e.job(&hold).await, "hold")["state"] == "running")
+        .wait_until("hold running", Duration::from_secs(20), async |e| {
+            stage(&e.job(&hold).await, "hold")["state"] == "running"
+        })
         .await;
     let first = engine.submit("first", json!({})).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -203,25 +214,36 @@ pipelines:
     let kind = st["waiting_for"]["reasons"][0]["kind"].clone();
     assert!(kind == "pool_not_ready" || kind == "pool_crash_looping", "{st:#}");
     if kind == "pool_not_ready" {
-        assert_eq!(st["waiting_for"]["sentence"], "Pool broken has no ready instance yet (1 instance, starting or restarting)");
+        assert_eq!(
+            st["waiting_for"]["sentence"],
+            "Pool broken has no ready instance yet (1 instance, starting or restarting)"
+        );
     }
 
     engine
         .wait_until("pool good ready", Duration::from_secs(30), async |e| {
-            e.resources().await["pools"].as_array().unwrap().iter().any(|p| {
-                p["name"] == "good" && p["instances"].as_array().unwrap().iter().any(|i| i["state"] == "idle")
-            })
+            e.resources().await["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "good" && p["instances"].as_array().unwrap().iter().any(|i| i["state"] == "idle"))
         })
         .await;
     let busy = engine.submit("good", json!({})).await;
     engine
-        .wait_until("good task running", Duration::from_secs(20), async |e| stage(&e.job(&busy).await, "run")["state"] == "running")
+        .wait_until("good task running", Duration::from_secs(20), async |e| {
+            stage(&e.job(&busy).await, "run")["state"] == "running"
+        })
         .await;
     let behind = engine.submit("good", json!({})).await;
     let st = waiting_stage(&engine, &behind, "run", "queued").await;
     let r = &st["waiting_for"]["reasons"][0];
-    assert_eq!((r["kind"].as_str(), r["pool"].as_str(), r["ready"].as_u64()), (Some("pool_busy"), Some("good"), Some(1)), "{st:#}");
-    assert_eq!(holder_job(r), [busy.clone()]);
+    assert_eq!(
+        (r["kind"].as_str(), r["pool"].as_str(), r["ready"].as_u64()),
+        (Some("pool_busy"), Some("good"), Some(1)),
+        "{st:#}"
+    );
+    assert_eq!(holder_job(r), [busy.as_str()]);
     assert_eq!(
         st["waiting_for"]["sentence"],
         format!("Needs an idle instance of pool good; its ready instance is busy with {}/run", &busy[busy.len() - 8..])
@@ -231,12 +253,18 @@ pipelines:
     let crash_looping = "Pool broken has no ready instance: its instance is crash-looping";
     engine
         .wait_until("the broken pool crash-looping", Duration::from_secs(40), async |e| {
-            e.job(&early).await["stages"][0]["waiting_for"]["sentence"].as_str().is_some_and(|s| s.starts_with(crash_looping))
+            e.job(&early).await["stages"][0]["waiting_for"]["sentence"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(crash_looping))
         })
         .await;
     let st = stage(&engine.job(&early).await, "ocr").clone();
     let r = &st["waiting_for"]["reasons"][0];
-    assert_eq!((r["kind"].as_str(), r["instances"].as_u64(), r["crash_looping"].as_u64()), (Some("pool_crash_looping"), Some(1), Some(1)), "{st:#}");
+    assert_eq!(
+        (r["kind"].as_str(), r["instances"].as_u64(), r["crash_looping"].as_u64()),
+        (Some("pool_crash_looping"), Some(1), Some(1)),
+        "{st:#}"
+    );
     assert!(r["failures"].as_u64().unwrap() >= 5, "{st:#}");
     assert!(r["last_error"].as_str().unwrap().contains("ImportError: no module named paddle"), "{st:#}");
     assert!(st["waiting_for"]["sentence"].as_str().unwrap().contains("ImportError: no module named paddle"), "{st:#}");
