@@ -6,9 +6,9 @@
 // Checks: the page loads with no console errors (and nothing from another origin); a job
 // submitted through the API shows up and moves through its states live, with the progress
 // its GPU stage reports (bar and message); the GPU lane shows the lease and its holder's
-// progress; the waiting queue says what an entry waits for; cancel works from the page; on a
-// second engine, GPU memory shares (a pool instance's and stages') are shown as shares, counted
-// as shared, and their lease labels do not overlap.
+// progress; the waiting queue shows the engine's sentence for what an entry waits for; cancel
+// works from the page; on a second engine, GPU memory shares (a pool instance's and stages')
+// are shown as shares, counted as shared, and their lease labels do not overlap.
 // Screenshots go to target/dashboard-e2e/.
 
 import assert from 'node:assert/strict';
@@ -252,7 +252,15 @@ async function main() {
   await page.goto(`${base}/#/queue`);
   await page.waitForSelector(`.view-queue tr[data-job="${jobC}"]`);
   const reason = await page.textContent(`.view-queue tr[data-job="${jobC}"] .reason`);
-  assert.match(reason, /needs 1 GPU, the only one is held by/, `queue reason: ${reason}`);
+  assert.match(reason, new RegExp(`^Needs 1 GPU, the only one is held by ${jobB.slice(-8)}/infer`), `queue reason: ${reason}`);
+  // The sentence is the engine's (GET /v1/resources), shown as it is, not worded by the page.
+  const resources = await api(base, 'GET', '/v1/resources');
+  const entry = resources.waiting.find((w) => w.job === jobC);
+  assert.ok(entry, `job C is not in the API's waiting queue: ${JSON.stringify(resources.waiting)}`);
+  assert.equal(reason, entry.waiting_for.sentence, 'the page shows the API\'s sentence');
+  assert.equal(entry.waiting_for.reasons[0].kind, 'gpu', JSON.stringify(entry.waiting_for));
+  const script = await (await fetch(`${base}/ui/views.js`)).text();
+  assert.doesNotMatch(script, /needs \$\{|the only one is held/, 'the dashboard no longer words the reason itself');
   log(`queue: ${jobC.slice(-8)} ${reason}`);
   await page.goto(`${base}/#/gpus`);
   await page.waitForSelector(`.lane[data-device="0"] a.lease.open[data-job="${jobB}"]`);

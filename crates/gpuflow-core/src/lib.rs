@@ -11,6 +11,7 @@ pub mod resources;
 pub mod retry;
 pub mod rules;
 pub mod scheduler;
+pub mod waiting;
 
 pub use pipeline::{Pipeline, PipelineError, StageIndex, StageSpec};
 pub use resources::{ByteSize, Capacity, GpuDevice, Grant, Inventory, RequestError, ResourceRequest, Usage};

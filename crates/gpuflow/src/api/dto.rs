@@ -11,6 +11,7 @@ use crate::gpu::GpuSource;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"pipeline": "quickstart", "input": {"text": "hello gpus"}}))]
 pub struct SubmitJobRequest {
     /// Name of a pipeline in the pipeline file.
     pub pipeline: String,
@@ -18,11 +19,13 @@ pub struct SubmitJobRequest {
     /// `null`, it is `{}`. A value used in a command line may not hold a NUL byte, and the
     /// command line it makes must fit the OS limits (else 400 `command_too_long`).
     #[serde(default = "empty_object")]
+    #[schema(value_type = Option<Object>)]
     pub input: Value,
     /// Higher runs first. Default 0.
     #[serde(default)]
     pub priority: i32,
-    /// Submitting again with the same key returns the same job.
+    /// Submitting again with the same key returns the same job. 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200)]
     pub idempotency_key: Option<String>,
 }
 
@@ -39,26 +42,43 @@ pub struct WorkflowRequest {
     pub workflow_config: WorkflowConfig,
     #[serde(default)]
     pub priority: i32,
+    /// 1 to 200 characters; submitting again with the same key returns the same job.
+    #[schema(min_length = 1, max_length = 200)]
     pub idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowConfig {
-    /// Names of stages under `workflows.stages`, run in this order.
+    /// Names of stages under `workflows.stages`, run in this order: at least one, each once.
+    #[schema(schema_with = workflow_chain_schema)]
     pub workflow_chain: Vec<String>,
+}
+
+/// At least one stage, none twice: what `POST /v1/workflows` accepts.
+fn workflow_chain_schema() -> utoipa::openapi::Array {
+    use utoipa::openapi::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(ObjectBuilder::new().schema_type(Type::String))
+        .min_items(Some(1))
+        .unique_items(true)
+        .description(Some("Names of stages under `workflows.stages`, run in this order: at least one, each once."))
+        .build()
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct WorkflowResponse {
     /// The job id (as in `/v1/jobs/{id}`).
+    #[schema(format = Uuid)]
     pub workflow_id: String,
+    #[schema(format = Uuid)]
     pub id: String,
     pub state: String,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct SubmitJobResponse {
+    #[schema(format = Uuid)]
     pub id: String,
     pub state: String,
 }
@@ -89,6 +109,7 @@ pub enum BatchEntry {
 
 #[derive(Serialize, ToSchema)]
 pub struct BatchAccepted {
+    #[schema(format = Uuid)]
     pub id: String,
     pub state: String,
     /// False when an earlier job with the same idempotency key is returned (where
@@ -115,6 +136,7 @@ pub struct BatchItemError {
 
 #[derive(Serialize, ToSchema)]
 pub struct CancelResponse {
+    #[schema(format = Uuid)]
     pub id: String,
     /// `cancelling` while stages are being stopped, `cancelled` once none runs.
     pub state: String,
@@ -155,6 +177,10 @@ pub struct StageView {
     /// `task.progress`, or a command stage's `$GPUFLOW_PROGRESS` file); absent before the
     /// first report and once the attempt ended. Not stored: an engine restart forgets it.
     pub progress: Option<ProgressView>,
+    /// Why it has not started, while it waits: for resources (`queued`), for the stages it
+    /// runs after (`pending`), or to be retried (`backoff`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<WaitingForView>,
     pub attempt_history: Vec<AttemptView>,
 }
 
@@ -171,11 +197,13 @@ pub struct ProgressView {
 
 #[derive(Serialize, ToSchema)]
 pub struct JobView {
+    #[schema(format = Uuid)]
     pub id: String,
     pub pipeline: String,
     /// queued, running, succeeded, failed, cancelled
     pub state: String,
     pub priority: i32,
+    #[schema(value_type = Object)]
     pub input: Value,
     pub output: Option<Value>,
     pub error: Option<String>,
@@ -188,6 +216,7 @@ pub struct JobView {
 
 #[derive(Serialize, ToSchema)]
 pub struct JobSummary {
+    #[schema(format = Uuid)]
     pub id: String,
     pub pipeline: String,
     pub state: String,
@@ -205,13 +234,18 @@ pub struct JobList {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct JobListQuery {
     /// queued, running, succeeded, failed or cancelled
+    #[param(pattern = "^(queued|running|succeeded|failed|cancelled)$")]
     pub state: Option<String>,
     pub pipeline: Option<String>,
     /// 1 to 500, default 50.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^-?[0-9]+$")]
     pub cursor: Option<String>,
 }
 
@@ -237,6 +271,7 @@ pub struct CountView {
 
 #[derive(Serialize, ToSchema)]
 pub struct LeaseView {
+    #[schema(format = Uuid)]
     pub job: String,
     pub pipeline: String,
     pub stage: String,
@@ -268,6 +303,7 @@ pub struct NeedsView {
 
 #[derive(Serialize, ToSchema)]
 pub struct WaitingView {
+    #[schema(format = Uuid)]
     pub job: String,
     pub pipeline: String,
     pub stage: String,
@@ -275,6 +311,84 @@ pub struct WaitingView {
     pub since: String,
     pub waited_ms: u64,
     pub needs: NeedsView,
+    /// What it waits for, now.
+    pub waiting_for: WaitingForView,
+}
+
+/// Why a stage waits: each thing that holds it back, and all of it in one sentence.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct WaitingForView {
+    /// E.g. "Needs 16 GiB of GPU memory, at most 15 GiB free; held by 7a4de9bc/generate".
+    pub sentence: String,
+    #[schema(min_items = 1)]
+    pub reasons: Vec<WaitReasonView>,
+}
+
+/// One thing a stage waits for. `kind` says which fields are present:
+/// `gpu` (`needs`, `free`, `capacity`, `held_by`), `gpu_memory` (`needs_bytes`,
+/// `free_at_most_bytes`, `foreign_bytes`, `held_by`), `cpu` and `counter` (`name`, `needs`,
+/// `free`, `capacity`, `held_by`), `pool_busy` (`pool`, `ready`, `held_by`),
+/// `pool_crash_looping` (`pool`, `instances`, `crash_looping`, `failures`, `last_error`),
+/// `pool_not_ready` (`pool`, `instances`), `queue` (`ahead`: its resources are free, earlier
+/// entries go first), `starting`, `dependency` (`after`: the stages it waits for) and
+/// `backoff` (`failures`, `retry_at`).
+#[derive(Serialize, ToSchema, Clone, Debug, Default)]
+pub struct WaitReasonView {
+    pub kind: String,
+    /// This reason in words.
+    pub sentence: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub needs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub needs_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_at_most_bytes: Option<u64>,
+    /// GPU memory other programs hold on the devices it could run on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub foreign_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crash_looping: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
+    /// Who holds what it needs (at most 10; `held_by_count` counts them all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<Vec<HolderView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by_count: Option<usize>,
+}
+
+/// A lease holder: a running stage (`job`, `stage`) or a worker-pool instance (`pool`, `instance`).
+#[derive(Serialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct HolderView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Uuid)]
+    pub job: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<usize>,
 }
 
 #[derive(Serialize, ToSchema)]

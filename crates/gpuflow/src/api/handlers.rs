@@ -5,7 +5,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use gpuflow_core::StageState;
+use gpuflow_core::{JobState, StageState};
 
 use super::dto::*;
 use super::error::{ApiError, ErrorBody};
@@ -27,7 +27,9 @@ pub(crate) fn progress_view(p: StageProgress) -> ProgressView {
     responses(
         (status = 201, description = "Accepted and durable", body = SubmitJobResponse),
         (status = 200, description = "An earlier job with the same idempotency key", body = SubmitJobResponse),
-        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 400, description = "Unknown pipeline, or an input that does not match the pipeline's `inputs`", body = ErrorBody),
+        (status = 409, description = "The idempotency key was used for a different submission", body = ErrorBody),
+        (status = 413, description = "Body larger than limits.max_request_body; send large inputs as file paths", body = ErrorBody),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
         (status = 507, description = "The store cannot be written (full disk); see Retry-After", body = ErrorBody),
     ))]
@@ -54,7 +56,7 @@ fn check_submission(config: &Config, body: SubmitJobRequest) -> Result<SubmitReq
             format!("pipeline: unknown pipeline `{}`; known pipelines: {}", body.pipeline, known.join(", ")),
         ));
     };
-    if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
+    if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.chars().count() > 200) {
         return Err(ApiError::bad_request("idempotency_key: must be 1 to 200 characters"));
     }
     // `input: null` is the same as leaving it out.
@@ -202,7 +204,9 @@ fn refused(e: ApiError) -> BatchEntry {
     responses(
         (status = 201, description = "Accepted and durable", body = WorkflowResponse),
         (status = 200, description = "An earlier job with the same idempotency key", body = WorkflowResponse),
-        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 400, description = "No `workflows:` library, an unknown or repeated stage in the chain, or a `video_path` outside `allowed_roots`", body = ErrorBody),
+        (status = 409, description = "The idempotency key was used for a different submission", body = ErrorBody),
+        (status = 413, description = "Body larger than limits.max_request_body", body = ErrorBody),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
         (status = 507, description = "The store cannot be written (full disk); see Retry-After", body = ErrorBody),
     ))]
@@ -222,7 +226,7 @@ pub async fn submit_workflow(
     let def = library
         .chain(&body.workflow_config.workflow_chain)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_stage", e))?;
-    if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
+    if body.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.chars().count() > 200) {
         return Err(ApiError::bad_request("idempotency_key: must be 1 to 200 characters"));
     }
     let path = crate::config::check_path(&body.video_path, &config.allowed_roots)
@@ -246,7 +250,8 @@ pub async fn submit_workflow(
 
 /// List jobs, newest first.
 #[utoipa::path(get, path = "/v1/jobs", params(JobListQuery),
-    responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
+    responses((status = 200, description = "A page of jobs", body = JobList),
+        (status = 400, description = "An unknown state, a limit out of range, a cursor not from a previous page, or an unknown parameter", body = ErrorBody)))]
 pub async fn list_jobs(
     State(app): State<AppState>,
     query: Result<Query<JobListQuery>, QueryRejection>,
@@ -293,8 +298,10 @@ fn summary(r: JobRecord) -> JobSummary {
 }
 
 /// A job, its stages and their attempts.
-#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = JobView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = uuid::Uuid, Path, description = "Job id")),
+    responses((status = 200, description = "The job, its stages and their attempts; a waiting stage says what it waits for", body = JobView),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No job with this id", body = ErrorBody)))]
 pub async fn get_job(
     State(app): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -308,23 +315,53 @@ pub async fn get_job(
         .job(&id)
         .await?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job with id `{id}`")))?;
-    Ok(Json(job_view(detail, app.engine.journal().progress().of_job(job))))
+    // Only a job with a stage that may wait for resources costs a question to the loop.
+    let waiting = if matches!(detail.job.state, JobState::Queued | JobState::Running)
+        && detail.stages.iter().any(|s| s.state == StageState::Queued)
+    {
+        // A stopping engine still serves the job from the store, without the reason.
+        app.engine.resources().await.map(|r| super::waiting::waiting_for_job(&r, &id)).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Ok(Json(job_view(detail, app.engine.journal().progress().of_job(job), waiting)))
 }
 
-/// `progress`: the running attempts' latest reports, `(stage, attempt, report)`.
-fn job_view(d: JobDetail, mut progress: Vec<(usize, u32, StageProgress)>) -> JobView {
+/// `progress`: the running attempts' latest reports, `(stage, attempt, report)`; `waiting`:
+/// what the job's stages in the waiting queue wait for, by stage name.
+fn job_view(
+    d: JobDetail,
+    mut progress: Vec<(usize, u32, StageProgress)>,
+    mut waiting: Vec<(String, WaitingForView)>,
+) -> JobView {
     let names: Vec<String> = d.stages.iter().map(|s| s.name.clone()).collect();
+    let job_active = matches!(d.job.state, JobState::Queued | JobState::Running);
     let stages = d
         .stages
         .iter()
         .map(|s| {
+            let retry_at = s.not_before.filter(|_| s.state == StageState::Backoff).map(time);
+            let waiting_for = match s.state {
+                StageState::Queued => {
+                    waiting.iter().position(|(name, _)| *name == s.name).map(|i| waiting.swap_remove(i).1)
+                }
+                StageState::Pending if job_active => Some(super::waiting::dependency(
+                    s.deps
+                        .iter()
+                        .filter(|p| d.stages[**p].state != StageState::Succeeded)
+                        .map(|p| names[*p].clone())
+                        .collect(),
+                )),
+                StageState::Backoff => Some(super::waiting::backoff(s.failures, retry_at.clone())),
+                _ => None,
+            };
             StageView {
                 name: s.name.clone(),
                 state: s.state.as_str().to_string(),
                 after: s.deps.iter().map(|p| names[*p].clone()).collect(),
                 attempts: s.attempts,
                 failures: s.failures,
-                retry_at: s.not_before.filter(|_| s.state == StageState::Backoff).map(time),
+                retry_at,
                 started_at: s.started_at.map(time),
                 finished_at: s.finished_at.map(time),
                 exit_code: s.exit_code,
@@ -337,6 +374,7 @@ fn job_view(d: JobDetail, mut progress: Vec<(usize, u32, StageProgress)>) -> Job
                     .position(|(stage, attempt, _)| *stage == s.idx && *attempt == s.attempts)
                     .filter(|_| s.state == StageState::Running)
                     .map(|i| progress_view(progress.swap_remove(i).2)),
+                waiting_for,
                 attempt_history: d
                     .attempts
                     .iter()
@@ -374,8 +412,11 @@ fn job_view(d: JobDetail, mut progress: Vec<(usize, u32, StageProgress)>) -> Job
 }
 
 /// Cancel a job: stages not started are cancelled, running ones are stopped.
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = CancelResponse), (status = 404, body = ErrorBody), (status = 409, description = "Already finished", body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = uuid::Uuid, Path, description = "Job id")),
+    responses((status = 200, description = "Cancelling, or cancelled", body = CancelResponse),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No job with this id", body = ErrorBody),
+        (status = 409, description = "Already finished", body = ErrorBody)))]
 pub async fn cancel_job(
     State(app): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -390,7 +431,8 @@ pub async fn cancel_job(
 
 /// The agents sharing this engine's PostgreSQL queue, newest first (409 `not_clustered` on
 /// an engine with the embedded store).
-#[utoipa::path(get, path = "/v1/agents", responses((status = 200, body = AgentsView), (status = 409, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/agents", responses((status = 200, description = "The agents, newest first", body = AgentsView),
+    (status = 409, description = "`not_clustered`: this engine uses the embedded store", body = ErrorBody)))]
 pub async fn agents(State(app): State<AppState>) -> Result<Json<AgentsView>, ApiError> {
     let agents = app
         .engine
@@ -415,9 +457,10 @@ pub async fn agents(State(app): State<AppState>) -> Result<Json<AgentsView>, Api
 }
 
 /// Capacity, the leases held now, and the waiting queue in order.
-#[utoipa::path(get, path = "/v1/resources", responses((status = 200, body = ResourcesView)))]
+#[utoipa::path(get, path = "/v1/resources", responses((status = 200, description = "Capacity, leases, the waiting queue with what each entry waits for, and pools", body = ResourcesView)))]
 pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView>, ApiError> {
     let s = app.engine.resources().await?;
+    let mut waiting_for = super::waiting::waiting_for_all(&s).into_iter();
     let gpus = s
         .gpus
         .iter()
@@ -462,7 +505,8 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
     let waiting = s
         .waiting
         .into_iter()
-        .map(|w| WaitingView {
+        .filter_map(|w| Some((w, waiting_for.next()?)))
+        .map(|(w, waiting_for)| WaitingView {
             job: w.job,
             pipeline: w.pipeline,
             stage: w.stage,
@@ -475,6 +519,7 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
                 cpu: w.needs.cpu,
                 counters: w.needs.counters,
             },
+            waiting_for,
         })
         .collect();
     let config = app.config.get();
@@ -518,14 +563,14 @@ pub(crate) fn pool_memory_share(config: &Config, pool: &str) -> Option<u64> {
 /// Re-read the pipeline file. Changes that cannot apply while jobs run are refused (409) with
 /// the reason, and the running configuration stays as it was.
 #[utoipa::path(post, path = "/v1/reload",
-    responses((status = 200, body = ReloadResponse), (status = 409, description = "Refused; nothing changed", body = ErrorBody)))]
+    responses((status = 200, description = "Applied; what changed", body = ReloadResponse), (status = 409, description = "Refused; nothing changed", body = ErrorBody)))]
 pub async fn reload(State(app): State<AppState>) -> Result<Json<ReloadResponse>, ApiError> {
     Ok(Json(ReloadResponse { applied: app.engine.reload().await? }))
 }
 
 /// What is wrong now: stalled tasks, unused or idle GPUs, stalled queues, zombies,
 /// environment hazards, each with evidence, the likely cause and the fix (`gpuflow doctor`).
-#[utoipa::path(get, path = "/v1/diagnosis", responses((status = 200, body = DiagnosisView)))]
+#[utoipa::path(get, path = "/v1/diagnosis", responses((status = 200, description = "Open findings, recent history and GPU readings", body = DiagnosisView)))]
 pub async fn diagnosis(State(app): State<AppState>) -> Result<Json<DiagnosisView>, ApiError> {
     let snap = app.engine.diagnosis().await?;
     let evidence =
@@ -589,7 +634,7 @@ pub async fn diagnosis(State(app): State<AppState>) -> Result<Json<DiagnosisView
 }
 
 /// Prometheus metrics in the text exposition format.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Metrics in the OpenMetrics text format (version 1.0.0), which Prometheus reads", body = String, content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let text = app.engine.metrics().await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
@@ -598,7 +643,8 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
 /// Readiness. 503 `starting` until start-up (the sweep of a dead engine's processes and
 /// recovery) is done, then 200 `ok`, or 200 `degraded` with a `reason` while the store cannot
 /// be written. Not behind auth.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health), (status = 503, body = Health)), security(()))]
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "`ok`, or `degraded` with the reason", body = Health),
+    (status = 503, description = "`starting`: start-up (sweep and recovery) is not done", body = Health)))]
 pub async fn healthz(State(app): State<AppState>) -> (StatusCode, Json<Health>) {
     let ready = app.engine.is_ready();
     let reason = app.engine.degraded();

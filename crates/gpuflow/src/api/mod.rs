@@ -7,6 +7,8 @@ pub mod dto;
 pub mod error;
 mod handlers;
 pub mod listener;
+mod spec;
+mod waiting;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +21,6 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use utoipa::OpenApi;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -61,21 +62,8 @@ pub struct AppState {
 }
 
 #[derive(OpenApi)]
-#[openapi(
-    info(title = "gpuflow", description = "Run AI inference pipelines on GPUs without stalling."),
-    modifiers(&BearerAuth),
-    security(("bearer" = []))
-)]
+#[openapi(info(title = "gpuflow", description = "Run AI inference pipelines on GPUs without stalling."))]
 struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
-    }
-}
 
 /// The routes, with the OpenAPI document they generate. `max_body` is
 /// `limits.max_request_body`; the batch endpoint alone accepts `BATCH_BODY_FACTOR` times it.
@@ -103,18 +91,32 @@ fn routes(max_body: usize) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The OpenAPI document as JSON.
+/// The OpenAPI document of an engine without `auth` (what `gpuflow openapi` prints).
 pub fn openapi_json() -> String {
-    routes(0).1.to_pretty_json().expect("serializable")
+    openapi_document(false).to_pretty_json().unwrap_or_default()
+}
+
+/// The OpenAPI document an engine serves: `auth` says whether `auth.token` is set, so bearer
+/// auth and its 401 are documented only where a client will meet them.
+pub fn openapi_document(auth: bool) -> utoipa::openapi::OpenApi {
+    let mut doc = routes(0).1;
+    spec::complete(&mut doc, auth);
+    doc
 }
 
 pub fn router(state: AppState) -> Router {
     // Read once: a reload that changes it is refused (it needs a restart).
     let limit = state.config.get().limits.max_request_body;
-    let (router, openapi) = routes(limit);
-    let openapi = Arc::new(openapi);
+    let router = routes(limit).0;
+    // Both variants up front: a reload may set or clear the token.
+    let documents = Arc::new([openapi_document(false), openapi_document(true)]);
     router
-        .route("/openapi.json", get(move || async move { Json(openapi.as_ref().clone()) }))
+        .route(
+            "/openapi.json",
+            get(move |State(app): State<AppState>| async move {
+                Json(documents[app.config.get().auth_token.is_some() as usize].clone())
+            }),
+        )
         .merge(dashboard::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)

@@ -36,6 +36,11 @@ impl StageLine {
         let text = match state.as_str() {
             "failed" | "backoff" => format!("{state} (attempt {}): {}", stage["attempts"], s(&stage["error"])),
             "running" => format!("running (attempt {})", stage["attempts"]),
+            // What it waits for, as the engine words it (e.g. a crash-looping pool).
+            "queued" => match stage["waiting_for"]["sentence"].as_str() {
+                Some(why) => format!("queued: {why}"),
+                None => state.clone(),
+            },
             _ => state.clone(),
         };
         let progress = &stage["progress"];

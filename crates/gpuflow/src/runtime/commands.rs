@@ -35,6 +35,7 @@ pub struct LeaseView {
     pub since_ms: u64,
     pub pid: Option<u32>,
     pub lease: LeaseRecord,
+    pub grant: gpuflow_core::Grant,
     pub stopping: Option<&'static str>,
 }
 
@@ -55,6 +56,8 @@ pub struct ResourcesSnapshot {
     pub usage: gpuflow_core::Usage,
     pub capacity: gpuflow_core::Capacity,
     pub foreign: Vec<u64>,
+    /// How much of each counter may be granted now (a pool's ready instances), in use included.
+    pub available: std::collections::BTreeMap<String, u64>,
     pub leases: Vec<LeaseView>,
     pub waiting: Vec<WaitingView>,
     pub pools: Vec<PoolView>,
@@ -413,6 +416,7 @@ impl<S: Store> Runtime<S> {
                     since_ms: a.started_at,
                     pid: self.processes.get(&(l.job, l.stage, a.attempt)).and_then(|p| p.pid),
                     lease: LeaseRecord::from(&a.grant),
+                    grant: a.grant.clone(),
                     stopping: a.kill.map(kill_reason_text),
                 })
             })
@@ -432,7 +436,11 @@ impl<S: Store> Runtime<S> {
                 })
             })
             .collect();
+        let inventory = self.state.inventory();
+        let available =
+            inventory.capacity().counters.keys().map(|k| (k.clone(), inventory.counter_available(k))).collect();
         ResourcesSnapshot {
+            available,
             now_ms: self.clock.now_ms(),
             gpus: self.config.gpus.clone(),
             usage: self.state.inventory().usage(),

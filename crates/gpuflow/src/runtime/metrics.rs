@@ -3,6 +3,8 @@
 //! Names follow Prometheus conventions; GPU gauges follow Triton's `nv_gpu_*` style.
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,7 +16,28 @@ use gpuflow_core::{AttemptResult, StageNext};
 use super::*;
 
 type Labels = Vec<(String, String)>;
+
+/// The `resource` label of `gpuflow_lease_hold_seconds`.
+const LEASE_KINDS: [&str; 4] = ["gpu", "gpu_memory", "cpu", "counter"];
+/// The `state` label of `gpuflow_jobs_finished_total`.
+const FINAL_STATES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// A metric whose HELP and TYPE are written even before its first series, so every family is
+/// there from the engine's start (a family without series is valid OpenMetrics; the library
+/// skips one by default).
+#[derive(Clone, Debug)]
+struct Always<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Always<M> {
+    fn encode(&self, encoder: MetricEncoder) -> std::fmt::Result {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
 
 fn seconds_histogram() -> Histogram {
     // 5 ms .. ~3 h
@@ -128,66 +151,82 @@ impl Default for Metrics {
             handles: HashMap::new(),
             registry: Registry::default(),
         };
-        registry.register("gpuflow_jobs_submitted", "Jobs accepted", m.jobs_submitted.clone());
+        registry.register("gpuflow_jobs_submitted", "Jobs accepted", Always(m.jobs_submitted.clone()));
         registry.register(
             "gpuflow_fenced_writes",
             "Agent mode: writes refused because the claim's lease had expired (a stale agent)",
-            m.fenced_writes.clone(),
+            Always(m.fenced_writes.clone()),
         );
         registry.register(
             "gpuflow_leases_expired",
             "Agent mode: expired leases this agent re-queued, whichever agent held them",
-            m.leases_expired.clone(),
+            Always(m.leases_expired.clone()),
         );
         registry.register(
             "gpuflow_jobs_finished",
             "Jobs that reached a final state, by state",
-            m.jobs_finished.clone(),
+            Always(m.jobs_finished.clone()),
         );
-        registry.register("gpuflow_queue_depth", "Stages waiting for resources", m.queue_depth.clone());
-        registry.register("gpuflow_queue_wait_seconds", "Time a stage waited for its resources", m.queue_wait.clone());
-        registry.register("gpuflow_running_tasks", "Attempts running now", m.running.clone());
-        registry.register("gpuflow_task_duration_seconds", "Attempt duration, by outcome", m.task_duration.clone());
+        registry.register("gpuflow_queue_depth", "Stages waiting for resources", Always(m.queue_depth.clone()));
+        registry.register(
+            "gpuflow_queue_wait_seconds",
+            "Time a stage waited for its resources",
+            Always(m.queue_wait.clone()),
+        );
+        registry.register("gpuflow_running_tasks", "Attempts running now", Always(m.running.clone()));
+        registry.register(
+            "gpuflow_task_duration_seconds",
+            "Attempt duration, by outcome",
+            Always(m.task_duration.clone()),
+        );
         registry.register(
             "gpuflow_lease_hold_seconds",
             "How long leases were held, by resource kind",
-            m.lease_hold.clone(),
+            Always(m.lease_hold.clone()),
         );
-        registry.register("gpuflow_retries", "Attempts that ended in a retry", m.retries.clone());
-        registry.register("nv_gpu_utilization", "GPU utilisation (0..1)", m.gpu_utilization.clone());
+        registry.register("gpuflow_retries", "Attempts that ended in a retry", Always(m.retries.clone()));
+        registry.register("nv_gpu_utilization_ratio", "GPU utilisation (0..1)", Always(m.gpu_utilization.clone()));
         registry.register(
             "nv_gpu_memory_used_bytes",
             "GPU memory used, as the device reports it",
-            m.gpu_memory_used.clone(),
+            Always(m.gpu_memory_used.clone()),
         );
-        registry.register("nv_gpu_memory_total_bytes", "GPU memory", m.gpu_memory_total.clone());
+        registry.register("nv_gpu_memory_total_bytes", "GPU memory", Always(m.gpu_memory_total.clone()));
         registry.register(
             "gpuflow_gpu_memory_leased_bytes",
             "GPU memory leased by gpuflow",
-            m.gpu_memory_leased.clone(),
+            Always(m.gpu_memory_leased.clone()),
         );
-        registry.register("gpuflow_pool_instances", "Worker-pool instances, by state", m.pool_instances.clone());
-        registry.register("gpuflow_findings_open", "Open diagnosis findings, by kind", m.findings_open.clone());
-        registry.register("gpuflow_findings_opened", "Diagnosis findings opened, by kind", m.findings_opened.clone());
+        registry.register(
+            "gpuflow_pool_instances",
+            "Worker-pool instances, by state",
+            Always(m.pool_instances.clone()),
+        );
+        registry.register("gpuflow_findings_open", "Open diagnosis findings, by kind", Always(m.findings_open.clone()));
+        registry.register(
+            "gpuflow_findings_opened",
+            "Diagnosis findings opened, by kind",
+            Always(m.findings_opened.clone()),
+        );
         registry.register(
             "gpuflow_inference_count",
             "Worker tasks sent to pool instances (each task of a batch counts)",
-            m.inference_count.clone(),
+            Always(m.inference_count.clone()),
         );
         registry.register(
             "gpuflow_inference_exec_count",
             "Batches sent to pool instances (a single task is a batch of one)",
-            m.inference_exec_count.clone(),
+            Always(m.inference_exec_count.clone()),
         );
         registry.register(
             "gpuflow_inference_batch_size",
             "Tasks per batch sent to a pool instance",
-            m.batch_size.clone(),
+            Always(m.batch_size.clone()),
         );
         registry.register(
             "gpuflow_inference_queue_duration_seconds",
             "Time a worker task waited from ready to sent to an instance (queue and batch forming)",
-            m.queue_duration.clone(),
+            Always(m.queue_duration.clone()),
         );
         Metrics { registry, ..m }
     }
@@ -296,13 +335,8 @@ impl Metrics {
                 })
                 .inc();
         }
-        let kinds = [
-            ("gpu", needs.gpus > 0),
-            ("gpu_memory", needs.gpu_memory > 0),
-            ("cpu", needs.cpu > 0),
-            ("counter", !needs.counters.is_empty()),
-        ];
-        for (kind, held) in kinds {
+        let held = [needs.gpus > 0, needs.gpu_memory > 0, needs.cpu > 0, !needs.counters.is_empty()];
+        for (kind, held) in LEASE_KINDS.into_iter().zip(held) {
             if held {
                 self.lease_hold.get_or_create(&labels(&[("resource", kind)])).observe(secs);
             }
@@ -315,16 +349,36 @@ impl Metrics {
 }
 
 impl<S: Store> Runtime<S> {
-    /// Refreshes the gauges from the loop's state and renders the text format.
+    /// Refreshes the gauges from the loop's state and renders the text format. Every series
+    /// whose labels the configuration already names is there from the start, at 0, so a
+    /// query never has to tell "nothing yet" from "no such series".
     pub(super) fn metrics_text(&self) -> String {
         let m = &self.metrics;
         m.queue_depth.clear();
+        m.running.clear();
+        for (name, def) in &self.config.pipelines {
+            let _ = m.jobs_submitted.get_or_create_owned(&labels(&[("pipeline", name)]));
+            for state in FINAL_STATES {
+                let _ = m.jobs_finished.get_or_create_owned(&labels(&[("pipeline", name), ("state", state)]));
+            }
+            for stage in &def.core.stages {
+                let by_stage = labels(&[("pipeline", name), ("stage", &stage.name)]);
+                m.queue_depth.get_or_create(&by_stage).set(0);
+                m.running.get_or_create(&by_stage).set(0);
+                let _ = m.retries.get_or_create_owned(&by_stage);
+            }
+        }
+        for kind in LEASE_KINDS {
+            let _ = m.lease_hold.get_or_create_owned(&labels(&[("resource", kind)]));
+        }
+        for kind in gpuflow_core::diagnosis::FindingKind::ALL {
+            let _ = m.findings_opened.get_or_create_owned(&labels(&[("kind", kind.as_str())]));
+        }
         for w in self.state.waiting() {
             m.queue_depth
                 .get_or_create(&labels(&[("pipeline", &w.pipeline.name), ("stage", &w.pipeline.stages[w.stage].name)]))
                 .inc();
         }
-        m.running.clear();
         for l in self.state.leases() {
             m.running
                 .get_or_create(&labels(&[("pipeline", &l.pipeline.name), ("stage", &l.pipeline.stages[l.stage].name)]))

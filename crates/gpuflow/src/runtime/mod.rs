@@ -39,7 +39,7 @@ pub use commands::{
     SubmitRequest, Submitted, WaitingView,
 };
 pub use journal::{EngineEvent, Journal, LeaseInterval, PoolTransition, Published};
-pub use pools::{InstanceView, PoolView};
+pub use pools::{CRASH_LOOP, InstanceView, PoolView};
 pub use progress::{ProgressBoard, StageProgress};
 pub use watchdog::OpenFinding;
 

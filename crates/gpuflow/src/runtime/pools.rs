@@ -48,7 +48,7 @@ pub const FEATURE_JOB_DIR_ON_DEMAND: &str = "job_dir_on_demand";
 /// each of its tasks with its own `result` or `error`.
 pub const FEATURE_BATCH: &str = "batch";
 /// Consecutive failures after which a pool instance is reported as crash-looping.
-const CRASH_LOOP: u32 = 5;
+pub const CRASH_LOOP: u32 = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InstanceState {
@@ -310,6 +310,8 @@ pub struct InstanceView {
     pub info: Option<Value>,
     /// The latest progress of the task it runs.
     pub progress: Option<StageProgress>,
+    /// Its standing lease, for saying who holds what a waiting stage needs.
+    pub grant: Option<Grant>,
 }
 
 #[derive(Clone, Debug)]
@@ -1241,6 +1243,7 @@ impl<S: Store> Runtime<S> {
                         last_error: i.last_error.clone(),
                         info: i.info.clone(),
                         progress: i.head().and_then(|h| self.journal.progress().get(&h.key)),
+                        grant: i.grant.clone(),
                     })
                     .collect(),
             })

@@ -181,11 +181,136 @@ async fn openapi_spec_covers_every_route() {
     }
     assert!(spec["components"]["schemas"]["SubmitJobRequest"].is_object());
     let batch = &spec["paths"]["/v1/jobs/batch"]["post"]["responses"];
-    for status in ["201", "400", "401", "413", "503"] {
+    for status in ["201", "400", "413", "503", "507"] {
         assert!(batch[status].is_object(), "POST /v1/jobs/batch documents no {status}: {batch}");
     }
     assert!(spec["components"]["schemas"]["SubmitBatchRequest"].is_object());
     assert!(spec["components"]["schemas"]["BatchEntry"].is_object());
+    check_structure(&spec);
+}
+
+/// Every operation of the document, as `(path, method, operation)`.
+fn operations(spec: &Value) -> Vec<(String, String, Value)> {
+    let mut out = Vec::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            out.push((path.clone(), method.clone(), op.clone()));
+        }
+    }
+    out
+}
+
+/// What holds whether or not auth is on: path parameters match their templates, query
+/// parameters are `in: query`, every response is described, ids are UUIDs.
+fn check_structure(spec: &Value) {
+    for (path, method, op) in operations(spec) {
+        let template: Vec<&str> =
+            path.split('/').filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}'))).collect();
+        let params = op["parameters"].as_array().cloned().unwrap_or_default();
+        let in_path: Vec<&str> =
+            params.iter().filter(|p| p["in"] == "path").map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(in_path, template, "{method} {path}: path parameters must be exactly those of its template");
+        for p in &params {
+            assert!(["path", "query"].contains(&p["in"].as_str().unwrap()), "{method} {path}: {p}");
+            if p["in"] == "path" {
+                assert_eq!(p["required"], true, "{method} {path}: {p}");
+            }
+            if p["name"] == "id" {
+                assert_eq!(p["schema"]["format"], "uuid", "{method} {path}: a job id is a UUID: {p}");
+            }
+        }
+        let responses = op["responses"].as_object().unwrap();
+        for (status, response) in responses {
+            let description = response["description"].as_str().unwrap_or("");
+            assert!(!description.trim().is_empty(), "{method} {path} {status} has no description");
+        }
+        let statuses: Vec<&str> = responses.keys().map(String::as_str).collect();
+        if path != "/healthz" {
+            for status in ["500", "503"] {
+                assert!(statuses.contains(&status), "{method} {path} documents no {status}: {statuses:?}");
+            }
+        }
+        if op["requestBody"].is_object() {
+            for status in ["400", "413"] {
+                assert!(statuses.contains(&status), "{method} {path} documents no {status}: {statuses:?}");
+            }
+        }
+    }
+    let query: Vec<String> = operations(spec)
+        .iter()
+        .flat_map(|(_, _, op)| op["parameters"].as_array().cloned().unwrap_or_default())
+        .filter(|p| p["in"] == "query")
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    for name in ["limit", "cursor", "state", "stream", "tail_bytes", "window_s", "access_token", "minutes"] {
+        assert!(query.contains(&name.to_string()), "`{name}` is not a query parameter: {query:?}");
+    }
+    let responses = |path: &str, method: &str| spec["paths"][path][method]["responses"].clone();
+    for status in ["400", "404", "409"] {
+        assert!(responses("/v1/jobs/{id}/cancel", "post")[status].is_object(), "cancel documents no {status}");
+    }
+    for path in ["/v1/jobs", "/v1/workflows", "/v1/jobs/batch"] {
+        assert!(responses(path, "post")["507"].is_object(), "{path} documents no 507");
+    }
+    let metrics = responses("/metrics", "get");
+    assert!(metrics["200"]["content"]["application/openmetrics-text"].is_object(), "{metrics}");
+    let schemas = &spec["components"]["schemas"];
+    let input = &schemas["SubmitJobRequest"]["properties"]["input"];
+    assert_eq!(input["type"], json!(["object", "null"]), "`input: null` is accepted: {input}");
+    let chain = &schemas["WorkflowConfig"]["properties"]["workflow_chain"];
+    assert_eq!((chain["minItems"].as_u64(), &chain["uniqueItems"]), (Some(1), &json!(true)), "{chain}");
+    assert_eq!(schemas["JobView"]["properties"]["id"]["format"], "uuid");
+}
+
+#[tokio::test]
+async fn the_spec_documents_bearer_auth_and_401_only_when_a_token_is_set_and_says_what_the_server_does() {
+    let engine = Engine::start(&format!("{PIPELINES}workflows:\n  stages:\n    a: {{command: [\"true\"]}}\n")).await;
+    let (_, spec) = engine.get("/openapi.json").await;
+    assert!(spec.get("security").is_none(), "no auth configured, none documented: {}", spec["security"]);
+    assert!(spec["components"]["securitySchemes"].get("bearer").is_none());
+    for (path, method, op) in operations(&spec) {
+        assert!(op["responses"].get("401").is_none(), "{method} {path} documents 401 without auth");
+    }
+    // What the document says of bodies is what the server does.
+    let (status, body) = engine.post("/v1/jobs", json!({"pipeline": "typed", "input": null})).await;
+    assert_eq!(status, 400, "`typed` requires n: {body}");
+    let (status, body) = engine.post("/v1/jobs", json!({"pipeline": "slow", "input": null})).await;
+    assert_eq!(status, 201, "`input: null` is `{{}}`: {body}");
+    let (status, body) =
+        engine.post("/v1/workflows", json!({"video_path": "x", "workflow_config": {"workflow_chain": []}})).await;
+    assert_eq!(status, 400, "an empty chain is refused: {body}");
+    let (status, _) = engine
+        .post("/v1/workflows", json!({"video_path": "x", "workflow_config": {"workflow_chain": ["a", "a"]}}))
+        .await;
+    assert_eq!(status, 400, "a repeated stage is refused");
+    let (status, body) = engine.post("/v1/jobs/not-a-uuid/cancel", json!({})).await;
+    assert_eq!(status, 400, "{body}");
+    let metrics = engine.http.get(format!("{}/metrics", engine.base)).send().await.unwrap();
+    assert!(metrics.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+
+    let secured = Engine::start(&format!("{PIPELINES}auth: {{token: \"s3cret-token-of-enough-length\"}}\n")).await;
+    let spec: Value = secured
+        .http
+        .get(format!("{}/openapi.json", secured.base))
+        .bearer_auth("s3cret-token-of-enough-length")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    check_structure(&spec);
+    assert_eq!(spec["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(spec["security"], json!([{"bearer": []}]));
+    for (path, method, op) in operations(&spec) {
+        if path == "/healthz" {
+            assert_eq!(op["security"], json!([]), "/healthz is open");
+            assert!(op["responses"].get("401").is_none());
+        } else {
+            let description = op["responses"]["401"]["description"].as_str().unwrap_or("");
+            assert!(description.contains("Bearer"), "{method} {path} documents no 401: {op}");
+        }
+    }
 }
 
 #[tokio::test]

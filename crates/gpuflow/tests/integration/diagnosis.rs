@@ -265,7 +265,7 @@ pipelines:
         r#"gpuflow_retries_total{pipeline="p",stage="flaky"} 1"#,
         r#"gpuflow_queue_wait_seconds_count{pipeline="p",stage="prep"} 1"#,
         r#"gpuflow_lease_hold_seconds_count{resource="gpu_memory"} 2"#,
-        r#"nv_gpu_utilization{gpu_uuid="0",gpu="0",source="virtual"} 0.37"#,
+        r#"nv_gpu_utilization_ratio{gpu_uuid="0",gpu="0",source="virtual"} 0.37"#,
         r#"nv_gpu_memory_total_bytes{gpu_uuid="0",gpu="0",source="virtual"} 85899345920"#,
         r#"gpuflow_gpu_memory_leased_bytes{gpu_uuid="0",gpu="0",source="virtual"} 4294967296"#,
         r#"gpuflow_pool_instances{pool="model",state="idle"} 1"#,

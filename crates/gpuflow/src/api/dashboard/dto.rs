@@ -71,6 +71,7 @@ pub struct EventView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// The bearer token, for clients that cannot set headers (the browser's EventSource).
@@ -79,9 +80,11 @@ pub struct EventsQuery {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TimelineQuery {
     /// How far back, in seconds: 10 to 3600, default 600.
+    #[param(minimum = 10, maximum = 3600)]
     pub window_s: Option<u64>,
 }
 
@@ -134,13 +137,16 @@ pub struct TimelineView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
     /// stdout or stderr (default).
+    #[param(pattern = "^(stdout|stderr)$")]
     pub stream: Option<String>,
     /// Default: the stage's latest attempt.
     pub attempt: Option<u32>,
     /// 1 to 262144, default 16384: how many bytes from the end.
+    #[param(minimum = 1, maximum = 262144)]
     pub tail_bytes: Option<u64>,
 }
 
@@ -160,9 +166,11 @@ pub struct LogView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OverviewQuery {
     /// Throughput window in minutes: 1 to 120, default 15.
+    #[param(minimum = 1, maximum = 120)]
     pub minutes: Option<u32>,
 }
 
@@ -195,9 +203,11 @@ pub struct OverviewView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PoolHistoryQuery {
     /// 1 to 500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 

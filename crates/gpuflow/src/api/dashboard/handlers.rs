@@ -33,7 +33,7 @@ const LOG_TAIL_MAX: u64 = 256 * 1024;
 #[utoipa::path(get, path = "/v1/events", params(EventsQuery),
     responses(
         (status = 200, description = "Server-sent events; each `data:` is an EventView", content_type = "text/event-stream", body = EventView),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, description = "An unknown query parameter", body = ErrorBody),
     ))]
 pub async fn events(
     State(app): State<AppState>,
@@ -135,7 +135,8 @@ fn event_view(p: &Published) -> EventView {
 /// The GPU timeline: per device, who held it and when (recent lease intervals), with its
 /// utilisation and memory samples.
 #[utoipa::path(get, path = "/v1/gpus/timeline", params(TimelineQuery),
-    responses((status = 200, body = TimelineView), (status = 400, body = ErrorBody)))]
+    responses((status = 200, description = "Per device: lease intervals and readings", body = TimelineView),
+        (status = 400, description = "`window_s` out of range, or an unknown parameter", body = ErrorBody)))]
 pub async fn gpu_timeline(
     State(app): State<AppState>,
     query: Result<Query<TimelineQuery>, QueryRejection>,
@@ -197,8 +198,10 @@ pub async fn gpu_timeline(
 
 /// The tail of a stage attempt's stdout or stderr log.
 #[utoipa::path(get, path = "/v1/jobs/{id}/stages/{stage}/log",
-    params(("id" = String, Path, description = "Job id"), ("stage" = String, Path, description = "Stage name"), LogQuery),
-    responses((status = 200, body = LogView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = uuid::Uuid, Path, description = "Job id"), ("stage" = String, Path, description = "Stage name"), LogQuery),
+    responses((status = 200, description = "The tail of the log", body = LogView),
+        (status = 400, description = "The id is not a UUID, an unknown stream, `tail_bytes` out of range, or an unknown parameter", body = ErrorBody),
+        (status = 404, description = "No such job, stage, attempt or log", body = ErrorBody)))]
 pub async fn stage_log(
     State(app): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -310,7 +313,8 @@ async fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<(u64, St
 
 /// Per pipeline: jobs by state, and jobs finished per minute over the last minutes.
 #[utoipa::path(get, path = "/v1/overview", params(OverviewQuery),
-    responses((status = 200, body = OverviewView), (status = 400, body = ErrorBody)))]
+    responses((status = 200, description = "Jobs by state and throughput per pipeline", body = OverviewView),
+        (status = 400, description = "`minutes` out of range, or an unknown parameter", body = ErrorBody)))]
 pub async fn overview(
     State(app): State<AppState>,
     query: Result<Query<OverviewQuery>, QueryRejection>,
@@ -361,7 +365,8 @@ fn empty_stats(name: &str, throughput: Vec<ThroughputView>) -> PipelineStatsView
 /// Pool instance state changes (starts, failures, restarts), newest first. Kept in memory
 /// since the engine started.
 #[utoipa::path(get, path = "/v1/pools/history", params(PoolHistoryQuery),
-    responses((status = 200, body = PoolHistoryView), (status = 400, body = ErrorBody)))]
+    responses((status = 200, description = "Pool instance state changes, newest first", body = PoolHistoryView),
+        (status = 400, description = "`limit` out of range, or an unknown parameter", body = ErrorBody)))]
 pub async fn pool_history(
     State(app): State<AppState>,
     query: Result<Query<PoolHistoryQuery>, QueryRejection>,

@@ -2,7 +2,7 @@
 // { title, load, render, wants(event) [, mount, tick, apply] }.
 
 import { get } from './api.js';
-import { badge, fill, bytes, clock, duration, empty, h, jobLink, plural, s, shortId, when } from './format.js';
+import { badge, fill, clock, duration, empty, h, jobLink, s, shortId, when } from './format.js';
 
 // ---------------------------------------------------------------- overview
 
@@ -98,51 +98,6 @@ export const overviewView = {
 
 // ---------------------------------------------------------------- waiting queue
 
-function holders(leases, pick) {
-  const list = leases.filter(pick).map((l) => `${shortId(l.job)}/${l.stage}`);
-  if (!list.length) return '';
-  return list.length > 3 ? `${list.slice(0, 3).join(', ')} and ${list.length - 3} more` : list.join(', ');
-}
-
-// What an entry waits for, in words, from the capacity and the leases held now.
-export function waitingFor(w, res, position) {
-  const n = w.needs;
-  const parts = [];
-  if (n.gpu > 0) {
-    const free = res.gpus.filter((g) => !g.exclusive && g.memory_leased_bytes === 0 && g.memory_foreign_bytes === 0);
-    if (free.length < n.gpu) {
-      const by = holders(res.leases, (l) => l.gpus.length > 0 || l.gpu_memory);
-      const what = free.length === 0 ? (res.gpus.length === 1 ? 'the only one is held' : 'all held') : `only ${free.length} free`;
-      parts.push(`needs ${plural(n.gpu, 'GPU')}, ${what}${by ? ` by ${by}` : ''}`);
-    }
-  }
-  if (n.gpu_memory_bytes > 0) {
-    const best = Math.max(0, ...res.gpus.filter((g) => !g.exclusive)
-      .map((g) => g.memory_bytes - g.memory_leased_bytes - g.memory_foreign_bytes));
-    if (best < n.gpu_memory_bytes) {
-      const by = holders(res.leases, (l) => l.gpus.length > 0 || l.gpu_memory);
-      parts.push(`needs ${bytes(n.gpu_memory_bytes)} of GPU memory, at most ${bytes(best)} free${by ? `; held by ${by}` : ''}`);
-    }
-  }
-  if (n.cpu > 0 && res.cpu.capacity - res.cpu.leased < n.cpu) {
-    const by = holders(res.leases, (l) => l.cpu > 0);
-    parts.push(`needs ${plural(n.cpu, 'CPU slot')}, ${res.cpu.leased} of ${res.cpu.capacity} held${by ? ` by ${by}` : ''}`);
-  }
-  for (const [name, want] of Object.entries(n.counters)) {
-    const c = res.counters[name];
-    if (!c || c.capacity - c.leased >= want) continue;
-    if (name.startsWith('pool:')) {
-      const pool = name.slice(5);
-      const by = holders(res.leases, (l) => (l.counters[name] || 0) > 0);
-      parts.push(`needs an idle instance of pool ${pool}${by ? `, busy with ${by}` : ''}`);
-    } else {
-      parts.push(`needs ${want} ${name}, ${c.leased} of ${c.capacity} held`);
-    }
-  }
-  if (parts.length) return parts.join('; ');
-  return position === 0 ? 'its resources are free: starting' : `resources free; behind ${plural(position, 'earlier entry')}`.replace('entrys', 'entries');
-}
-
 export const queueView = {
   title: () => 'Waiting queue',
   load: () => get('/v1/resources').then((res) => ({ res, loadedAt: Date.now() })),
@@ -155,7 +110,8 @@ export const queueView = {
       h('td', {}, w.stage),
       h('td', { class: 'num' }, w.priority),
       h('td', { class: 'num waited', dataset: { waited: w.waited_ms } }, duration(w.waited_ms)),
-      h('td', { class: 'reason' }, waitingFor(w, res, i))));
+      // The engine words what it waits for (GET /v1/resources: waiting_for).
+      h('td', { class: 'reason' }, w.waiting_for.sentence)));
     fill(root,
       h('h2', {}, 'Waiting queue ', h('span', { class: 'muted' }, '(in the order they will be served)')),
       rows.length
