@@ -3,6 +3,7 @@
 //! Parsing is strict: unknown keys are errors, and every error names the file, line, column,
 //! the field and what is allowed. See `docs/pipelines.md`.
 
+pub mod shape;
 pub mod template;
 pub mod units;
 
@@ -59,6 +60,9 @@ impl fmt::Display for ConfigErrors {
             }
             write!(f, "{e}")?;
         }
+        if let [first, _, ..] = self.0.as_slice() {
+            write!(f, "\n{} errors in {}", self.0.len(), first.file)?;
+        }
         Ok(())
     }
 }
@@ -108,7 +112,7 @@ struct WorkflowsFile {
 #[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct LibraryStageFile {
-    command: Option<Vec<String>>,
+    command: Option<Vec<Spanned<String>>>,
     worker: Option<String>,
     batch_key: Option<String>,
     needs: Option<NeedsFile>,
@@ -351,7 +355,7 @@ pub enum InputKind {
 #[serde(deny_unknown_fields)]
 struct StageFile {
     name: String,
-    command: Option<Vec<String>>,
+    command: Option<Vec<Spanned<String>>>,
     worker: Option<String>,
     /// Tasks share a batch only when this template renders equal for them.
     batch_key: Option<String>,
@@ -557,6 +561,8 @@ pub struct Config {
     pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
     pub workflows: Option<WorkflowLibrary>,
     pub diagnosis: Diagnosis,
+    /// What `check` reports without refusing the file: commands not found on PATH.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// The running configuration, replaced as a whole by a reload. Readers take a snapshot.
@@ -643,7 +649,7 @@ impl WorkflowLibrary {
         }
         let file = PipelineFile { max_queued: Some(self.max_queued), inputs: BTreeMap::new(), stages };
         let name = format!("{WORKFLOW_PREFIX}{}", chain.join(","));
-        let mut errors = Errors { file: self.file_label.clone(), list: Vec::new() };
+        let mut errors = Errors::new(&self.file_label);
         let def = compile_pipeline(
             &name,
             &file,
@@ -688,9 +694,25 @@ impl Config {
 struct Errors {
     file: String,
     list: Vec<ConfigError>,
+    /// Problems that do not stop the file from loading (a command not found on PATH).
+    warnings: Vec<ConfigError>,
 }
 
 impl Errors {
+    fn new(file: &str) -> Errors {
+        Errors { file: file.to_string(), list: Vec::new(), warnings: Vec::new() }
+    }
+
+    fn warn(&mut self, loc: &serde_saphyr::Location, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(ConfigError {
+            file: self.file.clone(),
+            line: loc.line(),
+            column: loc.column(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
     fn at(&mut self, loc: &serde_saphyr::Location, field: impl Into<String>, message: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.clone(),
@@ -721,18 +743,8 @@ impl Config {
 
     /// Parses and checks a whole file. `label` names it in errors.
     pub fn parse(text: &str, label: &str, probe: &dyn GpuProbe) -> Result<Config, ConfigErrors> {
-        let file: FileConfig = serde_saphyr::from_str(text).map_err(|e| {
-            let loc = e.location();
-            // The crate renders the message with a snippet of the offending line.
-            ConfigErrors(vec![ConfigError {
-                file: label.to_string(),
-                line: loc.map(|l| l.line()).unwrap_or(0),
-                column: loc.map(|l| l.column()).unwrap_or(0),
-                field: String::new(),
-                message: strip_position(&e.to_string()).to_string(),
-            }])
-        })?;
-        let mut errors = Errors { file: label.to_string(), list: Vec::new() };
+        let file: FileConfig = shape::read(text, label).map_err(ConfigErrors)?;
+        let mut errors = Errors::new(label);
         let start = serde_saphyr::Location::UNKNOWN;
 
         let listen = match &file.listen {
@@ -952,6 +964,7 @@ impl Config {
             workers,
             pipelines,
             workflows,
+            warnings: errors.warnings,
             diagnosis: {
                 let d = &file.diagnosis;
                 let defaults = gpuflow_core::diagnosis::Thresholds::default();
@@ -1015,6 +1028,8 @@ fn compile_workers(
         }
         if w.command.is_empty() || w.command[0].is_empty() {
             errors.at(at, field("command"), "must name a program to run, e.g. `[python3, worker.py]`");
+        } else if let Some(missing) = not_on_path(&w.command[0], w.env.get("PATH").map(String::as_str)) {
+            errors.warn(at, field("command"), format!("pool `{name}`: {missing}"));
         }
         let needs = match &w.needs {
             None => ResourceRequest::default(),
@@ -1124,6 +1139,56 @@ fn strip_position(rendered: &str) -> &str {
         .unwrap_or(rendered)
 }
 
+/// A path through `after` edges that comes back to where it started, run order first
+/// (`[a, b, c, a]`: b runs after a, c after b, a after c), reached from `from`.
+fn find_cycle(after: &[Vec<usize>], from: usize) -> Option<Vec<usize>> {
+    // Walk predecessors depth first; a stage met again on the current path closes the cycle.
+    fn walk(after: &[Vec<usize>], at: usize, path: &mut Vec<usize>, done: &mut [bool]) -> Option<Vec<usize>> {
+        if let Some(i) = path.iter().position(|&p| p == at) {
+            let mut cycle: Vec<usize> = path[i..].to_vec();
+            cycle.push(at);
+            // The path follows "runs after" backwards; show it in run order.
+            cycle.reverse();
+            return Some(cycle);
+        }
+        if done[at] {
+            return None;
+        }
+        path.push(at);
+        for &before in &after[at] {
+            if let Some(cycle) = walk(after, before, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done[at] = true;
+        None
+    }
+    let mut done = vec![false; after.len()];
+    walk(after, from, &mut Vec::new(), &mut done)
+        .or_else(|| (0..after.len()).find_map(|s| walk(after, s, &mut Vec::new(), &mut done)))
+}
+
+/// Why `program` (a stage's argv[0]) would not be found, when it is a bare name that no
+/// directory of PATH holds as an executable. Paths, templates and built-ins are not looked up.
+fn not_on_path(program: &str, stage_path: Option<&str>) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') || program.contains('{') || program == crate::runtime::NOOP_COMMAND {
+        return None;
+    }
+    let path = stage_path.map(std::ffi::OsString::from).or_else(|| std::env::var_os("PATH")).unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(program)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    });
+    (!found).then(|| {
+        let source = if stage_path.is_some() { "the stage's `env.PATH`" } else { "PATH" };
+        format!(
+            "command `{program}` is not found on {source} ({}); install it, or give its full path (it is looked up again when the stage runs, with the engine's PATH)",
+            path.to_string_lossy()
+        )
+    })
+}
+
 fn is_identifier(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
@@ -1174,7 +1239,12 @@ fn compile_pipeline(
                         errors.at(
                             &a.referenced,
                             field("after"),
-                            format!("unknown stage `{}`; stages of this pipeline: {}", a.value, known.join(", ")),
+                            format!(
+                                "unknown stage `{}`; stages of this pipeline: {}{}",
+                                a.value,
+                                known.join(", "),
+                                shape::suggestion(&a.value, known.iter().copied())
+                            ),
                         );
                         None
                     }
@@ -1266,14 +1336,22 @@ fn compile_pipeline(
     if errors.list.len() > before {
         return None;
     }
+    let after_lists: Vec<Vec<usize>> = specs.iter().map(|s| s.after.clone()).collect();
     let pipeline = match Pipeline::new(name, specs) {
         Ok(p) => p,
         Err(e) => {
             let (at, msg) = match e {
-                PipelineError::Cycle { stage } => (
-                    &file.stages[stage].referenced,
-                    format!("`after` edges form a cycle through stage `{}`", file.stages[stage].value.name),
-                ),
+                PipelineError::Cycle { stage } => {
+                    let cycle = find_cycle(&after_lists, stage).unwrap_or_else(|| vec![stage, stage]);
+                    let names: Vec<&str> = cycle.iter().map(|&i| file.stages[i].value.name.as_str()).collect();
+                    (
+                        &file.stages[cycle[0]].referenced,
+                        format!(
+                            "`after` edges form a cycle: {} (each runs after the one before it), so none of them can start; remove one of these `after` entries",
+                            names.join(" -> ")
+                        ),
+                    )
+                }
                 other => (loc, other.to_string()),
             };
             errors.at(at, format!("pipelines.{name}.stages"), msg);
@@ -1341,9 +1419,17 @@ fn compile_pipeline(
                 continue;
             }
         };
-        if command.is_empty() || command[0].is_empty() {
+        if command.is_empty() || command[0].value.is_empty() {
             errors.at(&spanned.referenced, field, "must name a program to run, e.g. `[python3, infer.py]`");
             continue;
+        }
+        let stage_env_path = stage.env.get("PATH").map(String::as_str);
+        if let Some(missing) = not_on_path(&command[0].value, stage_env_path) {
+            errors.warn(
+                &command[0].referenced,
+                format!("{field}[0]"),
+                format!("stage `{}`: {missing}", stage.name),
+            );
         }
         let lookup = |stage_name: &str| -> Result<usize, String> {
             match positions.get(stage_name) {
@@ -1354,12 +1440,18 @@ fn compile_pipeline(
                 )),
                 // Checking a workflow-library stage alone: it may name any library stage.
                 None if lenient_refs.iter().any(|r| r == stage_name) => Ok(0),
-                None => Err(format!("unknown stage `{stage_name}`")),
+                None => Err(format!(
+                    "unknown stage `{stage_name}`; stages of this pipeline: {}{}",
+                    positions.keys().copied().collect::<Vec<_>>().join(", "),
+                    shape::suggestion(stage_name, positions.keys().copied())
+                )),
             }
         };
         let mut templates = Vec::new();
-        for arg in command {
-            match Template::parse(arg, &lookup) {
+        // Template errors point at the argument that holds the template, not at the stage.
+        for (position, arg) in command.iter().enumerate() {
+            let arg_field = format!("{field}[{position}]");
+            match Template::parse(&arg.value, &lookup) {
                 Ok(t) => {
                     for r in t.references() {
                         if let template::Reference::Input(path) = r
@@ -1368,20 +1460,21 @@ fn compile_pipeline(
                         {
                             let declared: Vec<&str> = inputs.keys().map(String::as_str).collect();
                             errors.at(
-                                &spanned.referenced,
-                                field.clone(),
+                                &arg.referenced,
+                                arg_field.clone(),
                                 format!(
-                                    "`{{input.{}}}`: input `{}` is not declared; declared inputs: {}",
+                                    "`{{input.{}}}`: input `{}` is not declared; declared inputs: {}{}",
                                     path.join("."),
                                     path[0],
-                                    declared.join(", ")
+                                    declared.join(", "),
+                                    shape::suggestion(&path[0], declared.iter().copied())
                                 ),
                             );
                         }
                     }
                     templates.push(t);
                 }
-                Err(e) => errors.at(&spanned.referenced, field.clone(), e),
+                Err(e) => errors.at(&arg.referenced, arg_field, e),
             }
         }
         stages.push(StageExec::Command {
