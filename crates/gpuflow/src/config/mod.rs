@@ -666,7 +666,10 @@ impl WorkflowLibrary {
             Some(def) if errors.list.is_empty() => {
                 Ok(Arc::new(PipelineDef { path_inputs: vec![self.input_key.clone()], ..def }))
             }
-            _ => Err(format!("workflow_config.workflow_chain: this chain cannot run: {}", ConfigErrors(errors.list))),
+            _ => {
+                let reasons: Vec<String> = errors.list.iter().map(ToString::to_string).collect();
+                Err(format!("workflow_config.workflow_chain: this chain cannot run: {}", reasons.join("; ")))
+            }
         }
     }
 }
@@ -934,6 +937,8 @@ impl Config {
         }
 
         if !errors.list.is_empty() {
+            // In file order; errors with no position (whole-file checks) last.
+            errors.list.sort_by_key(|e| (e.line == 0, e.line, e.column));
             return Err(ConfigErrors(errors.list));
         }
         Ok(Config {
@@ -1029,7 +1034,7 @@ fn compile_workers(
         if w.command.is_empty() || w.command[0].is_empty() {
             errors.at(at, field("command"), "must name a program to run, e.g. `[python3, worker.py]`");
         } else if let Some(missing) = not_on_path(&w.command[0], w.env.get("PATH").map(String::as_str)) {
-            errors.warn(at, field("command"), format!("pool `{name}`: {missing}"));
+            errors.warn(at, field("command"), missing);
         }
         let needs = match &w.needs {
             None => ResourceRequest::default(),
@@ -1183,8 +1188,7 @@ fn not_on_path(program: &str, stage_path: Option<&str>) -> Option<String> {
     (!found).then(|| {
         let source = if stage_path.is_some() { "the stage's `env.PATH`" } else { "PATH" };
         format!(
-            "command `{program}` is not found on {source} ({}); install it, or give its full path (it is looked up again when the stage runs, with the engine's PATH)",
-            path.to_string_lossy()
+            "command `{program}` is not found in any directory of {source}; install it, or give its full path (the engine looks it up again, on its own PATH, when the stage runs)"
         )
     })
 }
@@ -1333,12 +1337,14 @@ fn compile_pipeline(
             expected_ms: stage.expected.map(|m| m.0),
         });
     }
-    if errors.list.len() > before {
-        return None;
-    }
+    // Stage errors above do not stop the checks below: each reports what it finds, so one run
+    // of `check` lists every independent error.
+    let stage_errors = errors.list.len() > before;
     let after_lists: Vec<Vec<usize>> = specs.iter().map(|s| s.after.clone()).collect();
     let pipeline = match Pipeline::new(name, specs) {
-        Ok(p) => p,
+        Ok(p) => Some(p),
+        // Already reported, per stage.
+        Err(PipelineError::UnknownPredecessor { .. }) if stage_errors => None,
         Err(e) => {
             let (at, msg) = match e {
                 PipelineError::Cycle { stage } => {
@@ -1355,7 +1361,7 @@ fn compile_pipeline(
                 other => (loc, other.to_string()),
             };
             errors.at(at, format!("pipelines.{name}.stages"), msg);
-            return None;
+            None
         }
     };
 
@@ -1425,15 +1431,12 @@ fn compile_pipeline(
         }
         let stage_env_path = stage.env.get("PATH").map(String::as_str);
         if let Some(missing) = not_on_path(&command[0].value, stage_env_path) {
-            errors.warn(
-                &command[0].referenced,
-                format!("{field}[0]"),
-                format!("stage `{}`: {missing}", stage.name),
-            );
+            errors.warn(&command[0].referenced, format!("{field}[0]"), format!("stage `{}`: {missing}", stage.name));
         }
         let lookup = |stage_name: &str| -> Result<usize, String> {
             match positions.get(stage_name) {
-                Some(p) if pipeline.is_ancestor(*p, i) => Ok(*p),
+                // Without a graph (a cycle), only whether the stage exists is checked.
+                Some(p) if pipeline.as_ref().is_none_or(|g| g.is_ancestor(*p, i)) => Ok(*p),
                 Some(_) => Err(format!(
                     "stage `{stage_name}` does not run before `{}`; only stages it comes `after` (directly or not) can be referenced",
                     stage.name
@@ -1484,9 +1487,7 @@ fn compile_pipeline(
             gpu_check: stage.gpu_check,
         });
     }
-    if errors.list.len() > before {
-        return None;
-    }
+    let pipeline = pipeline.filter(|_| errors.list.len() == before)?;
     let path_inputs = inputs.iter().filter(|(_, spec)| spec.kind == InputKind::Path).map(|(k, _)| k.clone()).collect();
     Some(PipelineDef {
         core: Arc::new(pipeline),
@@ -1922,5 +1923,176 @@ mod tests {
         assert!(e.message.contains("reads nothing from the input"), "{e}");
         let e = one_error(&batch_file(batching, "command: [true], batch_key: \"{input.model}\""));
         assert!(e.field == field && e.message.contains("only a worker stage is batched"), "{e}");
+    }
+
+    fn errors_of(text: &str) -> ConfigErrors {
+        Config::parse(text, "conf/p.yaml", &NoGpus).unwrap_err()
+    }
+
+    const HEAD: &str = "resources: {gpus: none, cpu: 2}\npipelines:\n  p:\n";
+
+    #[test]
+    fn a_command_written_as_a_string_is_shown_as_a_list() {
+        let errors = errors_of(&format!("{HEAD}    stages:\n      - name: a\n        command: echo hello\n"));
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        let e = &errors.0[0];
+        assert_eq!((e.line, e.column), (6, 18), "{e}");
+        assert!(e.message.contains(r#"write `command: ["echo", "hello"]`"#), "{e}");
+        assert!(e.message.contains("one element per argument"), "{e}");
+        // In a flow mapping too, and for other list keys.
+        let errors = errors_of(&format!(
+            "{HEAD}    stages: [{{name: a, command: [\"true\"], after: b}}, {{name: b, command: [\"true\"]}}]\n"
+        ));
+        assert!(errors.to_string().contains(r#"write `after: ["b"]`"#), "{errors}");
+    }
+
+    #[test]
+    fn unknown_keys_and_values_get_did_you_mean() {
+        let errors = errors_of(&format!(
+            "listn: 127.0.0.1:1\n{HEAD}    stages:\n      - name: a\n        command: [\"true\"]\n        timout: 5s\n        gpu_check: warm\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 3, "{text}");
+        assert!(
+            errors.0[0].message.contains("unknown field `listn`")
+                && errors.0[0].message.contains("did you mean `listen`?"),
+            "{text}"
+        );
+        assert!(errors.0[1].message.contains("did you mean `timeout`?") && errors.0[1].line == 8, "{text}");
+        assert!(errors.0[2].message.contains("did you mean `warn`?"), "{text}");
+        // Nothing close: no guess.
+        let errors = errors_of(&format!("{HEAD}    stages: [{{name: a, command: [\"true\"], zzzzzz: 1}}]\n"));
+        assert!(!errors.to_string().contains("did you mean"), "{errors}");
+    }
+
+    #[test]
+    fn unknown_stage_names_get_did_you_mean() {
+        let e = one_error(&format!(
+            "{HEAD}    stages:\n      - {{name: detect, command: [\"true\"]}}\n      - {{name: b, command: [\"true\"], after: [detcet]}}\n"
+        ));
+        assert_eq!(e.field, "pipelines.p.stages[1].after");
+        assert!(e.message.contains("unknown stage `detcet`") && e.message.contains("did you mean `detect`?"), "{e}");
+    }
+
+    #[test]
+    fn template_errors_point_at_their_argument_with_did_you_mean() {
+        let errors = errors_of(&format!(
+            "{HEAD}    inputs: {{frames: {{type: integer}}}}\n    stages:\n      - name: extract\n        command: [python3, x.py, \"{{input.frmes}}\"]\n      - name: detect\n        command:\n          - python3\n          - \"{{stages.extrct.boxes}}\"\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 2, "{text}");
+        let input = &errors.0[0];
+        assert_eq!(
+            (input.line, input.column, input.field.as_str()),
+            (7, 34, "pipelines.p.stages[0].command[2]"),
+            "{text}"
+        );
+        assert!(
+            input.message.contains("input `frmes` is not declared") && input.message.contains("did you mean `frames`?"),
+            "{text}"
+        );
+        let stage = &errors.0[1];
+        assert_eq!(
+            (stage.line, stage.column, stage.field.as_str()),
+            (11, 13, "pipelines.p.stages[1].command[1]"),
+            "{text}"
+        );
+        assert!(
+            stage.message.contains("unknown stage `extrct`") && stage.message.contains("did you mean `extract`?"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_cycle_error_names_the_whole_cycle() {
+        let e = one_error(&format!(
+            "{HEAD}    stages:\n      - {{name: start, command: [\"true\"]}}\n      - {{name: a, command: [\"true\"], after: [start, c]}}\n      - {{name: b, command: [\"true\"], after: [a]}}\n      - {{name: c, command: [\"true\"], after: [b]}}\n"
+        ));
+        assert!(e.message.contains("a -> b -> c -> a"), "{e}");
+        assert_eq!(e.line, 6, "{e}");
+        let e = one_error(&format!("{HEAD}    stages: [{{name: a, command: [\"true\"], after: [a]}}]\n"));
+        assert!(e.message.contains("cycle: a -> a"), "{e}");
+    }
+
+    #[test]
+    fn independent_errors_are_all_reported_with_a_count() {
+        // Shape errors: each part with an error is set aside and the rest read again.
+        let errors = errors_of(&format!(
+            "{HEAD}    stages:\n      - name: a\n        command: echo hello\n      - name: b\n        comand: [\"true\"]\n  q:\n    stages: [{{name: x, command: [\"true\"], timeout: 10}}]\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.iter().map(|e| e.line).collect::<Vec<_>>(), vec![6, 8, 10], "{text}");
+        assert!(text.ends_with("3 errors in conf/p.yaml"), "{text}");
+        assert!(text.contains("--> conf/p.yaml:8:9") && !text.contains("<input>"), "{text}");
+        // The snippet shows the file as written, not the copy with parts set aside.
+        assert!(text.contains("7 |       - name: b\n"), "{text}");
+        // Checks on the whole pipeline too: an unknown predecessor does not hide a bad template.
+        let errors = errors_of(&format!(
+            "{HEAD}    stages:\n      - {{name: a, command: [\"true\", \"{{job.idd}}\"]}}\n      - {{name: b, command: [\"true\"], after: [nope]}}\n"
+        ));
+        assert_eq!(errors.0.len(), 2, "{errors}");
+    }
+
+    #[test]
+    fn setting_a_part_aside_reports_no_error_of_its_own() {
+        // `name` is required: setting the bad `name` aside must not add "missing field `name`".
+        let errors = errors_of(&format!(
+            "{HEAD}    stages:\n      - name: [a]\n        command: [\"true\"]\n      - {{name: b, command: [\"true\"], retry: {{max_attempts: x}}}}\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 2, "{text}");
+        assert!(!text.contains("missing field"), "{text}");
+        // A key that is really missing is reported once.
+        let errors = errors_of(&format!("{HEAD}    stages:\n      - command: [\"true\"]\n        timeout: 1s\n"));
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0].message.contains("missing field `name`"), "{errors}");
+        // Not YAML at all: one error, where the parser stopped.
+        let errors = errors_of("pipelines:\n  p: {stages: [\n");
+        assert_eq!(errors.0.len(), 1, "{errors}");
+    }
+
+    #[test]
+    fn commands_missing_from_path_are_warnings_naming_stage_and_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("mytool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&tool).unwrap().permissions(), 0o755);
+        std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let text = format!(
+            "resources: {{gpus: none, cpu: 2}}\nworkers:\n  m: {{command: [no-such-worker-xyz]}}\npipelines:\n  p:\n    stages:\n      - {{name: a, command: [no-such-tool-xyz, x]}}\n      - {{name: b, command: [gpuflow:noop]}}\n      - {{name: c, command: [/no/such/abs]}}\n      - {{name: d, command: [\"{{input.tool}}\"]}}\n      - {{name: e, command: [mytool], env: {{PATH: {}}}}}\n      - {{name: f, command: [sh, -c, \"true\"]}}\n      - {{name: g, worker: m}}\n",
+            dir.path().display()
+        );
+        let config = Config::parse(&text, "t.yaml", &NoGpus).unwrap();
+        let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("workers.m.command") && warnings[0].contains("`no-such-worker-xyz`"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].starts_with(
+                "t.yaml:7:29: pipelines.p.stages[0].command[0]: stage `a`: command `no-such-tool-xyz` is not found"
+            ),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn units_accept_spaces_in_durations_and_sizes_alike() {
+        let config = Config::parse(
+            "resources: {gpus: [{memory: 6 GB}, {memory: 8GiB}], cpu: 2}\nlimits: {log_max: 1 MiB, kill_grace: 10 s}\npipelines:\n  p: {stages: [{name: a, command: [\"true\"], timeout: 1h 30m, expected: 1.5 s}]}\n",
+            "t.yaml",
+            &NoGpus,
+        )
+        .unwrap();
+        assert_eq!(config.gpus[0].memory, 6_000_000_000);
+        assert_eq!(config.gpus[1].memory, 8 << 30);
+        assert_eq!((config.limits.log_max, config.limits.kill_grace_ms), (1 << 20, 10_000));
+        assert_eq!(config.pipelines["p"].core.stages[0].timeout_ms, Some(5_400_000));
+        assert_eq!(config.pipelines["p"].core.stages[0].expected_ms, Some(1_500));
+        let e = one_error(
+            "resources: {gpus: [{memory: 6G}], cpu: 2}\npipelines:\n  p: {stages: [{name: a, command: [\"true\"]}]}\n",
+        );
+        assert!(e.message.contains("ambiguous") && e.message.contains("`6GiB`"), "{e}");
     }
 }

@@ -77,7 +77,7 @@ fn more_errors<T: DeserializeOwned>(
             Err(e) => {
                 spurious = missing_key_we_removed(outline, &set_aside, &e);
                 if !spurious {
-                    found.push(convert(&e, rest, label));
+                    found.push(convert(&e, text, label));
                 }
                 current = e;
             }
@@ -118,25 +118,40 @@ fn offset_of(e: &serde_saphyr::Error, text: &str) -> Option<usize> {
     Some(line_start + column)
 }
 
-/// One shape error as a `ConfigError`: the crate's message and snippet under the file's name,
-/// and a hint where the mistake is a common one.
+/// One shape error as a `ConfigError`: the crate's message, a snippet of the file as written
+/// (`text`, not the copy with parts set aside), and a hint where the mistake is a common one.
 pub fn convert(e: &serde_saphyr::Error, text: &str, label: &str) -> ConfigError {
     let loc = e.location();
+    let (line, column) = loc.map(|l| (l.line(), l.column())).unwrap_or((0, 0));
     let mut options = serde_saphyr::RenderOptions::default();
-    options.source_name = Some(label);
+    options.snippets = serde_saphyr::SnippetMode::Off;
     let rendered = e.render_with_options(options);
-    let mut message = super::strip_position(&rendered).to_string();
+    let mut message = super::strip_position(rendered.lines().next().unwrap_or_default()).to_string();
+    // The plain message ends with its position, which our prefix already gives.
+    if let Some(cut) = message.rfind(" at line ") {
+        message.truncate(cut);
+    }
+    message.push_str(&snippet(text, label, line, column));
     if let Some(hint) = hint(e, text) {
         message.push_str("\n  = hint: ");
         message.push_str(&hint);
     }
-    ConfigError {
-        file: label.to_string(),
-        line: loc.map(|l| l.line()).unwrap_or(0),
-        column: loc.map(|l| l.column()).unwrap_or(0),
-        field: String::new(),
-        message,
+    ConfigError { file: label.to_string(), line, column, field: String::new(), message }
+}
+
+/// The offending line and the one before it, with a caret under the column.
+fn snippet(text: &str, label: &str, line: u64, column: u64) -> String {
+    let Some(index) = (line as usize).checked_sub(1) else { return String::new() };
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(at) = lines.get(index) else { return String::new() };
+    let width = line.to_string().len();
+    let pad = " ".repeat(width);
+    let mut out = format!("\n{pad}--> {label}:{line}:{column}\n{pad} |");
+    if index > 0 {
+        out.push_str(&format!("\n{:>width$} | {}", line - 1, lines[index - 1]));
     }
+    out.push_str(&format!("\n{line:>width$} | {at}\n{pad} | {}^", " ".repeat(column.saturating_sub(1) as usize)));
+    out
 }
 
 fn hint(e: &serde_saphyr::Error, text: &str) -> Option<String> {
@@ -162,8 +177,11 @@ fn list_hint(line: &str, column: usize) -> Option<String> {
     let (before, value) = line.split_at(start);
     let key = before.trim_end().strip_suffix(':')?.trim().trim_start_matches("- ").trim_start_matches(['{', ' ']);
     let key = key.rsplit([',', '{']).next()?.trim();
-    // Up to a comment or the end of a flow mapping.
-    let value = value.split(" #").next()?.trim_end().trim_end_matches(['}', ',']).trim();
+    // Up to a comment, or in a flow mapping up to the next entry.
+    let mut value = value.split(" #").next()?.trim();
+    if before.contains('{') {
+        value = value.split([',', '}', ']']).next()?.trim();
+    }
     if value.is_empty() || value.starts_with(['{', '[', '"', '\'']) {
         return None;
     }
@@ -175,9 +193,7 @@ fn list_hint(line: &str, column: usize) -> Option<String> {
     };
     let example = format!("{key}: [{}]", items.join(", "));
     Some(if key == "command" {
-        format!(
-            "`command` is a list with one element per argument (nothing goes through a shell); write `{example}`"
-        )
+        format!("`command` is a list with one element per argument (nothing goes through a shell); write `{example}`")
     } else {
         format!("`{key}` is a list; write `{example}`")
     })
@@ -300,7 +316,9 @@ impl Outline {
         }
         // Aliases and merges point elsewhere in the file: positions out of order mean the
         // outline cannot be trusted here, so this container is set aside only whole.
-        if kids.windows(2).any(|w| w[0].0 >= w[1].0) || kids.iter().any(|k| k.0 < at.min(k.1) || k.1 >= end.max(k.0 + 1)) {
+        if kids.windows(2).any(|w| w[0].0 >= w[1].0)
+            || kids.iter().any(|k| k.0 < at.min(k.1) || k.1 >= end.max(k.0 + 1))
+        {
             return;
         }
         let starts: Vec<usize> = kids.iter().map(|k| k.0).collect();
@@ -320,17 +338,35 @@ impl Outline {
         let at = at?;
         let live = |i: &usize| !set_aside.iter().any(|&s| self.is_within(*i, s));
         let containing = self.parts.iter().enumerate().filter(|(i, p)| live(i) && p.start <= at && at < p.end);
-        // A missing key or a wrong kind of container is about the container, which starts where
-        // its first key does: set aside the container, not that key.
-        let about_container = matches!(
-            e.without_snippet(),
-            serde_saphyr::Error::SerdeMissingField { .. } | serde_saphyr::Error::SerdeInvalidType { .. }
-        );
-        if about_container
-            && let Some((i, _)) =
-                containing.clone().filter(|(_, p)| p.value == at && !p.children.is_empty()).min_by_key(|(_, p)| p.end - p.start)
-        {
-            return Some(i);
+        match e.without_snippet() {
+            // Reported somewhere inside the mapping that lacks the key (often at its last key):
+            // set aside the innermost mapping around that point without such a key.
+            serde_saphyr::Error::SerdeMissingField { field, .. } => {
+                return self
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, p)| live(i) && p.start <= at && at <= p.end && !p.children.is_empty())
+                    .filter(|(_, p)| {
+                        let keys: Vec<Option<&str>> =
+                            p.children.iter().map(|c| self.parts[*c].key.as_deref()).collect();
+                        keys.iter().all(Option::is_some) && !keys.contains(&Some(*field))
+                    })
+                    .min_by_key(|(_, p)| p.end - p.start)
+                    .map(|(i, _)| i);
+            }
+            // A wrong kind of container is reported where it starts, which is where its first
+            // key does: set aside the container, not that key.
+            serde_saphyr::Error::SerdeInvalidType { .. } => {
+                if let Some((i, _)) = containing
+                    .clone()
+                    .filter(|(_, p)| p.value == at && !p.children.is_empty())
+                    .min_by_key(|(_, p)| p.end - p.start)
+                {
+                    return Some(i);
+                }
+            }
+            _ => {}
         }
         containing.min_by_key(|(_, p)| p.end - p.start).map(|(i, _)| i)
     }

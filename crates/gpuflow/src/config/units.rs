@@ -19,7 +19,8 @@ pub struct Millis(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Bytes(pub u64);
 
-const DURATION_EXAMPLES: &str = "write a number and a unit, e.g. `30s`, `10 m`, `1h30m` or `500ms` (units: ms, s, m, h, d)";
+const DURATION_EXAMPLES: &str =
+    "write a number and a unit, e.g. `30s`, `10 m`, `1h30m` or `500ms` (units: ms, s, m, h, d)";
 const SIZE_EXAMPLES: &str = "write a number and a unit, e.g. `6GiB`, `512 MiB` or `8GB` (KiB, MiB, GiB, TiB are powers of 1024; KB, MB, GB, TB powers of 1000), or a number of bytes";
 
 /// Parses a duration into whole milliseconds.
@@ -57,7 +58,8 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     if number.is_empty() || number.parse::<f64>().is_err() {
         return Err(format!("`{s}` is not a size; {SIZE_EXAMPLES}"));
     }
-    if unit.len() <= 2 && unit.chars().next().is_some_and(|c| "kKmMgGtTpPeE".contains(c)) && !unit.ends_with(['b', 'B']) {
+    if unit.len() <= 2 && unit.chars().next().is_some_and(|c| "kKmMgGtTpPeE".contains(c)) && !unit.ends_with(['b', 'B'])
+    {
         let letter = unit[..1].to_ascii_uppercase();
         return Err(format!(
             "`{s}` is ambiguous; write `{number}{letter}iB` (powers of 1024) or `{number}{letter}B` (powers of 1000)"
