@@ -167,6 +167,23 @@ fn hint(e: &serde_saphyr::Error, text: &str) -> Option<String> {
             let line = text.lines().nth(loc.line().checked_sub(1)? as usize)?;
             list_hint(line, loc.column() as usize)
         }
+        serde_saphyr::Error::InvalidScalar { ty, .. } => {
+            let kind = *ty;
+            let loc = e.location()?;
+            let line = text.lines().nth(loc.line().checked_sub(1)? as usize)?;
+            let value: String = line.chars().skip(loc.column().saturating_sub(1) as usize).collect();
+            let value = value.split(" #").next()?.split([',', '}', ']']).next()?.trim();
+            match kind {
+                "u8" | "u16" | "u32" | "u64" | "usize" => {
+                    Some(format!("`{value}` is not a whole number; write one such as `3`"))
+                }
+                "i8" | "i16" | "i32" | "i64" | "isize" => {
+                    Some(format!("`{value}` is not a whole number; write one such as `-3` or `3`"))
+                }
+                "f32" | "f64" => Some(format!("`{value}` is not a number; write one such as `1.5`")),
+                _ => None,
+            }
+        }
         _ => None,
     }
 }
@@ -282,12 +299,15 @@ struct Part {
 
 struct Outline {
     parts: Vec<Part>,
+    /// Where the top-level value starts.
+    root: usize,
 }
 
 impl Outline {
     fn of(text: &str, root: &Spanned<Node>) -> Outline {
-        let mut outline = Outline { parts: Vec::new() };
-        outline.add_children(text, &root.value, offset(&root.referenced).unwrap_or(0), text.len(), None);
+        let at = offset(&root.referenced).unwrap_or(0);
+        let mut outline = Outline { parts: Vec::new(), root: at };
+        outline.add_children(text, &root.value, at, text.len(), None);
         outline
     }
 
@@ -356,8 +376,12 @@ impl Outline {
                     .map(|(i, _)| i);
             }
             // A wrong kind of container is reported where it starts, which is where its first
-            // key does: set aside the container, not that key.
-            serde_saphyr::Error::SerdeInvalidType { .. } => {
+            // key does: set aside the container, not that key. The whole file being the wrong
+            // kind leaves nothing to read.
+            serde_saphyr::Error::SerdeInvalidType { .. } | serde_saphyr::Error::Unexpected { .. } => {
+                if at == self.root {
+                    return None;
+                }
                 if let Some((i, _)) = containing
                     .clone()
                     .filter(|(_, p)| p.value == at && !p.children.is_empty())
@@ -400,7 +424,7 @@ impl Outline {
     fn blank(&self, part: usize, bytes: &mut [u8]) {
         let Part { start, end, .. } = self.parts[part];
         let end = end.min(bytes.len());
-        for b in &mut bytes[start..end] {
+        for b in bytes.get_mut(start..end).unwrap_or_default() {
             if *b != b'\n' && *b != b'\r' {
                 *b = b' ';
             }
