@@ -1282,7 +1282,14 @@ fn compile_pipeline(
         {
             let known: Vec<&str> = workers.keys().map(String::as_str).collect();
             let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            errors.at(at, field("worker"), format!("unknown worker pool `{pool}`; pools under `workers:`: {known}"));
+            errors.at(
+                at,
+                field("worker"),
+                format!(
+                    "unknown worker pool `{pool}`; pools under `workers:`: {known}{}",
+                    shape::suggestion(pool, workers.keys().map(String::as_str))
+                ),
+            );
         } else if let Err(e) = needs.check_fits(capacity) {
             errors.at(at, field("needs"), format!("{e}; this request could never be granted"));
         } else if standing.clone().try_grant(&needs, &standing.new_reservation()).is_none() {
@@ -1972,6 +1979,8 @@ mod tests {
         ));
         assert_eq!(e.field, "pipelines.p.stages[1].after");
         assert!(e.message.contains("unknown stage `detcet`") && e.message.contains("did you mean `detect`?"), "{e}");
+        let e = one_error(&batch_file("", "worker: n"));
+        assert!(e.message.contains("unknown worker pool `n`") && e.message.contains("did you mean `m`?"), "{e}");
     }
 
     #[test]
