@@ -2051,6 +2051,10 @@ mod tests {
         let text = errors.to_string();
         assert_eq!(errors.0.len(), 2, "{text}");
         assert!(!text.contains("missing field"), "{text}");
+        // A misspelt key is one mistake, not also a missing one.
+        let errors = errors_of(&format!("{HEAD}    stages:\n      - nme: a\n        command: [\"true\"]\n"));
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0].message.contains("did you mean `name`?"), "{errors}");
         // A key that is really missing is reported once.
         let errors = errors_of(&format!("{HEAD}    stages:\n      - command: [\"true\"]\n        timeout: 1s\n"));
         assert_eq!(errors.0.len(), 1, "{errors}");

@@ -63,6 +63,9 @@ fn more_errors<T: DeserializeOwned>(
     let mut found = Vec::new();
     let mut blanked = text.as_bytes().to_vec();
     let mut set_aside: Vec<usize> = Vec::new();
+    // Keys suggested for misspelt ones, and where: the same mapping then lacks that key, which
+    // is the same mistake, not another one.
+    let mut suggested: Vec<(String, usize)> = suggestion_of(&first, text).into_iter().collect();
     let mut current = first;
     let mut spurious = false;
     while found.len() < MAX_ERRORS {
@@ -76,9 +79,11 @@ fn more_errors<T: DeserializeOwned>(
             Ok(_) => break,
             Err(e) => {
                 spurious = missing_key_we_removed(outline, &set_aside, &e);
-                if !spurious {
+                let misspelt = missing_key_misspelt(outline, &set_aside, &suggested, &e, text);
+                if !spurious && !misspelt {
                     found.push(convert(&e, text, label));
                 }
+                suggested.extend(suggestion_of(&e, text));
                 current = e;
             }
         }
@@ -94,6 +99,29 @@ fn missing_key_we_removed(outline: &Outline, set_aside: &[usize], e: &serde_saph
         }
         _ => false,
     }
+}
+
+/// The key an unknown-key error suggests, and where that error is.
+fn suggestion_of(e: &serde_saphyr::Error, text: &str) -> Option<(String, usize)> {
+    let serde_saphyr::Error::SerdeUnknownField { field, expected, .. } = e.without_snippet() else { return None };
+    let key = did_you_mean(field, expected.iter().copied())?;
+    Some((key.to_string(), offset_of(e, text)?))
+}
+
+/// A missing key that an earlier error in the same mapping already suggested for a misspelt one.
+fn missing_key_misspelt(
+    outline: &Outline,
+    set_aside: &[usize],
+    suggested: &[(String, usize)],
+    e: &serde_saphyr::Error,
+    text: &str,
+) -> bool {
+    let serde_saphyr::Error::SerdeMissingField { field, .. } = e.without_snippet() else { return false };
+    let Some(mapping) = outline.target(e, offset_of(e, text), set_aside) else {
+        return false;
+    };
+    let part = &outline.parts[mapping];
+    suggested.iter().any(|(key, at)| key == field && part.start <= *at && *at < part.end)
 }
 
 fn parent_of_set_aside(outline: &Outline, set_aside: &[usize], e: &serde_saphyr::Error) -> Option<usize> {
@@ -359,21 +387,20 @@ impl Outline {
         let live = |i: &usize| !set_aside.iter().any(|&s| self.is_within(*i, s));
         let containing = self.parts.iter().enumerate().filter(|(i, p)| live(i) && p.start <= at && at < p.end);
         match e.without_snippet() {
-            // Reported somewhere inside the mapping that lacks the key (often at its last key):
-            // set aside the innermost mapping around that point without such a key.
+            // Reported at one of the keys of the mapping that lacks it (its last, or its first):
+            // set aside that mapping; else the innermost one around that point without the key.
             serde_saphyr::Error::SerdeMissingField { field, .. } => {
-                return self
-                    .parts
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, p)| live(i) && p.start <= at && at <= p.end && !p.children.is_empty())
-                    .filter(|(_, p)| {
-                        let keys: Vec<Option<&str>> =
-                            p.children.iter().map(|c| self.parts[*c].key.as_deref()).collect();
-                        keys.iter().all(Option::is_some) && !keys.contains(&Some(*field))
-                    })
-                    .min_by_key(|(_, p)| p.end - p.start)
-                    .map(|(i, _)| i);
+                let lacks = |p: &Part| {
+                    let keys: Vec<Option<&str>> = p.children.iter().map(|c| self.parts[*c].key.as_deref()).collect();
+                    !keys.is_empty() && keys.iter().all(Option::is_some) && !keys.contains(&Some(*field))
+                };
+                let at_key = self.parts.iter().enumerate().find(|(i, p)| live(i) && p.start == at && p.key.is_some());
+                if let Some(parent) = at_key.and_then(|(_, p)| p.parent)
+                    && lacks(&self.parts[parent])
+                {
+                    return Some(parent);
+                }
+                return containing.filter(|(_, p)| lacks(p)).min_by_key(|(_, p)| p.end - p.start).map(|(i, _)| i);
             }
             // A wrong kind of container is reported where it starts, which is where its first
             // key does: set aside the container, not that key. The whole file being the wrong
