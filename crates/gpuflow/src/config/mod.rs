@@ -2051,6 +2051,13 @@ mod tests {
         let text = errors.to_string();
         assert_eq!(errors.0.len(), 2, "{text}");
         assert!(!text.contains("missing field"), "{text}");
+        // A key set aside in one stage does not hide the same key really missing in another.
+        let errors = errors_of(&format!(
+            "{HEAD}    stages:\n      - name: [a]\n        command: [\"true\"]\n      - command: [\"true\"]\n        timeout: 1s\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.iter().map(|e| e.line).collect::<Vec<_>>(), vec![5, 8], "{text}");
+        assert!(errors.0[1].message.contains("missing field `name`"), "{text}");
         // A misspelt key is one mistake, not also a missing one.
         let errors = errors_of(&format!("{HEAD}    stages:\n      - nme: a\n        command: [\"true\"]\n"));
         assert_eq!(errors.0.len(), 1, "{errors}");

@@ -4,8 +4,8 @@
 //! serde stops at the first error. To find the others, the part of the file that holds it (the
 //! innermost key or list item) is set aside, replaced by spaces so that every other line and
 //! column stays where it was, and the file is read again, until it reads or nothing is left to
-//! set aside. A part set aside can make its parent miss a required key; that error is not the
-//! user's, so the parent is set aside instead and the error is not reported.
+//! set aside. A part set aside can make its mapping miss a required key; that error is not the
+//! user's, so the mapping is set aside too and the error is not reported.
 
 use std::collections::HashSet;
 
@@ -67,10 +67,8 @@ fn more_errors<T: DeserializeOwned>(
     // is the same mistake, not another one.
     let mut suggested: Vec<(String, usize)> = suggestion_of(&first, text).into_iter().collect();
     let mut current = first;
-    let mut spurious = false;
     while found.len() < MAX_ERRORS {
-        let target = if spurious { parent_of_set_aside(outline, &set_aside, &current) } else { None }
-            .or_else(|| outline.target(&current, offset_of(&current, text), &set_aside));
+        let target = outline.target(&current, offset_of(&current, text), &set_aside);
         let Some(target) = target.map(|t| outline.widen(t, &set_aside)) else { break };
         outline.blank(target, &mut blanked);
         set_aside.push(target);
@@ -78,9 +76,10 @@ fn more_errors<T: DeserializeOwned>(
         match serde_saphyr::from_str::<T>(rest) {
             Ok(_) => break,
             Err(e) => {
-                spurious = missing_key_we_removed(outline, &set_aside, &e);
+                // The mapping is set aside next either way.
+                let ours = missing_key_we_removed(outline, &set_aside, &e, text);
                 let misspelt = missing_key_misspelt(outline, &set_aside, &suggested, &e, text);
-                if !spurious && !misspelt {
+                if !ours && !misspelt {
                     found.push(convert(&e, text, label));
                 }
                 suggested.extend(suggestion_of(&e, text));
@@ -91,14 +90,13 @@ fn more_errors<T: DeserializeOwned>(
     found
 }
 
-/// The missing key a parent reports after one of its keys was set aside.
-fn missing_key_we_removed(outline: &Outline, set_aside: &[usize], e: &serde_saphyr::Error) -> bool {
-    match e.without_snippet() {
-        serde_saphyr::Error::SerdeMissingField { field, .. } => {
-            set_aside.iter().any(|&i| outline.parts[i].key.as_deref() == Some(*field))
-        }
-        _ => false,
-    }
+/// The missing key a mapping reports after that very key of it was set aside.
+fn missing_key_we_removed(outline: &Outline, set_aside: &[usize], e: &serde_saphyr::Error, text: &str) -> bool {
+    let serde_saphyr::Error::SerdeMissingField { field, .. } = e.without_snippet() else { return false };
+    let Some(mapping) = outline.target(e, offset_of(e, text), set_aside) else { return false };
+    set_aside
+        .iter()
+        .any(|&i| outline.parts[i].key.as_deref() == Some(*field) && outline.parts[i].parent == Some(mapping))
 }
 
 /// The key an unknown-key error suggests, and where that error is.
@@ -122,16 +120,6 @@ fn missing_key_misspelt(
     };
     let part = &outline.parts[mapping];
     suggested.iter().any(|(key, at)| key == field && part.start <= *at && *at < part.end)
-}
-
-fn parent_of_set_aside(outline: &Outline, set_aside: &[usize], e: &serde_saphyr::Error) -> Option<usize> {
-    let serde_saphyr::Error::SerdeMissingField { field, .. } = e.without_snippet() else { return None };
-    set_aside
-        .iter()
-        .rev()
-        .find(|&&i| outline.parts[i].key.as_deref() == Some(*field))
-        .and_then(|&i| outline.parts[i].parent)
-        .filter(|p| !set_aside.contains(p))
 }
 
 fn offset_of(e: &serde_saphyr::Error, text: &str) -> Option<usize> {
@@ -390,9 +378,11 @@ impl Outline {
             // Reported at one of the keys of the mapping that lacks it (its last, or its first):
             // set aside that mapping; else the innermost one around that point without the key.
             serde_saphyr::Error::SerdeMissingField { field, .. } => {
+                // Keys set aside count as absent: that is what the parser saw.
                 let lacks = |p: &Part| {
                     let keys: Vec<Option<&str>> = p.children.iter().map(|c| self.parts[*c].key.as_deref()).collect();
-                    !keys.is_empty() && keys.iter().all(Option::is_some) && !keys.contains(&Some(*field))
+                    let present = |c: &usize| !set_aside.contains(c) && self.parts[*c].key.as_deref() == Some(*field);
+                    !keys.is_empty() && keys.iter().all(Option::is_some) && !p.children.iter().any(present)
                 };
                 let at_key = self.parts.iter().enumerate().find(|(i, p)| live(i) && p.start == at && p.key.is_some());
                 if let Some(parent) = at_key.and_then(|(_, p)| p.parent)
