@@ -659,6 +659,8 @@ impl WorkflowLibrary {
                 standing: &self.standing,
                 workers: &self.workers,
                 lenient_refs,
+                // A chain is built per request: no file-system lookups there.
+                look_up_commands: false,
             },
             &mut errors,
         );
@@ -870,7 +872,13 @@ impl Config {
                     "pipeline names may use a-z, A-Z, 0-9, `_` and `-`",
                 );
             }
-            let ctx = CompileContext { capacity: &capacity, standing: &standing, workers: &workers, lenient_refs: &[] };
+            let ctx = CompileContext {
+                capacity: &capacity,
+                standing: &standing,
+                workers: &workers,
+                lenient_refs: &[],
+                look_up_commands: true,
+            };
             if let Some(def) = compile_pipeline(name, &spanned.value, &spanned.referenced, &ctx, &mut errors) {
                 pipelines.insert(name.clone(), Arc::new(def));
             }
@@ -1001,6 +1009,8 @@ struct CompileContext<'a> {
     workers: &'a BTreeMap<String, Arc<WorkerDef>>,
     /// Stage names templates may name without being ancestors (checking a library stage alone).
     lenient_refs: &'a [String],
+    /// Warn about programs not found on PATH (when reading the file, not per request).
+    look_up_commands: bool,
 }
 
 /// The inventory with every pool instance's standing lease taken, as at engine start.
@@ -1204,7 +1214,7 @@ fn compile_pipeline(
     ctx: &CompileContext,
     errors: &mut Errors,
 ) -> Option<PipelineDef> {
-    let CompileContext { capacity, standing, workers, lenient_refs } = *ctx;
+    let CompileContext { capacity, standing, workers, lenient_refs, look_up_commands } = *ctx;
     let before = errors.list.len();
     let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, stage) in file.stages.iter().enumerate() {
@@ -1437,7 +1447,7 @@ fn compile_pipeline(
             continue;
         }
         let stage_env_path = stage.env.get("PATH").map(String::as_str);
-        if let Some(missing) = not_on_path(&command[0].value, stage_env_path) {
+        if look_up_commands && let Some(missing) = not_on_path(&command[0].value, stage_env_path) {
             errors.warn(&command[0].referenced, format!("{field}[0]"), format!("stage `{}`: {missing}", stage.name));
         }
         let lookup = |stage_name: &str| -> Result<usize, String> {
