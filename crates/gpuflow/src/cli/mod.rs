@@ -257,6 +257,9 @@ fn check(file: &std::path::Path) -> Result<ExitCode> {
     match crate::config::Config::load(file, &crate::gpu::NvmlProbe) {
         Ok(config) => {
             println!("{}: ok", file.display());
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!("  listen {}  data_dir {}", config.listen, config.data_dir.display());
             for (i, g) in config.gpus.iter().enumerate() {
                 println!("  gpu {i}: {} {} ({:?})", g.name, gpuflow_core::ByteSize(g.memory), g.source);

@@ -3,6 +3,7 @@
 //! Parsing is strict: unknown keys are errors, and every error names the file, line, column,
 //! the field and what is allowed. See `docs/pipelines.md`.
 
+pub mod shape;
 pub mod template;
 pub mod units;
 
@@ -59,6 +60,9 @@ impl fmt::Display for ConfigErrors {
             }
             write!(f, "{e}")?;
         }
+        if let [first, _, ..] = self.0.as_slice() {
+            write!(f, "\n{} errors in {}", self.0.len(), first.file)?;
+        }
         Ok(())
     }
 }
@@ -108,7 +112,7 @@ struct WorkflowsFile {
 #[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct LibraryStageFile {
-    command: Option<Vec<String>>,
+    command: Option<Vec<Spanned<String>>>,
     worker: Option<String>,
     batch_key: Option<String>,
     needs: Option<NeedsFile>,
@@ -351,7 +355,7 @@ pub enum InputKind {
 #[serde(deny_unknown_fields)]
 struct StageFile {
     name: String,
-    command: Option<Vec<String>>,
+    command: Option<Vec<Spanned<String>>>,
     worker: Option<String>,
     /// Tasks share a batch only when this template renders equal for them.
     batch_key: Option<String>,
@@ -557,6 +561,8 @@ pub struct Config {
     pub pipelines: BTreeMap<String, Arc<PipelineDef>>,
     pub workflows: Option<WorkflowLibrary>,
     pub diagnosis: Diagnosis,
+    /// What `check` reports without refusing the file: commands not found on PATH.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// The running configuration, replaced as a whole by a reload. Readers take a snapshot.
@@ -643,7 +649,7 @@ impl WorkflowLibrary {
         }
         let file = PipelineFile { max_queued: Some(self.max_queued), inputs: BTreeMap::new(), stages };
         let name = format!("{WORKFLOW_PREFIX}{}", chain.join(","));
-        let mut errors = Errors { file: self.file_label.clone(), list: Vec::new() };
+        let mut errors = Errors::new(&self.file_label);
         let def = compile_pipeline(
             &name,
             &file,
@@ -653,6 +659,8 @@ impl WorkflowLibrary {
                 standing: &self.standing,
                 workers: &self.workers,
                 lenient_refs,
+                // A chain is built per request: no file-system lookups there.
+                look_up_commands: false,
             },
             &mut errors,
         );
@@ -660,7 +668,10 @@ impl WorkflowLibrary {
             Some(def) if errors.list.is_empty() => {
                 Ok(Arc::new(PipelineDef { path_inputs: vec![self.input_key.clone()], ..def }))
             }
-            _ => Err(format!("workflow_config.workflow_chain: this chain cannot run: {}", ConfigErrors(errors.list))),
+            _ => {
+                let reasons: Vec<String> = errors.list.iter().map(ToString::to_string).collect();
+                Err(format!("workflow_config.workflow_chain: this chain cannot run: {}", reasons.join("; ")))
+            }
         }
     }
 }
@@ -688,9 +699,25 @@ impl Config {
 struct Errors {
     file: String,
     list: Vec<ConfigError>,
+    /// Problems that do not stop the file from loading (a command not found on PATH).
+    warnings: Vec<ConfigError>,
 }
 
 impl Errors {
+    fn new(file: &str) -> Errors {
+        Errors { file: file.to_string(), list: Vec::new(), warnings: Vec::new() }
+    }
+
+    fn warn(&mut self, loc: &serde_saphyr::Location, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(ConfigError {
+            file: self.file.clone(),
+            line: loc.line(),
+            column: loc.column(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
     fn at(&mut self, loc: &serde_saphyr::Location, field: impl Into<String>, message: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.clone(),
@@ -721,18 +748,8 @@ impl Config {
 
     /// Parses and checks a whole file. `label` names it in errors.
     pub fn parse(text: &str, label: &str, probe: &dyn GpuProbe) -> Result<Config, ConfigErrors> {
-        let file: FileConfig = serde_saphyr::from_str(text).map_err(|e| {
-            let loc = e.location();
-            // The crate renders the message with a snippet of the offending line.
-            ConfigErrors(vec![ConfigError {
-                file: label.to_string(),
-                line: loc.map(|l| l.line()).unwrap_or(0),
-                column: loc.map(|l| l.column()).unwrap_or(0),
-                field: String::new(),
-                message: strip_position(&e.to_string()).to_string(),
-            }])
-        })?;
-        let mut errors = Errors { file: label.to_string(), list: Vec::new() };
+        let file: FileConfig = shape::read(text, label).map_err(ConfigErrors)?;
+        let mut errors = Errors::new(label);
         let start = serde_saphyr::Location::UNKNOWN;
 
         let listen = match &file.listen {
@@ -855,7 +872,13 @@ impl Config {
                     "pipeline names may use a-z, A-Z, 0-9, `_` and `-`",
                 );
             }
-            let ctx = CompileContext { capacity: &capacity, standing: &standing, workers: &workers, lenient_refs: &[] };
+            let ctx = CompileContext {
+                capacity: &capacity,
+                standing: &standing,
+                workers: &workers,
+                lenient_refs: &[],
+                look_up_commands: true,
+            };
             if let Some(def) = compile_pipeline(name, &spanned.value, &spanned.referenced, &ctx, &mut errors) {
                 pipelines.insert(name.clone(), Arc::new(def));
             }
@@ -922,6 +945,8 @@ impl Config {
         }
 
         if !errors.list.is_empty() {
+            // In file order; errors with no position (whole-file checks) last.
+            errors.list.sort_by_key(|e| (e.line == 0, e.line, e.column));
             return Err(ConfigErrors(errors.list));
         }
         Ok(Config {
@@ -952,6 +977,7 @@ impl Config {
             workers,
             pipelines,
             workflows,
+            warnings: errors.warnings,
             diagnosis: {
                 let d = &file.diagnosis;
                 let defaults = gpuflow_core::diagnosis::Thresholds::default();
@@ -983,6 +1009,8 @@ struct CompileContext<'a> {
     workers: &'a BTreeMap<String, Arc<WorkerDef>>,
     /// Stage names templates may name without being ancestors (checking a library stage alone).
     lenient_refs: &'a [String],
+    /// Warn about programs not found on PATH (when reading the file, not per request).
+    look_up_commands: bool,
 }
 
 /// The inventory with every pool instance's standing lease taken, as at engine start.
@@ -1015,6 +1043,8 @@ fn compile_workers(
         }
         if w.command.is_empty() || w.command[0].is_empty() {
             errors.at(at, field("command"), "must name a program to run, e.g. `[python3, worker.py]`");
+        } else if let Some(missing) = not_on_path(&w.command[0], w.env.get("PATH").map(String::as_str)) {
+            errors.warn(at, field("command"), missing);
         }
         let needs = match &w.needs {
             None => ResourceRequest::default(),
@@ -1124,6 +1154,55 @@ fn strip_position(rendered: &str) -> &str {
         .unwrap_or(rendered)
 }
 
+/// A path through `after` edges that comes back to where it started, run order first
+/// (`[a, b, c, a]`: b runs after a, c after b, a after c), reached from `from`.
+fn find_cycle(after: &[Vec<usize>], from: usize) -> Option<Vec<usize>> {
+    // Walk predecessors depth first; a stage met again on the current path closes the cycle.
+    fn walk(after: &[Vec<usize>], at: usize, path: &mut Vec<usize>, done: &mut [bool]) -> Option<Vec<usize>> {
+        if let Some(i) = path.iter().position(|&p| p == at) {
+            let mut cycle: Vec<usize> = path[i..].to_vec();
+            cycle.push(at);
+            // The path follows "runs after" backwards; show it in run order.
+            cycle.reverse();
+            return Some(cycle);
+        }
+        if done[at] {
+            return None;
+        }
+        path.push(at);
+        for &before in &after[at] {
+            if let Some(cycle) = walk(after, before, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done[at] = true;
+        None
+    }
+    let mut done = vec![false; after.len()];
+    walk(after, from, &mut Vec::new(), &mut done)
+        .or_else(|| (0..after.len()).find_map(|s| walk(after, s, &mut Vec::new(), &mut done)))
+}
+
+/// Why `program` (a stage's argv[0]) would not be found, when it is a bare name that no
+/// directory of PATH holds as an executable. Paths, templates and built-ins are not looked up.
+fn not_on_path(program: &str, stage_path: Option<&str>) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') || program.contains('{') || program == crate::runtime::NOOP_COMMAND {
+        return None;
+    }
+    let path = stage_path.map(std::ffi::OsString::from).or_else(|| std::env::var_os("PATH")).unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(program)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    });
+    (!found).then(|| {
+        let source = if stage_path.is_some() { "the stage's `env.PATH`" } else { "PATH" };
+        format!(
+            "command `{program}` is not found in any directory of {source}; install it, or give its full path (the engine looks it up again, on its own PATH, when the stage runs)"
+        )
+    })
+}
+
 fn is_identifier(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
@@ -1135,7 +1214,7 @@ fn compile_pipeline(
     ctx: &CompileContext,
     errors: &mut Errors,
 ) -> Option<PipelineDef> {
-    let CompileContext { capacity, standing, workers, lenient_refs } = *ctx;
+    let CompileContext { capacity, standing, workers, lenient_refs, look_up_commands } = *ctx;
     let before = errors.list.len();
     let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, stage) in file.stages.iter().enumerate() {
@@ -1174,7 +1253,12 @@ fn compile_pipeline(
                         errors.at(
                             &a.referenced,
                             field("after"),
-                            format!("unknown stage `{}`; stages of this pipeline: {}", a.value, known.join(", ")),
+                            format!(
+                                "unknown stage `{}`; stages of this pipeline: {}{}",
+                                a.value,
+                                known.join(", "),
+                                shape::suggestion(&a.value, known.iter().copied())
+                            ),
                         );
                         None
                     }
@@ -1208,7 +1292,14 @@ fn compile_pipeline(
         {
             let known: Vec<&str> = workers.keys().map(String::as_str).collect();
             let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            errors.at(at, field("worker"), format!("unknown worker pool `{pool}`; pools under `workers:`: {known}"));
+            errors.at(
+                at,
+                field("worker"),
+                format!(
+                    "unknown worker pool `{pool}`; pools under `workers:`: {known}{}",
+                    shape::suggestion(pool, workers.keys().map(String::as_str))
+                ),
+            );
         } else if let Err(e) = needs.check_fits(capacity) {
             errors.at(at, field("needs"), format!("{e}; this request could never be granted"));
         } else if standing.clone().try_grant(&needs, &standing.new_reservation()).is_none() {
@@ -1263,21 +1354,31 @@ fn compile_pipeline(
             expected_ms: stage.expected.map(|m| m.0),
         });
     }
-    if errors.list.len() > before {
-        return None;
-    }
+    // Stage errors above do not stop the checks below: each reports what it finds, so one run
+    // of `check` lists every independent error.
+    let stage_errors = errors.list.len() > before;
+    let after_lists: Vec<Vec<usize>> = specs.iter().map(|s| s.after.clone()).collect();
     let pipeline = match Pipeline::new(name, specs) {
-        Ok(p) => p,
+        Ok(p) => Some(p),
+        // Already reported, per stage.
+        Err(PipelineError::UnknownPredecessor { .. }) if stage_errors => None,
         Err(e) => {
             let (at, msg) = match e {
-                PipelineError::Cycle { stage } => (
-                    &file.stages[stage].referenced,
-                    format!("`after` edges form a cycle through stage `{}`", file.stages[stage].value.name),
-                ),
+                PipelineError::Cycle { stage } => {
+                    let cycle = find_cycle(&after_lists, stage).unwrap_or_else(|| vec![stage, stage]);
+                    let names: Vec<&str> = cycle.iter().map(|&i| file.stages[i].value.name.as_str()).collect();
+                    (
+                        &file.stages[cycle[0]].referenced,
+                        format!(
+                            "`after` edges form a cycle: {} (each runs after the one before it), so none of them can start; remove one of these `after` entries",
+                            names.join(" -> ")
+                        ),
+                    )
+                }
                 other => (loc, other.to_string()),
             };
             errors.at(at, format!("pipelines.{name}.stages"), msg);
-            return None;
+            None
         }
     };
 
@@ -1341,25 +1442,36 @@ fn compile_pipeline(
                 continue;
             }
         };
-        if command.is_empty() || command[0].is_empty() {
+        if command.is_empty() || command[0].value.is_empty() {
             errors.at(&spanned.referenced, field, "must name a program to run, e.g. `[python3, infer.py]`");
             continue;
         }
+        let stage_env_path = stage.env.get("PATH").map(String::as_str);
+        if look_up_commands && let Some(missing) = not_on_path(&command[0].value, stage_env_path) {
+            errors.warn(&command[0].referenced, format!("{field}[0]"), format!("stage `{}`: {missing}", stage.name));
+        }
         let lookup = |stage_name: &str| -> Result<usize, String> {
             match positions.get(stage_name) {
-                Some(p) if pipeline.is_ancestor(*p, i) => Ok(*p),
+                // Without a graph (a cycle), only whether the stage exists is checked.
+                Some(p) if pipeline.as_ref().is_none_or(|g| g.is_ancestor(*p, i)) => Ok(*p),
                 Some(_) => Err(format!(
                     "stage `{stage_name}` does not run before `{}`; only stages it comes `after` (directly or not) can be referenced",
                     stage.name
                 )),
                 // Checking a workflow-library stage alone: it may name any library stage.
                 None if lenient_refs.iter().any(|r| r == stage_name) => Ok(0),
-                None => Err(format!("unknown stage `{stage_name}`")),
+                None => Err(format!(
+                    "unknown stage `{stage_name}`; stages of this pipeline: {}{}",
+                    positions.keys().copied().collect::<Vec<_>>().join(", "),
+                    shape::suggestion(stage_name, positions.keys().copied())
+                )),
             }
         };
         let mut templates = Vec::new();
-        for arg in command {
-            match Template::parse(arg, &lookup) {
+        // Template errors point at the argument that holds the template, not at the stage.
+        for (position, arg) in command.iter().enumerate() {
+            let arg_field = format!("{field}[{position}]");
+            match Template::parse(&arg.value, &lookup) {
                 Ok(t) => {
                     for r in t.references() {
                         if let template::Reference::Input(path) = r
@@ -1368,20 +1480,21 @@ fn compile_pipeline(
                         {
                             let declared: Vec<&str> = inputs.keys().map(String::as_str).collect();
                             errors.at(
-                                &spanned.referenced,
-                                field.clone(),
+                                &arg.referenced,
+                                arg_field.clone(),
                                 format!(
-                                    "`{{input.{}}}`: input `{}` is not declared; declared inputs: {}",
+                                    "`{{input.{}}}`: input `{}` is not declared; declared inputs: {}{}",
                                     path.join("."),
                                     path[0],
-                                    declared.join(", ")
+                                    declared.join(", "),
+                                    shape::suggestion(&path[0], declared.iter().copied())
                                 ),
                             );
                         }
                     }
                     templates.push(t);
                 }
-                Err(e) => errors.at(&spanned.referenced, field.clone(), e),
+                Err(e) => errors.at(&arg.referenced, arg_field, e),
             }
         }
         stages.push(StageExec::Command {
@@ -1391,9 +1504,7 @@ fn compile_pipeline(
             gpu_check: stage.gpu_check,
         });
     }
-    if errors.list.len() > before {
-        return None;
-    }
+    let pipeline = pipeline.filter(|_| errors.list.len() == before)?;
     let path_inputs = inputs.iter().filter(|(_, spec)| spec.kind == InputKind::Path).map(|(k, _)| k.clone()).collect();
     Some(PipelineDef {
         core: Arc::new(pipeline),
@@ -1829,5 +1940,189 @@ mod tests {
         assert!(e.message.contains("reads nothing from the input"), "{e}");
         let e = one_error(&batch_file(batching, "command: [true], batch_key: \"{input.model}\""));
         assert!(e.field == field && e.message.contains("only a worker stage is batched"), "{e}");
+    }
+
+    fn errors_of(text: &str) -> ConfigErrors {
+        Config::parse(text, "conf/p.yaml", &NoGpus).unwrap_err()
+    }
+
+    const HEAD: &str = "resources: {gpus: none, cpu: 2}\npipelines:\n  p:\n";
+
+    #[test]
+    fn a_command_written_as_a_string_is_shown_as_a_list() {
+        let errors = errors_of(&format!("{HEAD}    stages:\n      - name: a\n        command: echo hello\n"));
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        let e = &errors.0[0];
+        assert_eq!((e.line, e.column), (6, 18), "{e}");
+        assert!(e.message.contains(r#"write `command: ["echo", "hello"]`"#), "{e}");
+        assert!(e.message.contains("one element per argument"), "{e}");
+        // In a flow mapping too, and for other list keys.
+        let errors = errors_of(&format!(
+            "{HEAD}    stages: [{{name: a, command: [\"true\"], after: b}}, {{name: b, command: [\"true\"]}}]\n"
+        ));
+        assert!(errors.to_string().contains(r#"write `after: ["b"]`"#), "{errors}");
+    }
+
+    #[test]
+    fn unknown_keys_and_values_get_did_you_mean() {
+        let errors = errors_of(&format!(
+            "listn: 127.0.0.1:1\n{HEAD}    stages:\n      - name: a\n        command: [\"true\"]\n        timout: 5s\n        gpu_check: warm\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 3, "{text}");
+        assert!(
+            errors.0[0].message.contains("unknown field `listn`")
+                && errors.0[0].message.contains("did you mean `listen`?"),
+            "{text}"
+        );
+        assert!(errors.0[1].message.contains("did you mean `timeout`?") && errors.0[1].line == 8, "{text}");
+        assert!(errors.0[2].message.contains("did you mean `warn`?"), "{text}");
+        // Nothing close: no guess.
+        let errors = errors_of(&format!("{HEAD}    stages: [{{name: a, command: [\"true\"], zzzzzz: 1}}]\n"));
+        assert!(!errors.to_string().contains("did you mean"), "{errors}");
+    }
+
+    #[test]
+    fn unknown_stage_names_get_did_you_mean() {
+        let e = one_error(&format!(
+            "{HEAD}    stages:\n      - {{name: detect, command: [\"true\"]}}\n      - {{name: b, command: [\"true\"], after: [detcet]}}\n"
+        ));
+        assert_eq!(e.field, "pipelines.p.stages[1].after");
+        assert!(e.message.contains("unknown stage `detcet`") && e.message.contains("did you mean `detect`?"), "{e}");
+        let e = one_error(&batch_file("", "worker: n"));
+        assert!(e.message.contains("unknown worker pool `n`") && e.message.contains("did you mean `m`?"), "{e}");
+    }
+
+    #[test]
+    fn template_errors_point_at_their_argument_with_did_you_mean() {
+        let errors = errors_of(&format!(
+            "{HEAD}    inputs: {{frames: {{type: integer}}}}\n    stages:\n      - name: extract\n        command: [python3, x.py, \"{{input.frmes}}\"]\n      - name: detect\n        command:\n          - python3\n          - \"{{stages.extrct.boxes}}\"\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 2, "{text}");
+        let input = &errors.0[0];
+        assert_eq!(
+            (input.line, input.column, input.field.as_str()),
+            (7, 34, "pipelines.p.stages[0].command[2]"),
+            "{text}"
+        );
+        assert!(
+            input.message.contains("input `frmes` is not declared") && input.message.contains("did you mean `frames`?"),
+            "{text}"
+        );
+        let stage = &errors.0[1];
+        assert_eq!(
+            (stage.line, stage.column, stage.field.as_str()),
+            (11, 13, "pipelines.p.stages[1].command[1]"),
+            "{text}"
+        );
+        assert!(
+            stage.message.contains("unknown stage `extrct`") && stage.message.contains("did you mean `extract`?"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_cycle_error_names_the_whole_cycle() {
+        let e = one_error(&format!(
+            "{HEAD}    stages:\n      - {{name: start, command: [\"true\"]}}\n      - {{name: a, command: [\"true\"], after: [start, c]}}\n      - {{name: b, command: [\"true\"], after: [a]}}\n      - {{name: c, command: [\"true\"], after: [b]}}\n"
+        ));
+        assert!(e.message.contains("a -> b -> c -> a"), "{e}");
+        assert_eq!(e.line, 6, "{e}");
+        let e = one_error(&format!("{HEAD}    stages: [{{name: a, command: [\"true\"], after: [a]}}]\n"));
+        assert!(e.message.contains("cycle: a -> a"), "{e}");
+    }
+
+    #[test]
+    fn independent_errors_are_all_reported_with_a_count() {
+        // Shape errors: each part with an error is set aside and the rest read again.
+        let errors = errors_of(&format!(
+            "{HEAD}    stages:\n      - name: a\n        command: echo hello\n      - name: b\n        comand: [\"true\"]\n  q:\n    stages: [{{name: x, command: [\"true\"], timeout: 10}}]\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.iter().map(|e| e.line).collect::<Vec<_>>(), vec![6, 8, 10], "{text}");
+        assert!(text.ends_with("3 errors in conf/p.yaml"), "{text}");
+        assert!(text.contains("--> conf/p.yaml:8:9") && !text.contains("<input>"), "{text}");
+        // The snippet shows the file as written, not the copy with parts set aside.
+        assert!(text.contains("7 |       - name: b\n"), "{text}");
+        // Checks on the whole pipeline too: an unknown predecessor does not hide a bad template.
+        let errors = errors_of(&format!(
+            "{HEAD}    stages:\n      - {{name: a, command: [\"true\", \"{{job.idd}}\"]}}\n      - {{name: b, command: [\"true\"], after: [nope]}}\n"
+        ));
+        assert_eq!(errors.0.len(), 2, "{errors}");
+    }
+
+    #[test]
+    fn setting_a_part_aside_reports_no_error_of_its_own() {
+        // `name` is required: setting the bad `name` aside must not add "missing field `name`".
+        let errors = errors_of(&format!(
+            "{HEAD}    stages:\n      - name: [a]\n        command: [\"true\"]\n      - {{name: b, command: [\"true\"], retry: {{max_attempts: x}}}}\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.len(), 2, "{text}");
+        assert!(!text.contains("missing field"), "{text}");
+        // A key set aside in one stage does not hide the same key really missing in another.
+        let errors = errors_of(&format!(
+            "{HEAD}    stages:\n      - name: [a]\n        command: [\"true\"]\n      - command: [\"true\"]\n        timeout: 1s\n"
+        ));
+        let text = errors.to_string();
+        assert_eq!(errors.0.iter().map(|e| e.line).collect::<Vec<_>>(), vec![5, 8], "{text}");
+        assert!(errors.0[1].message.contains("missing field `name`"), "{text}");
+        // A misspelt key is one mistake, not also a missing one.
+        let errors = errors_of(&format!("{HEAD}    stages:\n      - nme: a\n        command: [\"true\"]\n"));
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0].message.contains("did you mean `name`?"), "{errors}");
+        // A key that is really missing is reported once.
+        let errors = errors_of(&format!("{HEAD}    stages:\n      - command: [\"true\"]\n        timeout: 1s\n"));
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0].message.contains("missing field `name`"), "{errors}");
+        // Not YAML at all: one error, where the parser stopped.
+        let errors = errors_of("pipelines:\n  p: {stages: [\n");
+        assert_eq!(errors.0.len(), 1, "{errors}");
+    }
+
+    #[test]
+    fn commands_missing_from_path_are_warnings_naming_stage_and_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("mytool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&tool).unwrap().permissions(), 0o755);
+        std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let text = format!(
+            "resources: {{gpus: none, cpu: 2}}\nworkers:\n  m: {{command: [no-such-worker-xyz]}}\npipelines:\n  p:\n    stages:\n      - {{name: a, command: [no-such-tool-xyz, x]}}\n      - {{name: b, command: [gpuflow:noop]}}\n      - {{name: c, command: [/no/such/abs]}}\n      - {{name: d, command: [\"{{input.tool}}\"]}}\n      - {{name: e, command: [mytool], env: {{PATH: {}}}}}\n      - {{name: f, command: [sh, -c, \"true\"]}}\n      - {{name: g, worker: m}}\n",
+            dir.path().display()
+        );
+        let config = Config::parse(&text, "t.yaml", &NoGpus).unwrap();
+        let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("workers.m.command") && warnings[0].contains("`no-such-worker-xyz`"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].starts_with(
+                "t.yaml:7:29: pipelines.p.stages[0].command[0]: stage `a`: command `no-such-tool-xyz` is not found"
+            ),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn units_accept_spaces_in_durations_and_sizes_alike() {
+        let config = Config::parse(
+            "resources: {gpus: [{memory: 6 GB}, {memory: 8GiB}], cpu: 2}\nlimits: {log_max: 1 MiB, kill_grace: 10 s}\npipelines:\n  p: {stages: [{name: a, command: [\"true\"], timeout: 1h 30m, expected: 1.5 s}]}\n",
+            "t.yaml",
+            &NoGpus,
+        )
+        .unwrap();
+        assert_eq!(config.gpus[0].memory, 6_000_000_000);
+        assert_eq!(config.gpus[1].memory, 8 << 30);
+        assert_eq!((config.limits.log_max, config.limits.kill_grace_ms), (1 << 20, 10_000));
+        assert_eq!(config.pipelines["p"].core.stages[0].timeout_ms, Some(5_400_000));
+        assert_eq!(config.pipelines["p"].core.stages[0].expected_ms, Some(1_500));
+        let e = one_error(
+            "resources: {gpus: [{memory: 6G}], cpu: 2}\npipelines:\n  p: {stages: [{name: a, command: [\"true\"]}]}\n",
+        );
+        assert!(e.message.contains("ambiguous") && e.message.contains("`6GiB`"), "{e}");
     }
 }

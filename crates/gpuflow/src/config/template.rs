@@ -154,8 +154,22 @@ fn parse_reference(inner: &str, stage_index: &dyn Fn(&str) -> Result<usize, Stri
         ["job", "dir"] => Ok(Reference::JobDir),
         ["job", "id"] => Ok(Reference::JobId),
         _ => Err(format!(
-            "`{{{inner}}}` is not a known reference; use `{{input.KEY}}`, `{{stages.STAGE.KEY}}`, `{{job.dir}}` or `{{job.id}}` (write `{{{{` for a literal brace)"
+            "`{{{inner}}}` is not a known reference; use `{{input.KEY}}`, `{{stages.STAGE.KEY}}`, `{{job.dir}}` or `{{job.id}}` (write `{{{{` for a literal brace){}",
+            likely_reference(&parts).map(|r| format!("; did you mean `{{{r}}}`?")).unwrap_or_default()
         )),
+    }
+}
+
+/// The reference a misspelt one most likely meant: `inputs.video` → `input.video`.
+fn likely_reference(parts: &[&str]) -> Option<String> {
+    let (head, rest) = parts.split_first()?;
+    let head = super::shape::did_you_mean(head, ["input", "stages", "job"]).unwrap_or(head);
+    match (head, rest) {
+        ("job", [what]) => super::shape::did_you_mean(what, ["dir", "id"]).map(|w| format!("job.{w}")),
+        ("input" | "stages", rest) if !rest.is_empty() && head != parts[0] => {
+            Some(format!("{head}.{}", rest.join(".")))
+        }
+        _ => None,
     }
 }
 
@@ -201,7 +215,11 @@ mod tests {
     #[test]
     fn errors_are_explicit() {
         assert!(Template::parse("{stages.nope.x}", &stages).unwrap_err().contains("unknown stage `nope`"));
-        assert!(Template::parse("{inputs.video}", &stages).unwrap_err().contains("not a known reference"));
+        let e = Template::parse("{inputs.video}", &stages).unwrap_err();
+        assert!(e.contains("not a known reference") && e.contains("did you mean `{input.video}`?"), "{e}");
+        let e = Template::parse("{job.idd}", &stages).unwrap_err();
+        assert!(e.contains("did you mean `{job.id}`?"), "{e}");
+        assert!(!Template::parse("{zzz.q}", &stages).unwrap_err().contains("did you mean"));
         assert!(Template::parse("{input.video", &stages).unwrap_err().contains("never closed"));
         let t = Template::parse("{input.missing}", &stages).unwrap();
         let ctx = RenderContext { input: &json!({}), outputs: &[], job_dir: "", job_id: "" };

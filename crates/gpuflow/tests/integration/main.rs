@@ -10,6 +10,7 @@ mod chaos_load;
 mod chaos_workers;
 mod cli;
 mod cluster;
+mod config_check;
 mod dashboard;
 mod diagnosis;
 mod diagnosis_trees;
