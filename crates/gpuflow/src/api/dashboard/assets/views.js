@@ -2,7 +2,7 @@
 // { title, load, render, wants(event) [, mount, tick, apply] }.
 
 import { get } from './api.js';
-import { badge, fill, clock, duration, empty, h, jobLink, s, shortId, when } from './format.js';
+import { badge, fill, bytes, clock, duration, empty, h, jobLink, s, shortId, when } from './format.js';
 
 // ---------------------------------------------------------------- overview
 
