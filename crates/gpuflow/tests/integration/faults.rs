@@ -652,11 +652,7 @@ pipelines:
     )
     .await;
     let holder = engine.submit("hold", json!({})).await;
-    engine
-        .wait_until("the holder runs", Duration::from_secs(10), async |e| {
-            !e.resources().await["leases"].as_array().unwrap().is_empty()
-        })
-        .await;
+    engine.wait_leased("the holder runs", Duration::from_secs(10)).await;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let before = rss_bytes(engine.pid());
     submit_big_inputs(&engine, 400).await;
@@ -667,11 +663,7 @@ pipelines:
 
     engine.kill9();
     engine.restart().await;
-    engine
-        .wait_until("the holder runs again", Duration::from_secs(20), async |e| {
-            !e.resources().await["leases"].as_array().unwrap().is_empty()
-        })
-        .await;
+    engine.wait_leased("the holder runs again", Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let restored = rss_bytes(engine.pid());
     eprintln!("RSS {:.1} MiB after a restart restored them", mib(restored));

@@ -172,6 +172,11 @@ impl Engine {
         }
     }
 
+    /// Waits until the engine holds a lease (a holder job's stage runs).
+    pub async fn wait_leased(&self, what: &str, within: Duration) {
+        self.wait_until(what, within, async |e| !e.resources().await["leases"].as_array().unwrap().is_empty()).await;
+    }
+
     /// Asserts the engine holds no lease and all capacity is free.
     pub async fn assert_all_capacity_free(&self) {
         let r = self.resources().await;

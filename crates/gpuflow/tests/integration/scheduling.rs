@@ -118,11 +118,7 @@ pipelines:
     )
     .await;
     let holder = engine.submit("hold", json!({})).await;
-    engine
-        .wait_until("the holder runs", Duration::from_secs(10), async |e| {
-            !e.resources().await["leases"].as_array().unwrap().is_empty()
-        })
-        .await;
+    engine.wait_leased("the holder runs", Duration::from_secs(10)).await;
     // Enough jobs that the drain takes many turns (a turn decides at most a few thousand
     // actions), so the read below lands in the middle of it.
     let n = 4_000;
