@@ -72,6 +72,18 @@ pub enum StageState {
 }
 
 impl StageState {
+    /// The state an attempt's end leaves its stage in, as the core holds it: a retry due by
+    /// `now` is queued at once, a later one waits in backoff.
+    pub fn after(next: &StageNext, now: u64) -> StageState {
+        match next {
+            StageNext::Succeeded => StageState::Succeeded,
+            StageNext::Retry { at } if *at <= now => StageState::Queued,
+            StageNext::Retry { .. } => StageState::Backoff,
+            StageNext::Failed => StageState::Failed,
+            StageNext::Cancelled => StageState::Cancelled,
+        }
+    }
+
     pub fn is_final(self) -> bool {
         matches!(self, StageState::Succeeded | StageState::Failed | StageState::Cancelled)
     }

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use gpuflow_core::{Action, StageNext};
+use gpuflow_core::{Action, StageState};
 use tokio::sync::broadcast;
 
 use super::*;
@@ -347,7 +347,7 @@ impl<S: Store> Runtime<S> {
                                 stage: stage.clone(),
                                 attempt: *attempt,
                                 result: result.as_str(),
-                                stage_state: stage_state(next),
+                                stage_state: StageState::after(next, now).as_str(),
                             },
                             EngineEvent::Lease { job, stage, attempt: *attempt, gpus, cpu: 0, held: false },
                         ])
@@ -472,14 +472,5 @@ fn action_stage(action: &Action) -> StageIndex {
         | Action::AttemptEnded { stage, .. }
         | Action::StageCancelled { stage, .. } => *stage,
         Action::JobFinished { .. } => 0,
-    }
-}
-
-fn stage_state(next: &StageNext) -> &'static str {
-    match next {
-        StageNext::Succeeded => "succeeded",
-        StageNext::Retry { .. } => "backoff",
-        StageNext::Failed => "failed",
-        StageNext::Cancelled => "cancelled",
     }
 }

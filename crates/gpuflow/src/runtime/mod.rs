@@ -648,13 +648,10 @@ impl<S: Store> Runtime<S> {
             Action::Kill { .. } => return None,
             Action::AttemptEnded { job, stage, attempt, result, next, error, counters, readied, .. } => {
                 let details = self.exits.get(&(*job, *stage, *attempt));
-                // As the core holds it: a retry due now is queued, a later one waits in backoff.
-                let (stage_state, not_before) = match next {
-                    StageNext::Succeeded => (StageState::Succeeded, None),
-                    StageNext::Retry { at } if *at <= now => (StageState::Queued, None),
-                    StageNext::Retry { at } => (StageState::Backoff, Some(*at as i64)),
-                    StageNext::Failed => (StageState::Failed, None),
-                    StageNext::Cancelled => (StageState::Cancelled, None),
+                let stage_state = StageState::after(next, now);
+                let not_before = match next {
+                    StageNext::Retry { at } if stage_state == StageState::Backoff => Some(*at as i64),
+                    _ => None,
                 };
                 Write::AttemptEnded {
                     job: job_id(job)?,
