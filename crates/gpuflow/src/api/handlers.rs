@@ -382,7 +382,14 @@ pub async fn retry_job(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_retryable",
-            format!("job {id} is {}; only a failed or cancelled job can be retried", old.state),
+            format!(
+                "job {id} {}; only a failed or cancelled job can be retried",
+                if matches!(old.state.as_str(), "queued" | "running") {
+                    format!("is {}", old.state)
+                } else {
+                    old.state
+                }
+            ),
         ));
     }
     let body =

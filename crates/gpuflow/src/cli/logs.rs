@@ -100,8 +100,10 @@ pub async fn logs(
             let tail = if log.printed_to == 0 { TAIL_MAX } else { TAIL_MAX.min(64 * 1024) };
             let view = client.log(id, &log.stage, log.stream, Some(log.attempt), tail).await?;
             if let Some(note) = view["note"].as_str() {
-                // Said once per stage, not once per stream or per read.
-                if !log.noted && log.stream == streams.names()[0] {
+                // Said once per stage, not once per stream or per read; among several logs,
+                // an empty one goes unmentioned.
+                let empty = note.starts_with("the attempt wrote nothing");
+                if !log.noted && log.stream == streams.names()[0] && !(headers && empty) {
                     eprintln!("{} attempt {}: {note}", log.stage, log.attempt);
                 }
                 log.noted = true;

@@ -373,7 +373,7 @@ fn check(file: &std::path::Path) -> Result<ExitCode> {
             println!("{}: ok", file.display());
             println!("  listen {}  data_dir {}", config.listen, config.data_dir.display());
             for (i, g) in config.gpus.iter().enumerate() {
-                println!("  gpu {i}: {} {} ({:?})", g.name, gpuflow_core::ByteSize(g.memory), g.source);
+                println!("  gpu {i}: {} {} ({:?})", g.name, human::bytes(g.memory), g.source);
             }
             println!("  cpu slots: {}", config.capacity.cpu);
             for (name, p) in &config.pipelines {

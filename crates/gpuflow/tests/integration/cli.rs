@@ -66,7 +66,7 @@ fn check_points_at_line_column_and_field() {
         "resources: {gpus: [{memory: 8GiB}], cpu: 2}\npipelines:\n  p:\n    stages:\n      - {name: a, command: [\"true\"]}\n",
     );
     assert!(ok, "{out}");
-    assert!(out.contains("gpu 0: virtual-gpu-0 8GiB (Virtual)"), "{out}");
+    assert!(out.contains("gpu 0: virtual-gpu-0 8 GiB (Virtual)"), "{out}");
 }
 
 #[test]
@@ -323,7 +323,11 @@ pipelines:
     // Only a failed or cancelled job can be retried.
     let (code, _, stderr) = cli(&engine, &["retry", &retry]);
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("not_retryable (409)") && stderr.contains("is succeeded"), "{stderr}");
+    assert!(
+        stderr.contains("not_retryable (409)")
+            && stderr.contains(&format!("job {retry} succeeded; only a failed or cancelled job")),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
