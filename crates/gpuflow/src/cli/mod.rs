@@ -25,8 +25,9 @@ pub struct Cli {
     /// Bearer token for client commands, when the engine has `auth` set.
     #[arg(long, global = true, env = "GPUFLOW_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// The engine's log on stderr: `text` (coloured only on a terminal) or `json` (one object
-    /// per line, for log collectors). `GPUFLOW_LOG` sets the level (default `info`).
+    /// The engine's log format on stderr: text (coloured only on a terminal) or json lines.
+    ///
+    /// `GPUFLOW_LOG` sets the level (default `info`).
     #[arg(long, global = true, env = "GPUFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -74,7 +75,7 @@ pub enum Command {
     },
     /// Show a job and its stages.
     Status {
-        /// The job id, or its first characters (the short id `gpuflow jobs` shows).
+        /// The job: its id, its short id (the last 8 characters), or the first characters of its id.
         id: String,
         #[arg(long)]
         json: bool,
@@ -92,33 +93,39 @@ pub enum Command {
     },
     /// Cancel a job.
     Cancel {
-        /// The job id, or its first characters.
+        /// The job: its id, its short id, or the first characters of its id.
         id: String,
     },
-    /// Submit a failed or cancelled job again, with the same pipeline, input and priority;
-    /// the new job is linked to it (`retry of` in `gpuflow status`).
+    /// Submit a failed or cancelled job again, linked to it.
+    ///
+    /// The new job has the same pipeline, input and priority; `gpuflow status` shows
+    /// `retry of` on it and `retried by` on the old one.
     Retry {
-        /// The job id, or its first characters.
+        /// The job: its id, its short id, or the first characters of its id.
         id: String,
         /// Follow the new job until it ends, as `submit --wait` does.
         #[arg(long)]
         wait: bool,
     },
-    /// Print a stage attempt's output (without STAGE: every stage's).
+    /// Print what a job's stages wrote to stdout and stderr.
     Logs {
-        /// The job id, or its first characters.
+        /// The job: its id, its short id, or the first characters of its id.
         id: String,
+        /// Only this stage (default: every stage).
         stage: Option<String>,
         /// Which attempt (default: each stage's latest).
         #[arg(long)]
         attempt: Option<u32>,
+        /// Which output.
         #[arg(long, value_enum, default_value_t = logs::Streams::Both)]
         stream: logs::Streams,
         /// Keep printing what is written until the job ends.
         #[arg(long, short)]
         follow: bool,
     },
-    /// Print a shell completion script: `gpuflow completions bash > /etc/bash_completion.d/gpuflow`.
+    /// Print a shell completion script.
+    ///
+    /// For example `gpuflow completions bash > /etc/bash_completion.d/gpuflow`.
     Completions { shell: clap_complete::Shell },
     /// Show capacity, leases and the waiting queue.
     Resources {
