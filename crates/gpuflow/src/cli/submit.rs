@@ -271,22 +271,24 @@ pub fn print_jobs(list: &Value) {
     print_table(&table);
 }
 
+/// One line per agent, its state in brackets.
 pub fn print_agents(r: &Value) {
-    let mut table = table(&["NAME", "ID", "STATE", "HEARTBEAT", "LEASES", "GPUS", "CPU USED", "API"], &[4, 5]);
     for a in r["agents"].as_array().into_iter().flatten() {
         let res = &a["resources"];
-        table.add_row([
+        let gpus = res["gpus"].as_array().map(|g| g.len()).unwrap_or(0);
+        println!(
+            "{} {} [{}] heartbeat {} ago, {} leases, {}, {} of {} CPU used, api {}",
             s(&a["name"]),
             s(&a["id"]),
             s(&a["state"]),
-            format!("{} ago", duration_ms(a["heartbeat_age_ms"].as_u64().unwrap_or(0))),
+            duration_ms(a["heartbeat_age_ms"].as_u64().unwrap_or(0)),
             s(&a["leases"]),
-            res["gpus"].as_array().map(|g| g.len()).unwrap_or(0).to_string(),
-            format!("{} of {}", s(&res["cpu_used"]), s(&res["cpu"])),
+            if gpus == 1 { "1 GPU".to_string() } else { format!("{gpus} GPUs") },
+            s(&res["cpu_used"]),
+            s(&res["cpu"]),
             s(&a["api"]),
-        ]);
+        );
     }
-    print_table(&table);
 }
 
 pub fn print_resources(r: &Value) {
