@@ -12,8 +12,9 @@ const CANDIDATES: u32 = 10;
 
 /// The whole id of the one job that `typed` names.
 pub async fn resolve(client: &Client, typed: &str) -> Result<String> {
-    if uuid::Uuid::try_parse(typed).is_ok() {
-        return Ok(typed.to_ascii_lowercase());
+    if let Ok(whole) = uuid::Uuid::try_parse(typed) {
+        // As stored: hyphenated lowercase, whichever form was typed.
+        return Ok(whole.to_string());
     }
     if crate::store::IdPrefix::parse(typed).is_none() {
         bail!(

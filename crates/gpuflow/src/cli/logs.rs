@@ -38,6 +38,8 @@ struct Shown {
     stream: &'static str,
     attempt: u32,
     printed_to: u64,
+    /// How much it grew between the last two reads: the next read asks for twice that.
+    growth: u64,
     /// Whether the engine's note on this attempt (a worker stage's log is elsewhere) was shown.
     noted: bool,
 }
@@ -70,6 +72,7 @@ pub async fn logs(
                 stream,
                 attempt: 0,
                 printed_to: 0,
+                growth: 0,
                 noted: false,
             })
         })
@@ -97,7 +100,8 @@ pub async fn logs(
                 log.printed_to = 0;
                 log.noted = false;
             }
-            let tail = if log.printed_to == 0 { TAIL_MAX } else { TAIL_MAX.min(64 * 1024) };
+            // The first read takes the most the engine gives; later ones what is likely new.
+            let tail = if log.printed_to == 0 { TAIL_MAX } else { TAIL_MAX.min((2 * log.growth).max(64 * 1024)) };
             let view = client.log(id, &log.stage, log.stream, Some(log.attempt), tail).await?;
             if let Some(note) = view["note"].as_str() {
                 // Said once per stage, not once per stream or per read; among several logs,
@@ -143,6 +147,7 @@ pub async fn logs(
             };
             out.write_all(new)?;
             out.flush()?;
+            log.growth = size - log.printed_to;
             log.printed_to = size;
         }
         if !follow || finished {
