@@ -28,7 +28,7 @@ pub struct Cli {
     /// The engine's log format on stderr: text (coloured only on a terminal) or json lines.
     ///
     /// `GPUFLOW_LOG` sets the level (default `info`).
-    #[arg(long, global = true, env = "GPUFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, env = "GPUFLOW_LOG_FORMAT", value_enum, ignore_case = true, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
