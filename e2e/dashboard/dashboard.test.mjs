@@ -6,7 +6,9 @@
 // Checks: the page loads with no console errors (and nothing from another origin); a job
 // submitted through the API shows up and moves through its states live, with the progress
 // its GPU stage reports (bar and message); the GPU lane shows the lease and its holder's
-// progress; the waiting queue says what an entry waits for; cancel works from the page.
+// progress; the waiting queue says what an entry waits for; cancel works from the page; on a
+// second engine, GPU memory shares (a pool instance's and stages') are shown as shares, counted
+// as shared, and their lease labels do not overlap.
 // Screenshots go to target/dashboard-e2e/.
 
 import assert from 'node:assert/strict';
@@ -69,11 +71,41 @@ function startTelemetry() {
   telemetryTimer = setInterval(write, 400);
 }
 
-async function startEngine(config) {
+// A second engine for GPU shares: two virtual GPUs, a worker pool whose instance holds 6 GiB
+// of one for its lifetime, and stages that hold 4 GiB shares, several at once on one device.
+function writeSharesConfig() {
+  const file = path.join(tmp, 'shares.yaml');
+  fs.writeFileSync(file, `listen: 127.0.0.1:0
+data_dir: ${path.join(tmp, 'shares-data')}
+resources:
+  gpus: [{memory: 16GiB, name: virtual-gpu-0}, {memory: 16GiB, name: virtual-gpu-1}]
+  cpu: 8
+workers:
+  shared:
+    command: [python3, examples/chain/chain_worker.py]
+    instances: 1
+    needs: {gpu_memory: 6GiB}
+    env: {CHAIN_SCALE: "2"}
+pipelines:
+  pooled:
+    stages:
+      - {name: ocr, worker: shared}
+  shares:
+    stages:
+      - {name: left, needs: {gpu_memory: 4GiB}, command: [sleep, "8"]}
+      - {name: right, after: [], needs: {gpu_memory: 4GiB}, command: [sleep, "8"]}
+`);
+  return file;
+}
+
+const engines = [];
+
+async function startEngine(config, dataDir = 'data') {
   const out = fs.openSync(engineLog, 'a');
   // The quickstart's stage commands are relative to the repository root.
   engine = spawn(bin, ['serve', '--config', config], { cwd: repo, stdio: ['ignore', out, out] });
-  const addrFile = path.join(tmp, 'data/listen.addr');
+  engines.push(engine);
+  const addrFile = path.join(tmp, dataDir, 'listen.addr');
   const deadline = Date.now() + 30_000;
   while (Date.now() < deadline) {
     if (engine.exitCode !== null) throw new Error(`engine exited with ${engine.exitCode}`);
@@ -106,7 +138,8 @@ async function main() {
   fs.mkdirSync(shots, { recursive: true });
   startTelemetry();
   const base = await startEngine(writeConfig());
-  const origin = new URL(base).origin;
+  // The engines' own origins (a second one starts for the shares step).
+  const origins = new Set([new URL(base).origin]);
   log(`engine at ${base}, data in ${tmp}`);
 
   context = await chromium.launchPersistentContext(path.join(tmp, 'profile'), {
@@ -124,7 +157,7 @@ async function main() {
   page.on('pageerror', (e) => consoleErrors.push(`uncaught: ${e.message}`));
   page.on('request', (r) => {
     const url = new URL(r.url());
-    if (url.protocol.startsWith('http') && url.origin !== origin) foreign.push(r.url());
+    if (url.protocol.startsWith('http') && !origins.has(url.origin)) foreign.push(r.url());
   });
 
   // 1. The page loads, connects to the live feed, and logs no error.
@@ -254,9 +287,113 @@ async function main() {
     await page.waitForSelector(`.view-${view}[data-loaded="true"]`);
   }
 
+  // 6. GPU shares, on a second engine: a pool instance's 6 GiB and stages' 4 GiB shares are
+  //    shown as shares, a device they hold is not "free", the overview counts it as shared,
+  //    and lease labels never overlap, even with several leases on one device at once.
+  await shares(page, consoleErrors, origins);
+
   assert.deepEqual(consoleErrors, [], 'console errors');
   assert.deepEqual(foreign, [], 'requests to other origins');
-  log(`screenshots in ${path.relative(repo, shots)}/: overview.png, job.png, gpus-progress.png, gpus.png, job-cancelled.png`);
+  log(`screenshots in ${path.relative(repo, shots)}/: overview.png, job.png, gpus-progress.png, gpus.png, job-cancelled.png, shares-gpus.png, shares-gpus-ended.png`);
+}
+
+// Labels (and progress messages) on a lane whose bounding boxes intersect, as pairs.
+async function overlappingLabels(page) {
+  return page.evaluate(() => {
+    const hits = [];
+    for (const laneEl of document.querySelectorAll('.lane')) {
+      const boxes = [...laneEl.querySelectorAll('text.lease-label, text.lease-message')]
+        .map((t) => ({ text: t.textContent, r: t.getBoundingClientRect() }))
+        .filter((b) => b.r.width > 0);
+      for (let i = 0; i < boxes.length; i++) {
+        for (let j = i + 1; j < boxes.length; j++) {
+          const [a, b] = [boxes[i].r, boxes[j].r];
+          if (a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom) {
+            hits.push(`GPU ${laneEl.dataset.device}: "${boxes[i].text}" and "${boxes[j].text}"`);
+          }
+        }
+      }
+      // A label stays inside its own bar.
+      for (const t of laneEl.querySelectorAll('a.lease text.lease-label')) {
+        const bar = t.parentNode.querySelector('rect.lease-bar').getBoundingClientRect();
+        const r = t.getBoundingClientRect();
+        if (r.left < bar.left - 0.5 || r.right > bar.right + 0.5 || r.top < bar.top - 0.5 || r.bottom > bar.bottom + 0.5) {
+          hits.push(`GPU ${laneEl.dataset.device}: "${t.textContent}" spills out of its bar`);
+        }
+      }
+    }
+    return hits;
+  });
+}
+
+async function shares(page, consoleErrors, origins) {
+  const base = await startEngine(writeSharesConfig(), 'shares-data');
+  origins.add(new URL(base).origin);
+  log(`shares engine at ${base}`);
+  // The pool instance takes its 6 GiB once it starts.
+  let poolDevice = null;
+  for (const deadline = Date.now() + STEP_TIMEOUT; Date.now() < deadline; await new Promise((r) => setTimeout(r, 100))) {
+    const res = await api(base, 'GET', '/v1/resources');
+    const instance = res.pools.find((p) => p.name === 'shared').instances[0];
+    if (instance && instance.devices.length && ['idle', 'busy'].includes(instance.state)) {
+      assert.equal(instance.gpu_memory_bytes, 6 * 2 ** 30, `the instance's share: ${JSON.stringify(instance)}`);
+      assert.equal(res.gpus[instance.devices[0]].memory_leased_bytes, 6 * 2 ** 30, 'the pool share counts as leased memory');
+      poolDevice = instance.devices[0];
+      break;
+    }
+  }
+  assert.notEqual(poolDevice, null, 'the pool instance never became ready with a device');
+  const otherDevice = 1 - poolDevice;
+
+  // The overview counts a device held by a 6 GiB share as shared, not leased.
+  await page.goto(`${base}/#/`);
+  await page.waitForSelector('.view-overview[data-loaded="true"]');
+  const count = await page.textContent('.gpu-count');
+  assert.match(count, /^1 shared, 1 free\s*of 2 GPUs$/, `overview GPU count: ${count}`);
+
+  // The GPU the pool holds is badged shared, naming the pool; the other one free.
+  await page.goto(`${base}/#/gpus`);
+  await page.waitForSelector('.view-gpus[data-loaded="true"]');
+  const held = await page.textContent(`.lane[data-device="${poolDevice}"] .hold`);
+  assert.match(held, /^shared: 6 GiB of 16 GiB held by pool shared #0$/, `pool device badge: ${held}`);
+  assert.equal(await page.textContent(`.lane[data-device="${otherDevice}"] .hold`), 'free');
+  const poolRow = await page.textContent('.held tr[data-pool="shared"] .share');
+  assert.equal(poolRow, `6 GiB of GPU ${poolDevice}`, 'Held now: the pool instance\'s share');
+
+  // A worker stage on the pool shows its instance's share, not "whole device".
+  const pooled = (await api(base, 'POST', '/v1/jobs', { pipeline: 'pooled', input: {} })).id;
+  const stageShares = [];
+  for (let i = 0; i < 3; i++) stageShares.push((await api(base, 'POST', '/v1/jobs', { pipeline: 'shares', input: {} })).id);
+  await page.waitForSelector(`.lane[data-device="${poolDevice}"] a.lease.open[data-job="${pooled}"][data-stage="ocr"]`);
+  assert.equal(await page.getAttribute(`a.lease.open[data-job="${pooled}"]`, 'data-share'), `6 GiB of GPU ${poolDevice}`);
+  await page.waitForSelector(`.held tr[data-job="${pooled}"] .share`);
+  assert.equal(await page.textContent(`.held tr[data-job="${pooled}"] .share`), `6 GiB of GPU ${poolDevice}`);
+  // Six 4 GiB stages at once on two devices: some run side by side on one device.
+  await page.waitForFunction((jobs) => jobs.every((j) => document.querySelectorAll(`a.lease.open[data-job="${j}"]`).length === 2), stageShares);
+  assert.ok(await page.$('a.lease.open[data-row="1"]'), 'leases held at once on one device share its band in rows');
+  for (const j of stageShares) {
+    for (const share of await page.$$eval(`.held tr[data-job="${j}"] .share`, (cells) => cells.map((c) => c.textContent))) {
+      assert.match(share, /^4 GiB of GPU [01]$/, `stage share: ${share}`);
+    }
+  }
+  for (const d of [0, 1]) {
+    const badge = await page.textContent(`.lane[data-device="${d}"] .hold`);
+    assert.match(badge, /^shared: \d+ GiB of 16 GiB held by /, `GPU ${d} with shares is not free: ${badge}`);
+  }
+  assert.deepEqual(await overlappingLabels(page), [], 'lease labels overlap');
+  await page.screenshot({ path: path.join(shots, 'shares-gpus.png'), fullPage: true });
+  // ...and once they ended, side by side in history.
+  await page.waitForFunction((jobs) => jobs.every((j) => document.querySelectorAll(`a.lease.closed[data-job="${j}"]`).length === 2), stageShares, { timeout: 60_000 });
+  // Now the bars are seconds wide: leases side by side carry labels, and still none overlaps.
+  await page.waitForFunction(() => document.querySelectorAll('a.lease[data-row="1"] text.lease-label').length > 0);
+  assert.deepEqual(await overlappingLabels(page), [], 'lease labels overlap after the leases ended');
+  await page.screenshot({ path: path.join(shots, 'shares-gpus-ended.png'), fullPage: true });
+
+  await page.goto(`${base}/#/pools`);
+  await page.waitForSelector('.view-pools[data-loaded="true"]');
+  assert.equal(await page.textContent('.pool tr[data-instance="0"] .instance-devices'), `6 GiB of GPU ${poolDevice}`);
+  assert.deepEqual(consoleErrors, [], 'console errors on the shares engine');
+  log(`shares: pool holds 6 GiB of GPU ${poolDevice}; badges, overview count, shares and labels checked`);
 }
 
 let failed = false;
@@ -275,9 +412,11 @@ try {
 } finally {
   clearInterval(telemetryTimer);
   if (context) await context.close().catch(() => {});
-  if (engine && engine.exitCode === null) {
-    engine.kill('SIGTERM');
-    await new Promise((r) => { engine.once('exit', r); setTimeout(r, 10_000); });
+  for (const e of engines) {
+    if (e.exitCode === null) {
+      e.kill('SIGTERM');
+      await new Promise((r) => { e.once('exit', r); setTimeout(r, 10_000); });
+    }
   }
   if (!failed) fs.rmSync(tmp, { recursive: true, force: true });
 }

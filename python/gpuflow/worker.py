@@ -26,10 +26,12 @@ import json
 import math
 import os
 import select
+import signal
 import sys
 import threading
 import time
 import traceback
+from types import FrameType
 from typing import Any, Deque, Dict, List, NoReturn, Optional, Tuple
 
 PROTOCOL_VERSION = 1
@@ -82,6 +84,20 @@ class Worker:
     #: The largest batch this instance can take (e.g. what its GPU memory allows), announced in
     #: `ready` as ``max_batch``; the engine never sends more. None: the pool's ``max_size``.
     max_batch: Optional[int] = None
+
+    def teardown(self) -> None:
+        """Release what `load` acquired (close sessions, flush caches, free GPU memory).
+
+        Called once, in the main thread, when the instance stops after a successful `load`:
+        on the engine's ``shutdown`` (the engine stops, a reload retires the pool, or the
+        instance is recycled after ``max_tasks_per_instance`` tasks, i.e. after its last task),
+        when the engine closes the worker's input, on SIGTERM (the engine stopping a task
+        that ran too long or was cancelled; the task in progress is abandoned and the engine
+        records it as stopped), and on Ctrl-C. Not called when `load` failed, nor on SIGKILL:
+        keep it shorter than the engine's ``limits.kill_grace``, after which the engine sends
+        SIGKILL. A SIGTERM arriving while it runs does not interrupt it. An exception from it
+        is logged and the worker still exits.
+        """
 
     def handle(self, task: "Task") -> Any:
         """Run one task and return its output (any JSON-serialisable value)."""
@@ -308,14 +324,14 @@ class _Heartbeat(threading.Thread):
         if frame is None:
             return None
         depth = 0
-        walker = frame
+        walker: Optional[FrameType] = frame
         while walker is not None:
             depth += 1
             walker = walker.f_back
         return (frame, frame.f_code, frame.f_lineno or 0, frame.f_lasti, depth)
 
     def run(self) -> None:
-        watched: Optional[Task] = None
+        watched: Optional[List[Task]] = None
         # Holds a reference to the sampled frame until the next tick so that its id cannot be
         # reused by a new frame; that keeps its locals alive for at most one interval.
         last: Optional[_Position] = None
@@ -517,7 +533,7 @@ class _Input:
         """Every whole line that has already arrived, without waiting."""
         while self._fill(block=False):
             pass
-        lines = []
+        lines: List[bytes] = []
         while True:
             line = self._take_line()
             if line is None:
@@ -698,6 +714,48 @@ def serve(worker: Worker) -> NoReturn:
         _log(f"the info returned by load() is not JSON-serialisable: {exc}")
         sys.exit(1)
 
+    stop = _Stop()
+    stop.install()
+    try:
+        _serve_loop(worker, protocol_fd, interval_s, ready)
+    finally:
+        stop.teardown(worker)
+
+
+class _Stop:
+    """Runs `Worker.teardown` once when the worker stops, and turns SIGTERM into a clean stop
+    (then dies of SIGTERM as the engine expects). A SIGTERM during the teardown is ignored:
+    the engine's SIGKILL after ``kill_grace`` bounds it."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        self.tearing_down = False
+
+    def install(self) -> None:
+        try:
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:
+            pass  # not the main thread: leave signals alone
+
+    def _on_sigterm(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.tearing_down:
+            return
+        self.signal = signum
+        raise SystemExit(128 + signum)
+
+    def teardown(self, worker: Worker) -> None:
+        self.tearing_down = True
+        try:
+            worker.teardown()
+        except Exception:
+            _log(f"teardown() failed:\n{traceback.format_exc()}")
+        if self.signal is not None:
+            signal.signal(self.signal, signal.SIG_DFL)
+            os.kill(os.getpid(), self.signal)
+
+
+def _serve_loop(worker: Worker, protocol_fd: int, interval_s: float, ready: bytes) -> NoReturn:
     channel = _Channel(protocol_fd)
     beat = _Heartbeat(channel, interval_s, threading.get_ident())
     beat.start()

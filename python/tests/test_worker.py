@@ -427,5 +427,68 @@ class WorkerProtocolTest(unittest.TestCase):
         self.assertIn("RuntimeError: weights missing", engine.stderr())
 
 
+
+class TeardownTest(unittest.TestCase):
+    """`Worker.teardown` runs once when the worker stops gracefully, and only then."""
+
+    def start(self, **env):
+        handle, path = tempfile.mkstemp(prefix="gpuflow-teardown-")
+        os.close(handle)
+        self.addCleanup(os.unlink, path)
+        engine = FakeEngine(self, extra_env={"GPUFLOW_TEST_TEARDOWN_FILE": path, **env})
+        return engine, Path(path)
+
+    def test_shutdown_after_the_last_task_tears_down_once(self):
+        engine, calls = self.start()
+        engine.ready()
+        self.assertEqual(engine.run({"action": "echo"})["type"], "result")
+        self.assertEqual(calls.read_text(), "", "not before the worker stops")
+        engine.send({"type": "shutdown"})
+        self.assertEqual(engine.wait_exit(), 0)
+        self.assertEqual(calls.read_text(), "start after 1 tasks\ndone\n")
+
+    def test_end_of_input_tears_down(self):
+        engine, calls = self.start()
+        engine.ready()
+        engine.proc.stdin.close()
+        self.assertEqual(engine.wait_exit(), 0)
+        self.assertEqual(calls.read_text(), "start after 0 tasks\ndone\n")
+
+    def test_sigterm_during_a_task_tears_down_then_dies_of_sigterm(self):
+        engine, calls = self.start()
+        engine.ready()
+        engine.task({"action": "compute", "seconds": 30})
+        time.sleep(0.3)
+        os.killpg(engine.proc.pid, signal.SIGTERM)
+        self.assertEqual(engine.wait_exit(), -signal.SIGTERM)
+        self.assertEqual(calls.read_text(), "start after 1 tasks\ndone\n")
+
+    def test_sigterm_does_not_cut_a_teardown_short(self):
+        # As on engine shutdown: `shutdown`, then SIGTERM at once.
+        engine, calls = self.start(GPUFLOW_TEST_TEARDOWN_SECONDS="0.6")
+        engine.ready()
+        engine.send({"type": "shutdown"})
+        deadline = time.monotonic() + 5
+        while "start" not in calls.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(engine.proc.pid, signal.SIGTERM)
+        self.assertEqual(engine.wait_exit(), 0)
+        self.assertEqual(calls.read_text(), "start after 0 tasks\ndone\n")
+
+    def test_a_failing_teardown_is_logged_and_the_worker_still_exits(self):
+        engine, calls = self.start(GPUFLOW_TEST_TEARDOWN_FAIL="1")
+        engine.ready()
+        engine.send({"type": "shutdown"})
+        self.assertEqual(engine.wait_exit(), 0)
+        self.assertEqual(calls.read_text(), "start after 0 tasks\n")
+        self.assertIn("teardown() failed", engine.stderr())
+        self.assertIn("could not release the session", engine.stderr())
+
+    def test_no_teardown_when_load_failed(self):
+        engine, calls = self.start(GPUFLOW_TEST_LOAD_FAIL="1")
+        self.assertEqual(engine.wait_exit(), 1)
+        self.assertEqual(calls.read_text(), "")
+
+
 if __name__ == "__main__":
     unittest.main()

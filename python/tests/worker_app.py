@@ -30,7 +30,23 @@ class TestWorker(gpuflow.Worker):
             "instance": os.environ.get("GPUFLOW_WORKER_INSTANCE"),
         }
 
+    tasks_done = 0
+
+    def teardown(self):
+        # Records each call, so the tests see when (and how often) it ran.
+        path = os.environ.get("GPUFLOW_TEST_TEARDOWN_FILE")
+        if not path:
+            return
+        with open(path, "a") as f:
+            f.write(f"start after {self.tasks_done} tasks\n")
+        time.sleep(float(os.environ.get("GPUFLOW_TEST_TEARDOWN_SECONDS", "0")))
+        if os.environ.get("GPUFLOW_TEST_TEARDOWN_FAIL"):
+            raise RuntimeError("could not release the session")
+        with open(path, "a") as f:
+            f.write("done\n")
+
     def handle(self, task):
+        self.tasks_done += 1
         action = task.input.get("action")
         if action == "echo":
             return {

@@ -17,5 +17,6 @@ pub use resources::{ByteSize, Capacity, GpuDevice, Grant, Inventory, RequestErro
 pub use retry::RetryPolicy;
 pub use scheduler::{
     Action, ApplyError, AttemptResult, Event, JobId, JobRun, JobState, KillReason, Lease, Outcome, RestoredStage,
-    RestoredStatus, RunningAttempt, SchedulerConfig, StageCounters, StageNext, StageRun, StageStatus, State, Waiting,
+    RestoredStatus, RunningAttempt, SchedulerConfig, StageCounters, StageNext, StageRun, StageState, StageStatus,
+    State, Waiting,
 };

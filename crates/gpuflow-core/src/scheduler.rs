@@ -57,6 +57,51 @@ impl JobState {
     }
 }
 
+/// A stage's state as recorded and shown: `StageStatus` without its data. `Pending` waits for
+/// predecessors; `Queued` is ready and waits for resources (or an agent's claim); `Backoff`
+/// waits out a retry delay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageState {
+    Pending,
+    Queued,
+    Backoff,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl StageState {
+    pub fn is_final(self) -> bool {
+        matches!(self, StageState::Succeeded | StageState::Failed | StageState::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageState::Pending => "pending",
+            StageState::Queued => "queued",
+            StageState::Backoff => "backoff",
+            StageState::Running => "running",
+            StageState::Succeeded => "succeeded",
+            StageState::Failed => "failed",
+            StageState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StageState> {
+        Some(match s {
+            "pending" => StageState::Pending,
+            "queued" => StageState::Queued,
+            "backoff" => StageState::Backoff,
+            "running" => StageState::Running,
+            "succeeded" => StageState::Succeeded,
+            "failed" => StageState::Failed,
+            "cancelled" => StageState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
 /// Why the engine is stopping an attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KillReason {
@@ -328,6 +373,9 @@ pub enum Action {
         counters: StageCounters,
         /// How long the attempt held its lease (0 for one interrupted by an engine restart).
         ran_ms: u64,
+        /// Stages this attempt's success made ready (all their predecessors succeeded): they
+        /// are queued now, and recorded so.
+        readied: Vec<StageIndex>,
     },
     /// A stage that never ran (or waits to retry) will not run.
     StageCancelled {
@@ -758,6 +806,7 @@ impl State {
                         retryable: true,
                         counters,
                         ran_ms: 0,
+                        readied: Vec::new(),
                     });
                     match next {
                         StageNext::Failed => {
@@ -864,6 +913,7 @@ impl State {
             _ => StageNext::Cancelled,
         };
         let ran_ms = now.saturating_sub(running.started_at);
+        let readied = t.changes[1..].iter().filter(|(_, c)| *c == Change::Ready).map(|(i, _)| *i).collect();
         actions.push(Action::AttemptEnded {
             job: id,
             stage,
@@ -874,6 +924,7 @@ impl State {
             retryable,
             counters,
             ran_ms,
+            readied,
         });
 
         let status = match next {
@@ -931,6 +982,7 @@ impl State {
             retryable: true,
             counters,
             ran_ms,
+            readied: Vec::new(),
         });
         match next {
             StageNext::Failed => {

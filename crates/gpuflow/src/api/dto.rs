@@ -323,6 +323,9 @@ pub struct InstanceView {
     pub state: String,
     pub pid: Option<u32>,
     pub devices: Vec<u32>,
+    /// The share of its device's memory it holds for its lifetime (the pool's
+    /// `needs.gpu_memory`); absent when it holds whole devices (`devices`) or no GPU.
+    pub gpu_memory_bytes: Option<u64>,
     /// The task it runs, as `JOB/STAGE/ATTEMPT`.
     pub task: Option<String>,
     /// Tasks sent ahead to it (the pool's `prefetch`), in the order it will run them.

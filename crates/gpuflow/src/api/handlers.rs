@@ -5,6 +5,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use gpuflow_core::StageState;
 
 use super::dto::*;
 use super::error::{ApiError, ErrorBody};
@@ -272,7 +273,8 @@ pub async fn list_jobs(
                 .map_err(|_| ApiError::bad_request(format!("cursor: `{c}` is not a cursor from a previous page")))?,
         ),
     };
-    let filter = JobFilter { state: q.state, pipeline: q.pipeline, before_seq, limit: limit + 1 };
+    let state = q.state.as_deref().and_then(gpuflow_core::JobState::parse);
+    let filter = JobFilter { state, pipeline: q.pipeline, before_seq, limit: limit + 1 };
     let mut rows = app.reads.list_jobs(&filter).await?;
     let next_cursor = (rows.len() > limit as usize).then(|| {
         rows.truncate(limit as usize);
@@ -323,7 +325,7 @@ fn summary(r: JobRecord) -> JobSummary {
     JobSummary {
         id: r.id,
         pipeline: r.pipeline,
-        state: r.state,
+        state: r.state.as_str().to_string(),
         priority: r.priority,
         created_at: time(r.created_at),
         finished_at: r.finished_at.map(time),
@@ -384,10 +386,9 @@ pub async fn retry_job(
             "not_retryable",
             format!(
                 "job {id} {}; only a failed or cancelled job can be retried",
-                if matches!(old.state.as_str(), "queued" | "running") {
-                    format!("is {}", old.state)
-                } else {
-                    old.state
+                match old.state.as_str() {
+                    state @ ("queued" | "running") => format!("is {state}"),
+                    state => state.to_string(),
                 }
             ),
         ));
@@ -412,26 +413,17 @@ pub async fn retry_job(
 /// `progress`: the running attempts' latest reports, `(stage, attempt, report)`.
 fn job_view(d: JobDetail, mut progress: Vec<(usize, u32, StageProgress)>) -> JobView {
     let names: Vec<String> = d.stages.iter().map(|s| s.name.clone()).collect();
-    let job_active = matches!(d.job.state.as_str(), "queued" | "running");
-    let states: Vec<String> = d.stages.iter().map(|s| s.state.clone()).collect();
     let stages = d
         .stages
         .iter()
         .map(|s| {
-            // The store records `pending`; whether it is waiting for predecessors or for
-            // resources follows from its predecessors' states.
-            let state = if s.state == "pending" && job_active && s.deps.iter().all(|p| states[*p] == "succeeded") {
-                "queued".to_string()
-            } else {
-                s.state.clone()
-            };
             StageView {
                 name: s.name.clone(),
-                state,
+                state: s.state.as_str().to_string(),
                 after: s.deps.iter().map(|p| names[*p].clone()).collect(),
                 attempts: s.attempts,
                 failures: s.failures,
-                retry_at: s.not_before.filter(|_| s.state == "backoff").map(time),
+                retry_at: s.not_before.filter(|_| s.state == StageState::Backoff).map(time),
                 started_at: s.started_at.map(time),
                 finished_at: s.finished_at.map(time),
                 exit_code: s.exit_code,
@@ -442,7 +434,7 @@ fn job_view(d: JobDetail, mut progress: Vec<(usize, u32, StageProgress)>) -> Job
                 progress: progress
                     .iter()
                     .position(|(stage, attempt, _)| *stage == s.idx && *attempt == s.attempts)
-                    .filter(|_| s.state == "running")
+                    .filter(|_| s.state == StageState::Running)
                     .map(|i| progress_view(progress.swap_remove(i).2)),
                 attempt_history: d
                     .attempts
@@ -467,7 +459,7 @@ fn job_view(d: JobDetail, mut progress: Vec<(usize, u32, StageProgress)>) -> Job
     JobView {
         id: j.id,
         pipeline: j.pipeline,
-        state: j.state,
+        state: j.state.as_str().to_string(),
         priority: j.priority,
         input: j.input,
         output: j.output,
@@ -586,11 +578,11 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
             },
         })
         .collect();
+    let config = app.config.get();
     let pools = s
         .pools
         .into_iter()
         .map(|p| PoolView {
-            name: p.name,
             instances: p
                 .instances
                 .into_iter()
@@ -598,6 +590,7 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
                     index: i.index,
                     state: i.state.to_string(),
                     pid: i.pid,
+                    gpu_memory_bytes: pool_memory_share(&config, &p.name).filter(|_| !i.devices.is_empty()),
                     devices: i.devices,
                     task: i.task,
                     queued: i.queued,
@@ -609,10 +602,18 @@ pub async fn resources(State(app): State<AppState>) -> Result<Json<ResourcesView
                     progress: i.progress.map(progress_view),
                 })
                 .collect(),
+            name: p.name,
         })
         .collect();
     let cpu = CountView { capacity: s.capacity.cpu as u64, leased: s.usage.cpu as u64 };
     Ok(Json(ResourcesView { gpus, cpu, counters, leases, waiting, pools }))
+}
+
+/// The memory share each instance of a pool holds on its device: `Some` for a pool that needs
+/// `gpu_memory` and no whole GPU, so pages can say "6 GiB of GPU 0" instead of "whole device".
+pub(crate) fn pool_memory_share(config: &Config, pool: &str) -> Option<u64> {
+    let needs = &config.workers.get(pool)?.needs;
+    (needs.gpus == 0 && needs.gpu_memory > 0).then_some(needs.gpu_memory)
 }
 
 /// Re-read the pipeline file. Changes that cannot apply while jobs run are refused (409) with

@@ -160,6 +160,14 @@ impl<S: Store> Runtime<S> {
                 agent.stopping.insert(*local);
             }
         }
+        if !stop.is_empty() {
+            // Signalled here, not by the turn that records the stop: that turn writes to the
+            // database, and until then the stage would run on beside its re-run elsewhere.
+            for (local, _) in &stop {
+                self.signal_stop(*local);
+            }
+        }
+        let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
         match agent.store.heartbeat(ttl, &resources).await {
             Ok(held) => {
                 agent.last_renewal = tokio::time::Instant::now();
@@ -208,6 +216,20 @@ impl<S: Store> Runtime<S> {
         self.resend_unsent().await;
         self.claim_work().await;
         Ok(())
+    }
+
+    /// Asks every process running a stage of `local` to stop now (TERM, grace, KILL); the
+    /// attempt ends through its exit as usual.
+    fn signal_stop(&mut self, local: JobId) {
+        for (key, p) in &self.processes {
+            if key.0 == local {
+                let _ = p.stop.send(StopRequest);
+            }
+        }
+        let tasks: Vec<AttemptKey> = self.worker_tasks.keys().filter(|k| k.0 == local).copied().collect();
+        for key in tasks {
+            self.stop_worker_task(key);
+        }
     }
 
     /// Stops this agent's claims whose job is ending (cancelled, or failed on another stage).
@@ -372,7 +394,7 @@ impl<S: Store> Runtime<S> {
         let mut outputs = claim.outputs;
         outputs.resize(n, None);
         tracing::info!(job = %claim.job, stage = %def.core.stages[claim.stage].name, attempt = claim.attempt, token = claim.token, "claimed");
-        self.track(local, claim.job, claim.pipeline, def, claim.input, outputs);
+        self.track(local, claim.job, claim.pipeline, def, Some(claim.input), outputs);
         self.step(Event::Restored {
             job: local,
             seq: claim.token as u64,

@@ -320,7 +320,7 @@ impl<S: Store> Runtime<S> {
         let submitted = Submitted { id: id.clone(), state: JobState::Queued.as_str().to_string(), created: true };
         self.turn.submitted.push(EngineEvent::JobSubmitted { job: id.clone(), pipeline: request.pipeline.clone() });
         self.step(Event::Submitted { job, seq, priority: request.priority, pipeline: def.core.clone() });
-        self.track(job, id, request.pipeline, def.clone(), request.input, Vec::new());
+        self.track(job, id, request.pipeline, def.clone(), Some(request.input), Vec::new());
         Ok(submitted)
     }
 
@@ -341,7 +341,7 @@ impl<S: Store> Runtime<S> {
         };
         // A job admitted earlier in this turn is not in the store yet.
         let (id, state, same) = match self.turn.keys.get(key).map(|i| &self.turn.jobs[*i]) {
-            Some(j) => (j.id.clone(), JobState::Queued.as_str().to_string(), same(&j.pipeline, &j.input, j.priority)),
+            Some(j) => (j.id.clone(), JobState::Queued, same(&j.pipeline, &j.input, j.priority)),
             None => match self.store.job_by_idempotency_key(key).await? {
                 Some(j) => {
                     let same = same(&j.pipeline, &j.input, j.priority);
@@ -353,7 +353,7 @@ impl<S: Store> Runtime<S> {
         if !same {
             return Err(AdmitError::Refused(EngineError::IdempotencyConflict { key: key.clone(), existing: id }));
         }
-        Ok(Some(Submitted { id, state, created: false }))
+        Ok(Some(Submitted { id, state: state.as_str().to_string(), created: false }))
     }
 
     /// The row to insert for an admitted request, with the pipeline file it is accepted under.
@@ -378,7 +378,7 @@ impl<S: Store> Runtime<S> {
         id: String,
         pipeline_name: String,
         pipeline: Arc<PipelineDef>,
-        input: Value,
+        input: Option<Value>,
         outputs: Vec<Option<Value>>,
     ) {
         // The count's key is the name every job of the pipeline shares.
@@ -390,6 +390,11 @@ impl<S: Store> Runtime<S> {
         // Job ids are UUIDs (admission makes them; recovery refuses others). An agent's local key is
         // not the job's id, so the id is parsed, not derived from the key.
         let uuid = uuid::Uuid::parse_str(&id).unwrap_or_else(|_| uuid::Uuid::from_u128(job.0));
+        // A large input stays for the turn that admitted (or restored, or claimed) the job,
+        // which may start it; after that it is read from the store when needed.
+        if input.as_ref().is_some_and(|i| json_size(i) > super::INPUT_KEPT_BYTES) {
+            self.inputs_held.push(job);
+        }
         self.jobs.insert(job, ActiveJob { uuid, pipeline, pipeline_name, input, outputs: outputs.into_boxed_slice() });
     }
 
@@ -457,5 +462,16 @@ impl From<AdmitError> for EngineError {
 impl From<StoreError> for AdmitError {
     fn from(e: StoreError) -> Self {
         AdmitError::Store(e)
+    }
+}
+
+/// About how many bytes a value takes as JSON text: strings and keys by length, other
+/// values by a small constant. Cheap (no serialisation); only compared with a threshold.
+fn json_size(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => 2 + items.iter().map(|v| json_size(v) + 1).sum::<usize>(),
+        Value::Object(map) => 2 + map.iter().map(|(k, v)| k.len() + 4 + json_size(v)).sum::<usize>(),
+        _ => 8,
     }
 }

@@ -125,7 +125,7 @@ impl<S: Store> Runtime<S> {
                 self.degraded.set(None);
                 let now = self.clock.now_ms();
                 tracing::info!(after_ms = now - stall.since_ms, "the store is writable again; resuming");
-                self.act(turn);
+                self.act_after_commit(turn).await;
                 // The episode goes into the findings history; failing to record it is no
                 // reason to stall again.
                 let since = stall.since_ms as i64;

@@ -153,7 +153,9 @@ impl<S: Store> Runtime<S> {
             None => {
                 // Finished: committed by an earlier turn, so the store has its state.
                 let answer = match self.store.job(&id).await {
-                    Ok(Some(detail)) => Err(EngineError::AlreadyFinished { id, state: detail.job.state }),
+                    Ok(Some(detail)) => {
+                        Err(EngineError::AlreadyFinished { id, state: detail.job.state.as_str().to_string() })
+                    }
                     Ok(None) => Err(EngineError::NotFound(id)),
                     Err(e) => Err(e.into()),
                 };

@@ -21,7 +21,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuflow_core::{Action, AttemptResult, Event, Grant, JobId, KillReason, Outcome, StageIndex, StageNext, State};
+use gpuflow_core::{
+    Action, AttemptResult, Event, Grant, JobId, KillReason, Outcome, StageIndex, StageNext, StageState, State,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -90,7 +92,9 @@ struct ActiveJob {
     pipeline: Arc<PipelineDef>,
     /// Shared by every job of the pipeline (the key of `Runtime::active_per_pipeline`).
     pipeline_name: Arc<str>,
-    input: Value,
+    /// `None` while a large input stays in the store only: a queued job must not hold it in
+    /// memory (`INPUT_KEPT_BYTES`); it is read back for the turn that starts one of its stages.
+    input: Option<Value>,
     /// Stage outputs by position; shorter than the stage list (empty at first) until outputs
     /// arrive, so a queued job holds no allocation for them.
     outputs: Box<[Option<Value>]>,
@@ -99,6 +103,11 @@ struct ActiveJob {
 impl ActiveJob {
     fn id(&self) -> String {
         self.uuid.to_string()
+    }
+
+    /// The input; `Null` only while a large one is in the store (never during a start).
+    fn input(&self) -> &Value {
+        self.input.as_ref().unwrap_or(&Value::Null)
     }
 
     fn output(&self, stage: StageIndex) -> Option<&Value> {
@@ -183,6 +192,11 @@ fn release_freed_memory() {
     }
 }
 
+/// Inputs larger than this (as JSON, about) are not kept in memory while their job waits;
+/// they are read from the store when a stage starts. Smaller ones stay, so the common case
+/// costs no read.
+const INPUT_KEPT_BYTES: usize = 64 * 1024;
+
 /// A turn takes at most this many ready inputs before it decides...
 const TURN_INPUTS: usize = 1_024;
 /// ...and decides at most this many actions; what is left goes to the next turn, so API
@@ -212,6 +226,8 @@ pub struct Runtime<S: Store> {
     abort_after_commit: Option<u64>,
     engine_marker: String,
     jobs: HashMap<JobId, ActiveJob>,
+    /// Jobs holding a large input in memory for the current turn only; dropped after it acts.
+    inputs_held: Vec<JobId>,
     processes: HashMap<AttemptKey, RunningProcess>,
     exits: HashMap<AttemptKey, ExitDetails>,
     /// Unfinished jobs per pipeline name; its keys are the names jobs share.
@@ -271,6 +287,7 @@ impl<S: Store> Runtime<S> {
             clock: Clock::start(),
             registry,
             jobs: HashMap::new(),
+            inputs_held: Vec::new(),
             processes: HashMap::new(),
             exits: HashMap::new(),
             active_per_pipeline: HashMap::new(),
@@ -433,7 +450,7 @@ impl<S: Store> Runtime<S> {
         let turn = std::mem::take(&mut self.turn);
         match self.commit(&turn).await {
             Ok(()) => {
-                self.act(turn);
+                self.act_after_commit(turn).await;
                 Ok(())
             }
             Err(e) if self.is_unwritable(&e) => {
@@ -473,6 +490,54 @@ impl<S: Store> Runtime<S> {
     }
 
     /// A committed turn's effects: replies, the live feed, then spawns, signals and tasks.
+    /// Acts on a committed turn, with the inputs its starts need read back from the store.
+    async fn act_after_commit(&mut self, turn: Turn) {
+        self.load_inputs(&turn.actions).await;
+        self.act(turn);
+        self.shed_inputs();
+    }
+
+    /// Reads the stored inputs of the jobs whose stages this turn starts and whose input is
+    /// not in memory, in one query. A failed read leaves them absent: those starts fail
+    /// retryably (`start_attempt`).
+    async fn load_inputs(&mut self, actions: &[Action]) {
+        let mut missing: Vec<JobId> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { job, .. } => Some(*job),
+                _ => None,
+            })
+            .filter(|job| self.jobs.get(job).is_some_and(|a| a.input.is_none()))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let ids: Vec<String> = missing.iter().map(|j| self.jobs[j].id()).collect();
+        match self.store.job_inputs(&ids).await {
+            Ok(inputs) => {
+                let by_id: HashMap<String, Value> = inputs.into_iter().collect();
+                for (job, id) in missing.into_iter().zip(ids) {
+                    if let (Some(active), Some(input)) = (self.jobs.get_mut(&job), by_id.get(&id)) {
+                        active.input = Some(input.clone());
+                        self.inputs_held.push(job);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(jobs = ids.len(), "could not read job inputs from the store: {e}"),
+        }
+    }
+
+    /// Drops the large inputs this turn needed: their jobs go back to holding none.
+    fn shed_inputs(&mut self) {
+        for job in std::mem::take(&mut self.inputs_held) {
+            if let Some(active) = self.jobs.get_mut(&job) {
+                active.input = None;
+            }
+        }
+    }
+
     fn act(&mut self, turn: Turn) {
         let burst = turn.jobs.len() >= TURN_INPUTS;
         for reply in turn.replies {
@@ -581,13 +646,15 @@ impl<S: Store> Runtime<S> {
                 at,
             },
             Action::Kill { .. } => return None,
-            Action::AttemptEnded { job, stage, attempt, result, next, error, counters, .. } => {
+            Action::AttemptEnded { job, stage, attempt, result, next, error, counters, readied, .. } => {
                 let details = self.exits.get(&(*job, *stage, *attempt));
+                // As the core holds it: a retry due now is queued, a later one waits in backoff.
                 let (stage_state, not_before) = match next {
-                    StageNext::Succeeded => ("succeeded", None),
-                    StageNext::Retry { at } => ("backoff", Some(*at as i64)),
-                    StageNext::Failed => ("failed", None),
-                    StageNext::Cancelled => ("cancelled", None),
+                    StageNext::Succeeded => (StageState::Succeeded, None),
+                    StageNext::Retry { at } if *at <= now => (StageState::Queued, None),
+                    StageNext::Retry { at } => (StageState::Backoff, Some(*at as i64)),
+                    StageNext::Failed => (StageState::Failed, None),
+                    StageNext::Cancelled => (StageState::Cancelled, None),
                 };
                 Write::AttemptEnded {
                     job: job_id(job)?,
@@ -595,6 +662,7 @@ impl<S: Store> Runtime<S> {
                     attempt: *attempt,
                     result: result.as_str(),
                     stage_state,
+                    readied: readied.clone(),
                     not_before,
                     error: error.clone(),
                     output: if *result == AttemptResult::Succeeded {
@@ -614,7 +682,7 @@ impl<S: Store> Runtime<S> {
             Action::JobFinished { job, state, error } => {
                 let active = self.jobs.get(job)?;
                 let output = (*state == gpuflow_core::JobState::Succeeded).then(|| self.job_output(active)).flatten();
-                Write::JobFinished { job: active.id(), state: state.as_str(), error: error.clone(), output, at }
+                Write::JobFinished { job: active.id(), state: *state, error: error.clone(), output, at }
             }
         })
     }
@@ -643,7 +711,13 @@ impl<S: Store> Runtime<S> {
                 if completed_inline.contains(&(job, stage, attempt)) {
                     return;
                 }
-                if let Err(error) = self.start_attempt(job, stage, attempt, &grant, queued_ms) {
+                if self.jobs.get(&job).is_some_and(|a| a.input.is_none()) {
+                    // Its stored input could not be read (`load_inputs`): a store fault, not
+                    // the job's, so the attempt may be retried.
+                    let error = "the job's input could not be read from the store".to_string();
+                    let outcome = Outcome::Failed { error, retryable: true };
+                    self.pending.push_back(Event::AttemptExited { job, stage, attempt, outcome });
+                } else if let Err(error) = self.start_attempt(job, stage, attempt, &grant, queued_ms) {
                     let outcome = Outcome::Failed { error, retryable: false };
                     self.pending.push_back(Event::AttemptExited { job, stage, attempt, outcome });
                 }
@@ -695,7 +769,7 @@ impl<S: Store> Runtime<S> {
         queued_ms: u64,
     ) -> Result<(), String> {
         if let Some(active) = self.jobs.get(&job) {
-            active.pipeline.recheck_paths(&active.input, &self.config.allowed_roots)?;
+            active.pipeline.recheck_paths(active.input(), &self.config.allowed_roots)?;
         }
         if let Some(pool) = self.pool_of(job, stage) {
             return self.dispatch_to_pool(&pool, (job, stage, attempt), queued_ms);
@@ -708,7 +782,7 @@ impl<S: Store> Runtime<S> {
         let id = active.id();
         let job_dir = self.job_dir(&id);
         let dir = job_dir.display().to_string();
-        let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: &dir, job_id: &id };
+        let ctx = RenderContext { input: active.input(), outputs: &active.outputs, job_dir: &dir, job_id: &id };
         let argv = command
             .iter()
             .map(|t| t.render(&ctx))

@@ -432,14 +432,14 @@ impl<S: Store> Runtime<S> {
             "job_dir": dir.display().to_string(),
             "stage": stage_name,
             "attempt": attempt,
-            "input": active.input,
+            "input": active.input(),
             "stages": stages,
         });
         // A value the key reads that the input lacks renders as nothing: such tasks share
         // batches among themselves.
         let batch_key = match &active.pipeline.stages[stage] {
             StageExec::Worker { batch_key: Some(t), .. } => {
-                let ctx = RenderContext { input: &active.input, outputs: &active.outputs, job_dir: "", job_id: "" };
+                let ctx = RenderContext { input: active.input(), outputs: &active.outputs, job_dir: "", job_id: "" };
                 Some(t.render(&ctx).unwrap_or_default())
             }
             _ => None,

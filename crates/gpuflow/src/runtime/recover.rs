@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use gpuflow_core::{Event, RestoredStage, RestoredStatus};
+use gpuflow_core::{Event, JobState, RestoredStage, RestoredStatus, StageState};
 
 use super::*;
 use crate::config::Config;
@@ -96,13 +96,14 @@ impl<S: Store> Runtime<S> {
             .stages
             .iter()
             .map(|s| RestoredStage {
-                status: match s.state.as_str() {
-                    "running" => RestoredStatus::WasRunning { attempt: s.attempts },
-                    "backoff" => RestoredStatus::Backoff { until: s.not_before.unwrap_or(0) as u64 },
-                    "succeeded" => RestoredStatus::Succeeded,
-                    "failed" => RestoredStatus::Failed,
-                    "cancelled" => RestoredStatus::Cancelled,
-                    _ => RestoredStatus::NotStarted,
+                status: match s.state {
+                    StageState::Running => RestoredStatus::WasRunning { attempt: s.attempts },
+                    StageState::Backoff => RestoredStatus::Backoff { until: s.not_before.unwrap_or(0) as u64 },
+                    StageState::Succeeded => RestoredStatus::Succeeded,
+                    StageState::Failed => RestoredStatus::Failed,
+                    StageState::Cancelled => RestoredStatus::Cancelled,
+                    // Readiness follows from the predecessors: the core works it out again.
+                    StageState::Pending | StageState::Queued => RestoredStatus::NotStarted,
                 },
                 attempts: s.attempts,
                 failures: s.failures,
@@ -110,7 +111,10 @@ impl<S: Store> Runtime<S> {
             })
             .collect();
         let outputs = job.stages.iter().map(|s| s.output.clone()).collect();
-        self.track(id, job.job.id.clone(), job.job.pipeline.clone(), def.clone(), job.job.input.clone(), outputs);
+        // A large input comes back as null (`recovered_job_columns`); it is read when a stage
+        // starts. (A stored null input is read back the same way, as itself.)
+        let input = Some(job.job.input.clone()).filter(|i| !i.is_null());
+        self.track(id, job.job.id.clone(), job.job.pipeline.clone(), def.clone(), input, outputs);
         self.step(Event::Restored {
             job: id,
             seq: job.job.seq as u64,
@@ -127,13 +131,14 @@ impl<S: Store> Runtime<S> {
         let at = self.clock.now_ms() as i64;
         let mut writes = Vec::new();
         for s in &job.stages {
-            match s.state.as_str() {
-                "running" => writes.push(Write::AttemptEnded {
+            match s.state {
+                StageState::Running => writes.push(Write::AttemptEnded {
                     job: job.job.id.clone(),
                     stage: s.idx,
                     attempt: s.attempts,
                     result: "interrupted",
-                    stage_state: "cancelled",
+                    stage_state: StageState::Cancelled,
+                    readied: Vec::new(),
                     not_before: None,
                     error: Some(error.clone()),
                     output: None,
@@ -144,13 +149,13 @@ impl<S: Store> Runtime<S> {
                     interruptions: s.interruptions + 1,
                     at,
                 }),
-                "succeeded" | "failed" | "cancelled" => {}
+                state if state.is_final() => {}
                 _ => writes.push(Write::StageCancelled { job: job.job.id.clone(), stage: s.idx, at }),
             }
         }
         writes.push(Write::JobFinished {
             job: job.job.id.clone(),
-            state: "failed",
+            state: JobState::Failed,
             error: Some(error),
             output: None,
             at,

@@ -12,6 +12,7 @@ use crate::store::{
     AttemptRecord, FindingRecord, JobDetail, JobFilter, JobRecord, JobStats, RecoveryCursor, SqliteStore, StoreResult,
     UnfinishedJob,
 };
+use gpuflow_core::JobState;
 
 struct NoGpus;
 
@@ -29,6 +30,8 @@ struct FaultyStore {
     /// While set, every write fails as on a full disk.
     unwritable: Arc<AtomicBool>,
     commits: Arc<AtomicUsize>,
+    /// While set, reading job inputs back fails.
+    fail_input_reads: Arc<AtomicBool>,
 }
 
 impl FaultyStore {
@@ -70,6 +73,12 @@ impl Store for FaultyStore {
     }
     async fn unfinished_jobs(&self, after: Option<RecoveryCursor>, limit: u32) -> StoreResult<Vec<UnfinishedJob>> {
         self.inner.unfinished_jobs(after, limit).await
+    }
+    async fn job_inputs(&self, ids: &[String]) -> StoreResult<Vec<(String, Value)>> {
+        if self.fail_input_reads.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("injected: input read failed".into()));
+        }
+        self.inner.job_inputs(ids).await
     }
     async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {
         self.inner.config_snapshot(hash).await
@@ -126,6 +135,7 @@ impl Harness {
             fail_next_commit: Arc::default(),
             unwritable: Arc::default(),
             commits: Arc::default(),
+            fail_input_reads: Arc::default(),
         };
         let (mut rt, handle) =
             Runtime::new(SharedConfig::new(Arc::new(config)), store.clone(), ChildRegistry::default());
@@ -134,8 +144,12 @@ impl Harness {
     }
 
     fn submit(&self, pipeline: &str) -> oneshot::Receiver<Result<Submitted, EngineError>> {
+        self.submit_input(pipeline, json())
+    }
+
+    fn submit_input(&self, pipeline: &str, input: Value) -> oneshot::Receiver<Result<Submitted, EngineError>> {
         let (reply, rx) = oneshot::channel();
-        let request = SubmitRequest { pipeline: pipeline.into(), input: json(), priority: 0, idempotency_key: None };
+        let request = SubmitRequest { pipeline: pipeline.into(), input, priority: 0, idempotency_key: None };
         self.commands.try_send(Command::Submit { request, reply }).unwrap_or_else(|_| panic!("queue full"));
         rx
     }
@@ -157,6 +171,23 @@ impl Harness {
     async fn turn(&mut self) {
         self.rt.drain_ready().await.unwrap();
         self.rt.run_turn().await.unwrap();
+    }
+
+    /// Runs the loop (child exits, timers, turns) until the stored job `id` satisfies `done`,
+    /// for at most 20 s; the stored job either way.
+    async fn run_until(&mut self, id: &str, done: impl Fn(&JobDetail) -> bool) -> JobDetail {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let stored = self.stored(id).await.unwrap();
+            if done(&stored) || tokio::time::Instant::now() > deadline {
+                return stored;
+            }
+            tokio::select! {
+                Some(msg) = self.rt.internal_rx.recv() => self.rt.on_internal(msg).await.unwrap(),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => self.rt.step(Event::Tick),
+            }
+            self.turn().await;
+        }
     }
 
     async fn stored(&self, id: &str) -> Option<JobDetail> {
@@ -193,7 +224,7 @@ async fn effects_reply_and_feed_come_only_after_the_commit() {
     h.rt.commit(&turn).await.unwrap();
     let id = turn.jobs[0].id.clone();
     let stored = h.stored(&id).await.expect("committed");
-    assert_eq!(stored.stages[0].state, "running");
+    assert_eq!(stored.stages[0].state, StageState::Running);
     assert_eq!(stored.attempts[0].state, "running", "the lease is recorded before the process exists");
     assert!(reply.try_recv().is_err(), "replied before acting");
     assert!(h.rt.processes.is_empty());
@@ -290,9 +321,42 @@ async fn a_cancel_reply_describes_the_committed_state() {
     h.rt.commit(&turn).await.unwrap();
     h.rt.act(turn);
     assert_eq!(queued_cancel.try_recv().unwrap().unwrap(), "cancelled");
-    assert_eq!(h.stored(&waiting).await.unwrap().job.state, "cancelled");
+    assert_eq!(h.stored(&waiting).await.unwrap().job.state, JobState::Cancelled);
     assert_eq!(running_cancel.try_recv().unwrap().unwrap(), "cancelling");
-    assert_eq!(h.stored(&holder).await.unwrap().job.state, "running");
+    assert_eq!(h.stored(&holder).await.unwrap().job.state, JobState::Running);
+    h.rt.stop_all().await;
+}
+
+/// The engine records what the core holds: a stage without predecessors is `queued` from its
+/// admission, one waiting for predecessors `pending`, and a success that readies a stage
+/// records it `queued` in the same transaction.
+#[tokio::test]
+async fn stored_stage_states_say_pending_for_predecessors_and_queued_for_resources() {
+    let pipelines = format!(
+        "{SLEEPER}  ready: {{stages: [{{name: a, command: [\"gpuflow:noop\"]}}, {{name: b, after: [a], needs: {{cpu: 2}}, command: [sleep, \"30\"]}}]}}\n  \
+         wide: {{stages: [{{name: w, needs: {{cpu: 2}}, command: [sleep, \"30\"]}}, {{name: z, after: [w], command: [\"gpuflow:noop\"]}}]}}\n"
+    );
+    let mut h = Harness::start("{gpus: none, cpu: 2}", &pipelines).await;
+    let mut holder = h.submit("sleeper");
+    h.turn().await;
+    holder.try_recv().unwrap().unwrap();
+    let mut job = h.submit("ready");
+    h.turn().await;
+    let id = job.try_recv().unwrap().unwrap().id;
+    let states = |d: JobDetail| d.stages.iter().map(|s| s.state).collect::<Vec<_>>();
+    for _ in 0..20 {
+        if h.stored(&id).await.unwrap().stages[0].state == StageState::Succeeded {
+            break;
+        }
+        h.turn().await;
+    }
+    // `b` needs both CPUs and the sleeper holds one: ready, waiting for resources.
+    assert_eq!(states(h.stored(&id).await.unwrap()), vec![StageState::Succeeded, StageState::Queued]);
+    // `w` needs both CPUs too: queued from its admission; `z` waits for it.
+    let mut wide = h.submit("wide");
+    h.turn().await;
+    let wide = wide.try_recv().unwrap().unwrap().id;
+    assert_eq!(states(h.stored(&wide).await.unwrap()), vec![StageState::Queued, StageState::Pending]);
     h.rt.stop_all().await;
 }
 
@@ -348,7 +412,7 @@ async fn an_unwritable_store_holds_the_turn_refuses_admission_and_resumes_by_its
     h.rt.on_internal(msg).await.unwrap();
     h.rt.run_turn().await.unwrap();
     assert!(h.rt.is_stalled(), "still unwritable");
-    assert_eq!(h.stored(&first).await.unwrap().job.state, "running", "the store cannot have it yet");
+    assert_eq!(h.stored(&first).await.unwrap().job.state, JobState::Running, "the store cannot have it yet");
 
     // Space returns: at the next retry the held turn is written and acted on, then the report.
     h.store.unwritable.store(false, Ordering::SeqCst);
@@ -360,11 +424,49 @@ async fn an_unwritable_store_holds_the_turn_refuses_admission_and_resumes_by_its
     assert!(h.stored(&second).await.is_some(), "the held submission was written");
     assert_eq!(h.rt.processes.len(), 1, "the held turn's stage started");
     h.turn().await;
-    assert_eq!(h.stored(&first).await.unwrap().job.state, "succeeded", "the report was recorded");
+    assert_eq!(h.stored(&first).await.unwrap().job.state, JobState::Succeeded, "the report was recorded");
     let findings = h.store.findings(10).await.unwrap();
     assert!(
         findings.iter().any(|f| f.kind == "store_unwritable" && f.closed_at.is_some()),
         "the episode is in the findings history"
     );
+    h.rt.stop_all().await;
+}
+
+/// A queued job's large input is not in memory; the turn that starts its stage reads it back.
+/// A failed read fails that attempt retryably (a store fault, not the job's), and the retry
+/// gets the input.
+#[tokio::test]
+async fn a_large_input_is_read_back_when_its_stage_starts_and_a_failed_read_is_retried() {
+    let pipelines = format!(
+        "{SLEEPER}  big: {{stages: [{{name: s, needs: {{cpu: 1}}, retry: {{max_attempts: 3, backoff: {{initial: 10ms}}}}, command: [sh, -c, 'echo \"$0\" > \"$1\"', \"{{input.n}}\", \"{{job.dir}}/n\"]}}]}}\n"
+    );
+    let mut h = Harness::start("{gpus: none, cpu: 1}", &pipelines).await;
+    let mut sleeper = h.submit("sleeper");
+    h.turn().await;
+    let sleeper = sleeper.try_recv().unwrap().unwrap().id;
+    let pad = "x".repeat(super::INPUT_KEPT_BYTES + 1);
+    let mut big = h.submit_input("big", serde_json::json!({"pad": pad, "n": 7}));
+    let mut small = h.submit_input("big", serde_json::json!({"n": 8}));
+    h.turn().await;
+    let (big, small) = (big.try_recv().unwrap().unwrap().id, small.try_recv().unwrap().unwrap().id);
+    let held = |h: &Harness, id: &str| h.rt.jobs.values().find(|a| a.id() == id).map(|a| a.input.is_some());
+    assert_eq!(held(&h, &big), Some(false), "a queued job kept its large input in memory");
+    assert_eq!(held(&h, &small), Some(true), "a small input is kept (no read needed)");
+
+    h.store.fail_input_reads.store(true, Ordering::SeqCst);
+    let mut cancelled = h.cancel(&sleeper);
+    let stored = h.run_until(&big, |j| j.attempts.iter().any(|a| a.state == "failed")).await;
+    cancelled.try_recv().unwrap().unwrap();
+    let error = stored.attempts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("input could not be read"), "{:?}", stored.attempts);
+    assert_ne!(stored.job.state, gpuflow_core::JobState::Failed, "a store fault failed the job for good");
+
+    h.store.fail_input_reads.store(false, Ordering::SeqCst);
+    let done = h.run_until(&big, |j| j.job.state == gpuflow_core::JobState::Succeeded).await;
+    assert_eq!(done.job.state, gpuflow_core::JobState::Succeeded, "{:?}", done.attempts);
+    let seen = std::fs::read_to_string(h.rt.job_dir(&big).join("n")).unwrap();
+    assert_eq!(seen.trim(), "7", "the retried stage rendered its own input");
+    assert_eq!(held(&h, &big), None, "the finished job is no longer active");
     h.rt.stop_all().await;
 }

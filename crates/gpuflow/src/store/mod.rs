@@ -2,12 +2,15 @@
 //! embedded default. Every write the runtime makes for one step goes in one transaction, and
 //! it acts only after that transaction has committed.
 
+mod dialect;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::future::Future;
 use std::sync::Arc;
 
+use gpuflow_core::{JobState, StageState};
 use serde_json::Value;
 
 pub use postgres::{AgentRecord, AttemptDetails, Claim, ClaimCandidate, Finish, LostLease, PgStore, SharedCancel};
@@ -105,8 +108,10 @@ pub enum Write {
         attempt: u32,
         /// How the attempt ended: succeeded, failed, timed_out, cancelled, interrupted.
         result: &'static str,
-        /// The stage's state now: succeeded, backoff, pending, failed, cancelled.
-        stage_state: &'static str,
+        /// The stage's state now: succeeded, queued, backoff, failed or cancelled.
+        stage_state: StageState,
+        /// Stages the attempt's success made ready: queued from now on.
+        readied: Vec<usize>,
         not_before: Option<i64>,
         error: Option<String>,
         output: Option<Value>,
@@ -125,7 +130,7 @@ pub enum Write {
     },
     JobFinished {
         job: String,
-        state: &'static str,
+        state: JobState,
         error: Option<String>,
         output: Option<Value>,
         at: i64,
@@ -139,7 +144,7 @@ pub struct JobRecord {
     pub pipeline: String,
     pub input: Value,
     pub priority: i32,
-    pub state: String,
+    pub state: JobState,
     pub idempotency_key: Option<String>,
     pub config_hash: String,
     pub created_at: i64,
@@ -154,7 +159,7 @@ pub struct StageRecord {
     pub idx: usize,
     pub name: String,
     pub deps: Vec<usize>,
-    pub state: String,
+    pub state: StageState,
     pub attempts: u32,
     pub failures: u32,
     pub interruptions: u32,
@@ -225,7 +230,7 @@ pub struct UnfinishedJob {
 
 #[derive(Clone, Debug, Default)]
 pub struct JobFilter {
-    pub state: Option<String>,
+    pub state: Option<JobState>,
     pub pipeline: Option<String>,
     /// Only jobs older than this arrival number (the cursor of the previous page).
     pub before_seq: Option<i64>,
@@ -271,6 +276,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;
     /// The text of the pipeline file with this content hash (see `NewJob::config_hash`).
+    /// The stored inputs of these jobs (those that exist), read when their stages start.
+    fn job_inputs(&self, ids: &[String]) -> impl Future<Output = StoreResult<Vec<(String, Value)>>> + Send;
     fn config_snapshot(&self, hash: &str) -> impl Future<Output = StoreResult<Option<String>>> + Send;
     /// Records a newly opened finding; returns its id.
     fn open_finding(
@@ -317,7 +324,7 @@ pub struct JobStats {
 }
 
 /// Typed column access shared by the backends, so each record is decoded in one place.
-trait Columns {
+pub(crate) trait Columns {
     fn text(&self, column: &str) -> StoreResult<Option<String>>;
     fn int(&self, column: &str) -> StoreResult<Option<i64>>;
 
@@ -335,6 +342,11 @@ trait Columns {
     fn small(&self, column: &str) -> StoreResult<Option<i32>> {
         Ok(self.int(column)?.map(|v| v as i32))
     }
+    /// The `state` column of a row of `table`, as its enum.
+    fn state<T>(&self, table: &str, parse: fn(&str) -> Option<T>) -> StoreResult<T> {
+        let text = self.required_text("state")?;
+        parse(&text).ok_or_else(|| StoreError::Corrupt(format!("{table}.state: `{text}` is not a state")))
+    }
 }
 
 /// The columns a job listing reads: every column of `jobs` but the input and the output
@@ -347,6 +359,17 @@ macro_rules! listed_job_columns {
 }
 use listed_job_columns;
 
+/// The columns recovery reads: a large input (over 64 KiB of text) comes back as NULL, to be
+/// read when a stage of its job starts (`Store::job_inputs`), so restoring a page of queued
+/// jobs does not load every input.
+macro_rules! recovered_job_columns {
+    () => {
+        "seq, id, pipeline, CASE WHEN octet_length(input) > 65536 THEN NULL ELSE input END AS input, \
+         priority, state, idempotency_key, config_hash, created_at, started_at, finished_at, error, output"
+    };
+}
+use recovered_job_columns;
+
 fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
     Ok(JobRecord {
         id: row.required_text("id")?,
@@ -354,7 +377,7 @@ fn job_from_row(row: &impl Columns) -> StoreResult<JobRecord> {
         pipeline: row.required_text("pipeline")?,
         input: row.json("input")?.unwrap_or(Value::Null),
         priority: row.required_int("priority")? as i32,
-        state: row.required_text("state")?,
+        state: row.state("jobs", JobState::parse)?,
         idempotency_key: row.text("idempotency_key")?,
         config_hash: row.required_text("config_hash")?,
         created_at: row.required_int("created_at")?,
@@ -372,7 +395,7 @@ fn stage_from_row(row: &impl Columns) -> StoreResult<StageRecord> {
         idx: row.required_int("idx")? as usize,
         name: row.required_text("name")?,
         deps,
-        state: row.required_text("state")?,
+        state: row.state("stages", StageState::parse)?,
         attempts: row.required_int("attempts")? as u32,
         failures: row.required_int("failures")? as u32,
         interruptions: row.required_int("interruptions")? as u32,

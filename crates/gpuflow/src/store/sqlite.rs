@@ -12,6 +12,10 @@ use std::collections::HashMap;
 
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
+use gpuflow_core::{JobState, StageState};
+
+use super::dialect::{self, Dialect};
+use super::sql::{SqlBackend, SqlDb, close_if_failed};
 use super::*;
 
 /// Schema migrations, applied in order once each.
@@ -21,6 +25,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/sqlite/0003_recovery_order.sql")),
     (4, include_str!("../../migrations/sqlite/0004_batch_size.sql")),
     (5, include_str!("../../migrations/sqlite/0005_job_links.sql")),
+    (7, include_str!("../../migrations/sqlite/0007_one_sql.sql")),
 ];
 
 #[derive(Clone)]
@@ -41,43 +46,13 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         let store = SqliteStore { pool };
-        store.migrate().await?;
+        store.pool.migrate(Self::DIALECT, MIGRATIONS).await?;
         Ok(store)
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
-        )
-        .execute(&mut *tx)
-        .await?;
-        for (version, sql) in MIGRATIONS {
-            let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?1")
-                .bind(version)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if applied.is_none() {
-                sqlx::raw_sql(*sql).execute(&mut *tx).await?;
-                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, strftime('%s','now'))")
-                    .bind(version)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Runs SQLite's own consistency check; "ok" when sound.
     pub async fn integrity_check(&self) -> StoreResult<String> {
         Ok(sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&self.pool).await?)
-    }
-
-    async fn stages_of(&self, job: &str) -> StoreResult<Vec<StageRecord>> {
-        let rows =
-            sqlx::query("SELECT * FROM stages WHERE job_id = ?1 ORDER BY idx").bind(job).fetch_all(&self.pool).await?;
-        rows.iter().map(stage_from_row).collect()
     }
 }
 
@@ -90,46 +65,43 @@ impl Columns for SqliteRow {
     }
 }
 
-impl Store for SqliteStore {
-    async fn insert_job(&self, job: &NewJob) -> StoreResult<i64> {
+impl SqlBackend for SqliteStore {
+    type Db = SqlitePool;
+    const DIALECT: &'static Dialect = &dialect::SQLITE;
+
+    fn db(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn findings_owner(&self) -> &str {
+        ""
+    }
+
+    async fn admit_job(&self, job: &NewJob) -> StoreResult<i64> {
         // The turn's insert path, for one job; the store numbers it when `seq` is unset.
-        self.write_turn(std::slice::from_ref(job), &[]).await?;
-        Ok(sqlx::query_scalar("SELECT seq FROM jobs WHERE id = ?1").bind(&job.id).fetch_one(&self.pool).await?)
+        self.commit_turn(std::slice::from_ref(job), &[]).await?;
+        Ok(sqlx::query_scalar("SELECT seq FROM jobs WHERE id = $1").bind(&job.id).fetch_one(&self.pool).await?)
     }
 
-    async fn job_by_idempotency_key(&self, key: &str) -> StoreResult<Option<JobRecord>> {
-        let row =
-            sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?1").bind(key).fetch_optional(&self.pool).await?;
-        row.as_ref().map(job_from_row).transpose()
-    }
-
-    async fn write(&self, batch: &[Write]) -> StoreResult<()> {
-        self.write_turn(&[], batch).await
-    }
-
-    async fn write_turn(&self, jobs: &[NewJob], batch: &[Write]) -> StoreResult<()> {
+    async fn commit_turn(&self, jobs: &[NewJob], batch: &[Write]) -> StoreResult<()> {
         if jobs.is_empty() && batch.is_empty() {
             return Ok(());
         }
         let rows = TurnRows::build(jobs, batch);
         let mut conn = self.pool.acquire().await?;
         let result: StoreResult<()> = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+            let mut tx =
+                sqlx::Connection::begin_with(&mut *conn, sqlx::SqlStr::from_static(Self::DIALECT.begin_write)).await?;
             Self::write_turn_rows(&mut tx, jobs, &rows).await?;
             tx.commit().await?;
             Ok(())
         }
         .await;
-        if result.is_err() {
-            // On a full disk SQLite rolls the transaction back itself, sqlx's rollback then
-            // fails and the connection would come back "inside" a transaction that no longer
-            // exists: every later write on it would fail. Close it instead of reusing it.
-            conn.close_on_drop();
-        }
+        close_if_failed(&mut conn, &result);
         result
     }
 
-    async fn next_job_seq(&self) -> StoreResult<i64> {
+    async fn next_arrival(&self) -> StoreResult<i64> {
         // AUTOINCREMENT's counter never goes back, even when rows are deleted.
         let used: Option<i64> = sqlx::query_scalar(
             "SELECT max(n) FROM (SELECT max(seq) AS n FROM jobs UNION ALL SELECT seq AS n FROM sqlite_sequence WHERE name = 'jobs')",
@@ -137,215 +109,6 @@ impl Store for SqliteStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(used.unwrap_or(0) + 1)
-    }
-
-    async fn job(&self, id: &str) -> StoreResult<Option<JobDetail>> {
-        let Some(row) = sqlx::query("SELECT * FROM jobs WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?
-        else {
-            return Ok(None);
-        };
-        let job = job_from_row(&row)?;
-        let stages = self.stages_of(id).await?;
-        let attempts = sqlx::query("SELECT * FROM attempts WHERE job_id = ?1 ORDER BY stage_idx, attempt")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(attempt_from_row)
-            .collect::<StoreResult<_>>()?;
-        Ok(Some(JobDetail { job, stages, attempts }))
-    }
-
-    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
-        // One statement per filter combination, so SQLite can use the (state, seq) and
-        // (pipeline, seq) indexes; `?1 IS NULL OR state = ?1` would scan every job.
-        // The listing leaves out inputs and outputs (see `listed_job_columns`).
-        let sql = match (&filter.state, &filter.pipeline) {
-            (None, None) => {
-                concat!("SELECT ", listed_job_columns!(), " FROM jobs WHERE seq < ?3 ORDER BY seq DESC LIMIT ?4")
-            }
-            (Some(_), None) => {
-                concat!(
-                    "SELECT ",
-                    listed_job_columns!(),
-                    " FROM jobs WHERE state = ?1 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
-                )
-            }
-            (None, Some(_)) => concat!(
-                "SELECT ",
-                listed_job_columns!(),
-                " FROM jobs WHERE pipeline = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
-            ),
-            (Some(_), Some(_)) => concat!(
-                "SELECT ",
-                listed_job_columns!(),
-                " FROM jobs WHERE state = ?1 AND pipeline = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
-            ),
-        };
-        let rows = sqlx::query(sql)
-            .bind(&filter.state)
-            .bind(&filter.pipeline)
-            .bind(filter.before_seq.unwrap_or(i64::MAX))
-            .bind(filter.limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(job_from_row).collect()
-    }
-
-    async fn unfinished_jobs(&self, after: Option<RecoveryCursor>, limit: u32) -> StoreResult<Vec<UnfinishedJob>> {
-        // Both statements seek in `jobs_unfinished_in_order` (checked with EXPLAIN QUERY PLAN:
-        // left to itself, the planner took `jobs_by_state` and sorted every unfinished job for
-        // each page; the OR form, unlike a row-value comparison, lets it seek).
-        let RecoveryCursor(p, s) = after.unwrap_or(RecoveryCursor::start());
-        let rows = sqlx::query(
-            "SELECT * FROM jobs INDEXED BY jobs_unfinished_in_order WHERE state IN ('queued', 'running') AND (-priority > ?1 OR (-priority = ?1 AND seq > ?2)) ORDER BY -priority, seq LIMIT ?3",
-        )
-        .bind(p)
-        .bind(s)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        let stage_rows = sqlx::query(
-            "SELECT stages.* FROM stages WHERE job_id IN (SELECT id FROM jobs INDEXED BY jobs_unfinished_in_order WHERE state IN ('queued', 'running') AND (-priority > ?1 OR (-priority = ?1 AND seq > ?2)) ORDER BY -priority, seq LIMIT ?3) ORDER BY job_id, idx",
-        )
-        .bind(p)
-        .bind(s)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        let jobs = rows.iter().map(job_from_row).collect::<StoreResult<Vec<_>>>()?;
-        let stages = stage_rows
-            .iter()
-            .map(|r| Ok((r.try_get("job_id")?, stage_from_row(r)?)))
-            .collect::<StoreResult<Vec<_>>>()?;
-        Ok(with_stages(jobs, stages))
-    }
-
-    async fn config_snapshot(&self, hash: &str) -> StoreResult<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT text FROM config_snapshots WHERE hash = ?1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
-    async fn open_finding(&self, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<i64> {
-        let row = sqlx::query(
-            "INSERT INTO findings (kind, subject, summary, evidence, cause, fix, opened_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7) RETURNING id",
-        )
-        .bind(f.kind.as_str())
-        .bind(&f.subject)
-        .bind(&f.summary)
-        .bind(serde_json::to_string(&f.evidence).expect("serializable"))
-        .bind(&f.cause)
-        .bind(&f.fix)
-        .bind(at)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get("id")?)
-    }
-
-    async fn update_finding(&self, id: i64, f: &gpuflow_core::diagnosis::Finding, at: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE findings SET summary = ?2, evidence = ?3, updated_at = ?4 WHERE id = ?1")
-            .bind(id)
-            .bind(&f.summary)
-            .bind(serde_json::to_string(&f.evidence).expect("serializable"))
-            .bind(at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn close_finding(&self, id: i64, at: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE findings SET closed_at = ?2, updated_at = ?2 WHERE id = ?1")
-            .bind(id)
-            .bind(at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn close_open_findings(&self, at: i64) -> StoreResult<u64> {
-        let r = sqlx::query("UPDATE findings SET closed_at = ?1, updated_at = ?1 WHERE closed_at IS NULL")
-            .bind(at)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected())
-    }
-
-    async fn findings(&self, limit: u32) -> StoreResult<Vec<FindingRecord>> {
-        let rows = sqlx::query(
-            "SELECT * FROM findings ORDER BY closed_at IS NOT NULL, COALESCE(closed_at, opened_at) DESC LIMIT ?1",
-        )
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(finding_from_row).collect()
-    }
-
-    async fn running_attempts(&self) -> StoreResult<Vec<(String, AttemptRecord)>> {
-        let rows = sqlx::query("SELECT * FROM attempts WHERE state = 'running'").fetch_all(&self.pool).await?;
-        rows.iter().map(|r| Ok((r.try_get("job_id")?, attempt_from_row(r)?))).collect()
-    }
-
-    async fn expired_jobs(&self, state: &str, finished_before_ms: i64, limit: u32) -> StoreResult<Vec<(String, i64)>> {
-        // `jobs_by_state` walks this state's jobs in arrival order, near enough finish order
-        // that a pass finds the expired ones first.
-        let rows = sqlx::query_as::<_, (String, i64)>(
-            "SELECT id, finished_at FROM jobs WHERE state = ?1 AND finished_at < ?2 ORDER BY seq LIMIT ?3",
-        )
-        .bind(state)
-        .bind(finished_before_ms)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows)
-    }
-
-    async fn delete_finished_jobs(&self, ids: &[String]) -> StoreResult<u64> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut conn = self.pool.acquire().await?;
-        let result: StoreResult<u64> = async {
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
-            for sql in [
-                    "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))",
-                    "DELETE FROM stages WHERE job_id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))",
-                ] {
-                    sqlx::query(sql).bind(&ids).execute(&mut *tx).await?;
-            }
-            let gone = sqlx::query("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) AND state IN ('succeeded', 'failed', 'cancelled'))").bind(&ids).execute(&mut *tx).await?;
-            tx.commit().await?;
-            Ok(gone.rows_affected())
-        }
-        .await;
-        if result.is_err() {
-            conn.close_on_drop();
-        }
-        result
-    }
-
-    async fn job_stats(&self, since_ms: i64) -> StoreResult<JobStats> {
-        let counts = sqlx::query("SELECT pipeline, state, count(*) AS n FROM jobs GROUP BY pipeline, state")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get("pipeline")?, r.try_get("state")?, r.try_get::<i64, _>("n")? as u64)))
-            .collect::<StoreResult<_>>()?;
-        let finished = sqlx::query(
-            "SELECT pipeline, state, (finished_at / 60000) * 60000 AS minute, count(*) AS n FROM jobs \
-             WHERE finished_at >= ?1 GROUP BY pipeline, state, minute ORDER BY minute",
-        )
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok((r.try_get("pipeline")?, r.try_get("state")?, r.try_get("minute")?, r.try_get::<i64, _>("n")? as u64))
-        })
-        .collect::<StoreResult<_>>()?;
-        Ok(JobStats { counts, finished })
     }
 }
 
@@ -365,10 +128,11 @@ struct StageCols<'a> {
 }
 
 impl<'a> StageCols<'a> {
-    /// A stage row as `insert_job` creates it.
-    fn fresh() -> Self {
+    /// A stage row as `insert_job` creates it: queued at once without predecessors.
+    fn fresh(deps: &[usize]) -> Self {
+        let state = if deps.is_empty() { StageState::Queued } else { StageState::Pending };
         StageCols {
-            state: Some("pending"),
+            state: Some(state.as_str()),
             attempts: Some(0),
             failures: Some(0),
             interruptions: Some(0),
@@ -427,8 +191,8 @@ impl<'a> TurnRows<'a> {
         let mut rows = TurnRows::default();
         for job in jobs {
             rows.new_jobs.insert(&job.id, JobCols::default());
-            for idx in 0..job.stages.len() {
-                rows.stage(&job.id, idx as i64, StageCols::fresh());
+            for (idx, (_, deps)) in job.stages.iter().enumerate() {
+                rows.stage(&job.id, idx as i64, StageCols::fresh(deps));
             }
         }
         for w in writes {
@@ -475,7 +239,7 @@ impl<'a> TurnRows<'a> {
                     batch_size: None,
                 });
                 let s = self.stage(job, key.1, StageCols::default());
-                s.state = Some("running");
+                s.state = Some(StageState::Running.as_str());
                 s.attempts = Some(key.2);
                 s.not_before = Some(None);
                 s.started_at = Some(Some(*at));
@@ -483,7 +247,7 @@ impl<'a> TurnRows<'a> {
                 s.error = Some(None);
                 s.exit_code = Some(None);
                 let j = self.job(job);
-                j.state = Some("running");
+                j.state = Some(JobState::Running.as_str());
                 j.started_at = j.started_at.or(Some(*at));
             }
             Write::AttemptEnded {
@@ -492,6 +256,7 @@ impl<'a> TurnRows<'a> {
                 attempt,
                 result,
                 stage_state,
+                readied,
                 not_before,
                 error,
                 output,
@@ -514,9 +279,9 @@ impl<'a> TurnRows<'a> {
                     }
                     None => self.ended_earlier.push(w),
                 }
-                let finished = matches!(*stage_state, "succeeded" | "failed" | "cancelled").then_some(*at);
+                let finished = stage_state.is_final().then_some(*at);
                 let s = self.stage(job, *stage as i64, StageCols::default());
-                s.state = Some(stage_state);
+                s.state = Some(stage_state.as_str());
                 s.not_before = Some(*not_before);
                 s.error = Some(error.as_deref());
                 s.output = Some(output.as_ref().map(Value::to_string));
@@ -524,16 +289,19 @@ impl<'a> TurnRows<'a> {
                 s.failures = Some(*failures as i64);
                 s.interruptions = Some(*interruptions as i64);
                 s.finished_at = Some(finished);
+                for next in readied {
+                    self.stage(job, *next as i64, StageCols::default()).state = Some(StageState::Queued.as_str());
+                }
             }
             Write::StageCancelled { job, stage, at } => {
                 let s = self.stage(job, *stage as i64, StageCols::default());
-                s.state = Some("cancelled");
+                s.state = Some(StageState::Cancelled.as_str());
                 s.not_before = Some(None);
                 s.finished_at = Some(Some(*at));
             }
             Write::JobFinished { job, state, error, output, at } => {
                 let j = self.job(job);
-                j.state = Some(state);
+                j.state = Some(state.as_str());
                 j.error = Some(error.as_deref());
                 j.output = Some(output.as_ref().map(Value::to_string));
                 j.finished_at = Some(*at);
@@ -672,12 +440,14 @@ impl SqliteStore {
             }
         }
         for (hash, text, at) in snapshots {
-            sqlx::query("INSERT OR IGNORE INTO config_snapshots (hash, text, created_at) VALUES (?1, ?2, ?3)")
-                .bind(hash)
-                .bind(text)
-                .bind(at)
-                .execute(&mut **tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO config_snapshots (hash, text, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(hash)
+            .bind(text)
+            .bind(at)
+            .execute(&mut **tx)
+            .await?;
         }
         for chunk in jobs.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
@@ -690,7 +460,7 @@ impl SqliteStore {
                     .push_bind(&job.pipeline)
                     .push_bind(job.input.to_string())
                     .push_bind(job.priority)
-                    .push_bind(cols.state.unwrap_or("queued"))
+                    .push_bind(cols.state.unwrap_or(JobState::Queued.as_str()))
                     .push_bind(&job.idempotency_key)
                     .push_bind(&job.config_hash)
                     .push_bind(job.created_at)
@@ -734,7 +504,7 @@ impl SqliteStore {
                     .push_bind(key.1)
                     .push_bind(names[key])
                     .push_bind(&deps[key])
-                    .push_bind(s.state.unwrap_or("pending"))
+                    .push_bind(s.state.unwrap_or(StageState::Pending.as_str()))
                     .push_bind(s.attempts.unwrap_or(0))
                     .push_bind(s.failures.unwrap_or(0))
                     .push_bind(s.interruptions.unwrap_or(0))

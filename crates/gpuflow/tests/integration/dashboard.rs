@@ -268,3 +268,75 @@ async fn the_gpu_timeline_holds_the_lease_interval_and_the_overview_counts_the_j
         assert!(spec["paths"][path]["get"].is_object(), "{path} missing from /openapi.json");
     }
 }
+
+#[tokio::test]
+async fn a_pool_instance_share_is_reported_on_the_instance_and_on_its_stages_timeline_interval() {
+    let config = r#"
+resources: {gpus: [{memory: 16GiB, name: vgpu}], cpu: 2}
+workers:
+  model:
+    command: [python3, "{DIR}/worker.py"]
+    instances: 1
+    needs: {gpu_memory: 6GiB}
+    startup_timeout: 20s
+pipelines:
+  pooled:
+    stages:
+      - {name: infer, worker: model}
+  plain:
+    stages:
+      - {name: infer, command: [sleep, "0.3"], needs: {gpu_memory: 2GiB}}
+allowed_roots: ["{DIR}"]
+workflows:
+  stages:
+    model.infer: {worker: model}
+"#;
+    let engine =
+        Engine::start_with_files(config, &[("worker.py", crate::pools::WORKER), ("video.mp4", "not a video")]).await;
+    let instance = |r: &Value| {
+        r["pools"].as_array().unwrap().iter().find(|p| p["name"] == "model").unwrap()["instances"][0].clone()
+    };
+    engine
+        .wait_until("the pool instance ready", Duration::from_secs(30), async |e| {
+            instance(&e.resources().await)["state"] == "idle"
+        })
+        .await;
+    let r = engine.resources().await;
+    assert_eq!(instance(&r)["gpu_memory_bytes"], 6u64 << 30, "the instance's standing share: {r:#}");
+    assert_eq!(r["gpus"][0]["memory_leased_bytes"], 6u64 << 30, "{r:#}");
+
+    let pooled = engine.submit("pooled", json!({})).await;
+    let plain = engine.submit("plain", json!({})).await;
+    let video = engine.path("video.mp4").display().to_string();
+    let (status, body) = engine
+        .post("/v1/workflows", json!({"video_path": video, "workflow_config": {"workflow_chain": ["model.infer"]}}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let chained = body["id"].as_str().unwrap().to_string();
+    for job in [&pooled, &plain, &chained] {
+        engine.wait_final(job, Duration::from_secs(30)).await;
+    }
+    let (status, t) = engine.get("/v1/gpus/timeline?window_s=60").await;
+    assert_eq!(status, 200, "{t}");
+    let leases = t["devices"][0]["leases"].as_array().unwrap();
+    let of = |job: &str| {
+        leases.iter().find(|l| l["job"] == job).cloned().unwrap_or_else(|| panic!("no interval for {job}: {t:#}"))
+    };
+    // A worker stage holds its instance's share, not the whole device.
+    let worker = of(&pooled);
+    assert_eq!(
+        (worker["memory_bytes"].as_u64(), worker["pool"].as_str()),
+        (Some(6u64 << 30), Some("model")),
+        "{worker:#}"
+    );
+    // Also in a workflow chain, whose pipeline is rebuilt from the name its job records.
+    let chain_worker = of(&chained);
+    assert_eq!(
+        (chain_worker["memory_bytes"].as_u64(), chain_worker["pool"].as_str()),
+        (Some(6u64 << 30), Some("model"))
+    );
+    let (_, log) = engine.get(&format!("/v1/jobs/{chained}/stages/model_infer/log")).await;
+    assert!(log["note"].as_str().unwrap_or_default().contains("pool `model`"), "{log}");
+    let command = of(&plain);
+    assert_eq!((command["memory_bytes"].as_u64(), command["pool"].as_str()), (Some(2u64 << 30), None), "{command:#}");
+}

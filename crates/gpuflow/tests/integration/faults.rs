@@ -557,27 +557,7 @@ pipelines:
 "#,
     )
     .await;
-    let pad = "x".repeat(900 * 1024);
-    let mut ids = Vec::new();
-    for chunk in 0..50 {
-        let mut tasks = Vec::new();
-        for _ in 0..8 {
-            let (http, base, pad) = (engine.http.clone(), engine.base.clone(), pad.clone());
-            tasks.push(tokio::spawn(async move {
-                let r = http
-                    .post(format!("{base}/v1/jobs"))
-                    .json(&json!({"pipeline": "big", "input": {"pad": pad}}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status().as_u16(), 201, "job {chunk}");
-                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
-            }));
-        }
-        for t in tasks {
-            ids.push(t.await.unwrap());
-        }
-    }
+    let ids = submit_big_inputs(&engine, 400).await;
     assert_eq!(ids.len(), 400);
     for id in &ids {
         assert_eq!(engine.wait_final(id, Duration::from_secs(60)).await["state"], "succeeded");
@@ -622,6 +602,96 @@ pipelines:
     eprintln!("idle {:.1} MiB, peak {:.1} MiB during 40 listings (response {} bytes)", mib(idle), mib(peak), bytes);
     assert!(bytes < 1 << 20, "a listing carried the inputs: {bytes} bytes");
     assert!(peak < idle + (100 << 20), "RSS rose from {:.1} to {:.1} MiB", mib(idle), mib(peak));
+}
+
+/// Submits `n` jobs of pipeline `big` with a 900 KiB pad and `{"n": k}`, 8 at a time; their
+/// ids in order.
+async fn submit_big_inputs(engine: &Engine, n: usize) -> Vec<String> {
+    let pad = "x".repeat(900 * 1024);
+    let mut ids = Vec::new();
+    for chunk in 0..n / 8 {
+        let mut tasks = Vec::new();
+        for k in 0..8 {
+            let (http, base, pad) = (engine.http.clone(), engine.base.clone(), pad.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = http
+                    .post(format!("{base}/v1/jobs"))
+                    .json(&json!({"pipeline": "big", "input": {"pad": pad, "n": chunk * 8 + k}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 201, "job {}", chunk * 8 + k);
+                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+            }));
+        }
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+    }
+    ids
+}
+
+/// Queued jobs do not keep large inputs in the engine's memory: 400 jobs with 900 KiB inputs
+/// wait behind a held counter, and RSS stays within 100 MiB of its value before they came,
+/// also after a restart restores them. Once released, every stage renders its own job's input,
+/// read back from the store when it starts.
+#[tokio::test]
+async fn queued_jobs_keep_big_inputs_in_the_store_until_a_stage_starts() {
+    let mut engine = Engine::start(
+        r#"
+resources: {gpus: none, cpu: 4, counters: {gate: 1}}
+limits: {max_request_body: 2MiB}
+diagnosis: {sample_interval: 1h}
+pipelines:
+  hold: {stages: [{name: s, needs: {counters: {gate: 1}}, command: [sleep, "600"]}]}
+  big:
+    max_queued: 1000
+    stages:
+      - {name: s, needs: {cpu: 1, counters: {gate: 1}}, command: [sh, -c, 'echo "$0" >> {DIR}/seen', "{input.n}"]}
+"#,
+    )
+    .await;
+    let holder = engine.submit("hold", json!({})).await;
+    engine
+        .wait_until("the holder runs", Duration::from_secs(10), async |e| {
+            !e.resources().await["leases"].as_array().unwrap().is_empty()
+        })
+        .await;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let before = rss_bytes(engine.pid());
+    submit_big_inputs(&engine, 400).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queued = rss_bytes(engine.pid());
+    eprintln!("RSS {:.1} MiB before, {:.1} MiB with 400 queued 900 KiB inputs", mib(before), mib(queued));
+    assert!(queued < before + (100 << 20), "RSS rose from {:.1} to {:.1} MiB", mib(before), mib(queued));
+
+    engine.kill9();
+    engine.restart().await;
+    engine
+        .wait_until("the holder runs again", Duration::from_secs(20), async |e| {
+            !e.resources().await["leases"].as_array().unwrap().is_empty()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restored = rss_bytes(engine.pid());
+    eprintln!("RSS {:.1} MiB after a restart restored them", mib(restored));
+    assert!(restored < before + (100 << 20), "RSS after recovery {:.1} MiB", mib(restored));
+
+    let (status, _) = engine.post(&format!("/v1/jobs/{holder}/cancel"), json!({})).await;
+    assert_eq!(status, 200);
+    let seen = engine.path("seen");
+    engine
+        .wait_until("every queued job ran", Duration::from_secs(120), async |_| {
+            std::fs::read_to_string(&seen).unwrap_or_default().lines().count() >= 400
+        })
+        .await;
+    let text = std::fs::read_to_string(&seen).unwrap();
+    let mut ns: Vec<usize> = text
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or_else(|_| panic!("a stage saw input.n = {l:?} (file: {text:?})")))
+        .collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (0..400).collect::<Vec<_>>(), "each stage saw its own job's input once");
 }
 
 #[tokio::test]

@@ -91,8 +91,11 @@ pub struct LeaseIntervalView {
     pub pipeline: String,
     pub stage: String,
     pub attempt: u32,
-    /// Bytes of the device's memory held; absent when the whole device was held.
+    /// Bytes of the device's memory held; absent when the whole device was held. For a worker
+    /// stage, the share its pool instance holds.
     pub memory_bytes: Option<u64>,
+    /// The worker pool whose instance ran it; absent for a command stage.
+    pub pool: Option<String>,
     pub start_ms: u64,
     /// Absent while held.
     pub end_ms: Option<u64>,

@@ -150,13 +150,22 @@ pub async fn gpu_timeline(
     let idle_pct = config.diagnosis.thresholds.idle_utilization_pct;
     let since_ms = snap.now_ms.saturating_sub(window_s * 1000);
     let mut by_device: BTreeMap<u32, Vec<LeaseIntervalView>> = BTreeMap::new();
+    // Pipelines by name, looked up once per request (a workflow chain's is rebuilt).
+    let mut pipelines: BTreeMap<String, Option<Arc<crate::config::PipelineDef>>> = BTreeMap::new();
     for i in app.engine.journal().lease_intervals(since_ms) {
+        // A worker stage's interval is its instance's devices; the share is the pool's.
+        let def = pipelines.entry(i.pipeline.clone()).or_insert_with(|| config.pipeline(&i.pipeline).ok());
+        let pool = def.as_deref().and_then(|def| worker_pool(def, &i.stage));
+        let memory_bytes = i
+            .memory_bytes
+            .or_else(|| pool.as_deref().and_then(|p| crate::api::handlers::pool_memory_share(&config, p)));
         by_device.entry(i.device).or_default().push(LeaseIntervalView {
             job: i.job,
             pipeline: i.pipeline,
             stage: i.stage,
             attempt: i.attempt,
-            memory_bytes: i.memory_bytes,
+            memory_bytes,
+            pool,
             start_ms: i.start_ms,
             end_ms: i.end_ms,
             result: i.result.map(str::to_string),
@@ -235,14 +244,8 @@ pub async fn stage_log(
         ));
     }
     let config = app.config.get();
-    let worker_pool = config.pipelines.get(&detail.job.pipeline).and_then(|def| {
-        let i = def.core.stages.iter().position(|s| s.name == stage)?;
-        match &def.stages[i] {
-            StageExec::Worker { pool, .. } => Some(pool.clone()),
-            StageExec::Command { .. } => None,
-        }
-    });
-    if let Some(pool) = worker_pool {
+    // `pipeline` also rebuilds a workflow chain's pipeline from the name its jobs record.
+    if let Some(pool) = config.pipeline(&detail.job.pipeline).ok().and_then(|def| worker_pool(&def, &stage)) {
         view.note = Some(format!(
             "a worker stage: its output goes to the log of the pool `{pool}` instance that ran it ({}/workers/)",
             config.data_dir.display()
@@ -269,6 +272,15 @@ pub async fn stage_log(
         }
     }
     Ok(Json(view))
+}
+
+/// The pool a pipeline's stage runs on, if it is a worker stage.
+fn worker_pool(def: &crate::config::PipelineDef, stage: &str) -> Option<String> {
+    let i = def.core.stages.iter().position(|s| s.name == stage)?;
+    match &def.stages[i] {
+        StageExec::Worker { pool, .. } => Some(pool.clone()),
+        StageExec::Command { .. } => None,
+    }
 }
 
 fn empty_log() -> LogView {

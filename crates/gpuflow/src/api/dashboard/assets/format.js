@@ -44,7 +44,8 @@ export function bytes(n) {
     v /= 1024;
     i += 1;
   }
-  return `${v >= 10 || i === 0 ? Math.round(v) : v.toFixed(1)} ${units[i]}`;
+  // "6 GiB", not "6.0 GiB"; one decimal only when it says something ("1.5 GiB").
+  return `${v >= 10 || i === 0 ? Math.round(v) : v.toFixed(1).replace(/\.0$/, '')} ${units[i]}`;
 }
 
 export function duration(ms) {

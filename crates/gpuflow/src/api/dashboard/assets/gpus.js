@@ -16,6 +16,8 @@ let reload = () => {};
 const LANE_H = 96;
 const BAR_TOP = 20;
 const BAR_H = 44;
+// The least height of one row of leases when several are held at once: room for a label.
+const ROW_MIN_H = 20;
 const AXIS_H = 18;
 
 export const gpusView = {
@@ -39,7 +41,10 @@ export const gpusView = {
       h('div', { class: 'held' }));
   },
   async load() {
-    const data = await get(`/v1/gpus/timeline?window_s=${windowS}`);
+    // The resources say who holds each device now, pool instances included (they hold
+    // memory shares between tasks, with no lease interval on the timeline).
+    const [data, res] = await Promise.all([get(`/v1/gpus/timeline?window_s=${windowS}`), get('/v1/resources')]);
+    data.res = res;
     data.offset = data.now_ms - Date.now();
     for (const d of data.devices) {
       const first = d.samples.length ? d.samples[0][0] : Infinity;
@@ -49,7 +54,7 @@ export const gpusView = {
     }
     return data;
   },
-  wants: (e) => e.type === 'lease' || e.type === 'findings',
+  wants: (e) => e.type === 'lease' || e.type === 'findings' || e.type === 'pool_instance',
   apply(data, e) {
     if (e.type === 'progress') {
       const held = data.devices.flatMap((d) => d.leases)
@@ -83,18 +88,29 @@ export const gpusView = {
     // The lane card's padding and border take 26 px of the container's width.
     const width = Math.max(480, Math.floor(lanes.clientWidth || 900) - 26);
     fill(lanes, ...data.devices.map((d) => lane(d, data, since, now, width)));
+    fitLabels(lanes);
     const held = data.devices.flatMap((d) => d.leases.filter((l) => l.end_ms === null).map((l) => ({ d, l })));
+    const pooled = data.devices.flatMap((d) => poolHolders(data.res, d.index).map((x) => ({ d, ...x })));
+    const rows = [
+      ...held.map(({ d, l }) => h('tr', { dataset: { job: l.job } },
+        h('td', {}, `GPU ${d.index} · ${d.name}`), h('td', {}, jobLink(l.job)), h('td', {}, l.pipeline),
+        h('td', {}, l.pool ? `${l.stage} (pool ${l.pool})` : l.stage), h('td', { class: 'num' }, l.attempt),
+        h('td', { class: 'share' }, share(l.memory_bytes, d.index)),
+        h('td', { class: 'num' }, duration(now - l.start_ms)),
+        h('td', { class: 'held-progress' }, l.progress ? progressBar(l.progress) : '–'))),
+      // Pool instances hold their share for their lifetime, between tasks too.
+      ...pooled.map(({ d, pool, i }) => h('tr', { dataset: { pool, instance: i.index } },
+        h('td', {}, `GPU ${d.index} · ${d.name}`), h('td', { class: 'muted' }, '–'), h('td', { class: 'muted' }, '–'),
+        h('td', {}, `pool ${pool} #${i.index} (${i.state})`), h('td', { class: 'num' }, '–'),
+        h('td', { class: 'share' }, share(i.gpu_memory_bytes, d.index)),
+        h('td', { class: 'num' }, '–'), h('td', {}, '–'))),
+    ];
     fill(root.querySelector('.held'),
       h('h3', {}, 'Held now'),
-      held.length
+      rows.length
         ? h('table', { class: 'grid' },
           h('thead', {}, h('tr', {}, ['device', 'job', 'pipeline', 'stage', 'attempt', 'share', 'held for', 'progress'].map((c) => h('th', {}, c)))),
-          h('tbody', {}, held.map(({ d, l }) => h('tr', { dataset: { job: l.job } },
-            h('td', {}, `GPU ${d.index} · ${d.name}`), h('td', {}, jobLink(l.job)), h('td', {}, l.pipeline),
-            h('td', {}, l.stage), h('td', { class: 'num' }, l.attempt),
-            h('td', {}, l.memory_bytes ? bytes(l.memory_bytes) : 'whole device'),
-            h('td', { class: 'num' }, duration(now - l.start_ms)),
-            h('td', { class: 'held-progress' }, l.progress ? progressBar(l.progress) : '–')))))
+          h('tbody', {}, rows))
         : empty('No GPU is leased now.'));
   },
   tick(root, data) {
@@ -102,9 +118,84 @@ export const gpusView = {
   },
 };
 
+/** "6 GiB of GPU 0" for a memory share, "whole device" otherwise. */
+function share(memoryBytes, device) {
+  return memoryBytes ? `${bytes(memoryBytes)} of GPU ${device}` : 'whole device';
+}
+
+/** The pool instances holding (part of) a device now. */
+function poolHolders(res, device) {
+  if (!res) return [];
+  return res.pools.flatMap((p) => p.instances
+    .filter((i) => i.devices.includes(device) && !['failed', 'restarting'].includes(i.state))
+    .map((i) => ({ pool: p.name, i })));
+}
+
+/** The lane header's badge: leased (the whole device), shared (memory shares held, by
+ * stages or pool instances), or free (nothing held). */
+function holdBadge(d, data, held) {
+  const g = data.res ? data.res.gpus.find((x) => x.index === d.index) : null;
+  const pools = poolHolders(data.res, d.index);
+  const open = d.leases.filter((l) => l.end_ms === null);
+  if (g && g.exclusive) {
+    const whole = open.find((l) => !l.memory_bytes && !l.pool);
+    if (whole) return h('span', { class: 'badge state-running hold', dataset: { hold: 'leased' } }, `leased by ${shortId(whole.job)}/${whole.stage}`);
+    const pool = pools[0];
+    return h('span', { class: 'badge state-running hold', dataset: { hold: 'leased' } }, pool ? `held by pool ${pool.pool} #${pool.i.index}` : 'leased');
+  }
+  const leasedBytes = g ? g.memory_leased_bytes : open.reduce((n, l) => n + (l.memory_bytes || 0), 0);
+  if (leasedBytes > 0 || (!g && held)) {
+    const who = [...new Set([
+      ...pools.map(({ pool, i }) => `pool ${pool} #${i.index}`),
+      ...open.filter((l) => !l.pool).map((l) => `${shortId(l.job)}/${l.stage}`),
+    ])];
+    return h('span', { class: 'badge state-shared hold', dataset: { hold: 'shared' }, title: who.length ? `held by ${who.join(', ')}` : '' },
+      `shared: ${bytes(leasedBytes)} of ${bytes(d.memory_bytes)} held${who.length ? ` by ${who.join(', ')}` : ''}`);
+  }
+  return h('span', { class: 'badge state-free hold', dataset: { hold: 'free' } }, 'free');
+}
+
+/** Leases that overlap in time go on separate rows of the bar band (memory shares let
+ * several stages hold one device at once), so their bars and labels never overlap. */
+function leaseRows(leases, now) {
+  const rowEnds = [];
+  const rows = new Map();
+  for (const l of [...leases].sort((a, b) => a.start_ms - b.start_ms)) {
+    const end = l.end_ms === null ? now : l.end_ms;
+    let row = rowEnds.findIndex((e) => e <= l.start_ms);
+    if (row < 0) {
+      row = rowEnds.length;
+      rowEnds.push(end);
+    } else {
+      rowEnds[row] = end;
+    }
+    rows.set(l, row);
+  }
+  return { rows, count: Math.max(1, rowEnds.length) };
+}
+
+/** Labels are sized by guess when drawn; here, measured, a label wider than its bar is
+ * shortened to the stage alone, or dropped, so no label spills onto its neighbour. */
+function fitLabels(container) {
+  for (const text of container.querySelectorAll('text.lease-label, text.lease-message')) {
+    const room = Number(text.dataset.room);
+    if (typeof text.getComputedTextLength !== 'function' || !(room > 0)) continue;
+    if (text.getComputedTextLength() <= room) continue;
+    if (text.dataset.short) {
+      text.textContent = text.dataset.short;
+      if (text.getComputedTextLength() <= room) continue;
+    }
+    text.remove();
+  }
+}
+
 function lane(d, data, since, now, width) {
   const x = (t) => ((Math.max(t, since) - since) / (now - since)) * width;
-  const plotH = LANE_H - AXIS_H;
+  // Leases held at once get a row each; the lane grows so each row keeps room for a label.
+  const { rows, count } = leaseRows(d.leases, now);
+  const band = Math.max(BAR_H, count * ROW_MIN_H);
+  const laneH = LANE_H + band - BAR_H;
+  const plotH = laneH - AXIS_H;
   const samples = d.samples.filter((p) => p[0] >= since);
   const held = d.leases.find((l) => l.end_ms === null);
   const idle = d.idle_under_lease;
@@ -118,10 +209,13 @@ function lane(d, data, since, now, width) {
   const step = [10_000, 30_000, 60_000, 120_000, 300_000, 600_000].find((st) => span / st <= 10) || 900_000;
   for (let t = Math.ceil(since / step) * step; t <= now; t += step) {
     parts.push(s('line', { x1: x(t), x2: x(t), y1: 0, y2: plotH, class: 'grid-line' }));
-    parts.push(s('text', { x: x(t) + 3, y: LANE_H - 5, class: 'axis-label' }, step < 60_000 ? clock(t) : clock(t).slice(0, 5)));
+    parts.push(s('text', { x: x(t) + 3, y: laneH - 5, class: 'axis-label' }, step < 60_000 ? clock(t) : clock(t).slice(0, 5)));
   }
   // Leases.
+  const rowH = band / count;
   for (const l of d.leases) {
+    const top = BAR_TOP + rows.get(l) * rowH;
+    const barH = rowH - (count > 1 ? 2 : 0);
     const x0 = x(l.start_ms);
     const x1 = x(l.end_ms === null ? now : l.end_ms);
     const w = Math.max(2, x1 - x0);
@@ -131,16 +225,23 @@ function lane(d, data, since, now, width) {
     const pct = fraction !== null ? ` · ${Math.round(fraction * 100)}%` : '';
     const progressText = [fraction !== null ? `${Math.round(fraction * 100)}%` : null, p && p.message].filter(Boolean).join(' ');
     const label = `${shortId(l.job)} ${l.stage}#${l.attempt}${pct}${l.memory_bytes ? ` · ${bytes(l.memory_bytes)}` : ''}`;
+    const shortLabel = `${l.stage}#${l.attempt}`;
     const title = `job ${l.job}\n${l.pipeline} / ${l.stage} attempt ${l.attempt}\n${clock(l.start_ms)} → ${l.end_ms === null ? 'now' : clock(l.end_ms)} (${duration((l.end_ms ?? now) - l.start_ms)})${l.result ? `\n${l.result}` : ''}${progressText ? `\nprogress: ${progressText}` : ''}`;
-    const link = s('a', { href: `#/jobs/${l.job}`, class: `lease ${l.end_ms === null ? 'open' : 'closed'}`, dataset: { job: l.job, stage: l.stage } },
-      s('title', {}, title),
-      s('rect', { x: x0, y: BAR_TOP, width: w, height: BAR_H, rx: 3, fill: `hsl(${color} 55% 62%)`, class: 'lease-bar' }),
-      fraction !== null ? s('rect', { x: x0, y: BAR_TOP + BAR_H - 6, width: Math.max(1, w * fraction), height: 6, class: 'lease-progress', dataset: { fraction } }) : null);
-    // Only a label that fits: the full one, else the stage alone.
-    const fitting = [label, `${l.stage}#${l.attempt}`].find((t) => t.length * 6.6 + 10 <= w);
-    if (fitting) link.append(s('text', { x: x0 + 5, y: BAR_TOP + 17, class: 'lease-label' }, fitting));
-    if (p && p.message && p.message.length * 6.2 + 10 <= w) {
-      link.append(s('text', { x: x0 + 5, y: BAR_TOP + 32, class: 'lease-message' }, p.message));
+    const link = s('a', { href: `#/jobs/${l.job}`, class: `lease ${l.end_ms === null ? 'open' : 'closed'}`,
+      dataset: { job: l.job, stage: l.stage, row: rows.get(l), share: share(l.memory_bytes, d.index) } },
+      s('title', {}, `${title}\n${share(l.memory_bytes, d.index)}${l.pool ? ` (pool ${l.pool})` : ''}`),
+      s('rect', { x: x0, y: top, width: w, height: barH, rx: 3, fill: `hsl(${color} 55% 62%)`, class: 'lease-bar' }),
+      fraction !== null ? s('rect', { x: x0, y: top + barH - Math.min(6, barH / 3), width: Math.max(1, w * fraction), height: Math.min(6, barH / 3), class: 'lease-progress', dataset: { fraction } }) : null);
+    // Only a label that fits, by estimate here and measured in fitLabels: the full one,
+    // else the stage alone; none on a row too thin for text.
+    const room = w - 10;
+    const fitting = barH >= 14 ? [label, shortLabel].find((t) => t.length * 6.6 <= room) : null;
+    if (fitting) {
+      link.append(s('text', { x: x0 + 5, y: top + Math.min(17, barH / 2 + 4), class: 'lease-label',
+        dataset: { room, short: fitting === label ? shortLabel : '' } }, fitting));
+    }
+    if (count === 1 && p && p.message && p.message.length * 6.2 <= room) {
+      link.append(s('text', { x: x0 + 5, y: top + 32, class: 'lease-message', dataset: { room } }, p.message));
     }
     parts.push(link);
     // Idle stretches of this lease, from the readings.
@@ -155,7 +256,7 @@ function lane(d, data, since, now, width) {
         if (runStart !== null && (!isIdle || last)) {
           const stop = isIdle ? (l.end_ms === null ? now : p[0]) : p[0];
           if (stop > runStart) {
-            parts.push(s('rect', { x: x(runStart), y: BAR_TOP + BAR_H - 12, width: Math.max(2, x(stop) - x(runStart)), height: 12,
+            parts.push(s('rect', { x: x(runStart), y: top + barH - Math.min(12, barH / 2), width: Math.max(2, x(stop) - x(runStart)), height: Math.min(12, barH / 2),
               fill: `url(#${hatch})`, class: 'idle-mark' }, s('title', {}, `idle under lease: ${duration(stop - runStart)}`)));
           }
           runStart = null;
@@ -181,9 +282,9 @@ function lane(d, data, since, now, width) {
       d.source === 'virtual' ? h('span', { class: 'badge virtual', title: 'Declared in the pipeline file; no physical device behind it' }, 'virtual') : null,
       h('span', { class: 'muted' }, bytes(d.memory_bytes)),
       latest ? h('span', { class: 'reading' }, `${latest[1]}% · ${bytes(latest[2])} used`) : null,
-      held ? h('span', { class: 'badge state-running' }, `leased by ${shortId(held.job)}/${held.stage}`) : h('span', { class: 'badge state-free' }, 'free'),
+      holdBadge(d, data, held),
       held && held.progress ? h('span', { class: 'lane-progress' }, progressBar(held.progress)) : null,
       idle ? h('span', { class: 'badge idle-badge' }, `idle under lease ${duration(d.idle_ms)}`) : null),
-    s('svg', { width, height: LANE_H, viewBox: `0 0 ${width} ${LANE_H}`, class: 'timeline', role: 'img',
+    s('svg', { width, height: laneH, viewBox: `0 0 ${width} ${laneH}`, class: 'timeline', role: 'img',
       'aria-label': `GPU ${d.index} timeline` }, parts));
 }

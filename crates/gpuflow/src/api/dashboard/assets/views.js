@@ -29,6 +29,32 @@ function stat(label, value, cls) {
   return h('div', { class: `stat ${cls || ''}` }, h('span', { class: 'value' }, value), h('span', { class: 'label' }, label));
 }
 
+/** What a pool instance holds: a share ("6 GiB of GPU 0") or whole devices. */
+export function instanceShare(i) {
+  if (!i.devices.length) return '–';
+  if (i.gpu_memory_bytes) return i.devices.map((d) => `${bytes(i.gpu_memory_bytes)} of GPU ${d}`).join(', ');
+  return i.devices.map((d) => `GPU ${d} (whole)`).join(', ');
+}
+
+/** GPUs by how they are held: whole (a lease holds the device), shared (memory shares held,
+ * by stages or pool instances) and free. */
+export function gpuCounts(gpus) {
+  const whole = gpus.filter((g) => g.exclusive).length;
+  const shared = gpus.filter((g) => !g.exclusive && g.memory_leased_bytes > 0).length;
+  return { whole, shared, free: gpus.length - whole - shared };
+}
+
+function gpuSummary(gpus) {
+  if (!gpus.length) return 'none';
+  const { whole, shared, free } = gpuCounts(gpus);
+  // Only the kinds there are: "1 leased", "1 shared, 1 free", "2 free".
+  const parts = [];
+  if (whole) parts.push(`${whole} leased`);
+  if (shared) parts.push(`${shared} shared`);
+  if (free) parts.push(`${free} free`);
+  return parts.join(', ');
+}
+
 export const overviewView = {
   title: () => 'Overview',
   async load() {
@@ -37,11 +63,11 @@ export const overviewView = {
   },
   wants: (e) => e.type !== 'gpu_samples',
   render(root, { overview, res }) {
-    const gpusHeld = res.gpus.filter((g) => g.exclusive || g.memory_leased_bytes > 0).length;
     const instances = res.pools.flatMap((p) => p.instances);
     const ready = instances.filter((i) => i.state === 'idle' || i.state === 'busy').length;
     const summary = h('div', { class: 'cards summary' },
-      h('a', { class: 'card link', href: '#/gpus' }, stat('GPUs leased', `${gpusHeld} / ${res.gpus.length}`)),
+      h('a', { class: 'card link gpu-count', href: '#/gpus', title: 'leased: a stage or pool holds the whole device; shared: memory shares are held on it' },
+        stat(`of ${res.gpus.length} ${res.gpus.length === 1 ? 'GPU' : 'GPUs'}`, gpuSummary(res.gpus))),
       h('div', { class: 'card' }, stat('CPU slots leased', `${res.cpu.leased} / ${res.cpu.capacity}`)),
       h('a', { class: 'card link', href: '#/queue' }, stat('waiting stages', res.waiting.length)),
       h('div', { class: 'card' }, stat('leases held', res.leases.length)),
@@ -210,11 +236,11 @@ export const poolsView = {
       return;
     }
     fill(root, h('h2', {}, 'Worker pools'), pools.map((p) => {
-      const rows = p.instances.map((i) => h('tr', {},
+      const rows = p.instances.map((i) => h('tr', { dataset: { instance: i.index } },
         h('td', { class: 'num' }, `#${i.index}`),
         h('td', {}, badge(i.state)),
         h('td', { class: 'num' }, i.pid || '–'),
-        h('td', {}, i.devices.length ? i.devices.map((d) => `GPU ${d}`).join(', ') : '–'),
+        h('td', { class: 'instance-devices' }, instanceShare(i)),
         h('td', { class: 'mono' }, i.task ? i.task.split('/').map((part, k) => (k === 0 ? shortId(part) : part)).join('/') : '–'),
         h('td', { class: 'num' }, i.tasks_done),
         h('td', { class: 'num' }, i.restarts),
