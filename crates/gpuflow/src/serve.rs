@@ -130,7 +130,7 @@ struct Parts {
     stop_rx: watch::Receiver<bool>,
 }
 
-async fn run_engine<S: Store>(
+async fn run_engine<S: Store + crate::store::JobLinks>(
     parts: Parts,
     store: S,
     setup: impl FnOnce(Runtime<S>) -> Runtime<S>,

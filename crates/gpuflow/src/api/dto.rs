@@ -212,6 +212,10 @@ pub struct JobView {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub stages: Vec<StageView>,
+    /// The job this one was submitted to retry (`POST /v1/jobs/{id}/retry`).
+    pub retry_of: Option<String>,
+    /// The jobs submitted to retry this one, oldest first.
+    pub retried_by: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -247,6 +251,22 @@ pub struct JobListQuery {
     /// `next_cursor` of the previous page.
     #[param(pattern = "^-?[0-9]+$")]
     pub cursor: Option<String>,
+    /// Only jobs whose id starts with these hex digits (dashes optional). Not with `state`,
+    /// `pipeline`, `cursor` or `short_id`.
+    pub id_prefix: Option<String>,
+    /// Only jobs whose id ends with these 8 hex digits: the short id the dashboard and the
+    /// CLI show. Not with `state`, `pipeline`, `cursor` or `id_prefix`.
+    pub short_id: Option<String>,
+}
+
+/// `POST /v1/jobs/{id}/retry`: the new job, submitted with the failed or cancelled job's
+/// pipeline, input and priority.
+#[derive(Serialize, ToSchema)]
+pub struct RetryResponse {
+    pub id: String,
+    pub state: String,
+    /// The job it retries.
+    pub retry_of: String,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -12,7 +12,7 @@ use super::error::{ApiError, ErrorBody};
 use super::{ApiJson, AppState};
 use crate::config::{ArgLimits, CommandInputError, Config, PipelineDef};
 use crate::runtime::{MAX_BATCH, StageProgress, SubmitRequest, job_id_of};
-use crate::store::{JobDetail, JobFilter, JobRecord};
+use crate::store::{IdPrefix, JobDetail, JobFilter, JobRecord};
 
 fn time(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_default()
@@ -257,6 +257,9 @@ pub async fn list_jobs(
     query: Result<Query<JobListQuery>, QueryRejection>,
 ) -> Result<Json<JobList>, ApiError> {
     let Query(q) = query?;
+    if q.id_prefix.is_some() || q.short_id.is_some() {
+        return jobs_by_id_part(&app, &q).await;
+    }
     if let Some(s) = &q.state
         && gpuflow_core::JobState::parse(s).is_none()
     {
@@ -283,6 +286,44 @@ pub async fn list_jobs(
         rows.last().map(|r| r.seq.to_string()).unwrap_or_default()
     });
     Ok(Json(JobList { jobs: rows.into_iter().map(summary).collect(), next_cursor }))
+}
+
+/// `GET /v1/jobs?id_prefix=` or `?short_id=`: how the CLI resolves what people type for a job
+/// id. One page, newest first; more than one job means what was typed is ambiguous.
+async fn jobs_by_id_part(app: &AppState, q: &JobListQuery) -> Result<Json<JobList>, ApiError> {
+    if q.state.is_some()
+        || q.pipeline.is_some()
+        || q.cursor.is_some()
+        || (q.id_prefix.is_some() && q.short_id.is_some())
+    {
+        return Err(ApiError::bad_request(
+            "id_prefix, short_id: pass one of them alone, without state, pipeline or cursor",
+        ));
+    }
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit: `{limit}` is out of range; use 1 to 500")));
+    }
+    let rows = match (&q.id_prefix, &q.short_id) {
+        (Some(prefix), _) => {
+            let Some(parsed) = IdPrefix::parse(prefix) else {
+                return Err(ApiError::bad_request(format!(
+                    "id_prefix: `{prefix}` is not the start of a job id; use 1 to 32 hex digits (dashes optional)"
+                )));
+            };
+            app.reads.jobs_by_id_prefix(&parsed, limit).await?
+        }
+        (None, Some(short)) => {
+            if short.len() != 8 || !short.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ApiError::bad_request(format!(
+                    "short_id: `{short}` is not a short id; use the last 8 hex digits of a job id"
+                )));
+            }
+            app.reads.jobs_by_short_id(&short.to_ascii_lowercase(), limit).await?
+        }
+        (None, None) => Vec::new(),
+    };
+    Ok(Json(JobList { jobs: rows.into_iter().map(summary).collect(), next_cursor: None }))
 }
 
 fn summary(r: JobRecord) -> JobSummary {
@@ -324,7 +365,67 @@ pub async fn get_job(
     } else {
         Vec::new()
     };
-    Ok(Json(job_view(detail, app.engine.journal().progress().of_job(job), waiting)))
+    let links = app.reads.retry_links(&id).await?;
+    let mut view = job_view(detail, app.engine.journal().progress().of_job(job), waiting);
+    view.retry_of = links.retry_of;
+    view.retried_by = links.retried_by;
+    Ok(Json(view))
+}
+
+/// Retry a failed or cancelled job: a new job with its pipeline, input and priority, checked
+/// as `POST /v1/jobs` checks a submission against the pipeline file as it is now, and linked
+/// to it (`retry_of` on the new job, `retried_by` on the old one).
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", params(("id" = uuid::Uuid, Path, description = "Job id")),
+    responses(
+        (status = 201, description = "The new job, accepted and durable", body = RetryResponse),
+        (status = 400, description = "The id is not a UUID, or the input no longer matches the pipeline", body = ErrorBody),
+        (status = 404, description = "No job with this id", body = ErrorBody),
+        (status = 409, description = "The job has not failed or been cancelled", body = ErrorBody),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+        (status = 507, description = "The store cannot be written (full disk); see Retry-After", body = ErrorBody),
+    ))]
+pub async fn retry_job(
+    State(app): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Path(id) = id?;
+    if job_id_of(&id).is_none() {
+        return Err(ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")));
+    }
+    let old = app
+        .reads
+        .job(&id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job with id `{id}`")))?
+        .job;
+    if !matches!(old.state.as_str(), "failed" | "cancelled") {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_retryable",
+            format!(
+                "job {id} {}; only a failed or cancelled job can be retried",
+                match old.state.as_str() {
+                    state @ ("queued" | "running") => format!("is {state}"),
+                    state => state.to_string(),
+                }
+            ),
+        ));
+    }
+    let body =
+        SubmitJobRequest { pipeline: old.pipeline, input: old.input, priority: old.priority, idempotency_key: None };
+    let request = check_submission(&app.config.get(), body)?;
+    let submitted = app.engine.submit(request).await?;
+    app.reads.set_retry_of(&submitted.id, &id).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!(
+                "job {} was submitted to retry {id}, but the link between them was not recorded: {e}",
+                submitted.id
+            ),
+        )
+    })?;
+    Ok((StatusCode::CREATED, Json(RetryResponse { id: submitted.id, state: submitted.state, retry_of: id })))
 }
 
 /// `progress`: the running attempts' latest reports, `(stage, attempt, report)`; `waiting`:
@@ -408,6 +509,8 @@ fn job_view(
         started_at: j.started_at.map(time),
         finished_at: j.finished_at.map(time),
         stages,
+        retry_of: None,
+        retried_by: Vec::new(),
     }
 }
 

@@ -26,7 +26,9 @@ use utoipa_axum::routes;
 
 use crate::config::SharedConfig;
 use crate::runtime::EngineHandle;
-use crate::store::{FindingRecord, JobDetail, JobFilter, JobRecord, JobStats, Store, StoreResult};
+use crate::store::{
+    FindingRecord, IdPrefix, JobDetail, JobFilter, JobLinks, JobRecord, JobStats, RetryLinks, Store, StoreResult,
+};
 pub use error::ApiError;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -37,9 +39,15 @@ pub trait Reads: Send + Sync {
     fn list_jobs<'a>(&'a self, filter: &'a JobFilter) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>>;
     fn findings(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<FindingRecord>>>;
     fn job_stats(&self, since_ms: i64) -> BoxFuture<'_, StoreResult<JobStats>>;
+    fn jobs_by_id_prefix<'a>(&'a self, prefix: &'a IdPrefix, limit: u32) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>>;
+    fn jobs_by_short_id<'a>(&'a self, short_id: &'a str, limit: u32) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>>;
+    fn retry_links<'a>(&'a self, job: &'a str) -> BoxFuture<'a, StoreResult<RetryLinks>>;
+    /// The one write the API makes itself: the link from a retry to the job it retries, after
+    /// the engine admitted the retry.
+    fn set_retry_of<'a>(&'a self, job: &'a str, of: &'a str) -> BoxFuture<'a, StoreResult<()>>;
 }
 
-impl<S: Store> Reads for S {
+impl<S: Store + JobLinks> Reads for S {
     fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<JobDetail>>> {
         Box::pin(Store::job(self, id))
     }
@@ -51,6 +59,18 @@ impl<S: Store> Reads for S {
     }
     fn job_stats(&self, since_ms: i64) -> BoxFuture<'_, StoreResult<JobStats>> {
         Box::pin(Store::job_stats(self, since_ms))
+    }
+    fn jobs_by_id_prefix<'a>(&'a self, prefix: &'a IdPrefix, limit: u32) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>> {
+        Box::pin(JobLinks::jobs_by_id_prefix(self, prefix, limit))
+    }
+    fn jobs_by_short_id<'a>(&'a self, short_id: &'a str, limit: u32) -> BoxFuture<'a, StoreResult<Vec<JobRecord>>> {
+        Box::pin(JobLinks::jobs_by_short_id(self, short_id, limit))
+    }
+    fn retry_links<'a>(&'a self, job: &'a str) -> BoxFuture<'a, StoreResult<RetryLinks>> {
+        Box::pin(JobLinks::retry_links(self, job))
+    }
+    fn set_retry_of<'a>(&'a self, job: &'a str, of: &'a str) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(JobLinks::set_retry_of(self, job, of))
     }
 }
 
@@ -77,6 +97,7 @@ fn routes(max_body: usize) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(handlers::get_job))
         .routes(routes!(handlers::submit_workflow))
         .routes(routes!(handlers::cancel_job))
+        .routes(routes!(handlers::retry_job))
         .routes(routes!(handlers::resources))
         .routes(routes!(handlers::agents))
         .routes(routes!(handlers::reload))

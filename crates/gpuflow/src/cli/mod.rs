@@ -2,6 +2,9 @@
 
 mod batch;
 mod client;
+mod human;
+mod ids;
+mod logs;
 mod submit;
 
 use std::path::PathBuf;
@@ -22,8 +25,19 @@ pub struct Cli {
     /// Bearer token for client commands, when the engine has `auth` set.
     #[arg(long, global = true, env = "GPUFLOW_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The engine's log format on stderr: text (coloured only on a terminal) or json lines.
+    ///
+    /// `GPUFLOW_LOG` sets the level (default `info`).
+    #[arg(long, global = true, env = "GPUFLOW_LOG_FORMAT", value_enum, ignore_case = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -41,6 +55,8 @@ pub enum Command {
         #[arg(required_unless_present = "from")]
         pipeline: Option<String>,
         /// `key=value` (a string) or `key:=JSON` (a number, list, object...). Repeatable.
+        /// A relative path (`./clip.mp4`, or a name that exists here) is sent as an absolute
+        /// one, resolved against the current directory.
         #[arg(long = "input", short = 'i')]
         inputs: Vec<String>,
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -59,6 +75,7 @@ pub enum Command {
     },
     /// Show a job and its stages.
     Status {
+        /// The job: its id, its short id (the last 8 characters), or the first characters of its id.
         id: String,
         #[arg(long)]
         json: bool,
@@ -75,7 +92,41 @@ pub enum Command {
         json: bool,
     },
     /// Cancel a job.
-    Cancel { id: String },
+    Cancel {
+        /// The job: its id, its short id, or the first characters of its id.
+        id: String,
+    },
+    /// Submit a failed or cancelled job again, linked to it.
+    ///
+    /// The new job has the same pipeline, input and priority; `gpuflow status` shows
+    /// `retry of` on it and `retried by` on the old one.
+    Retry {
+        /// The job: its id, its short id, or the first characters of its id.
+        id: String,
+        /// Follow the new job until it ends, as `submit --wait` does.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print what a job's stages wrote to stdout and stderr.
+    Logs {
+        /// The job: its id, its short id, or the first characters of its id.
+        id: String,
+        /// Only this stage (default: every stage).
+        stage: Option<String>,
+        /// Which attempt (default: each stage's latest).
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// Which output.
+        #[arg(long, value_enum, default_value_t = logs::Streams::Both)]
+        stream: logs::Streams,
+        /// Keep printing what is written until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Print a shell completion script.
+    ///
+    /// For example `gpuflow completions bash > /etc/bash_completion.d/gpuflow`.
+    Completions { shell: clap_complete::Shell },
     /// Show capacity, leases and the waiting queue.
     Resources {
         #[arg(long)]
@@ -106,21 +157,67 @@ pub enum Command {
     Openapi,
 }
 
-/// Parses `key=value` / `key:=json` pairs into a JSON object.
-pub fn parse_inputs(pairs: &[String]) -> Result<Value> {
+/// Parses `key=value` / `key:=json` pairs into a JSON object. A `key=value` whose value is a
+/// relative path (`./x`, `../x`, or a name that exists in `cwd`) becomes an absolute one:
+/// the engine resolves paths against its own directory, not the caller's, so it refuses them.
+pub fn parse_inputs(pairs: &[String], cwd: &std::path::Path) -> Result<Value> {
     let mut map = serde_json::Map::new();
     for pair in pairs {
-        if let Some((k, v)) = pair.split_once(":=") {
-            let value = serde_json::from_str(v)
-                .with_context(|| format!("--input {pair}: `{v}` is not JSON (use key=value for a string)"))?;
+        if pair.starts_with('=') || pair.starts_with(":=") {
+            anyhow::bail!("--input {pair}: the key is empty; write `key=value` or `key:=JSON`");
+        }
+        // `:=` before `=`: in `k:=v` the first `=` is part of `:=`.
+        let json = pair.find(":=").filter(|&i| pair.find('=').is_some_and(|first| first == i + 1));
+        if let Some(i) = json {
+            let (k, v) = (&pair[..i], &pair[i + 2..]);
+            let value = serde_json::from_str(v).with_context(|| {
+                format!("--input {pair}: `{v}` is not JSON; write key=value for a string, or quote it: {k}:='\"{v}\"'")
+            })?;
             map.insert(k.to_string(), value);
         } else if let Some((k, v)) = pair.split_once('=') {
-            map.insert(k.to_string(), Value::String(v.to_string()));
+            map.insert(k.to_string(), Value::String(absolute_if_relative_path(v, cwd)));
         } else {
-            anyhow::bail!("--input {pair}: write `key=value` or `key:=JSON`");
+            anyhow::bail!("--input {pair}: write `key=value` (a string) or `key:=JSON` (a number, list, object...)");
         }
     }
     Ok(Value::Object(map))
+}
+
+fn absolute_if_relative_path(value: &str, cwd: &std::path::Path) -> String {
+    let path = std::path::Path::new(value);
+    let explicit = value.starts_with("./") || value.starts_with("../") || value == "." || value == "..";
+    if value.is_empty() || path.is_absolute() || !(explicit || cwd.join(path).exists()) {
+        return value.to_string();
+    }
+    // Lexically, as the engine compares paths with `allowed_roots` after resolving them itself.
+    let mut out = cwd.to_path_buf();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(p) => out.push(p),
+            _ => {}
+        }
+    }
+    out.display().to_string()
+}
+
+/// A refused submission, with a hint when a `key=value` string went where the pipeline wants
+/// a number, boolean, list or object.
+fn with_input_hint(error: anyhow::Error, pairs: &[String]) -> anyhow::Error {
+    let text = format!("{error:#}");
+    let typed = ["number", "integer", "boolean", "array", "object"];
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else { continue };
+        if key.ends_with(':') || !text.contains(&format!("input.{key}:")) || !typed.iter().any(|t| text.contains(t)) {
+            continue;
+        }
+        return anyhow::anyhow!(
+            "{text}\nhint: `-i {key}={value}` sends the string \"{value}\"; write `-i {key}:={value}` to send it as JSON (a number, boolean, list or object)"
+        );
+    }
+    error
 }
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
@@ -136,19 +233,27 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Submit { from: Some(file), .. } => batch::submit_from(&client()?, &file).await,
         Command::Submit { pipeline, inputs, priority, idempotency_key, wait, from: None } => {
             let pipeline = pipeline.context("name a pipeline, or pass --from FILE.jsonl")?;
-            let input = parse_inputs(&inputs)?;
+            let cwd = std::env::current_dir().context("reading the current directory")?;
+            let input = parse_inputs(&inputs, &cwd)?;
             let client = client()?;
-            let submitted = client.submit(&pipeline, input, priority, idempotency_key.as_deref()).await?;
-            let id = submitted["id"].as_str().unwrap_or_default().to_string();
+            // Opened before submitting, so no event about the job can be missed.
+            let feed = if wait { client.events().await.ok() } else { None };
+            let submitted = client
+                .submit(&pipeline, input, priority, idempotency_key.as_deref())
+                .await
+                .map_err(|e| with_input_hint(e, &inputs))?;
+            let id = s(&submitted["id"]);
             if !wait {
                 println!("{id}");
                 return Ok(ExitCode::SUCCESS);
             }
             submit::line(&format!("submitted {id}"));
-            submit::follow(&client, &id).await
+            submit::follow(&client, &id, feed).await
         }
         Command::Status { id, json } => {
-            let job = client()?.job(&id).await?;
+            let client = client()?;
+            let id = ids::resolve(&client, &id).await?;
+            let job = client.job(&id).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&job)?);
             } else {
@@ -161,22 +266,38 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<38} {:<16} {:<10} CREATED", "ID", "PIPELINE", "STATE");
-                for j in list["jobs"].as_array().into_iter().flatten() {
-                    println!(
-                        "{:<38} {:<16} {:<10} {}",
-                        s(&j["id"]),
-                        s(&j["pipeline"]),
-                        s(&j["state"]),
-                        s(&j["created_at"])
-                    );
-                }
+                submit::print_jobs(&list);
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { id } => {
-            let r = client()?.cancel(&id).await?;
+            let client = client()?;
+            let id = ids::resolve(&client, &id).await?;
+            let r = client.cancel(&id).await?;
             println!("{} {}", s(&r["id"]), s(&r["state"]));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry { id, wait } => {
+            let client = client()?;
+            let id = ids::resolve(&client, &id).await?;
+            let feed = if wait { client.events().await.ok() } else { None };
+            let r = client.retry(&id).await?;
+            let new = s(&r["id"]);
+            if !wait {
+                println!("{new}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            submit::line(&format!("submitted {new} to retry {id}"));
+            submit::follow(&client, &new, feed).await
+        }
+        Command::Logs { id, stage, attempt, stream, follow } => {
+            let client = client()?;
+            let id = ids::resolve(&client, &id).await?;
+            logs::logs(&client, &id, stage.as_deref(), attempt, stream, follow).await
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "gpuflow", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Command::Resources { json } => {
@@ -262,7 +383,7 @@ fn check(file: &std::path::Path) -> Result<ExitCode> {
             }
             println!("  listen {}  data_dir {}", config.listen, config.data_dir.display());
             for (i, g) in config.gpus.iter().enumerate() {
-                println!("  gpu {i}: {} {} ({:?})", g.name, gpuflow_core::ByteSize(g.memory), g.source);
+                println!("  gpu {i}: {} {} ({:?})", g.name, human::bytes(g.memory), g.source);
             }
             println!("  cpu slots: {}", config.capacity.cpu);
             for (name, p) in &config.pipelines {

@@ -1,6 +1,7 @@
-//! Following a job: a progress bar per stage on a terminal (its fraction and message), and
-//! plain lines otherwise, each naming the job, so several `submit --wait` in one log can be
-//! told apart.
+//! Following a job: on a terminal, a group of bars per job (a line naming the job, then a bar
+//! per stage with its fraction and message); otherwise plain lines, each starting with the
+//! job's short id, so several `submit --wait` in one log can be told apart. The job is read
+//! again when the event feed says something about it, not on a timer.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -8,13 +9,18 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use futures_util::{FutureExt, StreamExt};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
 
+use super::client::EventFeed;
+use super::human::{bytes, duration_ms, holds, needs, print_table, short_id, table};
 use super::{Client, s};
 
-/// How often the job is read.
+/// Without the event feed (an engine that refuses it), how often the job is read.
 const POLL: Duration = Duration::from_millis(250);
+/// With the feed, the job is still read this often, for what no event announces.
+const REFRESH: Duration = Duration::from_secs(5);
 /// Plain lines: a stage's progress is printed at most this often (state changes always are).
 const PLAIN_PROGRESS_GAP: Duration = Duration::from_secs(1);
 /// Bar resolution: a fraction is shown in thousandths.
@@ -80,14 +86,31 @@ fn bar_style() -> ProgressStyle {
         .progress_chars("=> ")
 }
 
-pub async fn follow(client: &Client, id: &str) -> Result<ExitCode> {
+/// Follows job `id` until it ends, reading it again on each event about it. `feed` is the
+/// event feed opened before the job was submitted, so no event about it was missed; without
+/// one the job is polled.
+pub async fn follow(client: &Client, id: &str, mut feed: Option<EventFeed>) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal();
+    let short = short_id(id).to_string();
     let bars = MultiProgress::new();
+    let mut header: Option<ProgressBar> = None;
     let mut shown: HashMap<String, Bar> = HashMap::new();
     let mut plain: HashMap<String, Plain> = HashMap::new();
     loop {
         let job = client.job(id).await?;
-        let done = matches!(s(&job["state"]).as_str(), "succeeded" | "failed" | "cancelled");
+        let state = s(&job["state"]);
+        let done = matches!(state.as_str(), "succeeded" | "failed" | "cancelled");
+        if tty {
+            // The group's first line names the job; its stages are indented under it.
+            let header = header.get_or_insert_with(|| {
+                let bar = bars.add(ProgressBar::new_spinner());
+                bar.set_style(spinner_style());
+                bar.set_prefix(format!("{short} {}", s(&job["pipeline"])));
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bar
+            });
+            header.set_message(state.clone());
+        }
         for stage in job["stages"].as_array().into_iter().flatten() {
             let name = s(&stage["name"]);
             let line = StageLine::of(stage);
@@ -96,20 +119,22 @@ pub async fn follow(client: &Client, id: &str) -> Result<ExitCode> {
                 let entry = shown.entry(name.clone()).or_insert_with(|| {
                     let bar = bars.add(ProgressBar::new(BAR_LEN));
                     bar.set_style(spinner_style());
-                    bar.set_prefix(name.clone());
+                    bar.set_prefix(format!("  {name}"));
                     bar.enable_steady_tick(Duration::from_millis(120));
                     Bar { bar, with_fraction: false }
                 });
                 show_bar(entry, &line, s(&stage["state"]) == "succeeded", ended);
             } else {
-                print_plain(&mut plain, id, &name, line);
+                print_plain(&mut plain, &short, &name, line);
             }
         }
         if done {
             for entry in shown.values() {
                 entry.bar.finish();
             }
-            let state = s(&job["state"]);
+            if let Some(header) = &header {
+                header.finish();
+            }
             line(&format!("job {id} {state}"));
             if let Some(e) = job["error"].as_str() {
                 eprintln!("error: {e}");
@@ -123,8 +148,38 @@ pub async fn follow(client: &Client, id: &str) -> Result<ExitCode> {
                 _ => ExitCode::FAILURE,
             });
         }
-        tokio::time::sleep(POLL).await;
+        next_change(client, &mut feed, id).await;
     }
+}
+
+/// Waits until the feed has an event about job `id` (or a `resync`, or a lease returned,
+/// which may let its stages start), then takes every event already there too, so a burst
+/// of progress costs one read of the job. A broken feed is opened again; without one, this
+/// is a short sleep.
+async fn next_change(client: &Client, feed: &mut Option<EventFeed>, id: &str) {
+    let Some(events) = feed else {
+        tokio::time::sleep(POLL).await;
+        return;
+    };
+    let relevant = |kind: &str, data: &Value| data["job"] == id || kind == "resync" || kind == "lease";
+    let deadline = tokio::time::sleep(REFRESH);
+    tokio::pin!(deadline);
+    let broken = loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(e)) if relevant(&e.kind, &e.data) => break false,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => break true,
+            },
+            () = &mut deadline => return,
+        }
+    };
+    if broken {
+        // Whatever happened while it was down is read with the job next.
+        *feed = client.events().await.ok();
+        return;
+    }
+    while let Some(Some(Ok(_))) = events.next().now_or_never() {}
 }
 
 fn show_bar(entry: &mut Bar, line: &StageLine, succeeded: bool, ended: bool) {
@@ -157,8 +212,8 @@ fn show_bar(entry: &mut Bar, line: &StageLine, succeeded: bool, ended: bool) {
 }
 
 /// A line when the stage's state changed; for progress alone, at most one per
-/// `PLAIN_PROGRESS_GAP`. Each line names the job.
-fn print_plain(plain: &mut HashMap<String, Plain>, id: &str, name: &str, line: StageLine) {
+/// `PLAIN_PROGRESS_GAP`. Each line starts with the job's short id.
+fn print_plain(plain: &mut HashMap<String, Plain>, short: &str, name: &str, line: StageLine) {
     let now = Instant::now();
     let due = match plain.get(name) {
         None => true,
@@ -171,9 +226,9 @@ fn print_plain(plain: &mut HashMap<String, Plain>, id: &str, name: &str, line: S
     }
     let progress = line.progress_text();
     if progress.is_empty() {
-        self::line(&format!("{id} {name}: {}", line.state));
+        self::line(&format!("{short} {name}: {}", line.state));
     } else {
-        self::line(&format!("{id} {name}: {} {progress}", line.state));
+        self::line(&format!("{short} {name}: {} {progress}", line.state));
     }
     plain.insert(name.to_string(), Plain { printed: line, at: now });
 }
@@ -186,36 +241,54 @@ pub fn line(text: &str) {
 
 pub fn print_job(job: &Value) {
     println!("job {}  pipeline {}  state {}", s(&job["id"]), s(&job["pipeline"]), s(&job["state"]));
+    if let Some(of) = job["retry_of"].as_str() {
+        println!("retry of {of}");
+    }
+    let retried_by: Vec<String> = job["retried_by"].as_array().into_iter().flatten().map(s).collect();
+    if !retried_by.is_empty() {
+        println!("retried by {}", retried_by.join(", "));
+    }
     if let Some(e) = job["error"].as_str() {
         println!("error: {e}");
     }
-    println!("{:<24} {:<10} {:>8}  {:<25} ERROR", "STAGE", "STATE", "ATTEMPTS", "FINISHED");
+    let mut table = table(&["STAGE", "STATE", "ATTEMPTS", "FINISHED", "ERROR"], &[2]);
     for st in job["stages"].as_array().into_iter().flatten() {
-        println!(
-            "{:<24} {:<10} {:>8}  {:<25} {}",
-            s(&st["name"]),
-            s(&st["state"]),
-            s(&st["attempts"]),
-            s(&st["finished_at"]),
-            s(&st["error"])
-        );
+        table.add_row([s(&st["name"]), s(&st["state"]), s(&st["attempts"]), s(&st["finished_at"]), s(&st["error"])]);
     }
+    print_table(&table);
     if !job["output"].is_null() {
         println!("output: {}", job["output"]);
     }
 }
 
+/// `gpuflow jobs`: one row per job, with the short id the dashboard shows.
+pub fn print_jobs(list: &Value) {
+    let mut table = table(&["ID", "PIPELINE", "STATE", "CREATED", "ERROR"], &[]);
+    for j in list["jobs"].as_array().into_iter().flatten() {
+        table.add_row([
+            short_id(&s(&j["id"])).to_string(),
+            s(&j["pipeline"]),
+            s(&j["state"]),
+            s(&j["created_at"]),
+            j["error"].as_str().unwrap_or_default().to_string(),
+        ]);
+    }
+    print_table(&table);
+}
+
+/// One line per agent, its state in brackets.
 pub fn print_agents(r: &Value) {
     for a in r["agents"].as_array().into_iter().flatten() {
         let res = &a["resources"];
+        let gpus = res["gpus"].as_array().map(|g| g.len()).unwrap_or(0);
         println!(
-            "{} {} [{}] heartbeat {} ms ago, {} leases, {} GPUs, cpu {}/{} used, api {}",
+            "{} {} [{}] heartbeat {} ago, {} leases, {}, {} of {} CPU used, api {}",
             s(&a["name"]),
             s(&a["id"]),
             s(&a["state"]),
-            s(&a["heartbeat_age_ms"]),
+            duration_ms(a["heartbeat_age_ms"].as_u64().unwrap_or(0)),
             s(&a["leases"]),
-            res["gpus"].as_array().map(|g| g.len()).unwrap_or(0),
+            if gpus == 1 { "1 GPU".to_string() } else { format!("{gpus} GPUs") },
             s(&res["cpu_used"]),
             s(&res["cpu"]),
             s(&a["api"]),
@@ -224,55 +297,81 @@ pub fn print_agents(r: &Value) {
 }
 
 pub fn print_resources(r: &Value) {
+    let mut gpus = table(&["GPU", "NAME", "SOURCE", "MEMORY", "LEASED", "FOREIGN", ""], &[0, 3, 4, 5]);
     for g in r["gpus"].as_array().into_iter().flatten() {
-        println!(
-            "gpu {} {} [{}]: {} of {} bytes leased{}",
+        let size = |key: &str| bytes(g[key].as_u64().unwrap_or(0));
+        gpus.add_row([
             s(&g["index"]),
             s(&g["name"]),
             s(&g["source"]),
-            s(&g["memory_leased_bytes"]),
-            s(&g["memory_bytes"]),
-            if g["exclusive"] == Value::Bool(true) { " (whole device)" } else { "" }
-        );
+            size("memory_bytes"),
+            size("memory_leased_bytes"),
+            size("memory_foreign_bytes"),
+            if g["exclusive"] == Value::Bool(true) { "whole device leased".into() } else { String::new() },
+        ]);
     }
+    print_table(&gpus);
     println!("cpu: {} of {} slots leased", s(&r["cpu"]["leased"]), s(&r["cpu"]["capacity"]));
-    println!("leases:");
-    for l in r["leases"].as_array().into_iter().flatten() {
-        println!(
-            "  {} {}/{} attempt {} pid {} held {} ms",
-            s(&l["pipeline"]),
-            s(&l["job"]),
-            s(&l["stage"]),
-            s(&l["attempt"]),
-            s(&l["pid"]),
-            s(&l["held_ms"])
-        );
+    for (name, c) in r["counters"].as_object().into_iter().flatten() {
+        println!("{name}: {} of {} leased", s(&c["leased"]), s(&c["capacity"]));
+    }
+    let leases = r["leases"].as_array().cloned().unwrap_or_default();
+    println!();
+    if leases.is_empty() {
+        println!("leases: none");
+    } else {
+        println!("leases:");
+        let mut table =
+            table(&["JOB", "STAGE", "PIPELINE", "ATTEMPT", "PID", "HOLDS", "HELD FOR", "STOPPING"], &[3, 4]);
+        for l in &leases {
+            table.add_row([
+                short_id(&s(&l["job"])).to_string(),
+                s(&l["stage"]),
+                s(&l["pipeline"]),
+                s(&l["attempt"]),
+                s(&l["pid"]),
+                holds(l),
+                duration_ms(l["held_ms"].as_u64().unwrap_or(0)),
+                l["stopping"].as_str().unwrap_or_default().to_string(),
+            ]);
+        }
+        print_table(&table);
     }
     for p in r["pools"].as_array().into_iter().flatten() {
+        println!();
         println!("pool {}:", s(&p["name"]));
+        let mut table = table(&["#", "STATE", "PID", "TASK", "DONE", "RESTARTS", "LAST ERROR"], &[0, 4, 5]);
         for i in p["instances"].as_array().into_iter().flatten() {
-            println!(
-                "  #{} {} pid {} task {} done {} restarts {}{}",
+            table.add_row([
                 s(&i["index"]),
                 s(&i["state"]),
                 s(&i["pid"]),
                 s(&i["task"]),
                 s(&i["tasks_done"]),
                 s(&i["restarts"]),
-                i["last_error"].as_str().map(|e| format!(" last error: {e}")).unwrap_or_default()
-            );
+                i["last_error"].as_str().unwrap_or_default().to_string(),
+            ]);
         }
+        print_table(&table);
     }
-    println!("waiting:");
-    for w in r["waiting"].as_array().into_iter().flatten() {
-        println!(
-            "  {} {}/{} waited {} ms, needs {}",
-            s(&w["pipeline"]),
-            s(&w["job"]),
-            s(&w["stage"]),
-            s(&w["waited_ms"]),
-            w["needs"]
-        );
+    let waiting = r["waiting"].as_array().cloned().unwrap_or_default();
+    println!();
+    if waiting.is_empty() {
+        println!("waiting: none");
+    } else {
+        println!("waiting, in the order they will be served:");
+        let mut table = table(&["JOB", "STAGE", "PIPELINE", "PRIORITY", "WAITED", "NEEDS"], &[3]);
+        for w in &waiting {
+            table.add_row([
+                short_id(&s(&w["job"])).to_string(),
+                s(&w["stage"]),
+                s(&w["pipeline"]),
+                s(&w["priority"]),
+                duration_ms(w["waited_ms"].as_u64().unwrap_or(0)),
+                needs(&w["needs"]),
+            ]);
+        }
+        print_table(&table);
     }
 }
 
@@ -281,10 +380,10 @@ pub fn print_diagnosis(d: &Value) {
     for g in d["gpus"].as_array().into_iter().flatten() {
         let reading = if g["telemetry"] == Value::Bool(true) {
             format!(
-                "{} % busy, {} of {} bytes used, {} process(es)",
+                "{} % busy, {} of {} used, {} process(es)",
                 s(&g["utilization_pct"]),
-                s(&g["memory_used_bytes"]),
-                s(&g["memory_bytes"]),
+                bytes(g["memory_used_bytes"].as_u64().unwrap_or(0)),
+                bytes(g["memory_bytes"].as_u64().unwrap_or(0)),
                 g["processes"].as_array().map(|p| p.len()).unwrap_or(0)
             )
         } else {

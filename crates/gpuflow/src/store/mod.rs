@@ -449,3 +449,87 @@ pub fn content_hash(text: &str) -> String {
     }
     format!("{h:016x}")
 }
+
+/// Lookups the API makes beside the engine's turns: jobs by the start of their id or by their
+/// short id, and the link from a retry to the job it retries (written once, after the engine
+/// admitted the retry).
+pub trait JobLinks {
+    /// Jobs whose id starts with `prefix`, newest first, at most `limit`.
+    fn jobs_by_id_prefix(
+        &self,
+        prefix: &IdPrefix,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<JobRecord>>> + Send;
+    /// Jobs whose id ends with `short_id` (8 lowercase hex digits), newest first.
+    fn jobs_by_short_id(&self, short_id: &str, limit: u32) -> impl Future<Output = StoreResult<Vec<JobRecord>>> + Send;
+    /// Records that `job` was submitted to retry `of`.
+    fn set_retry_of(&self, job: &str, of: &str) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The job `job` retries, and the jobs submitted to retry it (oldest first).
+    fn retry_links(&self, job: &str) -> impl Future<Output = StoreResult<RetryLinks>> + Send;
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RetryLinks {
+    pub retry_of: Option<String>,
+    pub retried_by: Vec<String>,
+}
+
+/// The start of a job id (a hyphenated lowercase UUID), as a user types it: hex digits, with
+/// or without the dashes (`7a4de9bc`, `7A4DE9BC-1f`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdPrefix(String);
+
+impl IdPrefix {
+    const LOWEST: &'static str = "00000000-0000-0000-0000-000000000000";
+    const HIGHEST: &'static str = "ffffffff-ffff-ffff-ffff-ffffffffffff";
+
+    /// `None` unless `text` is 1 to 32 hex digits, dashes aside.
+    pub fn parse(text: &str) -> Option<IdPrefix> {
+        let digits: String = text.chars().filter(|c| *c != '-').map(|c| c.to_ascii_lowercase()).collect();
+        if digits.is_empty() || digits.len() > 32 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        // Dashes where a UUID has them, so the prefix compares as stored ids do.
+        let mut prefix = String::with_capacity(36);
+        for (i, c) in digits.chars().enumerate() {
+            if matches!(i, 8 | 12 | 16 | 20) {
+                prefix.push('-');
+            }
+            prefix.push(c);
+        }
+        Some(IdPrefix(prefix))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The smallest and largest ids with this prefix: the bounds of an index range scan.
+    pub fn lowest(&self) -> String {
+        format!("{}{}", self.0, &Self::LOWEST[self.0.len()..])
+    }
+
+    pub fn highest(&self) -> String {
+        format!("{}{}", self.0, &Self::HIGHEST[self.0.len()..])
+    }
+}
+
+#[cfg(test)]
+mod id_prefix_tests {
+    use super::IdPrefix;
+
+    #[test]
+    fn a_prefix_gets_the_dashes_of_a_uuid_and_bounds_every_id_it_starts() {
+        let p = IdPrefix::parse("7A4DE9BC1f").unwrap();
+        assert_eq!(p.as_str(), "7a4de9bc-1f");
+        assert_eq!(p.lowest(), "7a4de9bc-1f00-0000-0000-000000000000");
+        assert_eq!(p.highest(), "7a4de9bc-1fff-ffff-ffff-ffffffffffff");
+        assert_eq!(IdPrefix::parse("7a4de9bc-1f"), Some(p));
+        let full = "0193b5f2-7c1e-7d3a-9f00-1234567890ab";
+        let whole = IdPrefix::parse(full).unwrap();
+        assert_eq!((whole.lowest(), whole.highest()), (full.to_string(), full.to_string()));
+        for bad in ["", "-", "xyz", "7a4de9bc-1f00-0000-0000-0000000000000", "7a 4d"] {
+            assert_eq!(IdPrefix::parse(bad), None, "{bad:?}");
+        }
+    }
+}

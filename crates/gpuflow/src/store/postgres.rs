@@ -24,6 +24,7 @@ use super::*;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (4, include_str!("../../migrations/postgres/0004_batch_size.sql")),
+    (5, include_str!("../../migrations/postgres/0005_job_links.sql")),
     (7, include_str!("../../migrations/postgres/0007_one_sql.sql")),
 ];
 
@@ -871,5 +872,55 @@ impl SqlBackend for PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(used + 1)
+    }
+}
+
+impl JobLinks for PgStore {
+    async fn jobs_by_id_prefix(&self, prefix: &IdPrefix, limit: u32) -> StoreResult<Vec<JobRecord>> {
+        // A range on the unique index of `id`: every id has the same shape as the bounds, so
+        // the database collation orders them as their hex digits.
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            listed_job_columns!(),
+            " FROM jobs WHERE id >= $1 AND id <= $2 ORDER BY seq DESC LIMIT $3"
+        ))
+        .bind(prefix.lowest())
+        .bind(prefix.highest())
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn jobs_by_short_id(&self, short_id: &str, limit: u32) -> StoreResult<Vec<JobRecord>> {
+        // `substr(id, 29)` exactly as in the index `jobs_by_short_id`, so it is used.
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            listed_job_columns!(),
+            " FROM jobs WHERE substr(id, 29) = $1 ORDER BY seq DESC LIMIT $2"
+        ))
+        .bind(short_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn set_retry_of(&self, job: &str, of: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE jobs SET retry_of = $2 WHERE id = $1").bind(job).bind(of).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn retry_links(&self, job: &str) -> StoreResult<RetryLinks> {
+        let retry_of: Option<String> = sqlx::query_scalar("SELECT retry_of FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten();
+        let retried_by = sqlx::query_scalar("SELECT id FROM jobs WHERE retry_of = $1 ORDER BY seq")
+            .bind(job)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(RetryLinks { retry_of, retried_by })
     }
 }

@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/sqlite/0002_findings.sql")),
     (3, include_str!("../../migrations/sqlite/0003_recovery_order.sql")),
     (4, include_str!("../../migrations/sqlite/0004_batch_size.sql")),
+    (5, include_str!("../../migrations/sqlite/0005_job_links.sql")),
     (7, include_str!("../../migrations/sqlite/0007_one_sql.sql")),
 ];
 
@@ -602,5 +603,54 @@ impl SqliteStore {
             update_from_values(tx, "jobs", &set.join(", "), "jobs.id = v.column1", group, None).await?;
         }
         Ok(())
+    }
+}
+
+impl JobLinks for SqliteStore {
+    async fn jobs_by_id_prefix(&self, prefix: &IdPrefix, limit: u32) -> StoreResult<Vec<JobRecord>> {
+        // A range on the unique index of `id`, not `LIKE`, which SQLite would scan with.
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            listed_job_columns!(),
+            " FROM jobs WHERE id >= ?1 AND id <= ?2 ORDER BY seq DESC LIMIT ?3"
+        ))
+        .bind(prefix.lowest())
+        .bind(prefix.highest())
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn jobs_by_short_id(&self, short_id: &str, limit: u32) -> StoreResult<Vec<JobRecord>> {
+        // `substr(id, 29)` exactly as in the index `jobs_by_short_id`, so it is used.
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            listed_job_columns!(),
+            " FROM jobs WHERE substr(id, 29) = ?1 ORDER BY seq DESC LIMIT ?2"
+        ))
+        .bind(short_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn set_retry_of(&self, job: &str, of: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE jobs SET retry_of = ?2 WHERE id = ?1").bind(job).bind(of).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn retry_links(&self, job: &str) -> StoreResult<RetryLinks> {
+        let retry_of: Option<String> = sqlx::query_scalar("SELECT retry_of FROM jobs WHERE id = ?1")
+            .bind(job)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten();
+        let retried_by = sqlx::query_scalar("SELECT id FROM jobs WHERE retry_of = ?1 ORDER BY seq")
+            .bind(job)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(RetryLinks { retry_of, retried_by })
     }
 }

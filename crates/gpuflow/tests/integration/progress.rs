@@ -243,10 +243,12 @@ async fn submit_wait_off_a_terminal_prints_throttled_progress_lines_that_name_th
     for ((stdout, stderr), (id, other)) in outs.iter().zip([(&ids[0], &ids[1]), (&ids[1], &ids[0])]) {
         assert!(stdout.contains("\"steps\": 10"), "{stdout}");
         let lines: Vec<&str> = stderr.lines().skip(1).collect();
+        // Lines name the job by its short id, its last 8 characters, as the dashboard does.
+        let (short, other) = (&id[id.len() - 8..], &other[other.len() - 8..]);
         for line in &lines {
-            assert!(line.contains(id.as_str()) && !line.contains(other.as_str()), "a line without its job: {line}");
+            assert!(line.contains(short) && !line.contains(other), "a line without its job: {line}");
         }
-        let count: Vec<&&str> = lines.iter().filter(|l| l.starts_with(&format!("{id} count: "))).collect();
+        let count: Vec<&&str> = lines.iter().filter(|l| l.starts_with(&format!("{short} count: "))).collect();
         let progress: Vec<&&str> = count.iter().filter(|l| l.contains("% step ")).copied().collect();
         // 12 reports over 3 s, printed at most once a second (state changes always).
         assert!(progress.len() >= 2, "progress lines: {stderr}");

@@ -100,6 +100,7 @@ macro_rules! store_suite {
 }
 
 store_suite!(
+    jobs_are_found_by_id_prefix_and_short_id_and_retries_are_linked,
     inserted_jobs_read_back_intact,
     idempotency_keys_are_unique,
     a_running_attempt_is_a_held_lease,
@@ -425,7 +426,7 @@ async fn postgres_migration_records_ready_stages_as_queued() {
     use StageState::{Cancelled, Pending, Queued as Ready, Succeeded as Done};
     assert_eq!(states(store.job("live").await.unwrap().unwrap()), vec![Done, Ready, Pending, Ready]);
     assert_eq!(states(store.job("over").await.unwrap().unwrap()), vec![Done, Cancelled]);
-    assert_eq!(db.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"), "1,4,7");
+    assert_eq!(db.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"), "1,4,5,7");
 }
 
 /// Rows as the embedded engine wrote them before: ready stages left `pending`.
@@ -538,4 +539,37 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     );
     assert_eq!(b.cancel_shared("missing", cluster::cancel).await.unwrap(), SharedCancel::NotFound);
     assert_eq!(db.sql("SELECT count(*) FROM leases"), "0", "no lease left held");
+}
+
+/// Id prefixes, short ids and retry links (`JobLinks`).
+async fn jobs_are_found_by_id_prefix_and_short_id_and_retries_are_linked<S: Store + gpuflow::store::JobLinks>(
+    store: S,
+) {
+    use gpuflow::store::{IdPrefix, RetryLinks};
+    // Two ids sharing their first 13 characters, a third apart; last 8 digits all different.
+    let ids = [
+        "0193b5f2-7c1e-7d3a-9f00-1234567890ab",
+        "0193b5f2-7c1e-7aaa-8000-0000000000cd",
+        "0193b5f3-0000-7000-8000-0000000000ef",
+    ];
+    for id in ids {
+        store.insert_job(&new_job(id, None, vec![("a", vec![])])).await.unwrap();
+    }
+    let found = |rows: Vec<gpuflow::store::JobRecord>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let by_prefix = async |p: &str| found(store.jobs_by_id_prefix(&IdPrefix::parse(p).unwrap(), 10).await.unwrap());
+    assert_eq!(by_prefix("0193b5f2-7c1e").await, vec![ids[1], ids[0]], "newest first");
+    assert_eq!(by_prefix("0193B5F27C1E7D").await, vec![ids[0]]);
+    assert_eq!(by_prefix("0193b5f").await.len(), 3);
+    assert_eq!(by_prefix(ids[2]).await, vec![ids[2]], "a whole id is its own prefix");
+    assert!(by_prefix("0193b5f4").await.is_empty());
+    assert_eq!(found(store.jobs_by_id_prefix(&IdPrefix::parse("0193").unwrap(), 2).await.unwrap()).len(), 2, "limit");
+    assert_eq!(found(store.jobs_by_short_id("000000cd", 10).await.unwrap()), vec![ids[1]]);
+    assert!(store.jobs_by_short_id("0193b5f2", 10).await.unwrap().is_empty(), "a short id is the end of an id");
+
+    assert_eq!(store.retry_links(ids[0]).await.unwrap(), RetryLinks::default());
+    store.set_retry_of(ids[1], ids[0]).await.unwrap();
+    store.set_retry_of(ids[2], ids[0]).await.unwrap();
+    let links = store.retry_links(ids[0]).await.unwrap();
+    assert_eq!(links, RetryLinks { retry_of: None, retried_by: vec![ids[1].to_string(), ids[2].to_string()] });
+    assert_eq!(store.retry_links(ids[2]).await.unwrap().retry_of.as_deref(), Some(ids[0]));
 }
