@@ -2,6 +2,7 @@
 //! embedded default. Every write the runtime makes for one step goes in one transaction, and
 //! it acts only after that transaction has committed.
 
+mod pg_queue;
 mod postgres;
 mod sqlite;
 
@@ -10,7 +11,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-pub use postgres::{AgentRecord, AttemptDetails, Claim, ClaimCandidate, Finish, LostLease, PgStore, SharedCancel};
+pub use pg_queue::{AgentRecord, AttemptDetails, Claim, ClaimCandidate, Finish, LostLease, SharedCancel};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
