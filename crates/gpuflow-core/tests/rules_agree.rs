@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use gpuflow_core::cluster::{self, SharedEnd, SharedStage, SharedStageState, StageChange, Transition};
+use gpuflow_core::cluster::{self, SharedStage, SharedStageState, StageChange, Transition};
 use gpuflow_core::rules::{Interruption, MAX_INTERRUPTIONS};
 use gpuflow_core::*;
 use proptest::prelude::*;
@@ -141,10 +141,10 @@ impl Agent {
     }
 
     /// An attempt's end reported by the local engine, as `runtime::cluster::cluster_writes`
-    /// turns it into a `SharedEnd` and `PgStore::finish` (or the lease sweep) decides it.
+    /// turns it into an `End` and `PgStore::finish` (or the lease sweep) decides it.
     fn attempt_ended(&mut self, action: &Action, p: &Pipeline, now: u64) {
         let Action::AttemptEnded { stage, result, error, retryable, .. } = action else { return };
-        let end = SharedEnd::of(*result, error.as_deref(), *retryable);
+        let end = cluster::reported_end(*result, error.as_deref(), *retryable);
         assert_eq!(self.stages[*stage].state, SharedStageState::Running, "stage {stage} ended but was not claimed");
         let ending = self.ending.as_ref().map(|(s, _)| *s);
         let t = cluster::attempt_ended(&self.stages, ending, *stage, end, &p.stages[*stage].retry);

@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-pub use pg_queue::{AgentRecord, AttemptDetails, Claim, ClaimCandidate, Finish, LostLease, SharedCancel};
+pub use pg_queue::{
+    Admitted, AgentRecord, Also, AttemptDetails, Claim, ClaimAsk, ClaimCandidate, Ending, Finish, LostLease, PgQueue,
+    SharedCancel, Synced,
+};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -1,15 +1,78 @@
-//! The shared queue that several agents claim from, on PostgreSQL.
+//! The shared queue that several agents claim from, on PostgreSQL: agents, claims, leases,
+//! renewals, expiry and fencing. Claims take `FOR UPDATE SKIP LOCKED` on claimable stages;
+//! every claim is a lease row with a fencing token and an expiry read against the database's
+//! clock; every write about an attempt is conditional on its token.
+//!
+//! The queue decides nothing about a job: each change locks the job's rows, hands them to the
+//! caller's rule (`gpuflow_core::cluster`, the same rules as the single engine) and writes the
+//! transition it returns, in the same transaction; which candidates to claim is the caller's
+//! choice too (`cluster::choose_claims`). Lock order, to rule out deadlocks: stage rows (by job,
+//! then index) before job rows (by id); a claim skips locked stages instead of waiting.
 
 use std::collections::BTreeMap;
 
 use gpuflow_core::JobState;
 use gpuflow_core::cluster::{self, SharedStage, SharedStageState, StageChange, Transition};
 use serde_json::Value;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::postgres::QUEUE_CHANNEL;
 use super::*;
+
+/// The shared queue, acting for one agent (`PgStore::queue`).
+#[derive(Clone)]
+pub struct PgQueue {
+    pool: PgPool,
+    url: String,
+    /// The agent whose leases these are.
+    agent: String,
+}
+
+impl PgStore {
+    /// The shared queue in this store's database, acting for the same agent.
+    pub fn queue(&self) -> PgQueue {
+        PgQueue { pool: self.pool.clone(), url: self.url.clone(), agent: self.agent.clone() }
+    }
+}
+
+/// An attempt's end, to be written fenced by its claim's token.
+#[derive(Clone, Debug)]
+pub struct Ending {
+    pub token: i64,
+    pub job: String,
+    pub details: AttemptDetails,
+}
+
+/// A claim to make: how many candidates to look at, the lease's TTL, which stages to offer
+/// beyond the window in claim order, and the caller's choice among the candidates.
+pub struct ClaimAsk<'a> {
+    pub limit: u32,
+    pub ttl_ms: u64,
+    pub also: Also,
+    /// Picks candidates by position (`cluster::choose_claims`).
+    pub choose: Box<dyn FnMut(&[ClaimCandidate]) -> Vec<usize> + Send + 'a>,
+}
+
+/// What a claim offers besides the first `limit` claimable stages in claim order.
+#[derive(Clone, Debug)]
+pub enum Also {
+    Nothing,
+    /// Every claimable stage that has waited at least this long (a scan of the claimable).
+    Starving {
+        after_ms: u64,
+    },
+    /// These stages, if still claimable (looked up by key).
+    Keys(Vec<(String, usize)>),
+}
+
+/// What one `PgQueue::sync` did.
+#[derive(Debug)]
+pub struct Synced {
+    /// For each ending, in order.
+    pub finishes: Vec<Finish>,
+    pub claims: Vec<Claim>,
+}
 
 /// A claimable stage, offered to the agent's choice.
 #[derive(Clone, Debug)]
@@ -23,6 +86,15 @@ pub struct ClaimCandidate {
     pub arrival: u64,
     /// How long it has been claimable (by the database's clock).
     pub waited_ms: u64,
+}
+
+/// What became of a shared admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// Inserted, with this arrival number.
+    Inserted(i64),
+    /// The pipeline has `max_queued` unfinished jobs already.
+    Full,
 }
 
 /// The rule that decides what a lost lease does to its job (`cluster::lease_lost`).
@@ -99,7 +171,11 @@ fn shared_state(s: &str) -> SharedStageState {
     }
 }
 
-impl PgStore {
+impl PgQueue {
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
     /// A listener for `QUEUE_CHANNEL`. It reconnects by itself; notifications sent while it
     /// was away are lost, which is why agents also poll.
     pub async fn listener(&self) -> StoreResult<PgListener> {
@@ -108,19 +184,26 @@ impl PgStore {
         Ok(listener)
     }
 
-    /// Inserts a job into the shared queue and wakes the agents.
-    pub async fn insert_shared_job(&self, job: &NewJob) -> StoreResult<i64> {
-        self.insert(job, true).await
-    }
-
-    /// Unfinished jobs of a pipeline, across every agent (for `max_queued`).
-    pub async fn unfinished_count(&self, pipeline: &str) -> StoreResult<u64> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE pipeline = $1 AND state IN ('queued', 'running')")
-                .bind(pipeline)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(n as u64)
+    /// Inserts a job into the shared queue and wakes the agents, unless the pipeline already
+    /// has `max_queued` unfinished jobs across every agent (`Admitted::Full`). The count and
+    /// the insert hold the pipeline's admission lock, so agents admitting at the same instant
+    /// take turns and the bound is exact.
+    pub async fn insert_shared_job(&self, job: &NewJob, max_queued: u64) -> StoreResult<Admitted> {
+        let mut tx = self.pool.begin().await?;
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_advisory_xact_lock(70707071, hashtext($1))) l, jobs              WHERE pipeline = $1 AND state IN ('queued', 'running')",
+        )
+        .bind(&job.pipeline)
+        .fetch_one(&mut *tx)
+        .await?;
+        if unfinished as u64 >= max_queued {
+            tx.rollback().await?;
+            return Ok(Admitted::Full);
+        }
+        let seq = PgStore::insert_in(&mut tx, job, true).await?;
+        notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Admitted::Inserted(seq))
     }
 
     // ---- agents ----------------------------------------------------------------------------
@@ -240,14 +323,16 @@ impl PgStore {
         let mut lost = Vec::new();
         for (token, job) in candidates {
             let mut tx = self.pool.begin().await?;
-            let (stages, ending) = lock_job(&mut tx, &job).await?;
+            let mut views = lock_jobs(&mut tx, &[job.as_str()]).await?;
             // Re-checked under the locks: a heartbeat or a finish may have come first.
             let row: Option<(String, i64, i64, i64)> =
                 sqlx::query_as(delete).bind(agents).bind(token).fetch_optional(&mut *tx).await?;
-            let Some((agent, stage, attempt, late_ms)) = row else { continue };
+            let (Some((agent, stage, attempt, late_ms)), Some(view)) = (row, views.get_mut(&job)) else { continue };
             let (stage, attempt) = (stage as usize, attempt as u32);
-            let t = rule(&stages, ending, stage);
-            apply(&mut tx, &job, stage, attempt, &t, &AttemptDetails::default()).await?;
+            let t = rule(&view.stages, view.ending, stage);
+            let mut writes = Writes::default();
+            writes.add(&job, view, stage, attempt, &t, &AttemptDetails::default());
+            writes.write(&mut tx).await?;
             tx.commit().await?;
             lost.push(LostLease { agent, job, stage, attempt, late_ms });
         }
@@ -255,6 +340,69 @@ impl PgStore {
     }
 
     // ---- claims and fenced writes ------------------------------------------------------------
+
+    /// One round of the agent's queue work in one transaction: the final writes of attempts
+    /// that ended (`endings`, each fenced by its token), then, when `ask` is given, a claim of
+    /// what fits the agent's free resources. `decide(i, stages, ending, stage)` gives the
+    /// transition for `endings[i]` (the caller's rule, `cluster::attempt_ended`); endings of one
+    /// job are decided in order, each against the rows as the previous one left them.
+    ///
+    /// Round trips: the stage locks, the job locks, the fence check, one statement for every
+    /// attempt, stage and job row of the round; then the claim's read and its one write.
+    pub async fn sync(
+        &self,
+        endings: &[Ending],
+        decide: &mut dyn FnMut(usize, &[SharedStage], Option<JobState>, usize) -> Transition,
+        ask: Option<ClaimAsk<'_>>,
+    ) -> StoreResult<Synced> {
+        let mut tx = self.pool.begin().await?;
+        let finishes = if endings.is_empty() { Vec::new() } else { self.settle(&mut tx, endings, decide).await? };
+        let claims = match ask {
+            Some(ask) => self.claim_in(&mut tx, ask).await?,
+            None => Vec::new(),
+        };
+        tx.commit().await?;
+        Ok(Synced { finishes, claims })
+    }
+
+    async fn settle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        endings: &[Ending],
+        decide: &mut dyn FnMut(usize, &[SharedStage], Option<JobState>, usize) -> Transition,
+    ) -> StoreResult<Vec<Finish>> {
+        let jobs: Vec<&str> = endings.iter().map(|e| e.job.as_str()).collect();
+        let mut views = lock_jobs(tx, &jobs).await?;
+        let tokens: Vec<i64> = endings.iter().map(|e| e.token).collect();
+        // The fence: only leases this agent still holds are settled; the rest were lost.
+        let held: BTreeMap<i64, (String, i64, i64)> = sqlx::query_as::<_, (i64, String, i64, i64)>(
+            "DELETE FROM leases WHERE token = ANY($1) AND agent_id = $2 RETURNING token, job_id, stage_idx, attempt",
+        )
+        .bind(&tokens)
+        .bind(&self.agent)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .map(|(token, job, stage, attempt)| (token, (job, stage, attempt)))
+        .collect();
+        let mut writes = Writes::default();
+        let mut finishes = Vec::with_capacity(endings.len());
+        for (i, e) in endings.iter().enumerate() {
+            let (Some((job, stage, attempt)), Some(view)) = (held.get(&e.token), views.get_mut(&e.job)) else {
+                finishes.push(Finish::Fenced);
+                continue;
+            };
+            if *job != e.job {
+                return Err(StoreError::Corrupt(format!("lease {} is of job {job}, not {}", e.token, e.job)));
+            }
+            let (stage, attempt) = (*stage as usize, *attempt as u32);
+            let t = decide(i, &view.stages, view.ending, stage);
+            writes.add(&e.job, view, stage, attempt, &t, &e.details);
+            finishes.push(Finish::Applied { job_finished: t.finished });
+        }
+        writes.write(tx).await?;
+        Ok(finishes)
+    }
 
     /// Claims what `choose` picks (by position) among the first `limit` claimable stages,
     /// highest priority then oldest first (`cluster::choose_claims` decides against the agent's
@@ -264,22 +412,68 @@ impl PgStore {
         &self,
         limit: u32,
         ttl_ms: u64,
-        choose: impl FnOnce(&[ClaimCandidate]) -> Vec<usize>,
+        choose: impl FnOnce(&[ClaimCandidate]) -> Vec<usize> + Send,
     ) -> StoreResult<Vec<Claim>> {
+        let mut choose = Some(choose);
+        let pick = |offered: &[ClaimCandidate]| choose.take().map(|f| f(offered)).unwrap_or_default();
+        let ask = ClaimAsk { limit, ttl_ms, also: Also::Nothing, choose: Box::new(pick) };
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT s.job_id, s.idx, s.attempts, j.pipeline, j.config_hash, j.priority, s.job_seq, \
+        let claims = self.claim_in(&mut tx, ask).await?;
+        tx.commit().await?;
+        Ok(claims)
+    }
+
+    async fn claim_in(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        mut ask: ClaimAsk<'_>,
+    ) -> StoreResult<Vec<Claim>> {
+        const COLUMNS: &str = "s.job_id, s.idx, s.attempts, j.pipeline, j.config_hash, j.priority, s.job_seq, \
              gpuflow_now_ms() - COALESCE(s.not_before, j.created_at) AS waited FROM stages s JOIN jobs j ON j.id = s.job_id \
-             WHERE s.state IN ('queued', 'backoff') AND COALESCE(s.not_before, 0) <= gpuflow_now_ms() AND j.ending IS NULL \
-             ORDER BY s.priority DESC, s.job_seq, s.idx LIMIT $1 FOR UPDATE OF s SKIP LOCKED",
-        )
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await?;
+             WHERE s.state IN ('queued', 'backoff') AND COALESCE(s.not_before, 0) <= gpuflow_now_ms() AND j.ending IS NULL";
+        const ORDER: &str = "ORDER BY s.priority DESC, s.job_seq, s.idx";
+        // The window in claim order, plus the stages that waited past the starvation bound
+        // wherever they stand (found by a scan, or looked up by key once known), so the
+        // reservation holds across agents: whoever can fit a starving stage sees it first.
+        let (also, keys_job, keys_idx, after_ms) = match ask.also {
+            Also::Nothing => ("", Vec::new(), Vec::new(), 0),
+            Also::Starving { after_ms } => (
+                "AND COALESCE(s.not_before, j.created_at) <= gpuflow_now_ms() - $4",
+                Vec::new(),
+                Vec::new(),
+                after_ms as i64,
+            ),
+            Also::Keys(keys) => (
+                "AND (s.job_id, s.idx) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))",
+                keys.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>(),
+                keys.iter().map(|(_, i)| *i as i64).collect::<Vec<_>>(),
+                0,
+            ),
+        };
+        let sql = if also.is_empty() {
+            format!(
+                "SELECT {COLUMNS} AND $2::text[] IS NOT NULL AND $3::bigint[] IS NOT NULL AND $4::bigint IS NOT NULL {ORDER} LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
+            )
+        } else {
+            format!(
+                "WITH w AS (SELECT {COLUMNS} {ORDER} LIMIT $1 FOR UPDATE OF s SKIP LOCKED), \
+                 x AS (SELECT {COLUMNS} {also} AND $2::text[] IS NOT NULL AND $3::bigint[] IS NOT NULL AND $4::bigint IS NOT NULL {ORDER} LIMIT $1 FOR UPDATE OF s SKIP LOCKED) \
+                 SELECT * FROM w UNION ALL SELECT * FROM x"
+            )
+        };
+        // Assembled from the constants above only; every value is bound.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(ask.limit as i64)
+            .bind(&keys_job)
+            .bind(&keys_idx)
+            .bind(after_ms)
+            .fetch_all(&mut **tx)
+            .await?;
         let mut candidates = Vec::with_capacity(rows.len());
         let mut attempts = Vec::with_capacity(rows.len());
+        let mut seen = std::collections::HashSet::new();
         for r in &rows {
-            candidates.push(ClaimCandidate {
+            let c = ClaimCandidate {
                 job: r.try_get("job_id")?,
                 stage: r.try_get::<i64, _>("idx")? as usize,
                 pipeline: r.try_get("pipeline")?,
@@ -287,109 +481,86 @@ impl PgStore {
                 priority: r.try_get::<i64, _>("priority")? as i32,
                 arrival: r.try_get::<i64, _>("job_seq")?.max(0) as u64,
                 waited_ms: r.try_get::<i64, _>("waited")?.max(0) as u64,
-            });
-            attempts.push(r.try_get::<i64, _>("attempts")? as u32 + 1);
-        }
-        let mut picked = choose(&candidates);
-        picked.sort_unstable();
-        picked.dedup();
-        let mut chosen: Vec<(ClaimCandidate, u32)> = Vec::new();
-        for i in picked {
-            if let Some(c) = candidates.get(i) {
-                chosen.push((c.clone(), attempts[i]));
+            };
+            if seen.insert((c.job.clone(), c.stage)) {
+                candidates.push(c);
+                attempts.push(r.try_get::<i64, _>("attempts")? as u32 + 1);
             }
         }
+        let mut picked = (ask.choose)(&candidates);
+        picked.sort_unstable();
+        picked.dedup();
+        let chosen: Vec<(&ClaimCandidate, u32)> =
+            picked.into_iter().filter_map(|i| Some((candidates.get(i)?, attempts[i]))).collect();
         if chosen.is_empty() {
-            tx.rollback().await?;
             return Ok(Vec::new());
         }
         let jobs: Vec<&str> = chosen.iter().map(|(c, _)| c.job.as_str()).collect();
         let idxs: Vec<i64> = chosen.iter().map(|(c, _)| c.stage as i64).collect();
-        let attempts: Vec<i64> = chosen.iter().map(|(_, a)| *a as i64).collect();
-        let tokens: Vec<i64> = sqlx::query(
-            "INSERT INTO leases (token, job_id, stage_idx, attempt, agent_id, granted_at, expires_at) \
-             SELECT nextval('fencing_tokens'), j, i, a, $4, gpuflow_now_ms(), gpuflow_now_ms() + $5 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(j, i, a) \
-             RETURNING token, job_id, stage_idx",
+        let attempt_numbers: Vec<i64> = chosen.iter().map(|(_, a)| *a as i64).collect();
+        // One statement: the leases with their fencing tokens, the attempts, the stages and jobs
+        // marked running, and what the claimed stages need to render their commands (read from
+        // the snapshot before these writes, which is what they need: the other stages' outputs).
+        let rows = sqlx::query(
+            "WITH c AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS c(job_id, idx, attempt)), \
+             l AS (INSERT INTO leases (token, job_id, stage_idx, attempt, agent_id, granted_at, expires_at) \
+                   SELECT nextval('fencing_tokens'), job_id, idx, attempt, $4, gpuflow_now_ms(), gpuflow_now_ms() + $5 FROM c \
+                   RETURNING token, job_id, stage_idx, attempt), \
+             a AS (INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at, agent_id, token) \
+                   SELECT job_id, stage_idx, attempt, 'running', '{}', gpuflow_now_ms(), $4, token FROM l), \
+             s AS (UPDATE stages s SET state = 'running', attempts = c.attempt, not_before = NULL, started_at = gpuflow_now_ms(), \
+                   finished_at = NULL, error = NULL, exit_code = NULL FROM c WHERE s.job_id = c.job_id AND s.idx = c.idx), \
+             j AS (UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, gpuflow_now_ms()) \
+                   WHERE id IN (SELECT id FROM jobs WHERE id IN (SELECT job_id FROM c) ORDER BY id FOR UPDATE)) \
+             SELECT l.token, l.job_id, l.stage_idx, jb.input, \
+                    (SELECT json_agg(st.output ORDER BY st.idx) FROM stages st WHERE st.job_id = l.job_id)::text AS outputs \
+             FROM l JOIN jobs jb ON jb.id = l.job_id",
         )
         .bind(&jobs)
         .bind(&idxs)
-        .bind(&attempts)
+        .bind(&attempt_numbers)
         .bind(&self.agent)
-        .bind(ttl_ms as i64)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| -> StoreResult<((String, i64), i64)> {
-            Ok(((r.try_get("job_id")?, r.try_get("stage_idx")?), r.try_get("token")?))
-        })
-        .collect::<StoreResult<BTreeMap<_, _>>>()?
-        .into_values()
-        .collect();
-        // `tokens` is ordered by (job, stage); order the claims the same way.
-        chosen.sort_by(|a, b| (&a.0.job, a.0.stage).cmp(&(&b.0.job, b.0.stage)));
-        let jobs: Vec<&str> = chosen.iter().map(|(c, _)| c.job.as_str()).collect();
-        let idxs: Vec<i64> = chosen.iter().map(|(c, _)| c.stage as i64).collect();
-        let attempts: Vec<i64> = chosen.iter().map(|(_, a)| *a as i64).collect();
-        sqlx::query(
-            "INSERT INTO attempts (job_id, stage_idx, attempt, state, grant_json, started_at, agent_id, token) \
-             SELECT j, i, a, 'running', '{}', gpuflow_now_ms(), $4, t FROM unnest($1::text[], $2::bigint[], $3::bigint[], $5::bigint[]) AS u(j, i, a, t)",
-        )
-        .bind(&jobs)
-        .bind(&idxs)
-        .bind(&attempts)
-        .bind(&self.agent)
-        .bind(&tokens)
-        .execute(&mut *tx)
+        .bind(ask.ttl_ms as i64)
+        .fetch_all(&mut **tx)
         .await?;
-        sqlx::query(
-            "UPDATE stages s SET state = 'running', attempts = u.a, not_before = NULL, started_at = gpuflow_now_ms(), finished_at = NULL, error = NULL, exit_code = NULL \
-             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(j, i, a) WHERE s.job_id = u.j AND s.idx = u.i",
-        )
-        .bind(&jobs)
-        .bind(&idxs)
-        .bind(&attempts)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, gpuflow_now_ms()) \
-             WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE)",
-        )
-        .bind(&jobs)
-        .execute(&mut *tx)
-        .await?;
-        // What the claimed stages need to render their commands.
-        let details = sqlx::query(
-            "SELECT j.id, j.input, (SELECT json_agg(s.output ORDER BY s.idx) FROM stages s WHERE s.job_id = j.id)::text AS outputs FROM jobs j WHERE j.id = ANY($1)",
-        )
-        .bind(&jobs)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut by_job: BTreeMap<String, (Value, Vec<Option<Value>>)> = BTreeMap::new();
-        for r in &details {
+        let mut granted: BTreeMap<(String, i64), (i64, Value, Vec<Option<Value>>)> = BTreeMap::new();
+        for r in &rows {
             let raw: Vec<Option<String>> = serde_json::from_value(r.json("outputs")?.unwrap_or(Value::Null))
                 .map_err(|e| StoreError::Corrupt(format!("outputs: {e}")))?;
             let outputs = raw.into_iter().map(|o| o.map(|t| serde_json::from_str(&t).unwrap_or(Value::Null))).collect();
-            by_job.insert(r.try_get("id")?, (r.json("input")?.unwrap_or(Value::Null), outputs));
+            granted.insert(
+                (r.try_get("job_id")?, r.try_get("stage_idx")?),
+                (r.try_get("token")?, r.json("input")?.unwrap_or(Value::Null), outputs),
+            );
         }
+        let mut claims = Vec::with_capacity(chosen.len());
+        for (c, attempt) in chosen {
+            let Some((token, input, outputs)) = granted.remove(&(c.job.clone(), c.stage as i64)) else {
+                return Err(StoreError::Corrupt(format!("claim of {}/{} was not recorded", c.job, c.stage)));
+            };
+            claims.push(Claim {
+                token,
+                job: c.job.clone(),
+                stage: c.stage,
+                attempt,
+                pipeline: c.pipeline.clone(),
+                config_hash: c.config_hash.clone(),
+                input,
+                outputs,
+                priority: c.priority,
+            });
+        }
+        // In claim order, as chosen, for the agent's local queue.
+        claims.sort_by_key(|c| c.token);
+        Ok(claims)
+    }
+
+    /// Claims in a transaction of its own (`sync` with no endings).
+    pub async fn claim_with(&self, ask: ClaimAsk<'_>) -> StoreResult<Vec<Claim>> {
+        let mut tx = self.pool.begin().await?;
+        let claims = self.claim_in(&mut tx, ask).await?;
         tx.commit().await?;
-        Ok(chosen
-            .into_iter()
-            .zip(tokens)
-            .map(|((c, attempt), token)| {
-                let (input, outputs) = by_job.get(&c.job).cloned().unwrap_or((Value::Null, Vec::new()));
-                Claim {
-                    token,
-                    job: c.job,
-                    stage: c.stage,
-                    attempt,
-                    pipeline: c.pipeline,
-                    config_hash: c.config_hash,
-                    input,
-                    outputs,
-                    priority: c.priority,
-                }
-            })
-            .collect())
+        Ok(claims)
     }
 
     /// Records what the attempt was granted. False when its token is no longer current.
@@ -405,8 +576,8 @@ impl PgStore {
         Ok(r.rows_affected() == 1)
     }
 
-    /// The attempt's final write, fenced by its token: refused when the lease was lost. Within
-    /// one transaction: locks the job's stages, asks `decide` (the caller's rule, given the
+    /// One attempt's final write, fenced by its token: refused when the lease was lost. Within
+    /// one transaction: locks the job's rows, asks `decide` (the caller's rule, given the
     /// stages, the job's pending end and the lease's stage) for the transition, and writes it.
     pub async fn finish(
         &self,
@@ -415,24 +586,14 @@ impl PgStore {
         details: &AttemptDetails,
         decide: impl FnOnce(&[SharedStage], Option<JobState>, usize) -> Transition,
     ) -> StoreResult<Finish> {
-        let mut tx = self.pool.begin().await?;
-        let (stages, ending) = lock_job(&mut tx, job).await?;
-        let lease: Option<(i64, i64)> = sqlx::query_as(
-            "DELETE FROM leases WHERE token = $1 AND agent_id = $2 AND job_id = $3 RETURNING stage_idx, attempt",
-        )
-        .bind(token)
-        .bind(&self.agent)
-        .bind(job)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((stage, attempt)) = lease else {
-            tx.rollback().await?;
-            return Ok(Finish::Fenced);
+        let ending = Ending { token, job: job.to_string(), details: details.clone() };
+        let mut decide = Some(decide);
+        let mut rule = |_: usize, stages: &[SharedStage], ending: Option<JobState>, stage: usize| match decide.take() {
+            Some(f) => f(stages, ending, stage),
+            None => Transition::default(),
         };
-        let t = decide(&stages, ending, stage as usize);
-        apply(&mut tx, job, stage as usize, attempt as u32, &t, details).await?;
-        tx.commit().await?;
-        Ok(Finish::Applied { job_finished: t.finished })
+        let synced = self.sync(std::slice::from_ref(&ending), &mut rule, None).await?;
+        Ok(synced.finishes.into_iter().next().unwrap_or(Finish::Fenced))
     }
 
     /// Asks a job to stop: what has not started is cancelled now; running stages are stopped
@@ -450,11 +611,14 @@ impl PgStore {
         if JobState::parse(&state).is_some_and(|s| s.is_final()) {
             return Ok(SharedCancel::AlreadyFinished(state));
         }
-        let (stages, ending) = lock_job(&mut tx, job).await?;
-        let Some(t) = decide(&stages, ending) else {
+        let mut views = lock_jobs(&mut tx, &[job]).await?;
+        let Some(view) = views.get_mut(job) else { return Ok(SharedCancel::NotFound) };
+        let Some(t) = decide(&view.stages, view.ending) else {
             return Ok(SharedCancel::AlreadyFinished(state));
         };
-        apply(&mut tx, job, 0, 0, &t, &AttemptDetails::default()).await?;
+        let mut writes = Writes::default();
+        writes.add(job, view, 0, 0, &t, &AttemptDetails::default());
+        writes.write(&mut tx).await?;
         tx.commit().await?;
         Ok(SharedCancel::Accepted(if t.finished.is_some() { "cancelled" } else { "cancelling" }))
     }
@@ -493,152 +657,278 @@ pub(super) async fn notify(tx: &mut Transaction<'static, Postgres>) -> StoreResu
     Ok(())
 }
 
-/// Locks a job's stages (by index) and then the job, and reads them as the transitions see them.
-async fn lock_job(
-    tx: &mut Transaction<'static, Postgres>,
-    job: &str,
-) -> StoreResult<(Vec<SharedStage>, Option<JobState>)> {
+/// A job's rows as the transitions see them, locked for the transaction.
+struct JobView {
+    stages: Vec<SharedStage>,
+    /// Each stage's output, for the job's output when it succeeds.
+    outputs: Vec<Option<Value>>,
+    ending: Option<JobState>,
+}
+
+/// Locks the jobs' stage rows (by job, then index) and then the job rows (by id): the lock
+/// order every transaction here keeps, so none deadlock.
+async fn lock_jobs(tx: &mut Transaction<'static, Postgres>, jobs: &[&str]) -> StoreResult<BTreeMap<String, JobView>> {
+    let mut ids: Vec<&str> = jobs.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
     let rows = sqlx::query(
-        "SELECT idx, name, deps, state, failures, interruptions FROM stages WHERE job_id = $1 ORDER BY idx FOR UPDATE",
+        "SELECT job_id, idx, name, deps, state, failures, interruptions, output FROM stages WHERE job_id = ANY($1) ORDER BY job_id, idx FOR UPDATE",
     )
-    .bind(job)
+    .bind(&ids)
     .fetch_all(&mut **tx)
     .await?;
-    let stages = rows
-        .iter()
-        .map(|r| {
-            let deps: Vec<usize> = serde_json::from_value(r.json("deps")?.unwrap_or(Value::Null))
-                .map_err(|e| StoreError::Corrupt(format!("deps: {e}")))?;
-            Ok(SharedStage {
-                name: r.required_text("name")?,
-                state: shared_state(&r.required_text("state")?),
-                deps,
-                failures: r.required_int("failures")? as u32,
-                interruptions: r.required_int("interruptions")? as u32,
-            })
-        })
-        .collect::<StoreResult<Vec<_>>>()?;
-    let ending: Option<String> =
-        sqlx::query_scalar("SELECT ending FROM jobs WHERE id = $1 FOR UPDATE").bind(job).fetch_one(&mut **tx).await?;
-    Ok((stages, ending.as_deref().and_then(JobState::parse)))
-}
-
-/// Writes a transition: the attempt, each changed stage, the job's end; then wakes the agents.
-async fn apply(
-    tx: &mut Transaction<'static, Postgres>,
-    job: &str,
-    stage: usize,
-    attempt: u32,
-    t: &Transition,
-    details: &AttemptDetails,
-) -> StoreResult<()> {
-    let error = t.attempt.as_ref().and_then(|(_, e)| e.clone());
-    if let Some((result, _)) = &t.attempt {
-        sqlx::query(
-            "UPDATE attempts SET state = $4, finished_at = gpuflow_now_ms(), exit_code = $5, signal = $6, error = $7, batch_size = $8 WHERE job_id = $1 AND stage_idx = $2 AND attempt = $3",
-        )
-        .bind(job)
-        .bind(stage as i64)
-        .bind(attempt as i64)
-        .bind(result.as_str())
-        .bind(details.exit_code.map(i64::from))
-        .bind(details.signal.map(i64::from))
-        .bind(&error)
-        .bind(details.batch_size.map(i64::from))
-        .execute(&mut **tx)
-        .await?;
-    }
-    for (idx, change) in &t.changes {
-        let ended_here = t.attempt.is_some() && *idx == stage;
-        // `not_before`: when a waiting stage is claimable (how long it waited, for claims).
-        let (state, not_before_delay) = match change {
-            StageChange::Succeeded => ("succeeded", None),
-            StageChange::Retry { delay_ms: 0 } => ("queued", Some(0)),
-            StageChange::Retry { delay_ms } => ("backoff", Some(*delay_ms as i64)),
-            StageChange::Failed => ("failed", None),
-            StageChange::Cancelled => ("cancelled", None),
-            StageChange::Ready => ("queued", Some(0)),
-            // The agent holding it sees the job's ending and stops it.
-            StageChange::Stop => continue,
-        };
-        let finished = matches!(change, StageChange::Succeeded | StageChange::Failed | StageChange::Cancelled);
-        if ended_here {
-            let output = (*change == StageChange::Succeeded).then(|| details.output.as_ref().map(Value::to_string));
-            sqlx::query(
-                "UPDATE stages SET state = $3, not_before = gpuflow_now_ms() + $4, error = $5, output = $6, exit_code = $7, failures = $8, interruptions = $9, \
-                 finished_at = CASE WHEN $10 THEN gpuflow_now_ms() END WHERE job_id = $1 AND idx = $2",
-            )
-            .bind(job)
-            .bind(*idx as i64)
-            .bind(state)
-            .bind(not_before_delay)
-            .bind(&error)
-            .bind(output.flatten())
-            .bind(details.exit_code.map(i64::from))
-            .bind(t.failures as i64)
-            .bind(t.interruptions as i64)
-            .bind(finished)
-            .execute(&mut **tx)
-            .await?;
-        } else {
-            sqlx::query(
-                "UPDATE stages SET state = $3, not_before = gpuflow_now_ms() + $5, finished_at = CASE WHEN $4 THEN gpuflow_now_ms() END WHERE job_id = $1 AND idx = $2",
-            )
-            .bind(job)
-            .bind(*idx as i64)
-            .bind(state)
-            .bind(finished)
-            .bind(not_before_delay)
-            .execute(&mut **tx)
-            .await?;
-        }
-    }
-    if let Some((state, reason)) = &t.ending {
-        sqlx::query("UPDATE jobs SET ending = $2, error = $3 WHERE id = $1")
-            .bind(job)
-            .bind(state.as_str())
-            .bind(reason)
-            .execute(&mut **tx)
-            .await?;
-    }
-    if let Some(state) = t.finished {
-        let output = if state == JobState::Succeeded { job_output(tx, job).await? } else { None };
-        sqlx::query("UPDATE jobs SET state = $2, output = $3, finished_at = gpuflow_now_ms() WHERE id = $1")
-            .bind(job)
-            .bind(state.as_str())
-            .bind(output.map(|o| o.to_string()))
-            .execute(&mut **tx)
-            .await?;
-    }
-    notify(tx).await
-}
-
-/// The job's output: its one final stage's output, or an object of all final stages' outputs.
-async fn job_output(tx: &mut Transaction<'static, Postgres>, job: &str) -> StoreResult<Option<Value>> {
-    let rows = sqlx::query("SELECT name, deps, output FROM stages WHERE job_id = $1 ORDER BY idx")
-        .bind(job)
-        .fetch_all(&mut **tx)
-        .await?;
-    let mut stages = Vec::new();
-    let mut outputs = Vec::new();
+    let mut views: BTreeMap<String, JobView> = BTreeMap::new();
     for r in &rows {
         let deps: Vec<usize> = serde_json::from_value(r.json("deps")?.unwrap_or(Value::Null))
             .map_err(|e| StoreError::Corrupt(format!("deps: {e}")))?;
-        let name = r.required_text("name")?;
-        stages.push(SharedStage {
-            name: name.clone(),
-            state: SharedStageState::Succeeded,
-            deps,
-            failures: 0,
-            interruptions: 0,
+        let view = views.entry(r.required_text("job_id")?).or_insert_with(|| JobView {
+            stages: Vec::new(),
+            outputs: Vec::new(),
+            ending: None,
         });
-        outputs.push((name, r.json("output")?));
+        view.stages.push(SharedStage {
+            name: r.required_text("name")?,
+            state: shared_state(&r.required_text("state")?),
+            deps,
+            failures: r.required_int("failures")? as u32,
+            interruptions: r.required_int("interruptions")? as u32,
+        });
+        view.outputs.push(r.json("output")?);
     }
-    let sinks = cluster::sinks(&stages);
+    let endings: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT id, ending FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?;
+    for (id, ending) in endings {
+        if let Some(view) = views.get_mut(&id) {
+            view.ending = ending.as_deref().and_then(JobState::parse);
+        }
+    }
+    Ok(views)
+}
+
+/// One stage row's new values (the last change of a round wins; the ended attempt's details
+/// stay with it).
+struct StageRow {
+    state: &'static str,
+    /// When a waiting stage becomes claimable, from now (how long it waited, for claims).
+    delay_ms: Option<i64>,
+    finished: bool,
+    ended: Option<EndedRow>,
+}
+
+struct EndedRow {
+    error: Option<String>,
+    output: Option<String>,
+    exit_code: Option<i64>,
+    failures: i64,
+    interruptions: i64,
+}
+
+struct AttemptRow {
+    job: String,
+    stage: i64,
+    attempt: i64,
+    state: &'static str,
+    exit_code: Option<i64>,
+    signal: Option<i64>,
+    error: Option<String>,
+    batch_size: Option<i64>,
+}
+
+#[derive(Default)]
+struct JobRow {
+    ending: Option<(JobState, String)>,
+    finished: Option<(JobState, Option<String>)>,
+}
+
+/// A round's writes, merged per row and written in one statement.
+#[derive(Default)]
+struct Writes {
+    attempts: Vec<AttemptRow>,
+    stages: BTreeMap<(String, usize), StageRow>,
+    jobs: BTreeMap<String, JobRow>,
+    /// Something became claimable, or a job started to end (its other stages' agents must
+    /// stop them): the agents are woken.
+    wake: bool,
+}
+
+impl Writes {
+    /// Adds a transition of `job` (an attempt of `stage` ended, or none when `t.attempt` is
+    /// empty) and carries it into `view`, so a later transition of the same job in this round
+    /// is decided against the rows as this one leaves them.
+    fn add(&mut self, job: &str, view: &mut JobView, stage: usize, attempt: u32, t: &Transition, d: &AttemptDetails) {
+        let error = t.attempt.as_ref().and_then(|(_, e)| e.clone());
+        if let Some((result, _)) = &t.attempt {
+            self.attempts.push(AttemptRow {
+                job: job.to_string(),
+                stage: stage as i64,
+                attempt: attempt as i64,
+                state: result.as_str(),
+                exit_code: d.exit_code.map(i64::from),
+                signal: d.signal.map(i64::from),
+                error: error.clone(),
+                batch_size: d.batch_size.map(i64::from),
+            });
+            if let Some(s) = view.stages.get_mut(stage) {
+                s.failures = t.failures;
+                s.interruptions = t.interruptions;
+            }
+        }
+        for (idx, change) in &t.changes {
+            let (state, delay_ms, status) = match change {
+                StageChange::Succeeded => ("succeeded", None, SharedStageState::Succeeded),
+                StageChange::Retry { delay_ms: 0 } | StageChange::Ready => {
+                    ("queued", Some(0), SharedStageState::Waiting)
+                }
+                StageChange::Retry { delay_ms } => ("backoff", Some(*delay_ms as i64), SharedStageState::Waiting),
+                StageChange::Failed => ("failed", None, SharedStageState::Failed),
+                StageChange::Cancelled => ("cancelled", None, SharedStageState::Cancelled),
+                // The agent holding it sees the job's ending and stops it.
+                StageChange::Stop => continue,
+            };
+            if status == SharedStageState::Waiting {
+                self.wake = true;
+            }
+            if let Some(s) = view.stages.get_mut(*idx) {
+                s.state = status;
+            }
+            let ended_here = t.attempt.is_some() && *idx == stage;
+            let row = self.stages.entry((job.to_string(), *idx)).or_insert(StageRow {
+                state,
+                delay_ms,
+                finished: false,
+                ended: None,
+            });
+            row.state = state;
+            row.delay_ms = delay_ms;
+            row.finished = status.is_final();
+            if ended_here {
+                let output = (*change == StageChange::Succeeded).then(|| d.output.clone()).flatten();
+                if let Some(slot) = view.outputs.get_mut(*idx) {
+                    slot.clone_from(&output);
+                }
+                row.ended = Some(EndedRow {
+                    error: error.clone(),
+                    output: output.as_ref().map(Value::to_string),
+                    exit_code: d.exit_code.map(i64::from),
+                    failures: t.failures as i64,
+                    interruptions: t.interruptions as i64,
+                });
+            }
+        }
+        let row = self.jobs.entry(job.to_string()).or_default();
+        if let Some((state, reason)) = &t.ending {
+            view.ending = Some(*state);
+            row.ending = Some((*state, reason.clone()));
+            self.wake = true;
+        }
+        if let Some(state) = t.finished {
+            let output = (state == JobState::Succeeded).then(|| job_output(view)).flatten();
+            row.finished = Some((state, output.map(|o| o.to_string())));
+        }
+    }
+
+    /// Writes the round: every attempt, stage and job row in one statement, and wakes the
+    /// agents when something became claimable or a job is ending.
+    async fn write(self, tx: &mut Transaction<'static, Postgres>) -> StoreResult<()> {
+        if self.attempts.is_empty() && self.stages.is_empty() && self.jobs.is_empty() {
+            return Ok(());
+        }
+        let a = &self.attempts;
+        let a_job: Vec<&str> = a.iter().map(|r| r.job.as_str()).collect();
+        let a_stage: Vec<i64> = a.iter().map(|r| r.stage).collect();
+        let a_attempt: Vec<i64> = a.iter().map(|r| r.attempt).collect();
+        let a_state: Vec<&str> = a.iter().map(|r| r.state).collect();
+        let a_exit: Vec<Option<i64>> = a.iter().map(|r| r.exit_code).collect();
+        let a_signal: Vec<Option<i64>> = a.iter().map(|r| r.signal).collect();
+        let a_error: Vec<Option<&str>> = a.iter().map(|r| r.error.as_deref()).collect();
+        let a_batch: Vec<Option<i64>> = a.iter().map(|r| r.batch_size).collect();
+        let s = &self.stages;
+        let s_job: Vec<&str> = s.keys().map(|(j, _)| j.as_str()).collect();
+        let s_idx: Vec<i64> = s.keys().map(|(_, i)| *i as i64).collect();
+        let s_state: Vec<&str> = s.values().map(|r| r.state).collect();
+        let s_delay: Vec<Option<i64>> = s.values().map(|r| r.delay_ms).collect();
+        let s_finished: Vec<bool> = s.values().map(|r| r.finished).collect();
+        let s_ended: Vec<bool> = s.values().map(|r| r.ended.is_some()).collect();
+        let s_error: Vec<Option<&str>> =
+            s.values().map(|r| r.ended.as_ref().and_then(|e| e.error.as_deref())).collect();
+        let s_output: Vec<Option<&str>> =
+            s.values().map(|r| r.ended.as_ref().and_then(|e| e.output.as_deref())).collect();
+        let s_exit: Vec<Option<i64>> = s.values().map(|r| r.ended.as_ref().and_then(|e| e.exit_code)).collect();
+        let s_failures: Vec<i64> = s.values().map(|r| r.ended.as_ref().map_or(0, |e| e.failures)).collect();
+        let s_interruptions: Vec<i64> = s.values().map(|r| r.ended.as_ref().map_or(0, |e| e.interruptions)).collect();
+        let j = &self.jobs;
+        let j_id: Vec<&str> = j.keys().map(String::as_str).collect();
+        let j_ending: Vec<Option<&str>> = j.values().map(|r| r.ending.as_ref().map(|(s, _)| s.as_str())).collect();
+        let j_error: Vec<Option<&str>> = j.values().map(|r| r.ending.as_ref().map(|(_, e)| e.as_str())).collect();
+        let j_state: Vec<Option<&str>> = j.values().map(|r| r.finished.as_ref().map(|(s, _)| s.as_str())).collect();
+        let j_output: Vec<Option<&str>> =
+            j.values().map(|r| r.finished.as_ref().and_then(|(_, o)| o.as_deref())).collect();
+        sqlx::query(
+            "WITH a AS (UPDATE attempts a SET state = u.state, finished_at = gpuflow_now_ms(), exit_code = u.exit_code, signal = u.signal, error = u.error, batch_size = u.batch_size \
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::bigint[]) \
+                 AS u(job_id, idx, attempt, state, exit_code, signal, error, batch_size) \
+                 WHERE a.job_id = u.job_id AND a.stage_idx = u.idx AND a.attempt = u.attempt), \
+             s AS (UPDATE stages s SET state = u.state, not_before = gpuflow_now_ms() + u.delay, \
+                 finished_at = CASE WHEN u.fin THEN gpuflow_now_ms() END, \
+                 error = CASE WHEN u.ended THEN u.error ELSE s.error END, \
+                 output = CASE WHEN u.ended THEN u.output ELSE s.output END, \
+                 exit_code = CASE WHEN u.ended THEN u.exit_code ELSE s.exit_code END, \
+                 failures = CASE WHEN u.ended THEN u.failures ELSE s.failures END, \
+                 interruptions = CASE WHEN u.ended THEN u.interruptions ELSE s.interruptions END \
+                 FROM unnest($9::text[], $10::bigint[], $11::text[], $12::bigint[], $13::bool[], $14::bool[], $15::text[], $16::text[], $17::bigint[], $18::bigint[], $19::bigint[]) \
+                 AS u(job_id, idx, state, delay, fin, ended, error, output, exit_code, failures, interruptions) \
+                 WHERE s.job_id = u.job_id AND s.idx = u.idx), \
+             j AS (UPDATE jobs j SET ending = COALESCE(u.ending, j.ending), \
+                 error = CASE WHEN u.ending IS NOT NULL THEN u.error ELSE j.error END, \
+                 state = COALESCE(u.state, j.state), \
+                 output = CASE WHEN u.state IS NOT NULL THEN u.output ELSE j.output END, \
+                 finished_at = CASE WHEN u.state IS NOT NULL THEN gpuflow_now_ms() ELSE j.finished_at END \
+                 FROM unnest($20::text[], $21::text[], $22::text[], $23::text[], $24::text[]) AS u(id, ending, error, state, output) \
+                 WHERE j.id = u.id AND (u.ending IS NOT NULL OR u.state IS NOT NULL)) \
+             SELECT pg_notify($25, '') WHERE $26",
+        )
+        .bind(&a_job)
+        .bind(&a_stage)
+        .bind(&a_attempt)
+        .bind(&a_state)
+        .bind(&a_exit)
+        .bind(&a_signal)
+        .bind(&a_error)
+        .bind(&a_batch)
+        .bind(&s_job)
+        .bind(&s_idx)
+        .bind(&s_state)
+        .bind(&s_delay)
+        .bind(&s_finished)
+        .bind(&s_ended)
+        .bind(&s_error)
+        .bind(&s_output)
+        .bind(&s_exit)
+        .bind(&s_failures)
+        .bind(&s_interruptions)
+        .bind(&j_id)
+        .bind(&j_ending)
+        .bind(&j_error)
+        .bind(&j_state)
+        .bind(&j_output)
+        .bind(QUEUE_CHANNEL)
+        .bind(self.wake)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The job's output: its one final stage's output, or an object of all final stages' outputs.
+fn job_output(view: &JobView) -> Option<Value> {
+    let sinks = cluster::sinks(&view.stages);
     if let [only] = sinks.as_slice() {
-        return Ok(outputs[*only].1.clone());
+        return view.outputs.get(*only).cloned().flatten();
     }
     let map: serde_json::Map<String, Value> =
-        sinks.iter().map(|i| (outputs[*i].0.clone(), outputs[*i].1.clone().unwrap_or(Value::Null))).collect();
-    Ok(Some(Value::Object(map)))
+        sinks.iter().map(|i| (view.stages[*i].name.clone(), view.outputs[*i].clone().unwrap_or(Value::Null))).collect();
+    Some(Value::Object(map))
 }

@@ -87,7 +87,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) async fn insert(&self, job: &NewJob, shared: bool) -> StoreResult<i64> {
+    async fn insert(&self, job: &NewJob, shared: bool) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await?;
         let seq = Self::insert_in(&mut tx, job, shared).await?;
         if shared {
@@ -97,7 +97,11 @@ impl PgStore {
         Ok(seq)
     }
 
-    async fn insert_in(tx: &mut Transaction<'static, Postgres>, job: &NewJob, shared: bool) -> StoreResult<i64> {
+    pub(super) async fn insert_in(
+        tx: &mut Transaction<'static, Postgres>,
+        job: &NewJob,
+        shared: bool,
+    ) -> StoreResult<i64> {
         sqlx::query("INSERT INTO config_snapshots (hash, text, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(&job.config_hash)
             .bind(&*job.config_text)
