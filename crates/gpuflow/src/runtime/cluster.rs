@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpuflow_core::cluster::{self, ClaimCandidate as Candidate, ClaimProblem, End};
-use gpuflow_core::{Action, Event, Inventory, JobId, ResourceRequest, RestoredStage, RestoredStatus, RetryPolicy};
+use gpuflow_core::{
+    Action, Event, Inventory, JobId, RequestError, ResourceRequest, RestoredStage, RestoredStatus, RetryPolicy,
+};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
@@ -48,6 +50,8 @@ pub(super) struct Agent {
     /// looks them up by key (a tick scans for them), so they go before smaller ones wherever
     /// they stand in claim order.
     starving: Vec<(String, usize)>,
+    /// Claimable stages this agent cannot run, already recorded as such.
+    cannot_run: HashSet<(String, usize)>,
     /// Pipeline files jobs were accepted under, parsed, by content hash.
     configs: HashMap<String, Result<Arc<Config>, String>>,
     wake: Arc<Notify>,
@@ -73,6 +77,7 @@ impl Agent {
             unsent: Vec::new(),
             unstarted: HashMap::new(),
             starving: Vec::new(),
+            cannot_run: HashSet::new(),
             configs: HashMap::new(),
             wake: Arc::new(Notify::new()),
             last_renewal: tokio::time::Instant::now(),
@@ -94,9 +99,11 @@ impl Agent {
 struct Picker {
     inventory: Inventory,
     reserve_after_ms: u64,
-    requests: HashMap<String, Option<Arc<Config>>>,
+    requests: HashMap<String, Result<Arc<Config>, String>>,
     missing: HashSet<String>,
     starving: Vec<(String, usize)>,
+    /// Offered stages this agent can never run, and why.
+    cannot_run: Vec<(String, usize, String)>,
 }
 
 impl Picker {
@@ -120,20 +127,35 @@ impl Picker {
     /// whose pipeline it has loaded.
     fn choose(&mut self, offered: &[ClaimCandidate]) -> Vec<usize> {
         let mut candidates = Vec::new();
+        self.cannot_run.clear();
         for (i, c) in offered.iter().enumerate() {
             let request = match self.requests.get(&c.config_hash) {
                 None => {
                     self.missing.insert(c.config_hash.clone());
                     continue;
                 }
-                Some(None) => continue,
-                Some(Some(config)) => match config.pipeline(&c.pipeline) {
+                Some(Err(e)) => Err(format!("its pipeline file does not load here: {e}")),
+                Some(Ok(config)) => match config.pipeline(&c.pipeline) {
                     Ok(def) => match def.core.stages.get(c.stage) {
-                        Some(s) => s.needs.clone(),
-                        None => continue,
+                        Some(s) => Ok(s.needs.clone()),
+                        None => Err(format!("pipeline `{}` has no stage {}", c.pipeline, c.stage)),
                     },
-                    Err(_) => continue,
+                    Err(e) => Err(e),
                 },
+            };
+            let request = request.and_then(|r| match r.check_fits(self.inventory.capacity()) {
+                Ok(()) => Ok(r),
+                Err(RequestError::UnknownCounter { name }) if name.starts_with("pool:") => {
+                    Err(format!("it needs worker pool `{}`, which this agent does not have", &name["pool:".len()..]))
+                }
+                Err(e) => Err(format!("its stage {e} here")),
+            });
+            let request = match request {
+                Ok(r) => r,
+                Err(reason) => {
+                    self.cannot_run.push((c.job.clone(), c.stage, reason));
+                    continue;
+                }
             };
             candidates.push(Candidate {
                 key: i,
@@ -270,6 +292,15 @@ impl<S: Store> Runtime<S> {
                 }
             }
         }
+        match agent.store.fail_unrunnable(agent.settings.unrunnable_after_ms, ttl, cluster::unrunnable).await {
+            Ok(failed) => {
+                for (job, stage, reason) in failed {
+                    tracing::warn!(%job, stage, "failed a stage no live agent can run: {reason}");
+                    agent.cannot_run.remove(&(job, stage));
+                }
+            }
+            Err(e) => tracing::warn!("cannot check for stages no agent can run: {e}"),
+        }
         match agent.store.expire_leases(cluster::lease_lost).await {
             Ok(lost) => {
                 for l in lost {
@@ -372,13 +403,10 @@ impl<S: Store> Runtime<S> {
         Some(Picker {
             inventory,
             reserve_after_ms: self.config.scheduler.reserve_after_ms,
-            requests: agent
-                .configs
-                .iter()
-                .map(|(hash, parsed)| (hash.clone(), parsed.as_ref().ok().cloned()))
-                .collect(),
+            requests: agent.configs.iter().map(|(hash, parsed)| (hash.clone(), parsed.clone())).collect(),
             missing: HashSet::new(),
             starving: Vec::new(),
+            cannot_run: Vec::new(),
         })
     }
 
@@ -387,6 +415,22 @@ impl<S: Store> Runtime<S> {
     async fn after_claim(&mut self, picker: Picker, claimed: Vec<Claim>) -> bool {
         if let Some(agent) = self.ledger.agent_mut() {
             agent.starving = picker.starving;
+            let new: Vec<(String, usize, String)> = picker
+                .cannot_run
+                .into_iter()
+                .filter(|(job, stage, _)| !agent.cannot_run.contains(&(job.clone(), *stage)))
+                .collect();
+            if !new.is_empty() {
+                match agent.store.mark_cannot_run(&new).await {
+                    Ok(()) => {
+                        for (job, stage, reason) in new {
+                            tracing::warn!(%job, stage, "this agent cannot run a queued stage: {reason}");
+                            agent.cannot_run.insert((job, stage));
+                        }
+                    }
+                    Err(e) => tracing::warn!("cannot record the stages this agent cannot run: {e}"),
+                }
+            }
         }
         for claim in claimed {
             if let Err(e) = self.adopt(claim).await {

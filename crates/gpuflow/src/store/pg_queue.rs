@@ -190,12 +190,17 @@ impl PgQueue {
     /// take turns and the bound is exact.
     pub async fn insert_shared_job(&self, job: &NewJob, max_queued: u64) -> StoreResult<Admitted> {
         let mut tx = self.pool.begin().await?;
-        let unfinished: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT pg_advisory_xact_lock(70707071, hashtext($1))) l, jobs              WHERE pipeline = $1 AND state IN ('queued', 'running')",
-        )
-        .bind(&job.pipeline)
-        .fetch_one(&mut *tx)
-        .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(70707071, hashtext($1))")
+            .bind(&job.pipeline)
+            .execute(&mut *tx)
+            .await?;
+        // A statement of its own after the lock: its snapshot sees the jobs the previous
+        // holder committed (one taken before the lock was granted would not).
+        let unfinished: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE pipeline = $1 AND state IN ('queued', 'running')")
+                .bind(&job.pipeline)
+                .fetch_one(&mut *tx)
+                .await?;
         if unfinished as u64 >= max_queued {
             tx.rollback().await?;
             return Ok(Admitted::Full);
@@ -621,6 +626,74 @@ impl PgQueue {
         writes.write(&mut tx).await?;
         tx.commit().await?;
         Ok(SharedCancel::Accepted(if t.finished.is_some() { "cancelled" } else { "cancelling" }))
+    }
+
+    /// Records that this agent cannot run these claimable stages, and why.
+    pub async fn mark_cannot_run(&self, stages: &[(String, usize, String)]) -> StoreResult<()> {
+        let jobs: Vec<&str> = stages.iter().map(|(j, _, _)| j.as_str()).collect();
+        let idxs: Vec<i64> = stages.iter().map(|(_, i, _)| *i as i64).collect();
+        let reasons: Vec<&str> = stages.iter().map(|(_, _, r)| r.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO cannot_run (job_id, stage_idx, agent_id, reason) \
+             SELECT j, i, $4, r FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(j, i, r) \
+             ON CONFLICT (job_id, stage_idx, agent_id) DO UPDATE SET reason = EXCLUDED.reason",
+        )
+        .bind(&jobs)
+        .bind(&idxs)
+        .bind(&reasons)
+        .bind(&self.agent)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Fails the claimable stages that waited past `after_ms` and that every live agent (one
+    /// that renewed within `ttl_ms`) has marked as one it cannot run; `rule` is
+    /// `cluster::unrunnable`, given the agents' reasons. Returns the failed (job, stage, reason).
+    pub async fn fail_unrunnable(
+        &self,
+        after_ms: u64,
+        ttl_ms: u64,
+        rule: fn(&[SharedStage], Option<JobState>, usize, &str) -> Option<Transition>,
+    ) -> StoreResult<Vec<(String, usize, String)>> {
+        // Marks of stages that are no longer claimable are spent.
+        sqlx::query(
+            "DELETE FROM cannot_run c WHERE NOT EXISTS (SELECT 1 FROM stages s WHERE s.job_id = c.job_id \
+             AND s.idx = c.stage_idx AND s.state IN ('queued', 'backoff'))",
+        )
+        .execute(&self.pool)
+        .await?;
+        let found: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT c.job_id, c.stage_idx, string_agg(a.name || ': ' || c.reason, '; ' ORDER BY a.name) \
+             FROM cannot_run c JOIN agents a ON a.id = c.agent_id \
+             JOIN stages s ON s.job_id = c.job_id AND s.idx = c.stage_idx JOIN jobs j ON j.id = s.job_id \
+             WHERE a.state = 'running' AND a.heartbeat_at >= gpuflow_now_ms() - $2 \
+             AND s.state IN ('queued', 'backoff') AND j.ending IS NULL \
+             AND gpuflow_now_ms() - COALESCE(s.not_before, j.created_at) >= $1 \
+             AND NOT EXISTS (SELECT 1 FROM agents b WHERE b.state = 'running' AND b.heartbeat_at >= gpuflow_now_ms() - $2 \
+                 AND NOT EXISTS (SELECT 1 FROM cannot_run d WHERE d.job_id = c.job_id AND d.stage_idx = c.stage_idx AND d.agent_id = b.id)) \
+             GROUP BY c.job_id, c.stage_idx ORDER BY c.job_id, c.stage_idx LIMIT 100",
+        )
+        .bind(after_ms as i64)
+        .bind(ttl_ms as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut failed = Vec::new();
+        for (job, stage, reasons) in found {
+            let stage = stage as usize;
+            let mut tx = self.pool.begin().await?;
+            let mut views = lock_jobs(&mut tx, &[job.as_str()]).await?;
+            // Re-checked under the locks: an agent may have claimed it meanwhile.
+            let Some(view) = views.get_mut(&job) else { continue };
+            let Some(t) = rule(&view.stages, view.ending, stage, &reasons) else { continue };
+            let mut writes = Writes::default();
+            writes.add(&job, view, stage, 0, &t, &AttemptDetails::default());
+            writes.write(&mut tx).await?;
+            sqlx::query("DELETE FROM cannot_run WHERE job_id = $1").bind(&job).execute(&mut *tx).await?;
+            tx.commit().await?;
+            failed.push((job, stage, reasons));
+        }
+        Ok(failed)
     }
 
     /// This agent's leases whose job is ending (cancelled, or failed on another stage).

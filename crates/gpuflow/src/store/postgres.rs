@@ -20,6 +20,7 @@ use super::*;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (4, include_str!("../../migrations/postgres/0004_batch_size.sql")),
+    (6, include_str!("../../migrations/postgres/0006_cannot_run.sql")),
 ];
 
 /// The channel agents LISTEN on: something became claimable, or a job is ending.

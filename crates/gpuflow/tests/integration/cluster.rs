@@ -361,3 +361,153 @@ async fn agents_ride_out_killed_database_connections() {
         assert!(a.log().contains("gpuflow") && !a.log().contains("panicked"), "{}", a.log());
     }
 }
+
+/// Puts a one-stage job straight into the shared queue under pipeline file `text` (as if an
+/// agent with that file had accepted it).
+fn insert_queued_job(db: &TestDb, id: &str, hash: &str, text: &str, pipeline: &str, stage: &str) {
+    let text = text.replace('\'', "''");
+    db.sql(&format!(
+        "INSERT INTO config_snapshots VALUES ('{hash}', '{text}', 0) ON CONFLICT DO NOTHING; \
+         INSERT INTO jobs (id, pipeline, input, priority, state, config_hash, created_at) \
+         VALUES ('{id}', '{pipeline}', '{{}}', 0, 'queued', '{hash}', gpuflow_now_ms()); \
+         INSERT INTO stages (job_id, idx, name, deps, state, priority, job_seq) \
+         SELECT '{id}', 0, '{stage}', '[]', 'queued', 0, seq FROM jobs WHERE id = '{id}'; \
+         SELECT pg_notify('gpuflow_queue', '')"
+    ));
+}
+
+#[tokio::test]
+async fn a_job_no_live_agent_can_run_fails_after_the_bound_saying_why() {
+    let Some(db) = TestDb::create() else { return };
+    let config = format!(
+        r#"
+store: {url}
+cluster: {{lease_ttl: {TTL_MS}ms, poll_interval: 200ms, unrunnable_after: 1500ms}}
+resources: {{gpus: none, cpu: 2}}
+pipelines:
+  short:
+    stages:
+      - {{name: only, command: [sleep, "0.1"], needs: {{cpu: 1}}}}
+"#,
+        url = db.url
+    );
+    let agents = [Engine::start(&config).await, Engine::start(&config).await];
+    // A pipeline file that no agent can load, and one whose stage needs a worker pool that
+    // no agent has (the file that accepted it declared one).
+    let (unparsable, needs_pool) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    insert_queued_job(&db, &unparsable, "broken", "pipelines: [this is not, a map", "x", "only");
+    let with_pool = format!(
+        "listen: 127.0.0.1:0\ndata_dir: /tmp/elsewhere\nstore: {}\nresources: {{gpus: none, cpu: 2}}\n\
+         workers:\n  ocr:\n    command: [python3, /nonexistent/worker.py]\n    instances: 1\n\
+         pipelines:\n  read:\n    stages:\n      - {{name: read, worker: ocr}}\n",
+        db.url
+    );
+    insert_queued_job(&db, &needs_pool, "with-pool", &with_pool, "read", "read");
+    let submitted = Instant::now();
+    // Work that can run is not held up by the stages no agent takes.
+    let ok = agents[0].submit("short", json!({})).await;
+    assert_eq!(agents[1].wait_final(&ok, Duration::from_secs(20)).await["state"], "succeeded");
+
+    for (id, why) in [(&unparsable, "does not load here"), (&needs_pool, "worker pool `ocr`")] {
+        let job = agents[1].wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "failed", "{job:#}");
+        let error = job["error"].as_str().unwrap_or_default();
+        assert!(error.contains("no live agent can run it") && error.contains(why), "{error}");
+        // Both agents said why, by name.
+        assert_eq!(error.matches(why).count(), 2, "{error}");
+        assert_eq!(job["stages"][0]["state"], "failed", "{job:#}");
+    }
+    assert!(submitted.elapsed() >= Duration::from_millis(1_500), "failed before the bound");
+    assert_eq!(db.sql("SELECT count(*) FROM cannot_run"), "0", "the marks are spent");
+    let attempts = format!("SELECT count(*) FROM attempts WHERE job_id IN ('{unparsable}', '{needs_pool}')");
+    assert_eq!(db.sql(&attempts), "0");
+}
+
+#[tokio::test]
+async fn max_queued_is_exact_when_two_agents_admit_at_the_same_instant() {
+    let Some(db) = TestDb::create() else { return };
+    let config = format!(
+        r#"
+store: {url}
+cluster: {{lease_ttl: {TTL_MS}ms, poll_interval: 200ms}}
+resources: {{gpus: none, cpu: 1}}
+pipelines:
+  capped:
+    max_queued: 5
+    stages:
+      - {{name: only, command: [sleep, "30"], needs: {{cpu: 1}}}}
+"#,
+        url = db.url
+    );
+    let agents = [Engine::start(&config).await, Engine::start(&config).await];
+    for round in 0..3 {
+        let mut posts = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let (http, base) = (agents[i % 2].http.clone(), agents[i % 2].base.clone());
+            posts.spawn(async move {
+                let r = http.post(format!("{base}/v1/jobs")).json(&json!({"pipeline": "capped"})).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap_or_default())
+            });
+        }
+        let answers = posts.join_all().await;
+        let accepted = answers.iter().filter(|(status, _)| *status == 201).count();
+        for (status, body) in &answers {
+            assert!(*status == 201 || *status == 429, "{status} {body}");
+        }
+        if round == 0 {
+            assert_eq!(accepted, 5, "{answers:?}");
+        } else {
+            assert_eq!(accepted, 0, "the queue is still full: {answers:?}");
+        }
+        assert_eq!(db.sql("SELECT count(*) FROM jobs WHERE pipeline = 'capped'"), "5");
+    }
+}
+
+#[tokio::test]
+async fn a_starving_stage_is_taken_before_smaller_ones_by_the_next_agent_that_fits_it() {
+    let Some(db) = TestDb::create() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let log = shared.path().join("runs.log");
+    let config = format!(
+        r#"
+store: {url}
+cluster: {{lease_ttl: {TTL_MS}ms, poll_interval: 200ms}}
+scheduling: {{reserve_after: 1s}}
+resources: {{gpus: none, cpu: 2}}
+pipelines:
+  small:
+    stages:
+      - {{name: only, command: {small}, needs: {{cpu: 1}}}}
+  big:
+    stages:
+      - {{name: only, command: {big}, needs: {{cpu: 2}}}}
+"#,
+        url = db.url,
+        small = stage_command(&log, "0.4"),
+        big = stage_command(&log, "0.1"),
+    );
+    let agents = [Engine::start(&config).await, Engine::start(&config).await];
+    // Both agents busy with small stages, then the big one, then a long stream of younger
+    // small ones that would otherwise keep one slot of each agent busy until they drain.
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(agents[i % 2].submit("small", json!({})).await);
+    }
+    let big = agents[0].submit("big", json!({})).await;
+    let big_submitted = now_ns();
+    let mut younger = Vec::new();
+    for i in 0..60 {
+        younger.push(agents[i % 2].submit("small", json!({})).await);
+    }
+    let job = agents[1].wait_final(&big, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    wait_all_final(&agents[0], &younger, Duration::from_secs(90)).await;
+    let all = runs(&log, &[&agents[0], &agents[1]]);
+    let big_start = all.iter().find(|r| r.job == big).unwrap().start;
+    let waited_ms = (big_start - big_submitted) / 1_000_000;
+    let overtaken = all.iter().filter(|r| younger.contains(&r.job) && r.start < big_start).count();
+    // Past reserve_after (1 s) the next agent to free two slots takes it: with four slots
+    // turning over every 0.4 s, that is well before the 60 younger stages (6 s of work) drain.
+    assert!(overtaken < 40, "{overtaken} younger small stages started first; it waited {waited_ms} ms");
+    assert!(waited_ms < 4_000, "the big stage waited {waited_ms} ms");
+}
