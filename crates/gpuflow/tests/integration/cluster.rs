@@ -511,3 +511,93 @@ pipelines:
     assert!(overtaken < 40, "{overtaken} younger small stages started first; it waited {waited_ms} ms");
     assert!(waited_ms < 4_000, "the big stage waited {waited_ms} ms");
 }
+
+/// Processes whose command line mentions `needle`.
+fn processes_with(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn worker_pool_stages_are_shared_by_agents_and_survive_a_kill9_mid_task() {
+    let Some(db) = TestDb::create() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let go = shared.path().join("go");
+    let config = format!(
+        r#"
+store: {url}
+cluster: {{lease_ttl: {TTL_MS}ms, poll_interval: 200ms}}
+limits: {{kill_grace: 500ms}}
+resources: {{gpus: none, cpu: 4}}
+workers:
+  model:
+    command: [python3, "{{DIR}}/worker.py"]
+    instances: 1
+    startup_timeout: 20s
+pipelines:
+  infer:
+    stages:
+      - {{name: infer, worker: model}}
+"#,
+        url = db.url
+    );
+    let files = [("worker.py", crate::pools::WORKER)];
+    let mut agents = [Engine::start_with_files(&config, &files).await, Engine::start_with_files(&config, &files).await];
+    for agent in &agents {
+        agent
+            .wait_until("the pool instance to be ready", Duration::from_secs(30), async |a| {
+                a.resources().await["pools"][0]["instances"]
+                    .as_array()
+                    .is_some_and(|i| i.iter().any(|i| i["state"] != "starting"))
+            })
+            .await;
+    }
+    // Tasks that wait for a file: each agent's instance holds some when agent 0 is killed.
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let input = json!({"mode": "wait-file", "go": go.display().to_string(), "n": i});
+        ids.push(agents[i % 2].submit("infer", input).await);
+    }
+    for agent in &agents {
+        agent
+            .wait_until("a lease on each agent", Duration::from_secs(30), async |a| {
+                a.resources().await["leases"].as_array().is_some_and(|l| !l.is_empty())
+            })
+            .await;
+    }
+    let victim = agents[0].dir.path().display().to_string();
+    let victim_worker = format!("{victim}/worker.py");
+    assert!(!processes_with(&victim_worker).is_empty(), "the victim's worker runs");
+    agents[0].kill9();
+    std::fs::write(&go, "").unwrap();
+
+    let jobs = wait_all_final(&agents[1], &ids, Duration::from_secs(60)).await;
+    for job in &jobs {
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["output"]["n"], job["input"]["n"], "each job gets its own result: {job:#}");
+    }
+    // What the dead agent held was interrupted (no retry spent) and re-run by the survivor.
+    let survivor = db.sql(&format!("SELECT id FROM agents WHERE api = '{}'", agents[1].base));
+    let interrupted = db.sql("SELECT count(*) FROM attempts WHERE state = 'interrupted'");
+    assert!(interrupted.parse::<u32>().unwrap() >= 1, "nothing was interrupted");
+    let elsewhere =
+        db.sql(&format!("SELECT count(*) FROM attempts WHERE state = 'succeeded' AND agent_id <> '{survivor}'"));
+    let before_kill: u32 = elsewhere.parse().unwrap();
+    assert_eq!(before_kill, 0, "the dead agent's tasks could not have succeeded (they waited for the file)");
+    assert_eq!(db.sql("SELECT count(*) FROM leases"), "0");
+    assert_eq!(db.sql("SELECT count(*) FROM stages WHERE failures > 0"), "0", "an interruption spends no retry");
+    // The dead agent's worker does not outlive it for long: its pipe to the engine is gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !processes_with(&victim_worker).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(processes_with(&victim_worker).is_empty(), "the killed agent's worker still runs");
+    agents[1].assert_all_capacity_free().await;
+}
