@@ -482,7 +482,7 @@ impl<S: Store> Runtime<S> {
             if i != claim.stage {
                 s.needs = Default::default();
             }
-            // Retries go back to the shared queue, decided by `PgStore::finish`.
+            // Retries go back to the shared queue, decided by `PgQueue::sync`.
             s.retry = RetryPolicy::no_retry();
         }
         let stages = (0..n)

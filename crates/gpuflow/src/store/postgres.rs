@@ -1,11 +1,5 @@
-//! The PostgreSQL store: the same `Store` as SQLite, plus the shared queue that several agents
-//! claim from. Claims take `FOR UPDATE SKIP LOCKED` on claimable stages; every claim is a lease
-//! row with a fencing token and an expiry read against the database's clock; every write about
-//! an attempt is conditional on its token. The store decides nothing about a job: each change
-//! locks the job's stage rows, hands them to the caller's rule (`gpuflow_core::cluster`, the
-//! same rules as the single engine) and writes the transition it returns, in one transaction;
-//! which candidates to claim is the caller's choice too (`cluster::choose_claims`). Lock order, to rule out deadlocks: a job's stage rows
-//! (by index) before its job row; several job rows in id order.
+//! The PostgreSQL store: the same `Store` as SQLite. The shared queue that several agents
+//! claim from lives in the same database and is its own type, `PgQueue` (`pg_queue.rs`).
 
 use std::str::FromStr;
 use std::time::Duration;
