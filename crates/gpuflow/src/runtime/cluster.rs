@@ -362,7 +362,7 @@ impl<S: Store> Runtime<S> {
             None => {
                 self.step(Event::CancelRequested { job: local });
                 let end = if lease_lost { cluster::LEASE_LOST } else { End::Cancelled { error } };
-                self.send_ends(vec![(local, end, AttemptDetails::default())], false).await;
+                self.send_ends(Vec::new(), vec![(local, end, AttemptDetails::default())], false).await;
                 Ok(())
             }
         }
@@ -515,27 +515,16 @@ impl<S: Store> Runtime<S> {
     /// which also claims what the freed resources can take.
     pub(super) async fn cluster_writes(&mut self, actions: &[Action]) -> Result<(), RuntimeError> {
         let mut ends = Vec::new();
+        let mut grants = Vec::new();
         for action in actions {
             match action {
                 Action::Start { job, grant, .. } => {
                     let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
                     agent.unstarted.remove(job);
                     let Some(c) = agent.claims.get(job) else { continue };
-                    // Off the loop: the grant is for display, and a refusal (the lease is gone)
-                    // is acted on by the next renewal, which stops the attempt.
-                    let grant = serde_json::to_value(LeaseRecord::from(grant)).expect("serializable");
-                    let (store, token, job, fenced) =
-                        (agent.store.clone(), c.token, c.job.clone(), self.metrics.fenced_writes.clone());
-                    tokio::spawn(async move {
-                        match store.record_grant(token, &grant).await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                fenced.inc();
-                                tracing::warn!(%job, token, "write refused: lease no longer current");
-                            }
-                            Err(e) => tracing::warn!("cannot record a grant: {e}"),
-                        }
-                    });
+                    // Written with the turn's ends. The grant is for display; a refusal (the
+                    // lease is gone) is acted on by the next renewal, which stops the attempt.
+                    grants.push((c.token, serde_json::to_value(LeaseRecord::from(grant)).expect("serializable")));
                 }
                 Action::AttemptEnded { job, stage, attempt, result, error, retryable, .. } => {
                     let end = cluster::reported_end(*result, error.as_deref(), *retryable);
@@ -551,8 +540,8 @@ impl<S: Store> Runtime<S> {
                 _ => {}
             }
         }
-        if !ends.is_empty() {
-            self.send_ends(ends, true).await;
+        if !ends.is_empty() || !grants.is_empty() {
+            self.send_ends(grants, ends, true).await;
         }
         Ok(())
     }
@@ -560,8 +549,9 @@ impl<S: Store> Runtime<S> {
     /// Writes attempts' ends in one transaction; with `claim`, the same transaction claims what
     /// fits the resources they freed. Writes that fail on a lost connection are retried every
     /// tick; a refused one (the lease was lost) is dropped.
-    async fn send_ends(&mut self, ends: Vec<(JobId, End, AttemptDetails)>, claim: bool) {
-        let picker = if claim { self.claim_picker(false) } else { None };
+    async fn send_ends(&mut self, grants: Vec<(i64, Value)>, ends: Vec<(JobId, End, AttemptDetails)>, claim: bool) {
+        // A turn with ends claims what they freed; one with only starts has nothing to claim.
+        let picker = if claim && !ends.is_empty() { self.claim_picker(false) } else { None };
         let Some(agent) = self.ledger.agent_mut() else { return };
         let mut sent = Vec::with_capacity(ends.len());
         let mut endings = Vec::with_capacity(ends.len());
@@ -570,7 +560,7 @@ impl<S: Store> Runtime<S> {
             endings.push(Ending { token: c.token, job: c.job.clone(), details: details.clone() });
             sent.push((local, end, details, c.retry.clone()));
         }
-        if endings.is_empty() {
+        if endings.is_empty() && grants.is_empty() {
             return;
         }
         let mut decide = |i: usize, stages: &[cluster::SharedStage], ending, stage| {
@@ -578,15 +568,23 @@ impl<S: Store> Runtime<S> {
         };
         let mut picker = picker;
         let ask = picker.as_mut().map(|p| p.ask(&agent.settings, &agent.starving, false));
-        let synced = agent.store.sync(&endings, &mut decide, ask).await;
+        let synced = agent.store.sync(&grants, &endings, &mut decide, ask).await;
         let synced = match synced {
             Ok(s) => s,
+            Err(e) if endings.is_empty() => {
+                tracing::warn!("cannot record what {} started attempts were granted: {e}", grants.len());
+                return;
+            }
             Err(e) => {
                 tracing::warn!("cannot record {} attempt ends ({e}); retrying", sent.len());
                 agent.unsent.extend(sent.into_iter().map(|(local, end, details, _)| (local, end, details)));
                 return;
             }
         };
+        if synced.refused_grants > 0 {
+            self.metrics.fenced_writes.inc_by(synced.refused_grants as u64);
+            tracing::warn!(refused = synced.refused_grants, "grant write refused: lease no longer current");
+        }
         for ((local, ..), finish) in sent.iter().zip(synced.finishes) {
             let Some(c) = agent.claims.remove(local) else { continue };
             agent.stopping.remove(local);
@@ -613,7 +611,7 @@ impl<S: Store> Runtime<S> {
         let Some(agent) = self.ledger.agent_mut() else { return };
         let unsent = std::mem::take(&mut agent.unsent);
         if !unsent.is_empty() {
-            self.send_ends(unsent, false).await;
+            self.send_ends(Vec::new(), unsent, false).await;
         }
     }
 

@@ -69,6 +69,8 @@ pub enum Also {
 /// What one `PgQueue::sync` did.
 #[derive(Debug)]
 pub struct Synced {
+    /// Grants not recorded because their lease is gone.
+    pub refused_grants: usize,
     /// For each ending, in order.
     pub finishes: Vec<Finish>,
     pub claims: Vec<Claim>,
@@ -356,18 +358,42 @@ impl PgQueue {
     /// attempt, stage and job row of the round; then the claim's read and its one write.
     pub async fn sync(
         &self,
+        grants: &[(i64, Value)],
         endings: &[Ending],
         decide: &mut dyn FnMut(usize, &[SharedStage], Option<JobState>, usize) -> Transition,
         ask: Option<ClaimAsk<'_>>,
     ) -> StoreResult<Synced> {
         let mut tx = self.pool.begin().await?;
+        // Before the ends: a stage that started and ended in one turn still holds its lease here.
+        let refused_grants = if grants.is_empty() { 0 } else { self.record_grants(&mut tx, grants).await? };
         let finishes = if endings.is_empty() { Vec::new() } else { self.settle(&mut tx, endings, decide).await? };
         let claims = match ask {
             Some(ask) => self.claim_in(&mut tx, ask).await?,
             None => Vec::new(),
         };
         tx.commit().await?;
-        Ok(Synced { finishes, claims })
+        Ok(Synced { refused_grants, finishes, claims })
+    }
+
+    /// Records what started attempts were granted (for display), each fenced by its token.
+    /// Returns how many were refused (the lease is gone).
+    async fn record_grants(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        grants: &[(i64, Value)],
+    ) -> StoreResult<usize> {
+        let tokens: Vec<i64> = grants.iter().map(|(t, _)| *t).collect();
+        let values: Vec<String> = grants.iter().map(|(_, g)| g.to_string()).collect();
+        let updated = sqlx::query(
+            "UPDATE attempts a SET grant_json = u.g FROM unnest($1::bigint[], $2::text[]) AS u(t, g), leases l \
+             WHERE l.token = u.t AND l.agent_id = $3 AND a.token = l.token",
+        )
+        .bind(&tokens)
+        .bind(&values)
+        .bind(&self.agent)
+        .execute(&mut **tx)
+        .await?;
+        Ok(grants.len().saturating_sub(updated.rows_affected() as usize))
     }
 
     async fn settle(
@@ -377,19 +403,8 @@ impl PgQueue {
         decide: &mut dyn FnMut(usize, &[SharedStage], Option<JobState>, usize) -> Transition,
     ) -> StoreResult<Vec<Finish>> {
         let jobs: Vec<&str> = endings.iter().map(|e| e.job.as_str()).collect();
-        let mut views = lock_jobs(tx, &jobs).await?;
         let tokens: Vec<i64> = endings.iter().map(|e| e.token).collect();
-        // The fence: only leases this agent still holds are settled; the rest were lost.
-        let held: BTreeMap<i64, (String, i64, i64)> = sqlx::query_as::<_, (i64, String, i64, i64)>(
-            "DELETE FROM leases WHERE token = ANY($1) AND agent_id = $2 RETURNING token, job_id, stage_idx, attempt",
-        )
-        .bind(&tokens)
-        .bind(&self.agent)
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .map(|(token, job, stage, attempt)| (token, (job, stage, attempt)))
-        .collect();
+        let (mut views, held) = lock_jobs_and_fence(tx, &jobs, &tokens, &self.agent).await?;
         let mut writes = Writes::default();
         let mut finishes = Vec::with_capacity(endings.len());
         for (i, e) in endings.iter().enumerate() {
@@ -597,7 +612,7 @@ impl PgQueue {
             Some(f) => f(stages, ending, stage),
             None => Transition::default(),
         };
-        let synced = self.sync(std::slice::from_ref(&ending), &mut rule, None).await?;
+        let synced = self.sync(&[], std::slice::from_ref(&ending), &mut rule, None).await?;
         Ok(synced.finishes.into_iter().next().unwrap_or(Finish::Fenced))
     }
 
@@ -744,10 +759,26 @@ async fn lock_jobs(tx: &mut Transaction<'static, Postgres>, jobs: &[&str]) -> St
     let mut ids: Vec<&str> = jobs.to_vec();
     ids.sort_unstable();
     ids.dedup();
+    let mut views = lock_stages(tx, &ids).await?;
+    let endings: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT id, ending FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?;
+    for (id, ending) in endings {
+        if let Some(view) = views.get_mut(&id) {
+            view.ending = ending.as_deref().and_then(JobState::parse);
+        }
+    }
+    Ok(views)
+}
+
+/// Locks the stage rows of `ids` (sorted), by job then index, and reads them.
+async fn lock_stages(tx: &mut Transaction<'static, Postgres>, ids: &[&str]) -> StoreResult<BTreeMap<String, JobView>> {
     let rows = sqlx::query(
         "SELECT job_id, idx, name, deps, state, failures, interruptions, output FROM stages WHERE job_id = ANY($1) ORDER BY job_id, idx FOR UPDATE",
     )
-    .bind(&ids)
+    .bind(ids)
     .fetch_all(&mut **tx)
     .await?;
     let mut views: BTreeMap<String, JobView> = BTreeMap::new();
@@ -768,17 +799,49 @@ async fn lock_jobs(tx: &mut Transaction<'static, Postgres>, jobs: &[&str]) -> St
         });
         view.outputs.push(r.json("output")?);
     }
-    let endings: Vec<(String, Option<String>)> =
-        sqlx::query_as("SELECT id, ending FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?;
-    for (id, ending) in endings {
-        if let Some(view) = views.get_mut(&id) {
-            view.ending = ending.as_deref().and_then(JobState::parse);
+    Ok(views)
+}
+
+/// `lock_jobs` for a round of ends, with the fence in the job locks' round trip: the leases of
+/// `tokens` this agent still holds are deleted and returned (token: job, stage, attempt); the
+/// others were lost. The stage locks come first, so no lease sweep can race the delete.
+async fn lock_jobs_and_fence(
+    tx: &mut Transaction<'static, Postgres>,
+    jobs: &[&str],
+    tokens: &[i64],
+    agent: &str,
+) -> StoreResult<(BTreeMap<String, JobView>, BTreeMap<i64, (String, i64, i64)>)> {
+    let mut ids: Vec<&str> = jobs.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut views = lock_stages(tx, &ids).await?;
+    let rows = sqlx::query(
+        "WITH j AS (SELECT id, ending FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE), \
+         d AS (DELETE FROM leases WHERE token = ANY($2) AND agent_id = $3 RETURNING token, job_id, stage_idx, attempt) \
+         SELECT id AS job_id, ending, NULL::bigint AS token, NULL::bigint AS stage_idx, NULL::bigint AS attempt FROM j \
+         UNION ALL SELECT job_id, NULL, token, stage_idx, attempt FROM d",
+    )
+    .bind(&ids)
+    .bind(tokens)
+    .bind(agent)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut held = BTreeMap::new();
+    for r in &rows {
+        let job: String = r.try_get("job_id")?;
+        match r.try_get::<Option<i64>, _>("token")? {
+            Some(token) => {
+                held.insert(token, (job, r.try_get("stage_idx")?, r.try_get("attempt")?));
+            }
+            None => {
+                let ending: Option<String> = r.try_get("ending")?;
+                if let Some(view) = views.get_mut(&job) {
+                    view.ending = ending.as_deref().and_then(JobState::parse);
+                }
+            }
         }
     }
-    Ok(views)
+    Ok((views, held))
 }
 
 /// One stage row's new values (the last change of a round wins; the ended attempt's details

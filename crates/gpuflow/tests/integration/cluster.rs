@@ -601,3 +601,94 @@ pipelines:
     assert!(processes_with(&victim_worker).is_empty(), "the killed agent's worker still runs");
     agents[1].assert_all_capacity_free().await;
 }
+
+fn shared_job(id: &str, stages: Vec<(&str, Vec<usize>)>) -> gpuflow::store::NewJob {
+    gpuflow::store::NewJob {
+        seq: None,
+        id: id.to_string(),
+        pipeline: "p".into(),
+        input: json!({"n": id}),
+        priority: 0,
+        idempotency_key: None,
+        config_hash: "h1".into(),
+        config_text: "pipelines: {}".into(),
+        stages: stages.into_iter().map(|(n, d)| (n.to_string(), d)).collect(),
+        created_at: 1_000,
+    }
+}
+
+/// `PgQueue::sync` without an engine: a turn's ends in one transaction, decided in order
+/// against the rows as the previous end left them, a stale token refused while the others
+/// apply, and the claim in the same transaction seeing what those ends made claimable.
+#[tokio::test]
+async fn one_sync_settles_a_turns_ends_in_order_fences_the_stale_and_claims_what_they_readied() {
+    use gpuflow::store::{AttemptDetails, ClaimAsk, Ending, Finish, PgStore, Store};
+    use gpuflow_core::cluster::{self, End};
+    use gpuflow_core::{JobState, RetryPolicy};
+
+    let Some(db) = TestDb::create() else { return };
+    let store = PgStore::connect(&db.url, "agent-a").await.unwrap();
+    let queue = store.queue();
+    queue.register_agent("a", "host", "http://x", &json!({}), cluster::lease_lost).await.unwrap();
+    // A join: `left` and `right` run side by side, `join` needs both. And two one-stage jobs.
+    let join = shared_job("join", vec![("left", vec![]), ("right", vec![]), ("join", vec![0, 1])]);
+    for job in [join, shared_job("one", vec![("only", vec![])]), shared_job("two", vec![("only", vec![])])] {
+        queue.insert_shared_job(&job, 100).await.unwrap();
+    }
+    let all = |offered: &[gpuflow::store::ClaimCandidate]| (0..offered.len()).collect::<Vec<_>>();
+    let claims = queue.claim(10, 60_000, all).await.unwrap();
+    assert_eq!(claims.len(), 4);
+    let token = |job: &str, stage: usize| claims.iter().find(|c| c.job == job && c.stage == stage).unwrap().token;
+    // "two" loses its lease: it is re-queued under a new token before the turn's write.
+    db.sql(&format!("UPDATE leases SET expires_at = 0 WHERE token = {}", token("two", 0)));
+    assert_eq!(queue.expire_leases(cluster::lease_lost).await.unwrap().len(), 1);
+
+    let output = |v: i64| AttemptDetails { output: Some(json!({"v": v})), exit_code: Some(0), ..Default::default() };
+    let endings = vec![
+        Ending { token: token("join", 0), job: "join".into(), details: output(1) },
+        Ending { token: token("one", 0), job: "one".into(), details: output(2) },
+        Ending { token: token("join", 1), job: "join".into(), details: output(3) },
+        Ending { token: token("two", 0), job: "two".into(), details: output(4) },
+    ];
+    let mut decided = Vec::new();
+    let mut decide = |i: usize, stages: &[cluster::SharedStage], ending, stage| {
+        decided.push((i, stages.iter().map(|s| s.state).collect::<Vec<_>>()));
+        cluster::attempt_ended(stages, ending, stage, End::Succeeded, &RetryPolicy::default())
+    };
+    let mut offered = Vec::new();
+    let ask = ClaimAsk {
+        limit: 10,
+        ttl_ms: 60_000,
+        also: gpuflow::store::Also::Nothing,
+        choose: Box::new(|candidates: &[gpuflow::store::ClaimCandidate]| {
+            offered.extend(candidates.iter().map(|c| (c.job.clone(), c.stage)));
+            (0..candidates.len()).collect()
+        }),
+    };
+    let synced = queue.sync(&[], &endings, &mut decide, Some(ask)).await.unwrap();
+    assert_eq!(
+        synced.finishes,
+        vec![
+            Finish::Applied { job_finished: None },
+            Finish::Applied { job_finished: Some(JobState::Succeeded) },
+            Finish::Applied { job_finished: None },
+            Finish::Fenced,
+        ]
+    );
+    // The second end of `join` was decided after the first had succeeded: it readied `join`.
+    use gpuflow_core::cluster::SharedStageState::*;
+    assert_eq!(decided[2], (2, vec![Succeeded, Running, Pending]));
+    // The claim in the same transaction saw `join` readied and `two` re-queued.
+    offered.sort();
+    assert_eq!(offered, vec![("join".to_string(), 2), ("two".to_string(), 0)]);
+    let join_claim = synced.claims.iter().find(|c| c.job == "join").unwrap();
+    assert_eq!(join_claim.outputs[..2], [Some(json!({"v": 1})), Some(json!({"v": 3}))]);
+    let one = store.job("one").await.unwrap().unwrap();
+    assert_eq!((one.job.state.as_str(), one.job.output), ("succeeded", Some(json!({"v": 2}))));
+    assert_eq!(one.stages[0].state, "succeeded");
+    assert_eq!(one.attempts[0].state, "succeeded");
+    let two = store.job("two").await.unwrap().unwrap();
+    let states: Vec<&str> = two.attempts.iter().map(|a| a.state.as_str()).collect();
+    assert_eq!(states, vec!["interrupted", "running"], "the stale success was not recorded");
+    assert_eq!(db.sql("SELECT count(*) FROM leases"), "2", "join/2 and two/0 are held");
+}
