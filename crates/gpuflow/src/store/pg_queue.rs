@@ -51,8 +51,18 @@ pub struct ClaimAsk<'a> {
     pub ttl_ms: u64,
     pub also: Also,
     /// Picks candidates by position (`cluster::choose_claims`).
-    pub choose: Box<dyn FnMut(&[ClaimCandidate]) -> Vec<usize> + Send + 'a>,
+    pub choose: Choose<'a>,
 }
+
+/// The caller's choice among claim candidates, by position (`cluster::choose_claims`).
+pub type Choose<'a> = Box<dyn FnMut(&[ClaimCandidate]) -> Vec<usize> + Send + 'a>;
+
+/// The caller's rule for the `i`th ending of a round: `(i, stages, the job's pending end, the
+/// lease's stage) -> transition` (`cluster::attempt_ended`).
+pub type EndRule<'a> = dyn FnMut(usize, &[SharedStage], Option<JobState>, usize) -> Transition + 'a;
+
+/// A claimed stage's token, its job's input and every stage's output.
+type Granted = (i64, Value, Vec<Option<Value>>);
 
 /// What a claim offers besides the first `limit` claimable stages in claim order.
 #[derive(Clone, Debug)]
@@ -360,7 +370,7 @@ impl PgQueue {
         &self,
         grants: &[(i64, Value)],
         endings: &[Ending],
-        decide: &mut dyn FnMut(usize, &[SharedStage], Option<JobState>, usize) -> Transition,
+        decide: &mut EndRule<'_>,
         ask: Option<ClaimAsk<'_>>,
     ) -> StoreResult<Synced> {
         let mut tx = self.pool.begin().await?;
@@ -400,7 +410,7 @@ impl PgQueue {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         endings: &[Ending],
-        decide: &mut dyn FnMut(usize, &[SharedStage], Option<JobState>, usize) -> Transition,
+        decide: &mut EndRule<'_>,
     ) -> StoreResult<Vec<Finish>> {
         let jobs: Vec<&str> = endings.iter().map(|e| e.job.as_str()).collect();
         let tokens: Vec<i64> = endings.iter().map(|e| e.token).collect();
@@ -543,7 +553,8 @@ impl PgQueue {
         .bind(ask.ttl_ms as i64)
         .fetch_all(&mut **tx)
         .await?;
-        let mut granted: BTreeMap<(String, i64), (i64, Value, Vec<Option<Value>>)> = BTreeMap::new();
+        // (job, stage): (token, input, outputs).
+        let mut granted: BTreeMap<(String, i64), Granted> = BTreeMap::new();
         for r in &rows {
             let raw: Vec<Option<String>> = serde_json::from_value(r.json("outputs")?.unwrap_or(Value::Null))
                 .map_err(|e| StoreError::Corrupt(format!("outputs: {e}")))?;
