@@ -33,6 +33,9 @@ use crate::store::{
 /// Claims look at this many candidates at a time, in claim order.
 const CLAIM_BATCH: u32 = 64;
 
+/// How many starving stages an agent looks up by key between ticks.
+const STARVING_REMEMBERED: usize = 16;
+
 pub(super) struct Agent {
     store: PgQueue,
     settings: ClusterSettings,
@@ -169,11 +172,13 @@ impl Picker {
         let problem =
             ClaimProblem { candidates, inventory: self.inventory.clone(), reserve_after_ms: self.reserve_after_ms };
         let chosen = cluster::choose_claims(&problem);
+        // The oldest few are enough: claims take them in this order, and a tick finds the rest.
         self.starving = problem
             .candidates
             .iter()
             .filter(|c| c.waited_ms >= self.reserve_after_ms && !chosen.contains(&c.key))
             .map(|c| (offered[c.key].job.clone(), offered[c.key].stage))
+            .take(STARVING_REMEMBERED)
             .collect();
         chosen
     }

@@ -474,7 +474,8 @@ impl PgQueue {
                 after_ms as i64,
             ),
             Also::Keys(keys) => (
-                "AND (s.job_id, s.idx) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))",
+                // `job_id = ANY` first, so the lookup walks the primary key, not the queue.
+                "AND s.job_id = ANY($2::text[]) AND (s.job_id, s.idx) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))",
                 keys.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>(),
                 keys.iter().map(|(_, i)| *i as i64).collect::<Vec<_>>(),
                 0,
