@@ -377,7 +377,7 @@ impl<S: Store> Runtime<S> {
     /// that waited past `reserve_after` anywhere in the queue.
     pub(super) async fn claim_work(&mut self, scan_starving: bool) {
         for _ in 0..8 {
-            let Some(mut picker) = self.claim_picker(scan_starving) else { return };
+            let Some(mut picker) = self.claim_picker() else { return };
             let Some(agent) = self.ledger.agent_mut() else { return };
             let claimed = agent.store.claim_with(picker.ask(&agent.settings, &agent.starving, scan_starving)).await;
             let claimed = match claimed {
@@ -397,7 +397,7 @@ impl<S: Store> Runtime<S> {
 
     /// What a claim needs to choose: the free local inventory (less what adopted claims will
     /// take) and the pipelines this agent has loaded.
-    fn claim_picker(&self, _scan: bool) -> Option<Picker> {
+    fn claim_picker(&self) -> Option<Picker> {
         let agent = self.ledger.agent()?;
         let mut inventory = self.state.inventory().clone();
         let none = inventory.new_reservation();
@@ -556,7 +556,7 @@ impl<S: Store> Runtime<S> {
     /// tick; a refused one (the lease was lost) is dropped.
     async fn send_ends(&mut self, grants: Vec<(i64, Value)>, ends: Vec<(JobId, End, AttemptDetails)>, claim: bool) {
         // A turn with ends claims what they freed; one with only starts has nothing to claim.
-        let picker = if claim && !ends.is_empty() { self.claim_picker(false) } else { None };
+        let picker = if claim && !ends.is_empty() { self.claim_picker() } else { None };
         let Some(agent) = self.ledger.agent_mut() else { return };
         let mut sent = Vec::with_capacity(ends.len());
         let mut endings = Vec::with_capacity(ends.len());
