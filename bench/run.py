@@ -134,12 +134,13 @@ def rows_scale(r):
 
 
 def rows_cluster(r):
-    one, three = r["runs"]
-    return [
-        ("shared queue, 1 agent: no-op stages/s (a process each)", round(one["stages_per_s"], 1), {}),
-        ("shared queue, 3 agents: no-op stages/s", round(three["stages_per_s"], 1), {}),
-        ("shared queue: 3 agents / 1 agent", round(r["ratio_3_to_1"], 3), {}),
-    ]
+    rows = [("baseline: PostgreSQL round trips/s, one connection (pgbench -S)", round(r["pg_round_trips_per_s"]), {})]
+    for run in r["runs"]:
+        noop = run["kind"] == "gpuflow:noop"
+        goal = ge(2000.0 if run["agents"] == 3 else 1000.0) if noop else {}
+        what = "no-op stages/s (no process)" if noop else "`true` stages/s (a process each)"
+        rows.append((f"shared queue, {run['agents']} agent(s): {what}", round(run["stages_per_s"], 1), goal))
+    return rows
 
 
 # name: (script, full-size args, --quick args, rows)
@@ -157,7 +158,7 @@ BENCHES = {
     "progress": ("progress_overhead.py", ["--stages", "16", "--seconds", "20"], ["--stages", "4", "--seconds", "3"], rows_progress),
     "scale": ("scale_100k.py", ["--jobs", "100000"], ["--jobs", "5000"], rows_scale),
     # Needs PostgreSQL (GPUFLOW_TEST_PG, default the local server).
-    "cluster": ("cluster_claims.py", ["--jobs", "2000"], ["--jobs", "300"], rows_cluster),
+    "cluster": ("cluster_claims.py", ["--jobs", "2000"], ["--jobs", "300", "--kind", "noop"], rows_cluster),
 }
 
 

@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 use crate::pipeline::StageIndex;
 use crate::resources::{Inventory, ResourceRequest};
 use crate::retry::RetryPolicy;
-use crate::rules::{self, End, Interruption, Stage};
+use crate::rules::{self, Interruption, Stage};
 use crate::scheduler::{AttemptResult, JobState};
 
 /// What to write for one stage (`Stop` needs no write: the agent holding it sees the ending).
@@ -29,47 +29,24 @@ pub struct SharedStage {
     pub interruptions: u32,
 }
 
-/// How a claimed attempt ended.
-#[derive(Clone, Debug, PartialEq)]
-pub enum SharedEnd {
-    Succeeded,
-    Failed {
-        error: String,
-        retryable: bool,
-        timed_out: bool,
-    },
-    /// Stopped because its job was cancelled or failed elsewhere.
-    Cancelled {
-        error: String,
-    },
-    /// Its lease expired: the agent died, froze or lost the database.
-    LeaseLost,
-}
+/// How a claimed attempt ended: the single engine's `End`, one type for both. A lost lease is
+/// `End::Interrupted(Interruption::LeaseLost)`.
+pub use crate::rules::End;
 
-impl SharedEnd {
-    /// How an agent reports a local attempt's end to the shared queue. A local interruption
-    /// (its worker crashed, the agent is stopping) is a lost lease there: another agent may
-    /// run the stage, and no retry is spent.
-    pub fn of(result: AttemptResult, error: Option<&str>, retryable: bool) -> SharedEnd {
-        let error = error.unwrap_or_default().to_string();
-        match result {
-            AttemptResult::Succeeded => SharedEnd::Succeeded,
-            AttemptResult::Cancelled => SharedEnd::Cancelled { error },
-            AttemptResult::TimedOut => SharedEnd::Failed { error, retryable, timed_out: true },
-            AttemptResult::Failed => SharedEnd::Failed { error, retryable, timed_out: false },
-            AttemptResult::Interrupted => SharedEnd::LeaseLost,
-        }
-    }
-}
+/// A lost lease, as an ending.
+pub const LEASE_LOST: End = End::Interrupted(Interruption::LeaseLost);
 
-impl From<SharedEnd> for End {
-    fn from(end: SharedEnd) -> End {
-        match end {
-            SharedEnd::Succeeded => End::Succeeded,
-            SharedEnd::Failed { error, retryable, timed_out } => End::Failed { error, retryable, timed_out },
-            SharedEnd::Cancelled { error } => End::Cancelled { error },
-            SharedEnd::LeaseLost => End::Interrupted(Interruption::LeaseLost),
-        }
+/// How an agent reports a local attempt's end to the shared queue. A local interruption (its
+/// worker crashed, the agent is stopping) is a lost lease there: another agent may run the
+/// stage, and no retry is spent.
+pub fn reported_end(result: AttemptResult, error: Option<&str>, retryable: bool) -> End {
+    let error = error.unwrap_or_default().to_string();
+    match result {
+        AttemptResult::Succeeded => End::Succeeded,
+        AttemptResult::Cancelled => End::Cancelled { error },
+        AttemptResult::TimedOut => End::Failed { error, retryable, timed_out: true },
+        AttemptResult::Failed => End::Failed { error, retryable, timed_out: false },
+        AttemptResult::Interrupted => LEASE_LOST,
     }
 }
 
@@ -92,21 +69,39 @@ pub fn attempt_ended(
     stages: &[SharedStage],
     ending: Option<JobState>,
     stage: usize,
-    end: SharedEnd,
+    end: End,
     retry: &RetryPolicy,
 ) -> Transition {
-    rules::attempt_ended(&view(stages), ending, stage, end.into(), retry)
+    rules::attempt_ended(&view(stages), ending, stage, end, retry)
 }
 
 /// The lease of `stage`'s attempt expired (its agent died, froze or lost the database): an
 /// interruption, which spends no retry.
 pub fn lease_lost(stages: &[SharedStage], ending: Option<JobState>, stage: usize) -> Transition {
-    attempt_ended(stages, ending, stage, SharedEnd::LeaseLost, &RetryPolicy::no_retry())
+    attempt_ended(stages, ending, stage, LEASE_LOST, &RetryPolicy::no_retry())
 }
 
 /// The job was asked to stop. `None` when it has already finished.
 pub fn cancel(stages: &[SharedStage], ending: Option<JobState>) -> Option<Transition> {
     rules::cancel(&view(stages), ending)
+}
+
+/// `stage` has waited, claimable, past the bound and no live agent can run it (no agent can
+/// parse its pipeline, or none has what it needs): the stage fails, and with it the job, with
+/// `reason` (what each agent said) as the error. `None` when the stage is no longer waiting.
+pub fn unrunnable(stages: &[SharedStage], ending: Option<JobState>, stage: usize, reason: &str) -> Option<Transition> {
+    if ending.is_some() || stages.get(stage)?.state != SharedStageState::Waiting {
+        return None;
+    }
+    let text = format!("no live agent can run it: {reason}");
+    let error = rules::interrupted_text(&stages[stage].name, &text);
+    let mut t = rules::end_job(&view(stages), None, JobState::Failed, error);
+    for (idx, change) in &mut t.changes {
+        if *idx == stage {
+            *change = StageChange::Failed;
+        }
+    }
+    Some(t)
 }
 
 /// The stages no other stage depends on: their outputs make the job's output.
@@ -140,15 +135,19 @@ pub struct ClaimProblem<K> {
     pub reserve_after_ms: u64,
 }
 
-/// The candidates to claim, in claim order: walked by priority (high first), then arrival, then
-/// stage, each taken when it fits what is left. A smaller one may be taken when a larger one
+/// The candidates to claim, in claim order: walked by priority (high first), then those that
+/// waited past `reserve_after_ms` before the rest, then arrival, then stage, each taken when it
+/// fits what is left. A smaller one may be taken when a larger one
 /// before it does not fit (backfill), except out of capacity reserved by a candidate before it
 /// that has waited past `reserve_after_ms` (the same starvation rule as the single engine's
 /// scheduling pass). A candidate that could never fit this agent's capacity is left for other
 /// agents and reserves nothing here.
 pub fn choose_claims<K: Clone>(problem: &ClaimProblem<K>) -> Vec<K> {
     let mut order: Vec<&ClaimCandidate<K>> = problem.candidates.iter().collect();
-    order.sort_by_key(|c| (Reverse(c.priority), c.arrival, c.stage));
+    // A starving candidate goes first in its priority, as the single engine re-keys a stage
+    // that waited past the bound to the front of its priority.
+    let starving = |c: &ClaimCandidate<K>| c.waited_ms >= problem.reserve_after_ms;
+    order.sort_by_key(|c| (Reverse(c.priority), !starving(c), c.arrival, c.stage));
     let mut inventory = problem.inventory.clone();
     let mut reserved = inventory.new_reservation();
     let mut chosen = Vec::new();
@@ -191,10 +190,10 @@ mod tests {
 
     #[test]
     fn success_readies_the_next_stage_and_the_last_finishes_the_job() {
-        let t = attempt_ended(&chain(&[Running, Pending]), None, 0, SharedEnd::Succeeded, &RetryPolicy::default());
+        let t = attempt_ended(&chain(&[Running, Pending]), None, 0, End::Succeeded, &RetryPolicy::default());
         assert_eq!(t.changes, vec![(0, StageChange::Succeeded), (1, StageChange::Ready)]);
         assert_eq!(t.finished, None);
-        let t = attempt_ended(&chain(&[Succeeded, Running]), None, 1, SharedEnd::Succeeded, &RetryPolicy::default());
+        let t = attempt_ended(&chain(&[Succeeded, Running]), None, 1, End::Succeeded, &RetryPolicy::default());
         assert_eq!(t.finished, Some(JobState::Succeeded));
     }
 
@@ -203,17 +202,17 @@ mod tests {
         let mut stages = chain(&[Running, Running, Pending]);
         stages[1].deps = vec![];
         stages[2].deps = vec![0, 1];
-        let t = attempt_ended(&stages, None, 0, SharedEnd::Succeeded, &RetryPolicy::default());
+        let t = attempt_ended(&stages, None, 0, End::Succeeded, &RetryPolicy::default());
         assert_eq!(t.changes, vec![(0, StageChange::Succeeded)]);
         stages[0].state = Succeeded;
-        let t = attempt_ended(&stages, None, 1, SharedEnd::Succeeded, &RetryPolicy::default());
+        let t = attempt_ended(&stages, None, 1, End::Succeeded, &RetryPolicy::default());
         assert_eq!(t.changes, vec![(1, StageChange::Succeeded), (2, StageChange::Ready)]);
     }
 
     #[test]
     fn failures_back_off_then_fail_the_job_and_cancel_the_rest() {
         let policy = RetryPolicy { max_attempts: 2, initial_backoff_ms: 500, multiplier: 2.0, max_backoff_ms: 10_000 };
-        let fail = || SharedEnd::Failed { error: "exit 1".into(), retryable: true, timed_out: false };
+        let fail = || End::Failed { error: "exit 1".into(), retryable: true, timed_out: false };
         let mut stages = chain(&[Running, Pending]);
         let t = attempt_ended(&stages, None, 0, fail(), &policy);
         assert_eq!(t.changes, vec![(0, StageChange::Retry { delay_ms: 500 })]);
@@ -228,7 +227,7 @@ mod tests {
 
     #[test]
     fn a_failure_that_must_not_retry_fails_at_once() {
-        let end = SharedEnd::Failed { error: "bad output".into(), retryable: false, timed_out: false };
+        let end = End::Failed { error: "bad output".into(), retryable: false, timed_out: false };
         let t = attempt_ended(&chain(&[Running]), None, 0, end, &RetryPolicy::default());
         assert_eq!(t.changes, vec![(0, StageChange::Failed)]);
     }
@@ -236,12 +235,12 @@ mod tests {
     #[test]
     fn a_lost_lease_requeues_without_spending_the_retry_budget_until_the_cap() {
         let mut stages = chain(&[Running]);
-        let t = attempt_ended(&stages, None, 0, SharedEnd::LeaseLost, &RetryPolicy::no_retry());
+        let t = attempt_ended(&stages, None, 0, LEASE_LOST, &RetryPolicy::no_retry());
         assert_eq!(t.changes, vec![(0, StageChange::Retry { delay_ms: 0 })]);
         assert_eq!((t.failures, t.interruptions), (0, 1));
         assert_eq!(t.attempt.unwrap().0, AttemptResult::Interrupted);
         stages[0].interruptions = MAX_INTERRUPTIONS;
-        let t = attempt_ended(&stages, None, 0, SharedEnd::LeaseLost, &RetryPolicy::no_retry());
+        let t = attempt_ended(&stages, None, 0, LEASE_LOST, &RetryPolicy::no_retry());
         assert_eq!(t.changes, vec![(0, StageChange::Failed)]);
         assert_eq!(t.finished, Some(JobState::Failed));
     }
@@ -254,11 +253,11 @@ mod tests {
         assert_eq!(t.changes, vec![(0, StageChange::Stop), (1, StageChange::Cancelled), (2, StageChange::Stop)]);
         assert_eq!(t.finished, None);
         stages[1].state = Cancelled;
-        let end = SharedEnd::Cancelled { error: "cancelled".into() };
+        let end = End::Cancelled { error: "cancelled".into() };
         let t = attempt_ended(&stages, Some(JobState::Cancelled), 0, end, &RetryPolicy::default());
         assert_eq!(t.finished, None, "the side stage still runs");
         stages[0].state = Cancelled;
-        let t = attempt_ended(&stages, Some(JobState::Cancelled), 2, SharedEnd::Succeeded, &RetryPolicy::default());
+        let t = attempt_ended(&stages, Some(JobState::Cancelled), 2, End::Succeeded, &RetryPolicy::default());
         assert_eq!(t.changes, vec![(2, StageChange::Succeeded)], "a success while ending readies nothing");
         assert_eq!(t.finished, Some(JobState::Cancelled));
     }
@@ -337,6 +336,28 @@ mod tests {
         assert_eq!(choose_claims(&p), vec![2, 3]);
         p.reserve_after_ms = u64::MAX;
         assert_eq!(choose_claims(&p), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_starving_candidate_goes_before_older_ones_of_its_priority_but_not_before_higher_priority() {
+        let mut p = problem(1, vec![candidate(1, 0, 1, cpu(1), 0), candidate(2, 0, 9, cpu(1), 5_000)]);
+        assert_eq!(choose_claims(&p), vec![2], "waited past reserve_after: first in its priority");
+        p.candidates.push(candidate(3, 1, 20, cpu(1), 0));
+        assert_eq!(choose_claims(&p), vec![3], "a higher priority still goes first");
+        p.reserve_after_ms = u64::MAX;
+        p.candidates.pop();
+        assert_eq!(choose_claims(&p), vec![1], "reservation off: arrival order");
+    }
+
+    #[test]
+    fn an_unrunnable_stage_fails_its_job_with_the_reason() {
+        let stages = chain(&[Succeeded, Waiting, Pending]);
+        let t = unrunnable(&stages, None, 1, "agent a: no pool `ocr`").unwrap();
+        assert_eq!(t.changes, vec![(1, StageChange::Failed), (2, StageChange::Cancelled)]);
+        assert_eq!(t.finished, Some(JobState::Failed));
+        assert_eq!(t.ending.unwrap().1, "stage `s1` failed: no live agent can run it: agent a: no pool `ocr`");
+        assert_eq!(unrunnable(&chain(&[Running]), None, 0, "x"), None, "a claimed stage is not judged");
+        assert_eq!(unrunnable(&stages, Some(JobState::Cancelled), 1, "x"), None);
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub enum Change {
 }
 
 /// A job's transition.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Transition {
     /// How the attempt is recorded (absent when no attempt ended).
     pub attempt: Option<(AttemptResult, Option<String>)>,

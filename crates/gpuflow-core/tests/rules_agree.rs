@@ -1,12 +1,12 @@
 //! Differential test of the job transition rules: the single engine (`State`) and agent mode
 //! (`cluster::attempt_ended` / `cluster::cancel` over the shared queue's stage rows, applied the
-//! way `PgStore::finish`, `cancel_shared` and the lease sweep apply them) must give every stage
+//! way `PgQueue::sync`, `cancel_shared` and the lease sweep apply them) must give every stage
 //! the same state and counters, and the job the same ending, final state and error text, after
 //! any sequence of attempt outcomes.
 
 use std::sync::Arc;
 
-use gpuflow_core::cluster::{self, SharedEnd, SharedStage, SharedStageState, StageChange, Transition};
+use gpuflow_core::cluster::{self, SharedStage, SharedStageState, StageChange, Transition};
 use gpuflow_core::rules::{Interruption, MAX_INTERRUPTIONS};
 use gpuflow_core::*;
 use proptest::prelude::*;
@@ -84,7 +84,7 @@ impl Agent {
                 .iter()
                 .map(|s| SharedStage {
                     name: s.name.clone(),
-                    // As `PgStore::insert_shared_job`: a stage with no predecessors is claimable.
+                    // As `PgQueue::insert_shared_job`: a stage with no predecessors is claimable.
                     state: if s.after.is_empty() { SharedStageState::Waiting } else { SharedStageState::Pending },
                     deps: s.after.clone(),
                     failures: 0,
@@ -98,7 +98,7 @@ impl Agent {
         }
     }
 
-    /// As `PgStore::claim` (everything fits, so an agent claims a stage as soon as it is
+    /// As `PgQueue::claim` (everything fits, so an agent claims a stage as soon as it is
     /// claimable): the single engine started `stage`, an agent claims it.
     fn claim(&mut self, stage: usize, now: u64) -> Result<(), TestCaseError> {
         prop_assert!(self.ending.is_none() && self.finished.is_none(), "a stage of an ending job started");
@@ -141,10 +141,10 @@ impl Agent {
     }
 
     /// An attempt's end reported by the local engine, as `runtime::cluster::cluster_writes`
-    /// turns it into a `SharedEnd` and `PgStore::finish` (or the lease sweep) decides it.
+    /// turns it into an `End` and `PgQueue::sync` (or the lease sweep) decides it.
     fn attempt_ended(&mut self, action: &Action, p: &Pipeline, now: u64) {
         let Action::AttemptEnded { stage, result, error, retryable, .. } = action else { return };
-        let end = SharedEnd::of(*result, error.as_deref(), *retryable);
+        let end = cluster::reported_end(*result, error.as_deref(), *retryable);
         assert_eq!(self.stages[*stage].state, SharedStageState::Running, "stage {stage} ended but was not claimed");
         let ending = self.ending.as_ref().map(|(s, _)| *s);
         let t = cluster::attempt_ended(&self.stages, ending, *stage, end, &p.stages[*stage].retry);

@@ -315,6 +315,7 @@ struct ClusterFile {
     name: Option<String>,
     lease_ttl: Option<Millis>,
     poll_interval: Option<Millis>,
+    unrunnable_after: Option<Millis>,
 }
 
 #[derive(Deserialize)]
@@ -524,6 +525,9 @@ pub struct ClusterSettings {
     /// How often to look for work when no notification arrives (backoff delays, lost
     /// notifications during a reconnect).
     pub poll_interval_ms: u64,
+    /// A claimable stage that no live agent can run (its pipeline does not load on any, or it
+    /// needs a pool or resource none has) fails its job after waiting this long.
+    pub unrunnable_after_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -775,6 +779,7 @@ impl Config {
             name: file.cluster.name.clone(),
             lease_ttl_ms: file.cluster.lease_ttl.map(|m| m.0).unwrap_or(10_000),
             poll_interval_ms: file.cluster.poll_interval.map(|m| m.0).unwrap_or(1_000),
+            unrunnable_after_ms: file.cluster.unrunnable_after.map(|m| m.0).unwrap_or(300_000),
         };
         if cluster.lease_ttl_ms < 1_000 {
             errors.at(
@@ -785,6 +790,16 @@ impl Config {
         }
         if cluster.poll_interval_ms < 50 {
             errors.at(&start, "cluster.poll_interval", "must be at least 50ms");
+        }
+        if cluster.unrunnable_after_ms < 1_000 {
+            errors.at(
+                &start,
+                "cluster.unrunnable_after",
+                format!(
+                    "{} ms leaves agents no time to claim a stage; use at least 1s (default 5m)",
+                    cluster.unrunnable_after_ms
+                ),
+            );
         }
         if let Some(floor) = file.diagnosis.stall_cpu_floor
             && !(floor > 0.0 && floor <= 100.0)

@@ -2,31 +2,42 @@
 //! fit its own free resources and runs each claim as a one-stage job of its own scheduler
 //! (the claimed stage queued, every other stage marked done), so supervision, timeouts, worker
 //! pools and diagnosis are the single-engine code. What differs is where decisions land: the
-//! stage's outcome goes to the shared store through `PgStore::finish`, fenced by the claim's
-//! token, and retries go back to the shared queue, where any agent may take them. The decisions
-//! are the core's: `cluster::choose_claims` picks what to claim, and the job transition rules
+//! stage's outcome goes to the shared queue (`PgQueue`), fenced by the claim's token, and
+//! retries go back to the queue, where any agent may take them. The decisions are the core's:
+//! `cluster::choose_claims` picks what to claim, and the job transition rules
 //! (`cluster::attempt_ended`, `lease_lost`, `cancel`, shared with the single engine) are handed
-//! to the store, which applies them to the job's locked rows.
+//! to the queue, which applies them to the job's locked rows.
+//!
+//! Round trips are what bound an agent: a turn's attempt ends are written in one transaction
+//! (`PgQueue::sync`), and the same transaction claims what the freed resources can take.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuflow_core::cluster::{self, ClaimCandidate as Candidate, ClaimProblem, SharedEnd};
-use gpuflow_core::{Action, Event, JobId, RestoredStage, RestoredStatus, RetryPolicy};
+use gpuflow_core::cluster::{self, ClaimCandidate as Candidate, ClaimProblem, End};
+use gpuflow_core::{
+    Action, Event, Inventory, JobId, RequestError, ResourceRequest, RestoredStage, RestoredStatus, RetryPolicy,
+};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::ledger::Ledger;
 use super::*;
 use crate::config::{ClusterSettings, Config};
-use crate::store::{AgentRecord, AttemptDetails, Claim, Finish, PgStore, SharedCancel};
+use crate::store::{
+    Admitted, AgentRecord, Also, AttemptDetails, Claim, ClaimAsk, ClaimCandidate, Ending, Finish, PgQueue, PgStore,
+    SharedCancel,
+};
 
-/// Claims are made this many candidates at a time.
-const CLAIM_BATCH: u32 = 32;
+/// Claims look at this many candidates at a time, in claim order.
+const CLAIM_BATCH: u32 = 64;
+
+/// How many starving stages an agent looks up by key between ticks.
+const STARVING_REMEMBERED: usize = 16;
 
 pub(super) struct Agent {
-    store: PgStore,
+    store: PgQueue,
     settings: ClusterSettings,
     name: String,
     /// Claims this agent runs, by the local job id each runs under.
@@ -34,7 +45,16 @@ pub(super) struct Agent {
     /// Claims already told to stop (lease lost, or their job is ending).
     stopping: HashSet<JobId>,
     /// Final writes that failed on a lost connection, retried every tick.
-    unsent: Vec<(JobId, SharedEnd, AttemptDetails)>,
+    unsent: Vec<(JobId, End, AttemptDetails)>,
+    /// Claims adopted whose local start has not been decided yet, with what they need: the
+    /// local inventory does not count them, the next claim must.
+    unstarted: HashMap<JobId, ResourceRequest>,
+    /// Stages found waiting past `reserve_after` that this agent did not claim: every claim
+    /// looks them up by key (a tick scans for them), so they go before smaller ones wherever
+    /// they stand in claim order.
+    starving: Vec<(String, usize)>,
+    /// Claimable stages this agent cannot run, already recorded as such.
+    cannot_run: HashSet<(String, usize)>,
     /// Pipeline files jobs were accepted under, parsed, by content hash.
     configs: HashMap<String, Result<Arc<Config>, String>>,
     wake: Arc<Notify>,
@@ -52,12 +72,15 @@ struct ClaimedStage {
 impl Agent {
     pub(super) fn new(store: PgStore, settings: ClusterSettings, name: String) -> Agent {
         Agent {
-            store,
+            store: store.queue(),
             settings,
             name,
             claims: HashMap::new(),
             stopping: HashSet::new(),
             unsent: Vec::new(),
+            unstarted: HashMap::new(),
+            starving: Vec::new(),
+            cannot_run: HashSet::new(),
             configs: HashMap::new(),
             wake: Arc::new(Notify::new()),
             last_renewal: tokio::time::Instant::now(),
@@ -71,6 +94,93 @@ impl Agent {
     /// How often leases are renewed and the queue polled.
     pub(super) fn tick_every(&self) -> Duration {
         Duration::from_millis((self.settings.lease_ttl_ms / 3).min(self.settings.poll_interval_ms).max(50))
+    }
+}
+
+/// What a claim chooses with: the agent's free inventory and the requests of the pipelines it
+/// has loaded. It collects the pipelines it has not loaded yet and the starving stages it saw.
+struct Picker {
+    inventory: Inventory,
+    reserve_after_ms: u64,
+    requests: HashMap<String, Result<Arc<Config>, String>>,
+    missing: HashSet<String>,
+    starving: Vec<(String, usize)>,
+    /// Offered stages this agent can never run, and why.
+    cannot_run: Vec<(String, usize, String)>,
+}
+
+impl Picker {
+    fn ask<'a>(&'a mut self, settings: &ClusterSettings, starving: &[(String, usize)], scan: bool) -> ClaimAsk<'a> {
+        let also = if scan {
+            Also::Starving { after_ms: self.reserve_after_ms }
+        } else if starving.is_empty() {
+            Also::Nothing
+        } else {
+            Also::Keys(starving.to_vec())
+        };
+        ClaimAsk {
+            limit: CLAIM_BATCH,
+            ttl_ms: settings.lease_ttl_ms,
+            also,
+            choose: Box::new(move |offered| self.choose(offered)),
+        }
+    }
+
+    /// Among what is offered, what this agent claims: the core's choice over the candidates
+    /// whose pipeline it has loaded.
+    fn choose(&mut self, offered: &[ClaimCandidate]) -> Vec<usize> {
+        let mut candidates = Vec::new();
+        self.cannot_run.clear();
+        for (i, c) in offered.iter().enumerate() {
+            let request = match self.requests.get(&c.config_hash) {
+                None => {
+                    self.missing.insert(c.config_hash.clone());
+                    continue;
+                }
+                Some(Err(e)) => Err(format!("its pipeline file does not load here: {e}")),
+                Some(Ok(config)) => match config.pipeline(&c.pipeline) {
+                    Ok(def) => match def.core.stages.get(c.stage) {
+                        Some(s) => Ok(s.needs.clone()),
+                        None => Err(format!("pipeline `{}` has no stage {}", c.pipeline, c.stage)),
+                    },
+                    Err(e) => Err(e),
+                },
+            };
+            let request = request.and_then(|r| match r.check_fits(self.inventory.capacity()) {
+                Ok(()) => Ok(r),
+                Err(RequestError::UnknownCounter { name }) if name.starts_with("pool:") => {
+                    Err(format!("it needs worker pool `{}`, which this agent does not have", &name["pool:".len()..]))
+                }
+                Err(e) => Err(format!("its stage {e} here")),
+            });
+            let request = match request {
+                Ok(r) => r,
+                Err(reason) => {
+                    self.cannot_run.push((c.job.clone(), c.stage, reason));
+                    continue;
+                }
+            };
+            candidates.push(Candidate {
+                key: i,
+                priority: c.priority,
+                arrival: c.arrival,
+                stage: c.stage,
+                request,
+                waited_ms: c.waited_ms,
+            });
+        }
+        let problem =
+            ClaimProblem { candidates, inventory: self.inventory.clone(), reserve_after_ms: self.reserve_after_ms };
+        let chosen = cluster::choose_claims(&problem);
+        // The oldest few are enough: claims take them in this order, and a tick finds the rest.
+        self.starving = problem
+            .candidates
+            .iter()
+            .filter(|c| c.waited_ms >= self.reserve_after_ms && !chosen.contains(&c.key))
+            .map(|c| (offered[c.key].job.clone(), offered[c.key].stage))
+            .take(STARVING_REMEMBERED)
+            .collect();
+        chosen
     }
 }
 
@@ -118,7 +228,7 @@ impl<S: Store> Runtime<S> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
-        self.claim_work().await;
+        self.claim_work(true).await;
         Ok(())
     }
 
@@ -195,6 +305,15 @@ impl<S: Store> Runtime<S> {
                 }
             }
         }
+        match agent.store.fail_unrunnable(agent.settings.unrunnable_after_ms, ttl, cluster::unrunnable).await {
+            Ok(failed) => {
+                for (job, stage, reason) in failed {
+                    tracing::warn!(%job, stage, "failed a stage no live agent can run: {reason}");
+                    agent.cannot_run.remove(&(job, stage));
+                }
+            }
+            Err(e) => tracing::warn!("cannot check for stages no agent can run: {e}"),
+        }
         match agent.store.expire_leases(cluster::lease_lost).await {
             Ok(lost) => {
                 for l in lost {
@@ -214,7 +333,7 @@ impl<S: Store> Runtime<S> {
             tracing::warn!("cannot check for cancelled jobs: {e}");
         }
         self.resend_unsent().await;
-        self.claim_work().await;
+        self.claim_work(true).await;
         Ok(())
     }
 
@@ -269,51 +388,20 @@ impl<S: Store> Runtime<S> {
             }
             None => {
                 self.step(Event::CancelRequested { job: local });
-                let end = if lease_lost { SharedEnd::LeaseLost } else { SharedEnd::Cancelled { error } };
-                self.send_end(local, end, AttemptDetails::default()).await;
+                let end = if lease_lost { cluster::LEASE_LOST } else { End::Cancelled { error } };
+                self.send_ends(Vec::new(), vec![(local, end, AttemptDetails::default())], false).await;
                 Ok(())
             }
         }
     }
 
-    /// Claims what fits the free local resources, and starts it.
-    pub(super) async fn claim_work(&mut self) {
+    /// Claims what fits the free local resources, and starts it. A tick also scans for stages
+    /// that waited past `reserve_after` anywhere in the queue.
+    pub(super) async fn claim_work(&mut self, scan_starving: bool) {
         for _ in 0..8 {
+            let Some(mut picker) = self.claim_picker() else { return };
             let Some(agent) = self.ledger.agent_mut() else { return };
-            let inventory = self.state.inventory().clone();
-            let reserve_after_ms = self.config.scheduler.reserve_after_ms;
-            let mut missing: HashSet<String> = HashSet::new();
-            let configs = &agent.configs;
-            let choose = |offered: &[crate::store::ClaimCandidate]| {
-                // What this agent can run: the candidates whose pipeline it has loaded.
-                let mut candidates = Vec::new();
-                for (i, c) in offered.iter().enumerate() {
-                    let request = match configs.get(&c.config_hash) {
-                        None => {
-                            missing.insert(c.config_hash.clone());
-                            continue;
-                        }
-                        Some(Err(_)) => continue,
-                        Some(Ok(config)) => match config.pipeline(&c.pipeline) {
-                            Ok(def) => match def.core.stages.get(c.stage) {
-                                Some(s) => s.needs.clone(),
-                                None => continue,
-                            },
-                            Err(_) => continue,
-                        },
-                    };
-                    candidates.push(Candidate {
-                        key: i,
-                        priority: c.priority,
-                        arrival: c.arrival,
-                        stage: c.stage,
-                        request,
-                        waited_ms: c.waited_ms,
-                    });
-                }
-                cluster::choose_claims(&ClaimProblem { candidates, inventory, reserve_after_ms })
-            };
-            let claimed = agent.store.claim(CLAIM_BATCH, agent.settings.lease_ttl_ms, choose).await;
+            let claimed = agent.store.claim_with(picker.ask(&agent.settings, &agent.starving, scan_starving)).await;
             let claimed = match claimed {
                 Ok(c) => c,
                 Err(e) => {
@@ -322,30 +410,76 @@ impl<S: Store> Runtime<S> {
                 }
             };
             let full = claimed.len() as u32 == CLAIM_BATCH;
-            for claim in claimed {
-                if let Err(e) = self.adopt(claim).await {
-                    tracing::error!("cannot start a claimed stage: {e}");
-                }
-            }
-            for hash in &missing {
-                let parsed = match self.snapshot_config(hash).await {
-                    Ok(r) => r.map(Arc::new),
-                    Err(e) => {
-                        tracing::warn!("cannot read pipeline snapshot {hash}: {e}");
-                        continue;
-                    }
-                };
-                if let Err(e) = &parsed {
-                    tracing::error!("jobs accepted under pipeline snapshot {hash} cannot run on this agent: {e}");
-                }
-                if let Some(agent) = self.ledger.agent_mut() {
-                    agent.configs.insert(hash.clone(), parsed);
-                }
-            }
-            if !full && missing.is_empty() {
+            let again = self.after_claim(picker, claimed).await;
+            if !full && !again {
                 return;
             }
         }
+    }
+
+    /// What a claim needs to choose: the free local inventory (less what adopted claims will
+    /// take) and the pipelines this agent has loaded.
+    fn claim_picker(&self) -> Option<Picker> {
+        let agent = self.ledger.agent()?;
+        let mut inventory = self.state.inventory().clone();
+        let none = inventory.new_reservation();
+        for request in agent.unstarted.values() {
+            // A claim adopted but not started yet: its share is spoken for.
+            let _ = inventory.try_grant(request, &none);
+        }
+        Some(Picker {
+            inventory,
+            reserve_after_ms: self.config.scheduler.reserve_after_ms,
+            requests: agent.configs.iter().map(|(hash, parsed)| (hash.clone(), parsed.clone())).collect(),
+            missing: HashSet::new(),
+            starving: Vec::new(),
+            cannot_run: Vec::new(),
+        })
+    }
+
+    /// Adopts what was claimed, remembers the starving stages left, and loads the pipelines
+    /// of candidates it has not seen. True when it should claim again (new pipelines).
+    async fn after_claim(&mut self, picker: Picker, claimed: Vec<Claim>) -> bool {
+        if let Some(agent) = self.ledger.agent_mut() {
+            agent.starving = picker.starving;
+            let new: Vec<(String, usize, String)> = picker
+                .cannot_run
+                .into_iter()
+                .filter(|(job, stage, _)| !agent.cannot_run.contains(&(job.clone(), *stage)))
+                .collect();
+            if !new.is_empty() {
+                match agent.store.mark_cannot_run(&new).await {
+                    Ok(()) => {
+                        for (job, stage, reason) in new {
+                            tracing::warn!(%job, stage, "this agent cannot run a queued stage: {reason}");
+                            agent.cannot_run.insert((job, stage));
+                        }
+                    }
+                    Err(e) => tracing::warn!("cannot record the stages this agent cannot run: {e}"),
+                }
+            }
+        }
+        for claim in claimed {
+            if let Err(e) = self.adopt(claim).await {
+                tracing::error!("cannot start a claimed stage: {e}");
+            }
+        }
+        for hash in &picker.missing {
+            let parsed = match self.snapshot_config(hash).await {
+                Ok(r) => r.map(Arc::new),
+                Err(e) => {
+                    tracing::warn!("cannot read pipeline snapshot {hash}: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = &parsed {
+                tracing::error!("jobs accepted under pipeline snapshot {hash} cannot run on this agent: {e}");
+            }
+            if let Some(agent) = self.ledger.agent_mut() {
+                agent.configs.insert(hash.clone(), parsed);
+            }
+        }
+        !picker.missing.is_empty()
     }
 
     /// Runs a claim as a local one-stage job: the claimed stage queued, the others done.
@@ -359,11 +493,8 @@ impl<S: Store> Runtime<S> {
             Ok(def) => def,
             Err(e) => {
                 // Cannot happen for a stage the fit check accepted; give it back as failed.
-                let end = SharedEnd::Failed {
-                    error: format!("cannot run on this agent: {e}"),
-                    retryable: false,
-                    timed_out: false,
-                };
+                let end =
+                    End::Failed { error: format!("cannot run on this agent: {e}"), retryable: false, timed_out: false };
                 let decide = |stages: &_, ending, stage| {
                     cluster::attempt_ended(stages, ending, stage, end, &RetryPolicy::no_retry())
                 };
@@ -378,7 +509,7 @@ impl<S: Store> Runtime<S> {
             if i != claim.stage {
                 s.needs = Default::default();
             }
-            // Retries go back to the shared queue, decided by `PgStore::finish`.
+            // Retries go back to the shared queue, decided by `PgQueue::sync`.
             s.retry = RetryPolicy::no_retry();
         }
         let stages = (0..n)
@@ -390,6 +521,7 @@ impl<S: Store> Runtime<S> {
             })
             .collect();
         let retry = def.core.stages[claim.stage].retry.clone();
+        agent.unstarted.insert(local, def.core.stages[claim.stage].needs.clone());
         agent.claims.insert(local, ClaimedStage { token: claim.token, job: claim.job.clone(), retry, settled: false });
         let mut outputs = claim.outputs;
         outputs.resize(n, None);
@@ -405,32 +537,24 @@ impl<S: Store> Runtime<S> {
         Ok(())
     }
 
-    /// Agent mode's counterpart of the store write: starts record their grant, ends write
-    /// the stage's outcome to the shared queue, fenced by the claim's token.
+    /// Agent mode's counterpart of the store write: starts record their grant; the turn's
+    /// ends are written to the shared queue in one transaction, fenced by the claims' tokens,
+    /// which also claims what the freed resources can take.
     pub(super) async fn cluster_writes(&mut self, actions: &[Action]) -> Result<(), RuntimeError> {
+        let mut ends = Vec::new();
+        let mut grants = Vec::new();
         for action in actions {
             match action {
                 Action::Start { job, grant, .. } => {
-                    let Some(agent) = self.ledger.agent() else { return Ok(()) };
+                    let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
+                    agent.unstarted.remove(job);
                     let Some(c) = agent.claims.get(job) else { continue };
-                    // Off the loop: the grant is for display, and a refusal (the lease is gone)
-                    // is acted on by the next renewal, which stops the attempt.
-                    let grant = serde_json::to_value(LeaseRecord::from(grant)).expect("serializable");
-                    let (store, token, job, fenced) =
-                        (agent.store.clone(), c.token, c.job.clone(), self.metrics.fenced_writes.clone());
-                    tokio::spawn(async move {
-                        match store.record_grant(token, &grant).await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                fenced.inc();
-                                tracing::warn!(%job, token, "write refused: lease no longer current");
-                            }
-                            Err(e) => tracing::warn!("cannot record a grant: {e}"),
-                        }
-                    });
+                    // Written with the turn's ends. The grant is for display; a refusal (the
+                    // lease is gone) is acted on by the next renewal, which stops the attempt.
+                    grants.push((c.token, serde_json::to_value(LeaseRecord::from(grant)).expect("serializable")));
                 }
                 Action::AttemptEnded { job, stage, attempt, result, error, retryable, .. } => {
-                    let end = SharedEnd::of(*result, error.as_deref(), *retryable);
+                    let end = cluster::reported_end(*result, error.as_deref(), *retryable);
                     let details = self.exits.get(&(*job, *stage, *attempt));
                     let details = AttemptDetails {
                         output: details.and_then(|d| d.output.clone()),
@@ -438,46 +562,83 @@ impl<S: Store> Runtime<S> {
                         signal: details.and_then(|d| d.signal),
                         batch_size: details.and_then(|d| d.batch_size),
                     };
-                    self.send_end(*job, end, details).await;
+                    ends.push((*job, end, details));
                 }
                 _ => {}
             }
         }
+        if !ends.is_empty() || !grants.is_empty() {
+            self.send_ends(grants, ends, true).await;
+        }
         Ok(())
     }
 
-    async fn send_end(&mut self, local: JobId, end: SharedEnd, details: AttemptDetails) {
+    /// Writes attempts' ends in one transaction; with `claim`, the same transaction claims what
+    /// fits the resources they freed. Writes that fail on a lost connection are retried every
+    /// tick; a refused one (the lease was lost) is dropped.
+    async fn send_ends(&mut self, grants: Vec<(i64, Value)>, ends: Vec<(JobId, End, AttemptDetails)>, claim: bool) {
+        // A turn with ends claims what they freed; one with only starts has nothing to claim.
+        let picker = if claim && !ends.is_empty() { self.claim_picker() } else { None };
         let Some(agent) = self.ledger.agent_mut() else { return };
-        let Some(c) = agent.claims.get_mut(&local) else { return };
-        let retry = &c.retry;
-        let decide = |stages: &_, ending, stage| cluster::attempt_ended(stages, ending, stage, end.clone(), retry);
-        match agent.store.finish(c.token, &c.job, &details, decide).await {
-            Ok(Finish::Applied { job_finished }) => {
-                c.settled = true;
-                if let Some(state) = job_finished {
-                    tracing::info!(job = %c.job, state = state.as_str(), "job finished");
-                }
-            }
-            Ok(Finish::Fenced) => {
-                c.settled = true;
-                self.metrics.fenced_writes.inc();
-                tracing::warn!(job = %c.job, token = c.token, "late write refused: the lease expired and the stage was re-queued; this outcome is discarded");
+        let mut sent = Vec::with_capacity(ends.len());
+        let mut endings = Vec::with_capacity(ends.len());
+        for (local, end, details) in ends {
+            let Some(c) = agent.claims.get(&local) else { continue };
+            endings.push(Ending { token: c.token, job: c.job.clone(), details: details.clone() });
+            sent.push((local, end, details, c.retry.clone()));
+        }
+        if endings.is_empty() && grants.is_empty() {
+            return;
+        }
+        let mut decide = |i: usize, stages: &[cluster::SharedStage], ending, stage| {
+            cluster::attempt_ended(stages, ending, stage, sent[i].1.clone(), &sent[i].3)
+        };
+        let mut picker = picker;
+        let ask = picker.as_mut().map(|p| p.ask(&agent.settings, &agent.starving, false));
+        let synced = agent.store.sync(&grants, &endings, &mut decide, ask).await;
+        let synced = match synced {
+            Ok(s) => s,
+            Err(e) if endings.is_empty() => {
+                tracing::warn!("cannot record what {} started attempts were granted: {e}", grants.len());
+                return;
             }
             Err(e) => {
-                tracing::warn!(job = %c.job, "cannot record an attempt's end ({e}); retrying");
-                agent.unsent.push((local, end, details));
+                tracing::warn!("cannot record {} attempt ends ({e}); retrying", sent.len());
+                agent.unsent.extend(sent.into_iter().map(|(local, end, details, _)| (local, end, details)));
+                return;
+            }
+        };
+        if synced.refused_grants > 0 {
+            self.metrics.fenced_writes.inc_by(synced.refused_grants as u64);
+            tracing::warn!(refused = synced.refused_grants, "grant write refused: lease no longer current");
+        }
+        for ((local, ..), finish) in sent.iter().zip(synced.finishes) {
+            let Some(c) = agent.claims.remove(local) else { continue };
+            agent.stopping.remove(local);
+            agent.unstarted.remove(local);
+            match finish {
+                Finish::Applied { job_finished: Some(state) } => {
+                    tracing::debug!(job = %c.job, state = state.as_str(), "job finished")
+                }
+                Finish::Applied { job_finished: None } => {}
+                Finish::Fenced => {
+                    self.metrics.fenced_writes.inc();
+                    tracing::warn!(job = %c.job, token = c.token, "late write refused: the lease expired and the stage was re-queued; this outcome is discarded");
+                }
             }
         }
-        if c.settled {
-            agent.claims.remove(&local);
-            agent.stopping.remove(&local);
+        if let Some(picker) = picker
+            && self.after_claim(picker, synced.claims).await
+        {
+            self.claim_work(false).await;
         }
     }
 
     async fn resend_unsent(&mut self) {
         let Some(agent) = self.ledger.agent_mut() else { return };
-        for (local, end, details) in std::mem::take(&mut agent.unsent) {
-            self.send_end(local, end, details).await;
+        let unsent = std::mem::take(&mut agent.unsent);
+        if !unsent.is_empty() {
+            self.send_ends(Vec::new(), unsent, false).await;
         }
     }
 
@@ -488,14 +649,13 @@ impl<S: Store> Runtime<S> {
             return Ok(earlier);
         }
         let Some(agent) = self.ledger.agent() else { return Err(EngineError::Internal("not an agent".into())) };
-        // Counted across agents; two agents admitting at the same moment may pass the bound
-        // by one each.
-        if agent.store.unfinished_count(&request.pipeline).await? >= def.max_queued as u64 {
-            return Err(EngineError::QueueFull { pipeline: request.pipeline, max: def.max_queued });
-        }
         let id = uuid::Uuid::now_v7().to_string();
-        match agent.store.insert_shared_job(&self.new_job(&id, &request, &def)).await {
-            Ok(_) => {}
+        // Counted across agents, under the pipeline's admission lock: exact.
+        match agent.store.insert_shared_job(&self.new_job(&id, &request, &def), def.max_queued as u64).await {
+            Ok(Admitted::Inserted(_)) => {}
+            Ok(Admitted::Full) => {
+                return Err(EngineError::QueueFull { pipeline: request.pipeline, max: def.max_queued });
+            }
             Err(StoreError::DuplicateKey(key)) => {
                 return Err(EngineError::IdempotencyConflict { key, existing: "another submission".into() });
             }

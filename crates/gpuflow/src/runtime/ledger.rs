@@ -177,7 +177,7 @@ impl<S: Store> Runtime<S> {
 
     /// The shared queue has something new: claim what fits.
     pub(super) async fn ledger_woken(&mut self) {
-        self.claim_work().await;
+        self.claim_work(false).await;
     }
 
     /// Periodic work of the shared queue: renew leases, expire others', poll for claims.

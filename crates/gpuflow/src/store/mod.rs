@@ -3,6 +3,7 @@
 //! it acts only after that transaction has committed.
 
 mod dialect;
+mod pg_queue;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -13,7 +14,11 @@ use std::sync::Arc;
 use gpuflow_core::{JobState, StageState};
 use serde_json::Value;
 
-pub use postgres::{AgentRecord, AttemptDetails, Claim, ClaimCandidate, Finish, LostLease, PgStore, SharedCancel};
+pub use pg_queue::{
+    Admitted, AgentRecord, Also, AttemptDetails, Claim, ClaimAsk, ClaimCandidate, Ending, Finish, LostLease, PgQueue,
+    SharedCancel, Synced,
+};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use gpuflow::store::{
     AttemptDetails, Finish, JobFilter, NewJob, PgStore, RecoveryCursor, SharedCancel, Store, StoreError, Write,
 };
 use gpuflow_core::JobState::{self, Failed, Queued, Running, Succeeded};
-use gpuflow_core::cluster::{self, SharedEnd, SharedStage, Transition};
+use gpuflow_core::cluster::{self, End, SharedStage, Transition};
 use gpuflow_core::diagnosis::{Finding, FindingKind};
 use gpuflow_core::{RetryPolicy, StageState};
 use serde_json::json;
@@ -450,8 +450,8 @@ fn claim_all(offered: &[gpuflow::store::ClaimCandidate]) -> Vec<usize> {
     (0..offered.len()).collect()
 }
 
-/// The rule `PgStore::finish` applies: the core's, as the agent hands it over.
-fn shared_rule(end: SharedEnd) -> impl FnOnce(&[SharedStage], Option<JobState>, usize) -> Transition {
+/// The rule `PgQueue::finish` applies: the core's, as the agent hands it over.
+fn shared_rule(end: End) -> impl FnOnce(&[SharedStage], Option<JobState>, usize) -> Transition {
     move |stages, ending, stage| cluster::attempt_ended(stages, ending, stage, end, &RetryPolicy::default())
 }
 
@@ -460,8 +460,8 @@ fn shared_rule(end: SharedEnd) -> impl FnOnce(&[SharedStage], Option<JobState>, 
 #[tokio::test]
 async fn postgres_claims_expire_and_fence_stale_agents() {
     let Some(db) = TestDb::create() else { return };
-    let a = PgStore::connect(&db.url, "agent-a").await.unwrap();
-    let b = PgStore::connect(&db.url, "agent-b").await.unwrap();
+    let a_store = PgStore::connect(&db.url, "agent-a").await.unwrap();
+    let (a, b) = (a_store.queue(), PgStore::connect(&db.url, "agent-b").await.unwrap().queue());
     for (store, name) in [(&a, "a"), (&b, "b")] {
         store.register_agent(name, "host", "http://x", &json!({}), cluster::lease_lost).await.unwrap();
     }
@@ -469,8 +469,8 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     low.priority = 0;
     let mut high = new_job("high", None, vec![("first", vec![]), ("second", vec![0])]);
     high.priority = 5;
-    a.insert_shared_job(&low).await.unwrap();
-    a.insert_shared_job(&high).await.unwrap();
+    a.insert_shared_job(&low, 10).await.unwrap();
+    a.insert_shared_job(&high, 10).await.unwrap();
 
     // Priority first; a stage whose predecessor has not succeeded is not claimable.
     let mut seen = Vec::new();
@@ -504,24 +504,23 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     // The stale agent: its renewal no longer returns the token, its writes are refused.
     assert!(a.heartbeat(1_000, &json!({})).await.unwrap().is_empty());
     assert!(!a.record_grant(first.token, &json!({"cpu": 1})).await.unwrap());
-    let late =
-        a.finish(first.token, "high", &AttemptDetails::default(), shared_rule(SharedEnd::Succeeded)).await.unwrap();
+    let late = a.finish(first.token, "high", &AttemptDetails::default(), shared_rule(End::Succeeded)).await.unwrap();
     assert_eq!(late, Finish::Fenced);
-    let detail = a.job("high").await.unwrap().unwrap();
+    let detail = a_store.job("high").await.unwrap().unwrap();
     assert_eq!(detail.stages[0].state, StageState::Running, "the late success changed nothing");
     assert_eq!(detail.attempts[0].state, "interrupted");
 
     // The current holder's success readies the next stage; the last one finishes the job.
     let output =
         AttemptDetails { output: Some(json!({"v": 1})), exit_code: Some(0), signal: None, batch_size: Some(2) };
-    let done = b.finish(retaken[0].token, "high", &output, shared_rule(SharedEnd::Succeeded)).await.unwrap();
+    let done = b.finish(retaken[0].token, "high", &output, shared_rule(End::Succeeded)).await.unwrap();
     assert_eq!(done, Finish::Applied { job_finished: None });
     let next = a.claim(10, 60_000, claim_all).await.unwrap();
     assert_eq!((next[0].job.as_str(), next[0].stage), ("high", 1));
     assert_eq!(next[0].outputs[0], Some(json!({"v": 1})), "outputs of earlier stages come with the claim");
-    let done = a.finish(next[0].token, "high", &output, shared_rule(SharedEnd::Succeeded)).await.unwrap();
+    let done = a.finish(next[0].token, "high", &output, shared_rule(End::Succeeded)).await.unwrap();
     assert_eq!(done, Finish::Applied { job_finished: Some(JobState::Succeeded) });
-    let detail = a.job("high").await.unwrap().unwrap();
+    let detail = a_store.job("high").await.unwrap().unwrap();
     assert_eq!(detail.attempts.last().unwrap().batch_size, Some(2), "a fenced finish keeps the batch size");
     let job = detail.job;
     assert_eq!((job.state.as_str(), job.output), ("succeeded", Some(json!({"v": 1}))));
@@ -530,7 +529,7 @@ async fn postgres_claims_expire_and_fence_stale_agents() {
     assert_eq!(b.cancel_shared("low", cluster::cancel).await.unwrap(), SharedCancel::Accepted("cancelling"));
     let low_token = other[0].token;
     assert_eq!(b.leases_to_stop().await.unwrap(), vec![low_token]);
-    let end = SharedEnd::Cancelled { error: "cancelled".into() };
+    let end = End::Cancelled { error: "cancelled".into() };
     let stopped = b.finish(low_token, "low", &AttemptDetails::default(), shared_rule(end)).await.unwrap();
     assert_eq!(stopped, Finish::Applied { job_finished: Some(JobState::Cancelled) });
     assert_eq!(
