@@ -256,28 +256,14 @@ impl<S: Store> Runtime<S> {
         let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
         let ttl = agent.settings.lease_ttl_ms;
         let mut stop: Vec<(JobId, String)> = Vec::new();
-        // Frozen (SIGSTOP, a paused VM) or cut off past the TTL: every lease held has expired
-        // whatever the database answers, so its processes stop now, before a round trip that
-        // may itself hang on a connection the server dropped meanwhile.
         let silent_ms = agent.last_renewal.elapsed().as_millis() as u64;
-        if silent_ms > ttl {
-            for (local, c) in &agent.claims {
-                if !c.settled && !agent.stopping.contains(local) {
-                    stop.push((*local, format!("lease lost: this agent was not heard from for {silent_ms} ms, past lease_ttl ({ttl} ms); the stage may already run elsewhere, so this run was stopped")));
-                }
-            }
-            for (local, _) in &stop {
-                agent.stopping.insert(*local);
-            }
-        }
-        if !stop.is_empty() {
-            // Signalled here, not by the turn that records the stop: that turn writes to the
-            // database, and until then the stage would run on beside its re-run elsewhere.
-            for (local, _) in &stop {
-                self.signal_stop(*local);
-            }
+        for local in self.signal_stale_after_silence() {
+            stop.push((local, format!("lease lost: this agent was not heard from for {silent_ms} ms, past lease_ttl ({ttl} ms); the stage may already run elsewhere, so this run was stopped")));
         }
         let Some(agent) = self.ledger.agent_mut() else { return Ok(()) };
+        for (local, _) in &stop {
+            agent.stopping.insert(*local);
+        }
         match agent.store.heartbeat(ttl, &resources).await {
             Ok(held) => {
                 agent.last_renewal = tokio::time::Instant::now();
@@ -335,6 +321,33 @@ impl<S: Store> Runtime<S> {
         self.resend_unsent().await;
         self.claim_work(true).await;
         Ok(())
+    }
+
+    /// Frozen (SIGSTOP, a paused VM) or cut off past the TTL: every lease this agent holds has
+    /// expired whatever the database answers, and another agent may already re-run its stages.
+    /// Signals their processes now, before any round trip (one may hang on a connection the
+    /// server dropped meanwhile); the next tick records the stops. Returns the claims it
+    /// signalled, those not already stopping.
+    fn signal_stale_after_silence(&mut self) -> Vec<JobId> {
+        let Some(agent) = self.ledger.agent_mut() else { return Vec::new() };
+        let (silent_ms, ttl_ms) = (agent.last_renewal.elapsed().as_millis() as u64, agent.settings.lease_ttl_ms);
+        if silent_ms <= ttl_ms {
+            return Vec::new();
+        }
+        let stale: Vec<JobId> =
+            agent.claims.iter().filter(|(l, c)| !c.settled && !agent.stopping.contains(l)).map(|(l, _)| *l).collect();
+        if !stale.is_empty() {
+            tracing::warn!(
+                silent_ms,
+                ttl_ms,
+                stages = stale.len(),
+                "lease lost: this agent was not heard from past lease_ttl (frozen or cut off), so its stages may already run elsewhere; their processes are stopped now"
+            );
+        }
+        for local in &stale {
+            self.signal_stop(*local);
+        }
+        stale
     }
 
     /// Asks every process running a stage of `local` to stop now (TERM, grace, KILL); the
@@ -577,6 +590,8 @@ impl<S: Store> Runtime<S> {
     /// fits the resources they freed. Writes that fail on a lost connection are retried every
     /// tick; a refused one (the lease was lost) is dropped.
     async fn send_ends(&mut self, grants: Vec<(i64, Value)>, ends: Vec<(JobId, End, AttemptDetails)>, claim: bool) {
+        // After a freeze this turn's write is the first round trip: the stale stages stop first.
+        self.signal_stale_after_silence();
         // A turn with ends claims what they freed; one with only starts has nothing to claim.
         let picker = if claim && !ends.is_empty() { self.claim_picker() } else { None };
         let Some(agent) = self.ledger.agent_mut() else { return };

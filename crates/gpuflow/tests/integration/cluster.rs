@@ -279,7 +279,12 @@ async fn frozen_agent_is_fenced_and_its_processes_killed() {
         stopped_after < Duration::from_millis(1_500),
         "the stale run was stopped {stopped_after:?} after the agent resumed"
     );
-    assert!(frozen.log().contains("past lease_ttl"), "{}", frozen.log());
+    // The tick after the signal records why.
+    frozen
+        .wait_until("the frozen agent to say why it stopped the run", Duration::from_secs(5), async |f| {
+            f.log().contains("past lease_ttl")
+        })
+        .await;
 
     for id in [&short, &long] {
         let job = other.wait_final(id, Duration::from_secs(40)).await;
