@@ -15,7 +15,9 @@ order, while jobs run:
 Checks, from the database and the stages' own tick lines:
 - lost: acknowledged jobs that did not succeed (goal 0);
 - overlaps: a stage that wrote ticks on two agents at interleaved times, i.e. ran on two
-  agents at once (goal 0);
+  agents at once (goal 0). One exception is bounded, not zero: a stage frozen together with
+  its agent thaws with it and may write a tick before the agent, at its first act after the
+  thaw, stops it (goal: within 200 ms of the thaw);
 - re-runs: stages that ran more than once, one after the other (an interrupted run is re-run
   elsewhere; a frozen agent's finished run is refused by fencing and re-run), given for
   information.
@@ -229,12 +231,18 @@ def main():
         print(f"acknowledged {len(ids)}, succeeded {succeeded}, lost {len(ids) - succeeded}")
         print(f"stages that ran on two agents at once: {len(overlaps)}, longest {max([o[3] for o in overlaps], default=0) / 1e6:.0f} ms")
         rel = lambda t: f"{(t - froze_ns) / 1e9:+.2f} s"  # noqa: E731
+        # A stage frozen with its agent thaws with it and may tick once before the agent's
+        # first act after the thaw stops it: that overlap is bounded, any other is a fault.
+        thawed = [o for o in overlaps if o[1][0] == "a1" and o[1][2] >= resumed_ns - 50_000_000]
+        after_thaw_ms = max([(o[1][3] - resumed_ns) / 1e6 for o in thawed], default=0.0)
+        other = [o for o in overlaps if o not in thawed]
         for job, a, b, ns in overlaps[:10]:
             print(f"  {job}: {a[0]} attempt {a[1]} ticked {rel(a[2])}..{rel(a[3])}, {b[0]} attempt {b[1]} {rel(b[2])}..{rel(b[3])}: {ns / 1e6:.0f} ms at once")
         print(f"  (times from the freeze; a1 resumed at {rel(resumed_ns)})")
+        print(f"  of which a frozen stage's last tick after the thaw: {len(thawed)} (latest {after_thaw_ms:.0f} ms after the thaw); any other: {len(other)}")
         print(f"stages run more than once, one after the other: {reruns}")
         print(f"processes of the killed agent still alive: {len(alive)}")
-        ok = succeeded == len(ids) and not overlaps and not alive
+        ok = succeeded == len(ids) and not other and after_thaw_ms <= 200 and not alive
         print("PASS" if ok else "FAIL")
         sys.exit(0 if ok else 1)
     finally:
