@@ -259,6 +259,24 @@ pub(crate) trait SqlBackend: Clone + Send + Sync + 'static {
     fn next_arrival(&self) -> impl Future<Output = StoreResult<i64>> + Send;
 }
 
+// Jobs by the start of their id: a range on the unique index of `id`, not `LIKE` (which
+// SQLite would scan with); every id has the shape of the bounds, so both databases order them
+// as their hex digits. By short id: `substr(id, 29)` exactly as in the index
+// `jobs_by_short_id`, so that index is used.
+const JOBS_BY_ID_RANGE: SqlStr = SqlStr::from_static(concat!(
+    "SELECT ",
+    listed_job_columns!(),
+    " FROM jobs WHERE id >= $1 AND id <= $2 ORDER BY seq DESC LIMIT $3"
+));
+const JOBS_BY_SHORT_ID: SqlStr = SqlStr::from_static(concat!(
+    "SELECT ",
+    listed_job_columns!(),
+    " FROM jobs WHERE substr(id, 29) = $1 ORDER BY seq DESC LIMIT $2"
+));
+const SET_RETRY_OF: SqlStr = SqlStr::from_static("UPDATE jobs SET retry_of = $2 WHERE id = $1");
+const RETRY_OF: SqlStr = SqlStr::from_static("SELECT retry_of FROM jobs WHERE id = $1");
+const RETRIED_BY: SqlStr = SqlStr::from_static("SELECT id FROM jobs WHERE retry_of = $1 ORDER BY seq");
+
 /// A statement put together at run time from the shared text and a dialect's words (never
 /// from input: every value is bound).
 fn built(sql: String) -> SqlStr {
@@ -417,5 +435,38 @@ impl<B: SqlBackend> Store for B {
         let statements = delete_finished(Self::DIALECT).into_iter().map(|sql| (sql, vec![text(&ids)])).collect();
         let changed = self.db().execute_all(Self::DIALECT.begin_write, statements).await?;
         Ok(changed.last().copied().unwrap_or(0))
+    }
+}
+
+impl<B: SqlBackend> JobLinks for B {
+    async fn jobs_by_id_prefix(&self, prefix: &IdPrefix, limit: u32) -> StoreResult<Vec<JobRecord>> {
+        let (lowest, highest) = (prefix.lowest(), prefix.highest());
+        let args = [text(&lowest), text(&highest), Arg::Int(limit as i64)];
+        self.db().rows(JOBS_BY_ID_RANGE, &args).await?.iter().map(job_from_row).collect()
+    }
+
+    async fn jobs_by_short_id(&self, short_id: &str, limit: u32) -> StoreResult<Vec<JobRecord>> {
+        let args = [text(short_id), Arg::Int(limit as i64)];
+        self.db().rows(JOBS_BY_SHORT_ID, &args).await?.iter().map(job_from_row).collect()
+    }
+
+    async fn set_retry_of(&self, job: &str, of: &str) -> StoreResult<()> {
+        self.db().execute(SET_RETRY_OF, &[text(job), text(of)]).await?;
+        Ok(())
+    }
+
+    async fn retry_links(&self, job: &str) -> StoreResult<RetryLinks> {
+        let db = self.db();
+        let retry_of = match db.row(RETRY_OF, &[text(job)]).await? {
+            Some(row) => row.text("retry_of")?,
+            None => None,
+        };
+        let retried_by = db
+            .rows(RETRIED_BY, &[text(job)])
+            .await?
+            .iter()
+            .map(|r| r.required_text("id"))
+            .collect::<StoreResult<_>>()?;
+        Ok(RetryLinks { retry_of, retried_by })
     }
 }
