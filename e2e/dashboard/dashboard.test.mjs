@@ -262,6 +262,15 @@ async function main() {
   const script = await (await fetch(`${base}/ui/views.js`)).text();
   assert.doesNotMatch(script, /needs \$\{|the only one is held/, 'the dashboard no longer words the reason itself');
   log(`queue: ${jobC.slice(-8)} ${reason}`);
+  // The job page shows the engine's sentence on a waiting stage's card too: `summarize`
+  // waits for `infer`, which has not run yet.
+  await page.goto(`${base}/#/jobs/${jobC}`);
+  await page.waitForSelector('.view-job[data-loaded="true"] .waiting-for[data-stage="summarize"]');
+  const shown = await page.textContent('.waiting-for[data-stage="summarize"]');
+  const summarize = (await api(base, 'GET', `/v1/jobs/${jobC}`)).stages.find((st) => st.name === 'summarize');
+  assert.equal(shown, summarize.waiting_for.sentence, 'the job page shows the API\'s sentence');
+  assert.match(shown, /infer/, `summarize waits for infer: ${shown}`);
+  log(`job page: ${jobC.slice(-8)}/summarize ${shown}`);
   await page.goto(`${base}/#/gpus`);
   await page.waitForSelector(`.lane[data-device="0"] a.lease.open[data-job="${jobB}"]`);
   await page.waitForTimeout(600);

@@ -167,6 +167,8 @@ function stageCard(job, st, log) {
       fact('duration', st.started_at ? duration(between(st.started_at, st.finished_at)) : '–'),
       st.retry_at ? fact('retry at', when(st.retry_at)) : null,
       st.exit_code !== null && st.exit_code !== undefined ? fact('exit code', st.exit_code) : null),
+    // What a waiting stage waits for, as the engine words it (GET /v1/jobs/{id}: waiting_for).
+    st.waiting_for ? h('div', { class: 'waiting-for reason', dataset: { stage: st.name } }, st.waiting_for.sentence) : null,
     st.progress ? h('div', { class: 'stage-progress', dataset: { stage: st.name } }, progressBar(st.progress)) : null,
     st.error ? h('div', { class: 'error-banner' }, st.error) : null,
     st.output ? h('details', {}, h('summary', {}, 'Output'), json(st.output)) : null,
