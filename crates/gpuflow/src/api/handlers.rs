@@ -22,6 +22,13 @@ pub(crate) fn progress_view(p: StageProgress) -> ProgressView {
     ProgressView { fraction: p.fraction, message: p.message, at: time(p.at_ms as i64) }
 }
 
+/// A job id from a path: any form of UUID (with or without dashes, any case) is accepted and
+/// given back in the one form jobs are stored under, so every form finds the same job.
+pub(super) fn job_id_param(id: &str) -> Result<(gpuflow_core::JobId, String), ApiError> {
+    let job = job_id_of(id).ok_or_else(|| ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")))?;
+    Ok((job, uuid::Uuid::from_u128(job.0).to_string()))
+}
+
 /// Submit a job.
 #[utoipa::path(post, path = "/v1/jobs", request_body = SubmitJobRequest,
     responses(
@@ -347,10 +354,7 @@ pub async fn get_job(
     State(app): State<AppState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
-    let Path(id) = id?;
-    let Some(job) = job_id_of(&id) else {
-        return Err(ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")));
-    };
+    let (job, id) = job_id_param(&id?.0)?;
     let detail = app
         .reads
         .job(&id)
@@ -388,10 +392,7 @@ pub async fn retry_job(
     State(app): State<AppState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Path(id) = id?;
-    if job_id_of(&id).is_none() {
-        return Err(ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")));
-    }
+    let (_, id) = job_id_param(&id?.0)?;
     let old = app
         .reads
         .job(&id)
@@ -524,10 +525,7 @@ pub async fn cancel_job(
     State(app): State<AppState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<CancelResponse>, ApiError> {
-    let Path(id) = id?;
-    if job_id_of(&id).is_none() {
-        return Err(ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")));
-    }
+    let (_, id) = job_id_param(&id?.0)?;
     let state = app.engine.cancel(id.clone()).await?;
     Ok(Json(CancelResponse { id, state }))
 }

@@ -89,6 +89,26 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_persisted() {
     }
 }
 
+/// Any form of a job's UUID (no dashes, upper case) names the same job, on every route that
+/// takes one; what is not a UUID is a 400 naming the id.
+#[tokio::test]
+async fn every_form_of_a_jobs_uuid_names_the_same_job() {
+    let engine = Engine::start(PIPELINES).await;
+    let id = engine.submit("typed", json!({"n": 1})).await;
+    engine.wait_final(&id, Duration::from_secs(20)).await;
+    for form in [id.replace('-', ""), id.to_uppercase()] {
+        let (status, job) = engine.get(&format!("/v1/jobs/{form}")).await;
+        assert_eq!((status, job["id"].as_str()), (200, Some(id.as_str())), "{form}: {job}");
+        let (status, log) = engine.get(&format!("/v1/jobs/{form}/stages/s/log")).await;
+        assert_eq!(status, 200, "{form}: {log}");
+        let (status, cancel) = engine.post(&format!("/v1/jobs/{form}/cancel"), json!({})).await;
+        assert_eq!((status, cancel["error"]["code"].as_str()), (409, Some("already_finished")), "{form}: {cancel}");
+    }
+    let (status, error) = engine.get("/v1/jobs/not-a-uuid").await;
+    assert_eq!(status, 400);
+    assert!(error["error"]["message"].as_str().unwrap().contains("`not-a-uuid`"), "{error}");
+}
+
 #[tokio::test]
 async fn jobs_are_listed_newest_first_with_filters_and_cursors() {
     let engine = Engine::start(PIPELINES).await;

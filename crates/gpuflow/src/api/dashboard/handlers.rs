@@ -21,7 +21,7 @@ use super::dto::*;
 use crate::api::AppState;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::config::StageExec;
-use crate::runtime::{EngineEvent, Published, job_id_of};
+use crate::runtime::{EngineEvent, Published};
 
 /// How often a comment is sent on an idle feed, so proxies do not cut it.
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -209,9 +209,7 @@ pub async fn stage_log(
 ) -> Result<Json<LogView>, ApiError> {
     let Path((id, stage)) = path?;
     let Query(q) = query?;
-    if job_id_of(&id).is_none() {
-        return Err(ApiError::bad_request(format!("id: `{id}` is not a job id (a UUID)")));
-    }
+    let (_, id) = crate::api::handlers::job_id_param(&id)?;
     let stream = q.stream.unwrap_or_else(|| "stderr".into());
     if stream != "stdout" && stream != "stderr" {
         return Err(ApiError::bad_request(format!("stream: `{stream}` is not a log stream; use stdout or stderr")));
