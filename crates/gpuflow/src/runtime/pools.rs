@@ -677,6 +677,12 @@ impl<S: Store> Runtime<S> {
                 Ok(())
             }
             InstanceEvent::Line(Ok(message)) => self.on_worker_message(&pool, index, message).await,
+            InstanceEvent::Line(Err(e)) if self.still_loading(&pool, index) => {
+                // Libraries print while a model loads (before the worker could point fd 1 at
+                // stderr): not a protocol error until the worker said `ready`.
+                tracing::warn!(pool = %pool, index, "worker wrote to stdout before `ready`, ignored: {e}");
+                Ok(())
+            }
             InstanceEvent::Line(Err(e)) => self.protocol_error(&pool, index, e).await,
             InstanceEvent::Exited { status, stderr_tail } => {
                 self.instance_exited(&pool, index, status, stderr_tail).await
@@ -839,6 +845,10 @@ impl<S: Store> Runtime<S> {
 
     /// A malformed or unexpected message: the task it holds fails (retryable) and the
     /// instance is replaced. One bad worker never wedges the pool.
+    fn still_loading(&self, pool: &str, index: usize) -> bool {
+        self.pools.get(pool).and_then(|p| p.instances.get(index)).is_some_and(|i| i.state == InstanceState::Starting)
+    }
+
     async fn protocol_error(&mut self, pool: &str, index: usize, error: String) -> Result<(), RuntimeError> {
         let inst = &mut self.pools.get_mut(pool).expect("known pool").instances[index];
         tracing::error!(pool, index, pid = inst.pid, "worker protocol error: {error}; restarting the instance");

@@ -255,6 +255,38 @@ pipelines:
     assert_eq!(instances(&engine.resources().await)[0]["restarts"], 1);
 }
 
+/// Stray stdout before `ready` (a library printing while the model loads, unbuffered) is
+/// ignored; the same after `ready` is a protocol error (above).
+#[tokio::test]
+async fn stdout_noise_before_ready_is_ignored() {
+    let noisy = r#"
+import json, sys
+print("Loading checkpoint shards: 100%", flush=True)
+print("", flush=True)
+print(json.dumps({"type": "ready", "protocol": 1, "info": {"sdk": False}}), flush=True)
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["type"] == "shutdown":
+        break
+    print(json.dumps({"type": "result", "task": msg["task"], "output": {"ok": True}}), flush=True)
+"#;
+    let engine = Engine::start_with_files(
+        r#"
+resources: {gpus: none, cpu: 1}
+workers:
+  noisy: {command: [python3, "{DIR}/noisy.py"], instances: 1}
+pipelines:
+  p: {stages: [{name: s, worker: noisy, retry: {max_attempts: 1}}]}
+"#,
+        &[("noisy.py", noisy)],
+    )
+    .await;
+    let job = engine.wait_final(&engine.submit("p", json!({})).await, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(instances(&engine.resources().await)[0]["restarts"], 0, "the noise cost a restart");
+    assert!(engine.log().contains("worker wrote to stdout before `ready`, ignored"), "{}", engine.log());
+}
+
 #[tokio::test]
 async fn instances_are_recycled_after_max_tasks() {
     let engine = start_with(&config_with("", "5s", "max_tasks_per_instance: 2")).await;
