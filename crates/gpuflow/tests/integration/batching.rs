@@ -151,6 +151,15 @@ fn batches(engine: &Engine) -> Vec<(usize, String)> {
         .collect()
 }
 
+/// Waits for job `id` (input `n`) to end, asserts it succeeded with its own output, and
+/// returns it.
+async fn succeeded_with_its_own_output(engine: &Engine, id: &str, n: usize) -> Value {
+    let job = engine.wait_final(id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["output"]["doubled"], 2 * n, "{job:#}");
+    job
+}
+
 fn attempts(job: &Value) -> &Vec<Value> {
     job["stages"][0]["attempt_history"].as_array().unwrap()
 }
@@ -221,9 +230,7 @@ async fn a_batch_that_raises_fails_every_task_with_that_error_and_retries_each()
     let inputs = (0..4).map(|n| if n == 0 { json!({"n": n, "mode": "raise-once"}) } else { json!({"n": n}) }).collect();
     let ids = submit_all(&engine, "p", inputs).await;
     for (n, id) in ids.iter().enumerate() {
-        let job = engine.wait_final(id, Duration::from_secs(30)).await;
-        assert_eq!(job["state"], "succeeded", "{job:#}");
-        assert_eq!(job["output"]["doubled"], 2 * n);
+        let job = succeeded_with_its_own_output(&engine, id, n).await;
         let history = attempts(&job);
         assert_eq!(history.len(), 2, "{job:#}");
         assert_eq!(history[0]["state"], "failed", "{job:#}");
@@ -244,9 +251,7 @@ async fn a_crash_mid_batch_requeues_every_task_without_spending_a_retry() {
     let inputs = (0..5).map(|n| if n == 2 { json!({"n": n, "mode": "crash-once"}) } else { json!({"n": n}) }).collect();
     let ids = submit_all(&engine, "once", inputs).await;
     for (n, id) in ids.iter().enumerate() {
-        let job = engine.wait_final(id, Duration::from_secs(30)).await;
-        assert_eq!(job["state"], "succeeded", "{job:#}");
-        assert_eq!(job["output"]["doubled"], 2 * n, "{job:#}");
+        let job = succeeded_with_its_own_output(&engine, id, n).await;
         let history = attempts(&job);
         assert_eq!(history.len(), 2, "{job:#}");
         assert_eq!(history[0]["state"], "interrupted", "{job:#}");
@@ -280,9 +285,7 @@ async fn a_worker_without_the_batch_feature_gets_single_tasks() {
     let engine = start_worker("instances: 1\n    batch: {max_size: 16, max_wait: 100ms}", "", 1, "old.py").await;
     let ids = submit_all(&engine, "p", (0..12).map(|n| json!({"n": n})).collect()).await;
     for (n, id) in ids.iter().enumerate() {
-        let job = engine.wait_final(id, Duration::from_secs(30)).await;
-        assert_eq!(job["state"], "succeeded", "{job:#}");
-        assert_eq!(job["output"]["doubled"], 2 * n);
+        let job = succeeded_with_its_own_output(&engine, id, n).await;
         assert_eq!(attempts(&job).len(), 1, "the worker never crashed: {job:#}");
         assert_eq!(attempts(&job)[0]["batch_size"], 1, "{job:#}");
     }
@@ -358,9 +361,7 @@ async fn a_hung_batch_is_killed_and_every_task_requeued_without_spending_a_retry
     let inputs = (0..3).map(|n| if n == 1 { json!({"n": n, "mode": "hang-once"}) } else { json!({"n": n}) }).collect();
     let ids = submit_all(&engine, "once", inputs).await;
     for (n, id) in ids.iter().enumerate() {
-        let job = engine.wait_final(id, Duration::from_secs(30)).await;
-        assert_eq!(job["state"], "succeeded", "{job:#}");
-        assert_eq!(job["output"]["doubled"], 2 * n, "{job:#}");
+        let job = succeeded_with_its_own_output(&engine, id, n).await;
         let history = attempts(&job);
         assert_eq!((history[0]["state"].as_str(), history[0]["batch_size"].as_u64()), (Some("interrupted"), Some(3)));
         assert!(history[0]["error"].as_str().unwrap().contains("no heartbeat or progress for 1s"), "{job:#}");
@@ -377,9 +378,7 @@ async fn a_batch_past_its_timeout_times_out_each_task_and_each_is_retried() {
     let inputs = (0..3).map(|n| if n == 0 { json!({"n": n, "mode": "slow-once"}) } else { json!({"n": n}) }).collect();
     let ids = submit_all(&engine, "timed", inputs).await;
     for (n, id) in ids.iter().enumerate() {
-        let job = engine.wait_final(id, Duration::from_secs(30)).await;
-        assert_eq!(job["state"], "succeeded", "{job:#}");
-        assert_eq!(job["output"]["doubled"], 2 * n, "{job:#}");
+        let job = succeeded_with_its_own_output(&engine, id, n).await;
         let history = attempts(&job);
         assert_eq!(history.len(), 2, "{job:#}");
         assert_eq!((history[0]["state"].as_str(), history[0]["batch_size"].as_u64()), (Some("timed_out"), Some(3)));

@@ -222,21 +222,32 @@ async fn a_worker_that_ignores_sigterm_is_killed_when_its_task_times_out() {
     }
 }
 
-#[tokio::test]
-async fn protocol_garbage_fails_the_task_and_replaces_the_instance() {
-    // A worker written without the SDK: it answers its first task with garbage.
-    let raw = r#"
-import json, os, sys
-print(json.dumps({"type": "ready", "protocol": 1, "info": {"sdk": False}}), flush=True)
+/// A worker written without the SDK: `before_ready` runs first; a task's first attempt runs
+/// `on_first_attempt` instead of answering when that is not empty; every other task answers
+/// `{"ok": true}`.
+fn raw_worker(before_ready: &str, on_first_attempt: &str) -> String {
+    let first = if on_first_attempt.is_empty() {
+        String::new()
+    } else {
+        format!("    if msg[\"attempt\"] == 1:\n        {on_first_attempt}\n        continue\n")
+    };
+    format!(
+        r#"import json, sys
+{before_ready}
+print(json.dumps({{"type": "ready", "protocol": 1, "info": {{"sdk": False}}}}), flush=True)
 for line in sys.stdin:
     msg = json.loads(line)
     if msg["type"] == "shutdown":
         break
-    if msg["attempt"] == 1:
-        print("this is not JSON", flush=True)
-        continue
-    print(json.dumps({"type": "result", "task": msg["task"], "output": {"ok": True}}), flush=True)
-"#;
+{first}    print(json.dumps({{"type": "result", "task": msg["task"], "output": {{"ok": True}}}}), flush=True)
+"#
+    )
+}
+
+#[tokio::test]
+async fn protocol_garbage_fails_the_task_and_replaces_the_instance() {
+    // It answers its first task with garbage.
+    let raw = raw_worker("", r#"print("this is not JSON", flush=True)"#);
     let engine = Engine::start_with_files(
         r#"
 resources: {gpus: none, cpu: 1}
@@ -245,7 +256,7 @@ workers:
 pipelines:
   p: {stages: [{name: s, worker: raw, retry: {max_attempts: 2, backoff: {initial: 50ms}}}]}
 "#,
-        &[("raw.py", raw)],
+        &[("raw.py", raw.as_str())],
     )
     .await;
     let job = engine.wait_final(&engine.submit("p", json!({})).await, Duration::from_secs(30)).await;
@@ -259,17 +270,7 @@ pipelines:
 /// ignored; the same after `ready` is a protocol error (above).
 #[tokio::test]
 async fn stdout_noise_before_ready_is_ignored() {
-    let noisy = r#"
-import json, sys
-print("Loading checkpoint shards: 100%", flush=True)
-print("", flush=True)
-print(json.dumps({"type": "ready", "protocol": 1, "info": {"sdk": False}}), flush=True)
-for line in sys.stdin:
-    msg = json.loads(line)
-    if msg["type"] == "shutdown":
-        break
-    print(json.dumps({"type": "result", "task": msg["task"], "output": {"ok": True}}), flush=True)
-"#;
+    let noisy = raw_worker("print(\"Loading checkpoint shards: 100%\", flush=True)\nprint(flush=True)", "");
     let engine = Engine::start_with_files(
         r#"
 resources: {gpus: none, cpu: 1}
@@ -278,7 +279,7 @@ workers:
 pipelines:
   p: {stages: [{name: s, worker: noisy, retry: {max_attempts: 1}}]}
 "#,
-        &[("noisy.py", noisy)],
+        &[("noisy.py", noisy.as_str())],
     )
     .await;
     let job = engine.wait_final(&engine.submit("p", json!({})).await, Duration::from_secs(30)).await;
