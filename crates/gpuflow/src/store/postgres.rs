@@ -10,7 +10,6 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::dialect::{self, Dialect};
-use super::pg_queue::notify;
 use super::sql::{SqlBackend, SqlDb};
 use super::*;
 
@@ -60,16 +59,6 @@ impl PgStore {
 
     pub fn agent(&self) -> &str {
         &self.agent
-    }
-
-    async fn insert(&self, job: &NewJob, shared: bool) -> StoreResult<i64> {
-        let mut tx = self.pool.begin().await?;
-        let seq = Self::insert_in(&mut tx, job).await?;
-        if shared {
-            notify(&mut tx).await?;
-        }
-        tx.commit().await?;
-        Ok(seq)
     }
 
     pub(super) async fn insert_in(tx: &mut Transaction<'static, Postgres>, job: &NewJob) -> StoreResult<i64> {
@@ -209,7 +198,10 @@ impl SqlBackend for PgStore {
     }
 
     async fn admit_job(&self, job: &NewJob) -> StoreResult<i64> {
-        self.insert(job, false).await
+        let mut tx = self.pool.begin().await?;
+        let seq = Self::insert_in(&mut tx, job).await?;
+        tx.commit().await?;
+        Ok(seq)
     }
 
     /// Agents admit into the shared queue instead (`insert_shared_job`); this serves the
