@@ -32,9 +32,12 @@ impl Holder {
     }
 }
 
+/// How many characters of a job id people see (the dashboard, the CLI, these sentences).
+pub const SHORT_ID: usize = 8;
+
 /// The last 8 characters of an id (UUID v7 ids begin with their time, so the tail tells them apart).
 pub fn short_id(id: &str) -> &str {
-    let start = id.char_indices().rev().nth(7).map(|(i, _)| i).unwrap_or(0);
+    let start = id.char_indices().rev().nth(SHORT_ID - 1).map(|(i, _)| i).unwrap_or(0);
     &id[start..]
 }
 
@@ -382,20 +385,21 @@ fn one_line(error: &str) -> String {
     if n <= 200 { text } else { format!("{}…", text.chars().take(199).collect::<String>()) }
 }
 
-/// Binary units, as the dashboard prints them: `16 GiB`, `15.5 GiB`, `512 MiB`.
+/// Binary units, at most one decimal: `16 GiB`, `15.5 GiB`, `512 MiB`, `0 B`.
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
     }
-    if i == 0 || v >= 10.0 || v.fract() == 0.0 {
-        format!("{} {}", v.round(), UNITS[i])
-    } else {
-        format!("{:.1} {}", v, UNITS[i])
+    if unit == 0 {
+        return format!("{n} B");
     }
+    let text = format!("{value:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text} {}", UNITS[unit])
 }
 
 #[cfg(test)]

@@ -166,7 +166,7 @@ pub async fn submit_batch(
 
 /// One job of a batch, read as `POST /v1/jobs` reads its body, and held to the same size limit.
 fn parse_batch_item(item: serde_json::Value, max_bytes: usize) -> Result<SubmitJobRequest, ApiError> {
-    let size = json_size(&item);
+    let size = crate::runtime::json_size(&item);
     if size > max_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -181,23 +181,6 @@ fn parse_batch_item(item: serde_json::Value, max_bytes: usize) -> Result<SubmitJ
         let inner = e.into_inner();
         ApiError::bad_request(if path == "." { inner.to_string() } else { format!("{path}: {inner}") })
     })
-}
-
-/// The length of a JSON value serialized compactly, without building the text.
-fn json_size(value: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
 }
 
 fn refused(e: ApiError) -> BatchEntry {

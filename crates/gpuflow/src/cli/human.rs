@@ -4,31 +4,8 @@
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 use serde_json::Value;
 
-/// How many characters of a job id the CLI and the dashboard show.
-pub const SHORT_ID: usize = 8;
-
-/// The last 8 characters of a job id, as the dashboard shows it: the random end of a UUIDv7
-/// (its start is a timestamp that every job of the same minute shares).
-pub fn short_id(id: &str) -> &str {
-    id.get(id.len().saturating_sub(SHORT_ID)..).unwrap_or(id)
-}
-
-/// `16 GiB`, `1.5 GiB`, `512 MiB`, `0 B`: binary units, at most one decimal.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        return format!("{n} B");
-    }
-    let text = format!("{value:.1}");
-    let text = text.strip_suffix(".0").unwrap_or(&text);
-    format!("{text} {}", UNITS[unit])
-}
+/// Sizes and short job ids read as the engine's own sentences write them.
+pub use gpuflow_core::waiting::{SHORT_ID, bytes, short_id};
 
 /// `850 ms`, `12.3 s`, `4 min 10 s`, `2 h 5 min`.
 pub fn duration_ms(ms: u64) -> String {

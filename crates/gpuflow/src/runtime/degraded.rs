@@ -51,15 +51,6 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} bytes"),
-    }
-}
-
 impl<S: Store> Runtime<S> {
     /// True while a turn waits for the store: nothing new is decided.
     pub(super) fn is_stalled(&self) -> bool {
@@ -73,7 +64,7 @@ impl<S: Store> Runtime<S> {
 
     fn unwritable_reason(&self, error: &RuntimeError) -> String {
         let dir = std::path::absolute(&self.config.data_dir).unwrap_or_else(|_| self.config.data_dir.clone());
-        let free = free_bytes(&dir).map(human).unwrap_or_else(|| "an unknown amount".into());
+        let free = free_bytes(&dir).map(gpuflow_core::waiting::bytes).unwrap_or_else(|| "an unknown amount".into());
         format!(
             "the store cannot be written ({error}); data directory {} has {free} free. Free space there: running stages keep running, and the engine resumes by itself",
             dir.display()

@@ -36,7 +36,7 @@ use crate::supervisor::{self, AttemptReport, AttemptSpec, ChildRegistry, ExitSta
 pub use clock::Clock;
 pub use commands::{
     Command, DeviceReading, DiagnosisSnapshot, EngineError, EngineHandle, LeaseView, MAX_BATCH, ResourcesSnapshot,
-    SubmitRequest, Submitted, WaitingView,
+    SubmitRequest, Submitted, WaitingView, json_size,
 };
 pub use journal::{EngineEvent, Journal, LeaseInterval, PoolTransition, Published};
 pub use pools::{CRASH_LOOP, InstanceView, PoolView};

@@ -17,12 +17,6 @@ use crate::fixture::*;
 
 const MAX_QUEUED: u64 = 40;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[derive(Default)]
 struct Tally {
     accepted: Vec<String>,
@@ -92,7 +86,7 @@ pipelines:
         let unfinished = engine.get("/v1/jobs?state=queued&limit=500").await.1["jobs"].as_array().unwrap().len()
             + engine.get("/v1/jobs?state=running&limit=500").await.1["jobs"].as_array().unwrap().len();
         assert!(unfinished as u64 <= MAX_QUEUED, "burst {b}: {unfinished} unfinished jobs, over max_queued");
-        rss.push(rss_kib(engine.pid()));
+        rss.push(rss_bytes(engine.pid()) / 1024);
         eprintln!(
             "load burst {b}: {} accepted, {} refused (429), engine RSS {} KiB",
             tally.accepted.len(),

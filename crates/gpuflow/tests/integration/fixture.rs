@@ -213,6 +213,23 @@ impl Drop for Engine {
 }
 
 /// Whether a process exists and is not a zombie.
+/// A job's stage by name, from `GET /v1/jobs/{id}`.
+pub fn stage<'a>(job: &'a Value, name: &str) -> &'a Value {
+    job["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
+}
+
+/// A process's resident memory (`VmRSS`), in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false),

@@ -34,8 +34,7 @@ pipelines:
 "#;
 
 fn started_ms(job: &Value, stage: &str) -> String {
-    let s = job["stages"].as_array().unwrap().iter().find(|s| s["name"] == stage).unwrap();
-    s["started_at"].as_str().unwrap().to_string()
+    crate::fixture::stage(job, stage)["started_at"].as_str().unwrap().to_string()
 }
 
 /// Submits two jobs back to back and returns (first job's `short`, second job's `long`)

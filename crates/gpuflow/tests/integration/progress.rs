@@ -91,10 +91,6 @@ async fn start() -> Engine {
     engine
 }
 
-fn stage<'a>(job: &'a Value, name: &str) -> &'a Value {
-    job["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
-}
-
 #[tokio::test]
 async fn a_running_stage_shows_its_latest_progress_from_a_python_worker_and_from_command_stages() {
     let engine = start().await;

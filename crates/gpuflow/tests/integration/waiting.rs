@@ -35,10 +35,6 @@ pipelines:
     )
 }
 
-fn stage<'a>(job: &'a Value, name: &str) -> &'a Value {
-    job["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
-}
-
 fn entry<'a>(resources: &'a Value, job: &str) -> &'a Value {
     resources["waiting"].as_array().unwrap().iter().find(|w| w["job"] == job).unwrap_or(&Value::Null)
 }
