@@ -43,7 +43,8 @@ fn dir_size(path: &Path) -> u64 {
 
 /// One pass: every job past its retention at `now_ms`, oldest first per state, handed to
 /// `each`. Unless `dry_run`, each batch's directories are removed, then its rows (so a crash
-/// between leaves rows the next pass removes, never directories without rows).
+/// between leaves rows the next pass removes, never directories without rows). Directories
+/// are sized (`Expired::dir_bytes`) only when `measure`: the background pass does not need it.
 /// Returns how many jobs were (or would be) removed.
 pub async fn pass<S: Store>(
     store: &S,
@@ -51,6 +52,7 @@ pub async fn pass<S: Store>(
     data_dir: &Path,
     now_ms: i64,
     dry_run: bool,
+    measure: bool,
     mut each: impl FnMut(&Expired),
 ) -> StoreResult<u64> {
     let mut total = 0;
@@ -59,7 +61,7 @@ pub async fn pass<S: Store>(
         if dry_run {
             // Nothing is deleted, so one query sees them all.
             for (id, finished_at) in store.expired_jobs(state, cutoff, u32::MAX / 2).await? {
-                let dir_bytes = dir_size(&job_dir(data_dir, &id));
+                let dir_bytes = if measure { dir_size(&job_dir(data_dir, &id)) } else { 0 };
                 each(&Expired { id, state, finished_at, dir_bytes });
                 total += 1;
             }
@@ -72,7 +74,7 @@ pub async fn pass<S: Store>(
             let sizes = tokio::task::spawn_blocking(move || {
                 dirs.iter()
                     .map(|d| {
-                        let size = dir_size(d);
+                        let size = if measure { dir_size(d) } else { 0 };
                         let _ = std::fs::remove_dir_all(d);
                         size
                     })
@@ -108,11 +110,8 @@ pub async fn run<S: Store>(store: S, config: SharedConfig, mut stop: watch::Rece
             _ = stop.wait_for(|s| *s) => return,
         }
         let config = config.get();
-        if config.retention.expiring().is_empty() {
-            continue;
-        }
         let data_dir = std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
-        match pass(&store, &config.retention, &data_dir, now_ms(), false, |_| {}).await {
+        match pass(&store, &config.retention, &data_dir, now_ms(), false, false, |_| {}).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "retention: removed finished jobs past their retention"),
             Err(e) => tracing::warn!("retention: {e}; trying again at the next pass"),
@@ -124,7 +123,7 @@ pub async fn run<S: Store>(store: S, config: SharedConfig, mut stop: watch::Rece
 pub async fn gc<S: Store>(store: &S, retention: &Retention, data_dir: &Path, dry_run: bool) -> StoreResult<u64> {
     let mut bytes = 0;
     let verb = if dry_run { "would remove" } else { "removed" };
-    let n = pass(store, retention, data_dir, now_ms(), dry_run, |e| {
+    let n = pass(store, retention, data_dir, now_ms(), dry_run, true, |e| {
         bytes += e.dir_bytes;
         let at = jiff::Timestamp::from_millisecond(e.finished_at).map(|t| t.to_string()).unwrap_or_default();
         println!("{verb} {} {} finished {at} {} bytes", e.id, e.state, e.dir_bytes);

@@ -735,7 +735,9 @@ impl<S: Store> Runtime<S> {
                     let spec = &active.pipeline.core.stages[stage];
                     self.metrics.ended(&active.pipeline_name, &spec.name, &spec.needs, result, next, ran_ms);
                     // Successful attempts teach the queue how long the stage takes.
-                    if result == AttemptResult::Succeeded {
+                    // A declared `expected` wins over the measured mean, so only undeclared
+                    // stages are measured.
+                    if result == AttemptResult::Succeeded && spec.expected_ms.is_none() {
                         let ran = exit.and_then(|e| e.ran_ms).unwrap_or(ran_ms);
                         self.state.record_duration(&active.pipeline_name, &spec.name, ran);
                     }

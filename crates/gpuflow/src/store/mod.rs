@@ -280,9 +280,9 @@ pub trait Store: Clone + Send + Sync + 'static {
         after: Option<RecoveryCursor>,
         limit: u32,
     ) -> impl Future<Output = StoreResult<Vec<UnfinishedJob>>> + Send;
-    /// The text of the pipeline file with this content hash (see `NewJob::config_hash`).
     /// The stored inputs of these jobs (those that exist), read when their stages start.
     fn job_inputs(&self, ids: &[String]) -> impl Future<Output = StoreResult<Vec<(String, Value)>>> + Send;
+    /// The text of the pipeline file with this content hash (see `NewJob::config_hash`).
     fn config_snapshot(&self, hash: &str) -> impl Future<Output = StoreResult<Option<String>>> + Send;
     /// Records a newly opened finding; returns its id.
     fn open_finding(
